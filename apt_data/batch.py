@@ -1,0 +1,85 @@
+"""`PackedBatch`: the one batch type shared by apt_data (which builds it) and apt_model (which eats it).
+
+A packed batch of B images of any sizes concatenates every image's tokens into one sequence.
+All metadata that shapes the computation is built on the CPU, as Python ints or CPU tensors, so
+a model's forward never waits on the device to learn a length.
+
+Fields (S = ``num_scales``, p = ``patch_size``, T_s = tokens of scale s in the whole batch):
+
+- ``pixels[s]``: uint8 ``[T_s, 3, p*2**s, p*2**s]`` token pixels at full resolution (RGB, CHW);
+  every image pixel lies in exactly one token. Present for every s (``T_s`` may be 0).
+- ``coords[s]``: int32 ``[T_s, 3]`` = (image index in the batch, y, x) of the token's top-left
+  corner in base-grid cells (pixels // p).
+- ``seq_index[s]``: int64 ``[T_s]`` position of each token in the packed sequence.
+- ``cu_seqlens``: int32 ``[B+1]`` segment boundaries over the packed sequence, prefix (class /
+  register) tokens included: image b owns positions ``cu_seqlens[b] : cu_seqlens[b+1]``, its
+  ``num_prefix_tokens`` prefix tokens first, then its patch tokens grouped by scale (coarsest
+  first) in raster order.
+- ``seqlens``: tuple of Python ints, the segment lengths (``diff(cu_seqlens)``), for CPU code
+  paths that split the sequence without reading a device tensor.
+- ``max_seqlen``: Python int, the longest segment.
+- ``num_padding``: Python int, padding tokens appended after ``cu_seqlens[-1]`` (static shapes);
+  they form their own trailing segment that no image attends to. ``seq_len`` includes them.
+- ``image_sizes``: tuple of (H, W) pixel sizes, one per image (Python ints).
+- ``labels``: int64 ``[B]`` or None.
+- ``num_prefix_tokens``, ``patch_size``, ``num_scales``: Python ints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    pixels: tuple[torch.Tensor, ...]
+    coords: tuple[torch.Tensor, ...]
+    seq_index: tuple[torch.Tensor, ...]
+    cu_seqlens: torch.Tensor
+    seqlens: tuple[int, ...]
+    max_seqlen: int
+    image_sizes: tuple[tuple[int, int], ...]
+    num_prefix_tokens: int
+    patch_size: int
+    num_scales: int
+    num_padding: int = 0
+    labels: Optional[torch.Tensor] = None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_sizes)
+
+    @property
+    def seq_len(self) -> int:
+        """Length of the packed sequence, padding included."""
+        return self.num_real_tokens + self.num_padding
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Tokens that belong to images (prefix tokens included), i.e. ``cu_seqlens[-1]``."""
+        return sum(self.seqlens)
+
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        """Move the tensors (not the CPU metadata) to ``device``."""
+        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(
+            self,
+            pixels=tuple(mv(t) for t in self.pixels),
+            coords=tuple(mv(t) for t in self.coords),
+            seq_index=tuple(mv(t) for t in self.seq_index),
+            cu_seqlens=mv(self.cu_seqlens),
+            labels=None if self.labels is None else mv(self.labels),
+        )
+
+    def pin_memory(self) -> "PackedBatch":
+        pin = lambda t: t.pin_memory()  # noqa: E731
+        return replace(
+            self,
+            pixels=tuple(pin(t) for t in self.pixels),
+            coords=tuple(pin(t) for t in self.coords),
+            seq_index=tuple(pin(t) for t in self.seq_index),
+            cu_seqlens=pin(self.cu_seqlens),
+            labels=None if self.labels is None else pin(self.labels),
+        )

@@ -1,0 +1,141 @@
+"""Image validation, explicit conversions and decoding.
+
+Kernels only ever see C-contiguous uint8 arrays of shape HxW or HxWx3; everything else is
+either converted by an explicit, documented call (`to_rgb_uint8`) or rejected with a message
+that says what is wrong, so nothing fails inside Numba.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Optional, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+
+
+def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Return ``image`` as a C-contiguous uint8 HxW or HxWx3 array, or raise a clear error.
+
+    HxWx1 is accepted and squeezed. RGBA, 16-bit, float and other inputs are rejected:
+    convert them with `to_rgb_uint8`, which documents what it does.
+    """
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(image).__name__}"
+                        " (decode files with apt_data.load_image)")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(f"{name}: expected shape HxW or HxWx3, got {image.shape}"
+                         + (" (RGBA: convert with apt_data.to_rgb_uint8)" if image.ndim == 3 and image.shape[2] == 4 else ""))
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected dtype uint8, got {image.dtype} "
+                         "(convert 16-bit or float images with apt_data.to_rgb_uint8)")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name}: empty image of shape {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Convert an image array to uint8 HxWx3, explicitly.
+
+    - HxW / HxWx1 gray: the channel is repeated 3 times.
+    - HxWx4 RGBA / HxWx2 gray+alpha: alpha is dropped (as PIL's ``convert("RGB")``).
+    - uint16: scaled to 0..255 by ``round(v / 257)`` (65535 -> 255).
+    - float: taken to be in [0, 1], clipped, scaled by 255 and rounded.
+    - bool: False -> 0, True -> 255.
+    """
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"to_rgb_uint8: cannot interpret an array of shape {a.shape} as an image")
+    if a.shape[2] in (2, 4):
+        a = a[:, :, :-1]
+    if a.dtype == np.uint8:
+        pass
+    elif a.dtype == np.uint16:
+        a = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError("to_rgb_uint8: float image contains NaN or inf")
+        a = np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        raise ValueError(f"to_rgb_uint8: unsupported dtype {a.dtype}")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return np.ascontiguousarray(a)
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """Decode an image file to uint8 HxWx3 RGB at its own size (any mode PIL reads; alpha dropped).
+
+    Raises ``ValueError`` naming the file when it is empty, truncated or not an image.
+    """
+    return decode_image(path)
+
+
+def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, crop: bool = True,
+                 multiple: int = 16, name: Optional[str] = None) -> np.ndarray:
+    """Decode (and optionally resize) an image to uint8 HxWx3 RGB.
+
+    - ``size=None``: the image at its own size.
+    - ``crop=True``: resize the short side to ``size`` and centre-crop ``size x size`` (timm's eval
+      transform with ``crop_pct=1``); ``size`` must be a multiple of ``multiple``.
+    - ``crop=False``: keep the aspect ratio: short side ``size``, long side rounded to the nearest
+      multiple of ``multiple`` (a distortion below ``multiple / 2`` pixels).
+
+    JPEGs much larger than the target are decoded at a reduced scale (libjpeg draft mode), which is
+    much faster and still at least twice the target size before the final bicubic resize.
+    ``source`` is a path or the encoded bytes (``name`` then labels errors).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    label = name or (f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source))
+    if size is not None and (size <= 0 or (crop and size % multiple)):
+        raise ValueError(f"{label}: size {size} must be positive" + (f" and a multiple of {multiple}" if crop else ""))
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if len(source) == 0:
+                raise ValueError(f"{label}: empty file (0 bytes)")
+            fp = io.BytesIO(source)
+        else:
+            if os.path.getsize(source) == 0:
+                raise ValueError(f"{label}: empty file (0 bytes)")
+            fp = source
+        with Image.open(fp) as im:
+            if size is not None and im.format == "JPEG":
+                w, h = im.size
+                scale = size / min(w, h)
+                im.draft("RGB", (max(1, int(w * scale * 2)), max(1, int(h * scale * 2))))
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = to_rgb_uint8(np.asarray(im).astype(np.uint16))
+                if size is None:
+                    return arr
+                im = Image.fromarray(arr)
+            elif im.mode != "RGB":
+                im = im.convert("RGB")
+            if size is None:
+                return np.ascontiguousarray(np.asarray(im))
+            w, h = im.size
+            if crop:
+                scale = size / min(w, h)
+                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+                im = im.resize((nw, nh), Image.BICUBIC)
+                left, top = (nw - size) // 2, (nh - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+            else:
+                short = max(multiple, round(size / multiple) * multiple)
+                scale = short / min(w, h)
+                nw = max(multiple, round(w * scale / multiple) * multiple)
+                nh = max(multiple, round(h * scale / multiple) * multiple)
+                im = im.resize((nw, nh), Image.BICUBIC)
+            return np.ascontiguousarray(np.asarray(im))
+    except UnidentifiedImageError:
+        raise ValueError(f"{label}: not an image PIL can decode") from None
+    except OSError as e:
+        raise ValueError(f"{label}: cannot decode image ({e})") from None

@@ -1,0 +1,158 @@
+"""Quadtree patch-size selection: `patchify(image, cfg) -> PatchLayout`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from .config import APTConfig
+from .image import check_image
+from .scoring import map_shapes, score_flat
+
+
+@dataclass(frozen=True)
+class PatchLayout:
+    """Where the tokens of one image are: one entry per token.
+
+    ``y``, ``x``: int32 top-left corner in pixels; ``scale``: int8, the token covers
+    ``patch_size * 2**scale`` pixels per side. Tokens are grouped by scale, coarsest first, and in
+    raster order (y, then x) inside a group. Every pixel of the image lies in exactly one token.
+    """
+
+    y: np.ndarray
+    x: np.ndarray
+    scale: np.ndarray
+    image_size: tuple[int, int]
+    patch_size: int
+    num_scales: int
+
+    def __len__(self) -> int:
+        return int(self.scale.shape[0])
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Base grid (rows, cols) of the image: what a plain ViT would see."""
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def uniform_tokens(self) -> int:
+        """Tokens a plain ViT uses for this image (the base grid)."""
+        h, w = self.grid_size
+        return h * w
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Side in pixels of each token."""
+        return (self.patch_size << self.scale.astype(np.int32)).astype(np.int32)
+
+    def counts(self) -> np.ndarray:
+        """Number of tokens at each scale, finest first: int64 ``[num_scales]``."""
+        return np.bincount(self.scale.astype(np.int64), minlength=self.num_scales)
+
+    def scale_grid(self) -> np.ndarray:
+        """int8 base-grid map of the scale of the token covering each base cell (dense views)."""
+        grid = np.full(self.grid_size, -1, dtype=np.int8)
+        _paint_scales(self.y, self.x, self.scale, self.patch_size, grid)
+        return grid
+
+
+@njit(cache=True, nogil=True)
+def _paint_scales(ys, xs, scales, p, grid):
+    for t in range(scales.shape[0]):
+        f = 1 << scales[t]
+        i0 = ys[t] // p
+        j0 = xs[t] // p
+        for i in range(i0, i0 + f):
+            for j in range(j0, j0 + f):
+                grid[i, j] = scales[t]
+
+
+@njit(cache=True, nogil=True)
+def select_patches(flat, offsets, hs, ws, thresholds, p, num_scales):
+    """Coarsest-first quadtree selection over the score pyramid -> (y, x, scale) arrays.
+
+    A scale-s cell (s >= 1) is kept where its score < ``thresholds[s-1]`` and no coarser kept
+    patch covers it; base cells not covered by any kept patch become scale-0 tokens.
+    """
+    h0 = hs[0]
+    w0 = ws[0]
+    covered = np.zeros((h0, w0), np.bool_)
+    n_max = h0 * w0
+    ys = np.empty(n_max, np.int32)
+    xs = np.empty(n_max, np.int32)
+    ss = np.empty(n_max, np.int8)
+    n = 0
+    for s in range(num_scales - 1, 0, -1):
+        thr = thresholds[s - 1]
+        f = 1 << s
+        base = offsets[s]
+        for i in range(hs[s]):
+            for j in range(ws[s]):
+                if covered[i * f, j * f]:
+                    continue  # inside a kept coarser patch (cells are aligned: all or nothing)
+                if flat[base + i * ws[s] + j] < thr:
+                    for a in range(i * f, i * f + f):
+                        for b in range(j * f, j * f + f):
+                            covered[a, b] = True
+                    ys[n] = i * f * p
+                    xs[n] = j * f * p
+                    ss[n] = s
+                    n += 1
+    for i in range(h0):
+        for j in range(w0):
+            if not covered[i, j]:
+                ys[n] = i * p
+                xs[n] = j * p
+                ss[n] = 0
+                n += 1
+    return ys[:n].copy(), xs[:n].copy(), ss[:n].copy()
+
+
+def select_patches_reference(maps: list[np.ndarray], thresholds, patch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Plain NumPy twin of `select_patches` (tests only), written with masks per scale."""
+    num_scales = len(maps)
+    h0, w0 = maps[0].shape
+    covered = np.zeros((h0, w0), bool)
+    out = []
+    for s in range(num_scales - 1, 0, -1):
+        f = 2**s
+        hs, ws = maps[s].shape
+        parent_free = ~covered[: hs * f: f, : ws * f: f]
+        keep = (maps[s].astype(np.float64) < np.float64(thresholds[s - 1])) & parent_free
+        ii, jj = np.nonzero(keep)
+        out.append((ii * f * patch_size, jj * f * patch_size, np.full(len(ii), s)))
+        up = np.kron(keep, np.ones((f, f), bool))
+        covered[: hs * f, : ws * f] |= up
+    ii, jj = np.nonzero(~covered)
+    out.append((ii * patch_size, jj * patch_size, np.zeros(len(ii), int)))
+    y = np.concatenate([o[0] for o in out]).astype(np.int32)
+    x = np.concatenate([o[1] for o in out]).astype(np.int32)
+    sc = np.concatenate([o[2] for o in out]).astype(np.int8)
+    return y, x, sc
+
+
+def patchify(image: np.ndarray, cfg: APTConfig | None = None) -> PatchLayout:
+    """Choose a patch size for every region of ``image`` (uint8 HxWx3 or HxW).
+
+    Both sides must be multiples of ``cfg.patch_size``; where a side is not a multiple of the
+    largest patch, the strip that fits no larger patch is covered by the finer scales.
+    """
+    cfg = cfg or APTConfig()
+    image = check_image(image)
+    H, W = image.shape[:2]
+    p = cfg.patch_size
+    if H % p or W % p:
+        raise ValueError(f"image of size {H}x{W} (HxW): both sides must be multiples of patch_size={p}; "
+                         "resize or crop it first")
+    flat, offsets, shapes = score_flat(image, p, cfg.num_scales, cfg.scorer, need_base=False)
+    hs = np.array([s[0] for s in shapes], dtype=np.int64)
+    ws = np.array([s[1] for s in shapes], dtype=np.int64)
+    thr = np.asarray(cfg.thresholds, dtype=np.float64).reshape(-1)
+    if thr.size == 0:
+        thr = np.zeros(1, np.float64)  # num_scales == 1: never read
+    y, x, scale = select_patches(flat, offsets, hs, ws, thr, p, cfg.num_scales)
+    return PatchLayout(y=y, x=x, scale=scale, image_size=(H, W), patch_size=p, num_scales=cfg.num_scales)
+
+
+__all__ = ["PatchLayout", "patchify", "select_patches", "select_patches_reference"]

@@ -1,0 +1,49 @@
+"""Grayscale conversion shared by all scorers (float32, the same arithmetic as the paper's torch code).
+
+``gray = 0.2989 R + 0.5870 G + 0.1140 B`` evaluated in float32 as torch evaluates it: each
+product rounded to float32, then ``(R' + G') + B'``. Kernels read images as a 2-D uint8 view
+``(H, W * C)`` (C = 1 or 3) so their inner loops run over contiguous memory and vectorise.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+_WR, _WG, _WB = (np.float32(w) for w in GRAY_WEIGHTS)
+
+
+def as_rows(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(H, W*C)`` uint8 view of a checked image and its channel count C (1 or 3)."""
+    channels = 1 if image.ndim == 2 else 3
+    return image.reshape(image.shape[0], image.shape[1] * channels), channels
+
+
+@njit(cache=True, nogil=True, inline="always")
+def gray_row(row, channels, out):
+    """One image row (``W*C`` uint8) -> float32 gray values in ``out[:W]``."""
+    if channels == 1:
+        for x in range(out.shape[0]):
+            out[x] = np.float32(row[x])
+    else:
+        for x in range(out.shape[0]):
+            out[x] = (_WR * np.float32(row[3 * x]) + _WG * np.float32(row[3 * x + 1])) + _WB * np.float32(row[3 * x + 2])
+
+
+@njit(cache=True, nogil=True)
+def gray_plane(rows, channels):
+    """``(H, W*C)`` uint8 -> float32 ``(H, W)`` gray image."""
+    H = rows.shape[0]
+    W = rows.shape[1] // channels
+    out = np.empty((H, W), np.float32)
+    for y in range(H):
+        gray_row(rows[y], channels, out[y])
+    return out
+
+
+def gray_plane_reference(image: np.ndarray) -> np.ndarray:
+    """Plain NumPy twin of `gray_plane` (tests only)."""
+    if image.ndim == 2:
+        return image.astype(np.float32)
+    f = image.astype(np.float32)
+    return ((_WR * f[..., 0]) + (_WG * f[..., 1])) + (_WB * f[..., 2])

@@ -1,0 +1,30 @@
+"""Shared fixtures: the real photographs shipped in tests/data/images (see ATTRIBUTION.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+DATA = Path(__file__).parent / "data"
+IMAGE_DIR = DATA / "images"
+IMAGE_PATHS = sorted(IMAGE_DIR.glob("*.JPEG"))
+assert len(IMAGE_PATHS) >= 20, f"test images missing from {IMAGE_DIR}"
+
+
+def load_resized(path: Path, size: int | tuple[int, int], mode: str = "RGB") -> np.ndarray:
+    """Decode a real photo and resize it to ``size`` (int: square; (H, W) otherwise)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    with Image.open(path) as im:
+        return np.array(im.convert(mode).resize((w, h), Image.BICUBIC))
+
+
+@pytest.fixture(scope="session")
+def image_paths() -> list[Path]:
+    return IMAGE_PATHS
+
+
+@pytest.fixture(scope="session")
+def real_images_224() -> list[np.ndarray]:
+    return [load_resized(p, 224) for p in IMAGE_PATHS]
