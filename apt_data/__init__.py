@@ -3,16 +3,35 @@
 Decode, score every patch at several scales (Numba), choose patch sizes with a quadtree, and
 (later stages) extract token pixels and pack images into token-budget batches.
 """
+from .args import add_loader_args, config_from_args
+from .batch import PackedBatch
+from .binpack import pack_greedy
 from .config import SCORER_NAMES, APTConfig
 from .image import check_image, decode_image, load_image, to_rgb_uint8
-from .layout import PatchLayout, patchify
+from .layout import PatchLayout, layout_from_scores, patchify
 from .scoring import score_maps
+from .shards import (SampleRecord, ShardDataError, ShardStats, iter_shards, list_image_folder, read_index,
+                     read_sample)
+from .transforms import ImageTransform, transform_from_data_config
 
 __all__ = [
-    "APTConfig", "PatchLayout", "SCORER_NAMES",
-    "check_image", "decode_image", "load_image", "patchify", "score_maps", "to_rgb_uint8",
-    "warmup",
+    "APTConfig", "PatchLayout", "PackedBatch", "SCORER_NAMES", "ImageTransform",
+    "check_image", "decode_image", "load_image", "patchify", "layout_from_scores", "score_maps", "to_rgb_uint8",
+    "pack_greedy", "add_loader_args", "config_from_args", "transform_from_data_config",
+    "read_index", "read_sample", "iter_shards", "list_image_folder", "SampleRecord", "ShardStats", "ShardDataError",
+    "APTLoader", "pack_images", "warmup",
 ]
+
+
+def __getattr__(name):
+    # the loader and packing pull in torch.utils.data; import them on first use
+    if name == "APTLoader":
+        from .loader import APTLoader
+        return APTLoader
+    if name == "pack_images":
+        from .packing import pack_images
+        return pack_images
+    raise AttributeError(f"module 'apt_data' has no attribute {name!r}")
 
 
 def warmup() -> None:
@@ -25,6 +44,11 @@ def warmup() -> None:
 
     img = np.zeros((64, 64, 3), np.uint8)
     img[::2] = 200
+    from .packing import extract_tokens
+
+    lay = patchify(img, APTConfig(thresholds=(-np.inf, -np.inf)))
+    outs = tuple(np.empty((len(lay) if s == 0 else 0, 3, 16 << s, 16 << s), np.uint8) for s in range(3))
+    extract_tokens(img, lay.y, lay.x, lay.scale, 16, outs, np.zeros(3, np.int64))
     for scorer in SCORER_NAMES:
         patchify(img, APTConfig(patch_size=16, num_scales=3, scorer=scorer)).scale_grid()
         score_maps(img, 16, 3, scorer)

@@ -22,14 +22,17 @@ Fields (S = ``num_scales``, p = ``patch_size``, T_s = tokens of scale s in the w
   they form their own trailing segment that no image attends to. ``seq_len`` includes them.
 - ``image_sizes``: tuple of (H, W) pixel sizes, one per image (Python ints).
 - ``labels``: int64 ``[B]`` or None.
+- ``keys``: sample keys of the B images (may be empty); ``skipped`` / ``skip_reasons``: keys of
+  samples planned for this batch that were bad and skipped (logged and counted by the loader).
 - ``num_prefix_tokens``, ``patch_size``, ``num_scales``: Python ints.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:  # the batch only holds tensors; importing apt_data does not import torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class PackedBatch:
     num_scales: int
     num_padding: int = 0
     labels: Optional[torch.Tensor] = None
+    keys: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+    skip_reasons: tuple[str, ...] = ()
 
     @property
     def num_images(self) -> int:

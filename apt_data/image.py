@@ -7,6 +7,7 @@ that says what is wrong, so nothing fails inside Numba.
 from __future__ import annotations
 
 import io
+import math
 import os
 from typing import Optional, Union
 
@@ -79,12 +80,12 @@ def load_image(path: PathLike) -> np.ndarray:
 
 
 def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, crop: bool = True,
-                 multiple: int = 16, name: Optional[str] = None) -> np.ndarray:
+                 multiple: int = 16, name: Optional[str] = None, crop_pct: float = 1.0) -> np.ndarray:
     """Decode (and optionally resize) an image to uint8 HxWx3 RGB.
 
     - ``size=None``: the image at its own size.
-    - ``crop=True``: resize the short side to ``size`` and centre-crop ``size x size`` (timm's eval
-      transform with ``crop_pct=1``); ``size`` must be a multiple of ``multiple``.
+    - ``crop=True``: resize the short side to ``floor(size / crop_pct)`` and centre-crop
+      ``size x size`` (timm's eval transform); ``size`` must be a multiple of ``multiple``.
     - ``crop=False``: keep the aspect ratio: short side ``size``, long side rounded to the nearest
       multiple of ``multiple`` (a distortion below ``multiple / 2`` pixels).
 
@@ -95,6 +96,8 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
     from PIL import Image, UnidentifiedImageError
 
     label = name or (f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source))
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"{label}: crop_pct must be in (0, 1], got {crop_pct}")
     if size is not None and (size <= 0 or (crop and size % multiple)):
         raise ValueError(f"{label}: size {size} must be positive" + (f" and a multiple of {multiple}" if crop else ""))
     try:
@@ -109,7 +112,7 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
         with Image.open(fp) as im:
             if size is not None and im.format == "JPEG":
                 w, h = im.size
-                scale = size / min(w, h)
+                scale = size / crop_pct / min(w, h)
                 im.draft("RGB", (max(1, int(w * scale * 2)), max(1, int(h * scale * 2))))
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -123,8 +126,9 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
                 return np.ascontiguousarray(np.asarray(im))
             w, h = im.size
             if crop:
-                scale = size / min(w, h)
-                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+                short = max(size, math.floor(size / crop_pct))
+                scale = short / min(w, h)
+                nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
                 im = im.resize((nw, nh), Image.BICUBIC)
                 left, top = (nw - size) // 2, (nh - size) // 2
                 im = im.crop((left, top, left + size, top + size))

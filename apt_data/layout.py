@@ -146,13 +146,50 @@ def patchify(image: np.ndarray, cfg: APTConfig | None = None) -> PatchLayout:
         raise ValueError(f"image of size {H}x{W} (HxW): both sides must be multiples of patch_size={p}; "
                          "resize or crop it first")
     flat, offsets, shapes = score_flat(image, p, cfg.num_scales, cfg.scorer, need_base=False)
+    return _select(flat, offsets, shapes, (H, W), cfg)
+
+
+def layout_from_scores(maps: list[np.ndarray], image_size: tuple[int, int], cfg: APTConfig) -> PatchLayout:
+    """The layout `patchify` would give, from precomputed score maps (e.g. stored in shards).
+
+    ``maps[s]`` must have the shape `score_maps` gives for ``image_size`` (H, W); maps[0] is not read.
+    """
+    H, W = image_size
+    p = cfg.patch_size
+    if H % p or W % p:
+        raise ValueError(f"image of size {H}x{W} (HxW): both sides must be multiples of patch_size={p}")
+    if len(maps) != cfg.num_scales:
+        raise ValueError(f"got {len(maps)} score maps for num_scales={cfg.num_scales}")
+    shapes = map_shapes(H, W, p, cfg.num_scales)
+    for s, (m, shape) in enumerate(zip(maps, shapes)):
+        if tuple(m.shape) != shape:
+            raise ValueError(f"score map of scale {s} has shape {tuple(m.shape)}, expected {shape} for a {H}x{W} image")
+    flat = np.concatenate([np.asarray(m, np.float32).ravel() for m in maps])
+    return layout_from_flat_scores(flat, image_size, cfg)
+
+
+def layout_from_flat_scores(flat: np.ndarray, image_size: tuple[int, int], cfg: APTConfig) -> PatchLayout:
+    """`layout_from_scores` for all scales' maps flattened row-major and concatenated, finest first
+    (the ``.npy`` member of a shard), without splitting them."""
+    H, W = image_size
+    shapes = map_shapes(H, W, cfg.patch_size, cfg.num_scales)
+    offsets = np.zeros(cfg.num_scales + 1, np.int64)
+    np.cumsum([h * w for h, w in shapes], out=offsets[1:])
+    flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
+    if flat.size != offsets[-1]:
+        raise ValueError(f"{flat.size} scores given; a {H}x{W} image with {cfg.num_scales} scales has {offsets[-1]}")
+    return _select(flat, offsets, shapes, (H, W), cfg)
+
+
+def _select(flat, offsets, shapes, image_size, cfg: APTConfig) -> PatchLayout:
     hs = np.array([s[0] for s in shapes], dtype=np.int64)
     ws = np.array([s[1] for s in shapes], dtype=np.int64)
     thr = np.asarray(cfg.thresholds, dtype=np.float64).reshape(-1)
     if thr.size == 0:
         thr = np.zeros(1, np.float64)  # num_scales == 1: never read
-    y, x, scale = select_patches(flat, offsets, hs, ws, thr, p, cfg.num_scales)
-    return PatchLayout(y=y, x=x, scale=scale, image_size=(H, W), patch_size=p, num_scales=cfg.num_scales)
+    y, x, scale = select_patches(flat, offsets, hs, ws, thr, cfg.patch_size, cfg.num_scales)
+    return PatchLayout(y=y, x=x, scale=scale, image_size=tuple(image_size), patch_size=cfg.patch_size,
+                       num_scales=cfg.num_scales)
 
 
-__all__ = ["PatchLayout", "patchify", "select_patches", "select_patches_reference"]
+__all__ = ["PatchLayout", "layout_from_scores", "patchify", "select_patches", "select_patches_reference"]

@@ -188,3 +188,16 @@ def test_layout_helpers():
     assert layout.grid_size == (8, 8) and layout.uniform_tokens == 64
     assert (layout.sizes == 32).all()
     assert (layout.scale_grid() == 1).all()
+
+
+def test_layout_from_precomputed_scores_equals_patchify():
+    from apt_data.layout import layout_from_scores
+    for path in IMAGE_PATHS[:8]:
+        img = load_resized(path, (224, 288))
+        for cfg in (APTConfig(), APTConfig(thresholds=(6.5, 5.0)), APTConfig(scorer="laplacian", thresholds=(20, 10))):
+            want = patchify(img, cfg)
+            got = layout_from_scores(score_maps(img, 16, 3, cfg.scorer), img.shape[:2], cfg)
+            for a in ("y", "x", "scale"):
+                np.testing.assert_array_equal(getattr(got, a), getattr(want, a))
+    with pytest.raises(ValueError, match="shape"):
+        layout_from_scores(score_maps(img, 16, 3), (224, 224), APTConfig())

@@ -1,0 +1,146 @@
+"""Greedy bin-packing of variable-length images into token-budget batches.
+
+Online first-fit with a few open bins: items are taken in the (shuffled) order given, each goes
+into the first open bin with room; when none has room and all ``open_bins`` are open, the fullest
+bin is emitted. Keeping only a few bins open preserves the randomness of the order (a batch holds
+images that were close in the shuffled stream) while filling batches almost completely.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def _first_fit(counts, max_tokens, max_images, open_bins):
+    n = counts.shape[0]
+    item_bin = np.empty(n, np.int64)          # provisional bin id of each item
+    emit_order = np.full(n + 1, -1, np.int64)  # provisional id -> emission rank
+    open_id = np.empty(open_bins, np.int64)
+    open_used = np.empty(open_bins, np.int64)
+    open_cnt = np.empty(open_bins, np.int64)
+    n_open = 0
+    next_id = 0
+    emitted = 0
+    for i in range(n):
+        c = counts[i]
+        slot = -1
+        for k in range(n_open):
+            if open_used[k] + c <= max_tokens and open_cnt[k] < max_images:
+                slot = k
+                break
+        if slot < 0:
+            if n_open == open_bins:
+                best = 0
+                for k in range(1, n_open):
+                    if open_used[k] > open_used[best]:
+                        best = k
+                emit_order[open_id[best]] = emitted
+                emitted += 1
+                for k in range(best, n_open - 1):
+                    open_id[k] = open_id[k + 1]
+                    open_used[k] = open_used[k + 1]
+                    open_cnt[k] = open_cnt[k + 1]
+                n_open -= 1
+            slot = n_open
+            open_id[slot] = next_id
+            open_used[slot] = 0
+            open_cnt[slot] = 0
+            next_id += 1
+            n_open += 1
+        item_bin[i] = open_id[slot]
+        open_used[slot] += c
+        open_cnt[slot] += 1
+        if open_used[slot] == max_tokens or open_cnt[slot] == max_images:
+            emit_order[open_id[slot]] = emitted
+            emitted += 1
+            for k in range(slot, n_open - 1):
+                open_id[k] = open_id[k + 1]
+                open_used[k] = open_used[k + 1]
+                open_cnt[k] = open_cnt[k + 1]
+            n_open -= 1
+    for k in range(n_open):
+        emit_order[open_id[k]] = emitted
+        emitted += 1
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        out[i] = emit_order[item_bin[i]]
+    return out, emitted
+
+
+def pack_greedy(token_counts: Sequence[int], max_tokens: int, max_images: Optional[int] = None,
+                open_bins: int = 8, names: Optional[Sequence[str]] = None) -> list[np.ndarray]:
+    """Pack items (token counts, prefix tokens included) into bins of at most ``max_tokens``.
+
+    Returns the bins in emission order, each an int64 array of item indices in input order.
+    An item larger than the budget raises ``ValueError`` naming it (``names[i]`` or its index).
+    """
+    counts = np.ascontiguousarray(token_counts, dtype=np.int64).reshape(-1)
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    if max_images is not None and max_images <= 0:
+        raise ValueError(f"max_images must be positive or None, got {max_images}")
+    if open_bins < 1:
+        raise ValueError(f"open_bins must be >= 1, got {open_bins}")
+    if counts.size == 0:
+        return []
+    if counts.min() <= 0:
+        i = int(np.argmin(counts))
+        raise ValueError(f"sample {names[i] if names is not None else i} has {counts[i]} tokens")
+    too_big = np.nonzero(counts > max_tokens)[0]
+    if too_big.size:
+        i = int(too_big[0])
+        raise ValueError(f"sample {names[i] if names is not None else i} needs {counts[i]} tokens, more than the "
+                         f"batch budget max_tokens={max_tokens}; raise --max-tokens or lower the image size")
+    bin_of, n_bins = _first_fit(counts, int(max_tokens), int(max_images or np.iinfo(np.int64).max), int(open_bins))
+    order = np.argsort(bin_of, kind="stable")
+    bounds = np.searchsorted(bin_of[order], np.arange(n_bins + 1))
+    return [order[bounds[b]:bounds[b + 1]] for b in range(n_bins)]
+
+
+def pack_greedy_reference(token_counts, max_tokens, max_images=None, open_bins=8) -> list[list[int]]:
+    """Plain-Python twin of `pack_greedy` (tests only)."""
+    max_images = max_images or float("inf")
+    open_, out = [], []  # open_: list of [items, used]
+    for i, c in enumerate(token_counts):
+        slot = next((b for b in open_ if b[1] + c <= max_tokens and len(b[0]) < max_images), None)
+        if slot is None:
+            if len(open_) == open_bins:
+                best = max(open_, key=lambda b: b[1])  # first of the fullest
+                open_.remove(best)
+                out.append(best[0])
+            slot = [[], 0]
+            open_.append(slot)
+        slot[0].append(i)
+        slot[1] += c
+        if slot[1] == max_tokens or len(slot[0]) == max_images:
+            open_.remove(slot)
+            out.append(slot[0])
+    out.extend(b[0] for b in open_)
+    return out
+
+
+def split_for_ranks(bins: list[np.ndarray], world_size: int) -> list[np.ndarray]:
+    """Make the number of bins a multiple of ``world_size`` by halving the bins with most images.
+
+    Every rank then gets the same number of batches (``bins[rank::world_size]``), so no DDP rank
+    waits forever for another, and no sample is dropped or repeated.
+    """
+    bins = list(bins)
+    if world_size <= 1 or not bins:
+        return bins
+    need = (-len(bins)) % world_size
+    total_items = sum(len(b) for b in bins)
+    if total_items < world_size:
+        raise ValueError(f"{total_items} samples cannot be spread over {world_size} ranks")
+    for _ in range(need):
+        k = max(range(len(bins)), key=lambda j: (len(bins[j]), -j))
+        b = bins[k]
+        if len(b) < 2:
+            raise ValueError(f"cannot give {world_size} ranks the same number of batches: "
+                             f"{len(bins)} single-image batches")
+        half = len(b) // 2
+        bins[k:k + 1] = [b[:half], b[half:]]
+    return bins

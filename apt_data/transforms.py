@@ -1,0 +1,150 @@
+"""Per-sample image transforms, applied to decoded pixels BEFORE patchify.
+
+Augmentations change the image, so they must run before patch sizes are chosen: random erasing
+with a constant fill, for instance, flattens a region and lowers the token count (as the paper
+notes). Every random choice comes from a per-sample seed, so an epoch is reproducible no matter
+which worker process handles which sample.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+
+from .image import decode_image
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Decode + resize (+ train-time augmentation) to a uint8 HxWx3 image for `patchify`.
+
+    Eval (``augment=False``): timm's eval transform, short side ``floor(size / crop_pct)`` then a
+    centre crop ``size x size``; or, with ``keep_aspect=True``, short side ``size`` and both sides
+    rounded to multiples of ``multiple`` (no crop). Train (``augment=True``): RandomResizedCrop
+    (``scale``, ``ratio``) to ``size x size``, horizontal flip with ``hflip``, optional timm
+    RandAugment (``auto_augment``, e.g. ``"rand-m9-mstd0.5-inc1"``) and random erasing with
+    probability ``re_prob`` filled with ``fill`` (the model's mean colour: zero after normalisation).
+    """
+
+    size: int = 224
+    multiple: int = 16
+    crop_pct: float = 1.0
+    keep_aspect: bool = False
+    augment: bool = False
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: Optional[str] = None
+    re_prob: float = 0.0
+    fill: tuple[int, int, int] = (128, 128, 128)
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.size % self.multiple:
+            raise ValueError(f"image size {self.size} must be a positive multiple of the patch size {self.multiple}")
+        if self.augment and self.keep_aspect:
+            raise ValueError("keep_aspect applies to eval transforms; train crops are size x size")
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the output depends on the input alone (token counts can be precomputed)."""
+        return not self.augment
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(H, W) of the output for an input of ``width x height`` pixels."""
+        if self.augment or not self.keep_aspect:
+            return self.size, self.size
+        m = self.multiple
+        short = max(m, round(self.size / m) * m)
+        s = short / min(width, height)
+        return max(m, round(height * s / m) * m), max(m, round(width * s / m) * m)
+
+    def __call__(self, data: Union[bytes, str], name: str = "", seed: int = 0) -> np.ndarray:
+        if not self.augment:
+            return decode_image(data, self.size, crop=not self.keep_aspect, multiple=self.multiple,
+                                name=name or None, crop_pct=self.crop_pct)
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        img = Image.fromarray(decode_image(data, name=name or None))
+        top, left, h, w = self._crop_box(img.height, img.width, rng)
+        img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        if rng.random() < self.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.auto_augment:
+            img = _rand_augment(self.auto_augment, self.fill)(img, int(rng.integers(2**31)))
+        out = np.array(img, dtype=np.uint8)
+        if self.re_prob > 0 and rng.random() < self.re_prob:
+            self._erase(out, rng)
+        return out
+
+    def _crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """RandomResizedCrop's box (torchvision's algorithm) drawn from ``rng``."""
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            h, w = height, int(round(height * max(self.ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def _erase(self, img: np.ndarray, rng: np.random.Generator) -> None:
+        """timm RandomErasing ('const' mode: one box, 2-33% of the area) in place."""
+        h_img, w_img = img.shape[:2]
+        area = h_img * w_img
+        for _ in range(10):
+            target = area * rng.uniform(0.02, 1 / 3)
+            aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+            h = int(round(math.sqrt(target * aspect)))
+            w = int(round(math.sqrt(target / aspect)))
+            if w < w_img and h < h_img:
+                top = int(rng.integers(0, h_img - h + 1))
+                left = int(rng.integers(0, w_img - w + 1))
+                img[top:top + h, left:left + w] = self.fill
+                return
+
+
+_RA_CACHE: dict = {}
+
+
+def _rand_augment(config: str, fill: tuple[int, int, int]):
+    """timm's RandAugment on PIL images, seeded per call (it draws from `random` and `np.random`)."""
+    key = (config, fill)
+    if key not in _RA_CACHE:
+        from timm.data.auto_augment import rand_augment_transform
+
+        ra = rand_augment_transform(config, {"translate_const": 100, "img_mean": tuple(fill)})
+
+        def apply(img, seed: int, _ra=ra):
+            state, np_state = random.getstate(), np.random.get_state()
+            random.seed(seed)
+            np.random.seed(seed)
+            try:
+                return _ra(img)
+            finally:
+                random.setstate(state)
+                np.random.set_state(np_state)
+
+        _RA_CACHE[key] = apply
+    return _RA_CACHE[key]
+
+
+def transform_from_data_config(data_config: dict, augment: bool = False, multiple: int = 16, **kw) -> ImageTransform:
+    """Build an `ImageTransform` from timm's ``resolve_data_config(...)`` dict."""
+    size = int(data_config["input_size"][-1])
+    mean = data_config.get("mean", (0.5, 0.5, 0.5))
+    fill = tuple(int(round(255 * m)) for m in mean)
+    return ImageTransform(size=size, multiple=multiple, crop_pct=float(data_config.get("crop_pct", 1.0)),
+                          augment=augment, fill=fill, **kw)
