@@ -555,7 +555,7 @@ def config_dict(cfg: APTConfig) -> dict:
 
 def sample_meta(key: str, enc: EncodedSample, cfg: APTConfig, *, label: int, source: str, crop: bool,
                 quality: int, extra: Optional[Mapping[str, Any]] = None) -> dict:
-    """The .json member of a sample (see README.shards.md for every field)."""
+    """The .json member of a sample (see docs/shards.md for every field)."""
     h, w = enc.image.shape[:2]
     meta = {
         "key": key, "label": int(label), "source": source,
@@ -575,7 +575,7 @@ def sample_meta(key: str, enc: EncodedSample, cfg: APTConfig, *, label: int, sou
 # --------------------------------------------------------------------------------------------
 
 def index_columns(num_scales: int) -> list[str]:
-    """Index columns in order (see README.shards.md)."""
+    """Index columns in order (see docs/shards.md)."""
     return (["key", "shard", "label", "source", "orig_width", "orig_height", "width", "height"]
             + [f"tokens_s{s}" for s in range(num_scales)] + ["tokens"]
             + [f"{m}_{what}" for m in MEMBERS for what in ("offset", "size")])

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     warmup()
     cfg = APTConfig()
     src_path = Path(args.source)
-    if src_path.is_dir() and not any(p.is_dir() for p in src_path.iterdir()):
+    if src_path.is_dir() and not any(p.is_dir() or p.suffix == ".parquet" for p in src_path.iterdir()):
         # a flat folder of photos: present it as one class (ImageNet layout) through symlinks
         import tempfile
         tmp = Path(tempfile.mkdtemp(prefix="bench_loader_")) / "all"

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""The default job until the trainer lands: patchify the embedded sample images with APT.
+"""The default job until the trainer lands: APT on the embedded sample dataset ``shards/``.
 
-    python tools/demo.py [--images DIR] [--size 384] [--out out/]
+    python tools/demo.py [--source shards] [--max-tokens 4096] [--workers 2] [--out out/]
 
-Prints the tokens APT keeps per image against the uniform ViT grid (per scale), the average
-saving, and writes a mosaic of layouts to ``OUT/layouts.png``.
+Runs `APTLoader` over the sample shards (token-budget batches planned from the index, built by
+worker processes), prints per-batch and total token counts against the uniform ViT grid, and
+writes a mosaic of patch layouts to ``OUT/layouts.png``.
 """
 from __future__ import annotations
 
@@ -19,10 +20,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from apt_data import APTConfig, decode_image, patchify, warmup  # noqa: E402
+from apt_data import APTConfig, add_loader_args, config_from_args, patchify  # noqa: E402
+from apt_data.loader import APTLoader  # noqa: E402
 from apt_data.visualize import draw_layout  # noqa: E402
-
-DEFAULT_IMAGES = ROOT / "tests" / "data" / "images"
 
 
 def mosaic(tiles: list[np.ndarray], cols: int = 4, pad: int = 4) -> np.ndarray:
@@ -39,38 +39,43 @@ def mosaic(tiles: list[np.ndarray], cols: int = 4, pad: int = 4) -> np.ndarray:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images (default: the shipped samples)")
-    ap.add_argument("--size", type=int, default=384, help="images are resized and centre-cropped to SIZE x SIZE")
-    ap.add_argument("--thresholds", type=float, nargs="*", default=[5.5, 4.0])
+    ap.add_argument("--source", default=str(ROOT / "shards"), help="shards, an index, or an image folder")
     ap.add_argument("--out", default="out", help="folder for layouts.png")
     ap.add_argument("--mosaic", type=int, default=8, help="layouts drawn in the mosaic")
+    add_loader_args(ap, max_tokens=4096)
     args = ap.parse_args(argv)
-    cfg = APTConfig(thresholds=tuple(args.thresholds))
-    paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not paths:
-        ap.error(f"no images in {args.images}")
-    warmup()
-    print(f"APT demo: {len(paths)} images from {args.images} at {args.size}x{args.size}, {cfg}")
-    print(f"{'image':44s} {'tokens':>7s} {'uniform':>7s} {'kept':>6s}  per scale (16/32/64 px)")
-    tiles, kept, uniform, t_apt = [], 0, 0, 0.0
-    for path in paths:
-        img = decode_image(path, args.size)
-        t0 = time.perf_counter()
-        layout = patchify(img, cfg)
-        t_apt += time.perf_counter() - t0
-        kept += len(layout)
-        uniform += layout.uniform_tokens
-        print(f"{path.name[:44]:44s} {len(layout):7d} {layout.uniform_tokens:7d} {len(layout) / layout.uniform_tokens:6.1%}  "
-              f"{'/'.join(map(str, layout.counts().tolist()))}")
-        if len(tiles) < args.mosaic:
-            tiles.append(np.asarray(Image.fromarray(draw_layout(img, layout)).resize((256, 256), Image.BILINEAR)))
+    cfg = config_from_args(args, ap)
+    loader = APTLoader(args.source, cfg, max_tokens=args.max_tokens, max_images=args.max_images,
+                       num_workers=args.workers, image_size=args.image_size or 224,
+                       static_shapes=args.static_shapes, shuffle=False, pin_memory=False)
+    print(f"APT demo: {len(loader.source)} images from {args.source}, {cfg}")
+    print(f"{len(loader)} batches of <= {args.max_tokens} tokens (class token included), planned from "
+          f"{'exact index token counts' if loader.exact_counts else 'uniform-grid bounds'}")
+    print(f"{'batch':>5s} {'images':>6s} {'tokens':>7s} {'uniform':>7s} {'kept':>6s} {'16/32/64 px tokens':>20s}")
+    t0 = time.perf_counter()
+    kept = uniform = images = 0
+    per_scale = np.zeros(cfg.num_scales, np.int64)
+    for k, (batch, labels) in enumerate(loader):
+        n_tok = batch.num_real_tokens - batch.num_images * batch.num_prefix_tokens
+        n_uni = sum((h // cfg.patch_size) * (w // cfg.patch_size) for h, w in batch.image_sizes)
+        counts = [int(p.shape[0]) for p in batch.pixels]
+        per_scale += counts
+        kept, uniform, images = kept + n_tok, uniform + n_uni, images + batch.num_images
+        print(f"{k:5d} {batch.num_images:6d} {n_tok:7d} {n_uni:7d} {n_tok / n_uni:6.1%} {'/'.join(map(str, counts)):>20s}")
+    dt = time.perf_counter() - t0
+    print(f"total: {images} images, {kept} / {uniform} patch tokens = {kept / uniform:.1%} of the uniform grid "
+          f"({uniform / kept:.2f}x fewer); per scale {per_scale.tolist()}; {images / dt:.0f} images/s")
+    if loader.stats.num_skipped:
+        print(f"skipped {loader.stats.num_skipped} bad samples: {dict(loader.stats.skipped)}")
+    tiles = []
+    for i in range(min(args.mosaic, len(loader.source))):
+        img = loader.transform(loader.source.read(i), loader.source.keys[i])
+        tiles.append(np.asarray(Image.fromarray(draw_layout(img, patchify(img, cfg))).resize((224, 224))))
     os.makedirs(args.out, exist_ok=True)
     out = Path(args.out) / "layouts.png"
     tmp = out.with_suffix(".tmp.png")
     Image.fromarray(mosaic(tiles)).save(tmp)
     os.replace(tmp, out)
-    print(f"total: {kept} / {uniform} tokens = {kept / uniform:.1%} of the uniform grid "
-          f"({uniform / kept:.2f}x fewer tokens); scoring+selection {t_apt / len(paths) * 1e6:.0f} us/image")
     print(f"layouts: {out}")
     return 0
 

@@ -11,7 +11,7 @@ SRC is an ImageNet-layout folder (one sub-folder per class) or a text/TSV list
 and ``OUT/classes.tsv``. Each shard is written to ``.tmp``, fsynced and renamed; then its sidecar
 ``.tar.idx.json`` (rows + skipped sources) is written the same way, and only a shard with a
 matching sidecar counts as done, so a killed run leaves no partial .tar and a rerun redoes only
-what is missing. The index is built at the end from the sidecars. See README.shards.md.
+what is missing. The index is built at the end from the sidecars. See docs/shards.md.
 """
 from __future__ import annotations
 

@@ -1,0 +1,45 @@
+"""`to_dense`: a packed token sequence back to a dense ``[B, D, H/p, W/p]`` feature map.
+
+Each token is repeated over the base cells it covers (a scale-s token over 2^s x 2^s cells), as
+dense-prediction heads expect, with one scatter per scale; nothing loops over tokens.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from .pos_embed import to_device_index
+
+
+def to_dense(tokens: torch.Tensor, batch) -> Union[torch.Tensor, list[torch.Tensor]]:
+    """Packed tokens ``[L, D]`` (e.g. `APTViT.forward_features`) -> ``[B, D, H/p, W/p]``.
+
+    Images of different sizes give a list of ``[D, H_b/p, W_b/p]`` maps instead.
+    """
+    p = batch.patch_size
+    cells = [(h // p, w // p) for h, w in batch.image_sizes]
+    offsets, total = [], 0
+    for h, w in cells:
+        offsets.append(total)
+        total += h * w
+    dev = tokens.device
+    off_t = to_device_index(offsets, dev)
+    width_t = to_device_index([w for _, w in cells], dev)
+    out = tokens.new_zeros(total, tokens.shape[1])
+    for s in range(batch.num_scales):
+        co = batch.coords[s]
+        if co.shape[0] == 0:
+            continue
+        f = 1 << s
+        d = torch.arange(f, device=dev)
+        b, y, x = co[:, 0].long(), co[:, 1].long(), co[:, 2].long()
+        rows = y[:, None, None] + d[None, :, None]                    # [T, f, 1]
+        cols = x[:, None, None] + d[None, None, :]                    # [T, 1, f]
+        cell = off_t[b][:, None, None] + rows * width_t[b][:, None, None] + cols  # [T, f, f]
+        vals = tokens.index_select(0, batch.seq_index[s]).unsqueeze(1).expand(-1, f * f, -1)
+        out = out.index_copy(0, cell.reshape(-1), vals.reshape(-1, tokens.shape[1]))
+    maps = [m.reshape(h, w, -1).permute(2, 0, 1) for m, (h, w) in zip(out.split([h * w for h, w in cells]), cells)]
+    if len(set(cells)) == 1:
+        return torch.stack(maps)
+    return maps

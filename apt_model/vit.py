@@ -1,0 +1,155 @@
+"""`APTViT`: a timm Vision Transformer that runs packed, variable-length, multi-scale token sequences.
+
+It reuses the timm model's own modules (blocks, norms, head, class/register tokens, positional
+embedding, patch projection) and adds only the APT embedding parameters, so a timm checkpoint loads
+as is and, with no large patches, the outputs equal the timm model's.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .attention import BACKENDS, PackedContext, packed_block
+from .patch_embed import APTPatchEmbed
+from .pos_embed import gather_pos_embed, to_device_index
+
+
+class APTViT(nn.Module):
+    def __init__(self, vit: nn.Module, num_scales: int = 3, attn_backend: str = "auto",
+                 mean: Optional[tuple] = None, std: Optional[tuple] = None):
+        super().__init__()
+        if attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
+        pe = vit.patch_embed
+        cfg = getattr(vit, "pretrained_cfg", None) or {}
+        mean = mean or cfg.get("mean", (0.5, 0.5, 0.5))
+        std = std or cfg.get("std", (0.5, 0.5, 0.5))
+        self.patch_embed = APTPatchEmbed(pe.proj, num_scales, mean, std, norm=getattr(pe, "norm", None))
+        self.patch_size = self.patch_embed.patch_size
+        self.num_scales = int(num_scales)
+        self.embed_dim = self.num_features = int(vit.embed_dim)
+        self.num_classes = int(getattr(vit, "num_classes", 0))
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.no_embed_class = bool(getattr(vit, "no_embed_class", False))
+        self.global_pool = vit.global_pool
+        self.pool_include_prefix = bool(getattr(vit, "pool_include_prefix", False))
+        self.cls_token = vit.cls_token
+        self.reg_token = getattr(vit, "reg_token", None)
+        self.pos_embed = vit.pos_embed
+        self.grid_size = tuple(pe.grid_size)
+        self.pos_drop = vit.pos_drop
+        self.norm_pre = vit.norm_pre
+        self.blocks = vit.blocks
+        self.norm = vit.norm
+        self.fc_norm = vit.fc_norm
+        self.head_drop = vit.head_drop
+        self.head = vit.head
+        self.attn_backend = attn_backend
+        self.resize_only = False  # True: skip the zero-linear detail path (the "resize" baseline)
+
+    # ------------------------------------------------------------------ embedding
+    def _prefix(self) -> Optional[torch.Tensor]:
+        parts = [t[0] for t in (self.cls_token, self.reg_token) if t is not None]
+        if not parts:
+            return None
+        prefix = torch.cat(parts)  # [P, D]
+        if self.pos_embed is not None and not self.no_embed_class:
+            prefix = prefix + self.pos_embed[0, : self.num_prefix_tokens]
+        return prefix
+
+    def embed(self, batch) -> torch.Tensor:
+        """Packed input sequence ``[L, D]``: prefix tokens, patch embeddings + positions, zero padding."""
+        if batch.patch_size != self.patch_size:
+            raise ValueError(f"batch has patch_size {batch.patch_size}, the model {self.patch_size}")
+        if batch.num_scales > self.num_scales:
+            raise ValueError(f"batch has {batch.num_scales} scales, the model was built for {self.num_scales}")
+        if batch.num_prefix_tokens != self.num_prefix_tokens:
+            raise ValueError(f"batch reserves {batch.num_prefix_tokens} prefix tokens per image, the model has "
+                             f"{self.num_prefix_tokens} (pack with num_prefix_tokens=model.num_prefix_tokens)")
+        patch_pos = None
+        if self.pos_embed is not None:
+            patch_pos = self.pos_embed[0] if self.no_embed_class else self.pos_embed[0, self.num_prefix_tokens:]
+        pos = (gather_pos_embed(patch_pos, self.grid_size, batch.coords, batch.image_sizes, self.patch_size)
+               if patch_pos is not None else [None] * batch.num_scales)
+        values, index = [], []
+        prefix = self._prefix()
+        if prefix is not None and batch.num_images:
+            starts = batch.cu_seqlens[:-1].long()
+            ar = torch.arange(self.num_prefix_tokens, device=starts.device)
+            index.append((starts[:, None] + ar).reshape(-1))
+            values.append(prefix.repeat(batch.num_images, 1))
+        for s in range(batch.num_scales):
+            if batch.pixels[s].shape[0] == 0:
+                continue
+            e = self.patch_embed(batch.pixels[s], s, resize_only=self.resize_only)
+            if pos[s] is not None:
+                e = e + pos[s].to(e.dtype)
+            values.append(e)
+            index.append(batch.seq_index[s])
+        vals = torch.cat(values) if len(values) > 1 else values[0]
+        idx = torch.cat(index) if len(index) > 1 else index[0]
+        x = vals.new_zeros(batch.seq_len, vals.shape[1]).index_copy(0, idx, vals)
+        return self.norm_pre(self.pos_drop(x))
+
+    # ------------------------------------------------------------------ forward
+    def context(self, batch, x: torch.Tensor) -> PackedContext:
+        return PackedContext.from_batch(batch, x.device, self.attn_backend, x.dtype)
+
+    def forward_features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed output tokens ``[L, D]`` (after the final norm) and the batch's ``cu_seqlens``."""
+        x = self.embed(batch)
+        ctx = self.context(batch, x)
+        for blk in self.blocks:
+            x = packed_block(blk, x, ctx)
+        return self.norm(x), batch.cu_seqlens
+
+    def pool(self, x: torch.Tensor, batch, pool_type: Optional[str] = None) -> torch.Tensor:
+        """Per-image pooling of packed tokens -> ``[B, D]`` (timm's 'token', 'avg', 'max', 'avgmax')."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        B = batch.num_images
+        if pool_type == "token":
+            return x.index_select(0, batch.cu_seqlens[:-1].long())
+        if pool_type not in ("avg", "max", "avgmax"):
+            raise ValueError(f"pooling {pool_type!r} is not supported on packed sequences")
+        skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        # every pooled token's position and image, from the batch's Python ints (no device sync)
+        positions, owners, counts, start = [], [], [], 0
+        for b, n in enumerate(batch.seqlens):
+            positions.extend(range(start + skip, start + n))
+            owners.extend([b] * (n - skip))
+            counts.append(n - skip)
+            start += n
+        pos_t = to_device_index(positions, x.device)
+        own_t = to_device_index(owners, x.device)
+        tok = x.index_select(0, pos_t)
+        out = []
+        if pool_type in ("avg", "avgmax"):
+            cnt = to_device_index(counts, x.device).to(x.dtype).clamp(min=1)
+            out.append(x.new_zeros(B, x.shape[1]).index_add(0, own_t, tok) / cnt[:, None])
+        if pool_type in ("max", "avgmax"):
+            mx = x.new_full((B, x.shape[1]), float("-inf")).scatter_reduce(
+                0, own_t[:, None].expand_as(tok), tok, reduce="amax", include_self=True)
+            out.append(mx)
+        return out[0] if len(out) == 1 else 0.5 * (out[0] + out[1])
+
+    def forward_head(self, x: torch.Tensor, batch, pre_logits: bool = False) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` (or pooled features with ``pre_logits``)."""
+        x = self.pool(x, batch)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, batch) -> torch.Tensor:
+        x, _ = self.forward_features(batch)
+        return self.forward_head(x, batch)
+
+    # ------------------------------------------------------------------ helpers
+    def apt_parameters(self):
+        """The parameters APT adds (down convs and zero linears), e.g. for ``--train-new-only``."""
+        return [p for n, p in self.patch_embed.named_parameters() if n.startswith(("down.", "zero_linear."))]
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm-style parameter groups (layer decay): stem, then one group per block."""
+        return dict(stem=r"^cls_token|^reg_token|^pos_embed|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])

@@ -1,0 +1,75 @@
+"""With no large patches, APT = the timm model (logits and dense features), on real photos."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+from apt_data import APTConfig, pack_images
+from apt_model import from_timm, to_dense
+from conftest import IMAGE_PATHS, load_resized
+
+NO_REDUCTION = APTConfig(thresholds=(-np.inf, -np.inf))
+
+
+def timm_input(images, model):
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1)
+    x = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in images]).float() / 255
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("name, size, kw", [
+    ("vit_tiny_patch16_224", 224, {}),
+    ("vit_small_patch16_384", 384, {}),
+    ("vit_base_patch16_224", 224, {}),
+    ("vit_tiny_patch16_384", 384, {}),
+    ("vit_small_patch14_dinov2", 224, {"img_size": 224}),       # patch 14, layer scale
+    ("vit_base_patch14_reg4_dinov2", 224, {"img_size": 224}),   # patch 14, 4 register tokens
+    ("deit_tiny_patch16_224", 224, {}),
+    ("vit_small_patch16_224", 224, {"global_pool": "avg", "class_token": False, "fc_norm": True}),
+])
+def test_no_reduction_equals_timm(name, size, kw):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kw).eval()
+    apt = from_timm(model).eval()
+    p = apt.patch_size
+    images = [load_resized(path, size) for path in IMAGE_PATHS[:2]]
+    cfg = APTConfig(patch_size=p, thresholds=(-np.inf, -np.inf))
+    batch = pack_images(images, cfg, num_prefix_tokens=apt.num_prefix_tokens)
+    with torch.no_grad():
+        want = model(timm_input(images, model))
+        for backend in ("segments", "padded"):
+            apt.attn_backend = backend
+            got = apt(batch)
+            assert got.shape == want.shape
+            assert (got - want).abs().max().item() <= 1e-4, (name, backend)
+
+
+def test_dense_features_equal_timm_patch_grid():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    apt = from_timm(model).eval()
+    images = [load_resized(p, 224) for p in IMAGE_PATHS[3:6]]
+    batch = pack_images(images, NO_REDUCTION)
+    with torch.no_grad():
+        feats, cu = apt.forward_features(batch)
+        dense = to_dense(feats, batch)
+        want = model.forward_features(timm_input(images, model))[:, 1:].reshape(3, 14, 14, -1).permute(0, 3, 1, 2)
+    assert torch.equal(cu, batch.cu_seqlens)
+    assert dense.shape == (3, 192, 14, 14)
+    assert (dense - want).abs().max().item() <= 1e-4
+
+
+def test_to_dense_repeats_large_tokens_over_their_cells():
+    images = [load_resized(IMAGE_PATHS[8], (224, 288)), load_resized(IMAGE_PATHS[9], 160)]
+    batch = pack_images(images, APTConfig(thresholds=(7.5, 7.0)))
+    assert all(t.shape[0] > 0 for t in batch.pixels)
+    tokens = torch.randn(batch.seq_len, 8)
+    maps = to_dense(tokens, batch)
+    assert isinstance(maps, list) and maps[0].shape == (8, 14, 18) and maps[1].shape == (8, 10, 10)
+    for s in range(3):
+        f = 1 << s
+        for (b, y, x), pos in zip(batch.coords[s].tolist(), batch.seq_index[s].tolist()):
+            block = maps[b][:, y:y + f, x:x + f]
+            assert torch.equal(block, tokens[pos][:, None, None].expand_as(block))

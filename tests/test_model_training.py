@@ -1,0 +1,133 @@
+"""Packing invariance, zero-init exactness, gradients and per-image drop path, on real photos."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+from apt_data import APTConfig, pack_images
+from apt_model import from_timm
+from conftest import IMAGE_PATHS, load_resized
+
+CFG = APTConfig(thresholds=(7.0, 6.0))  # high thresholds: plenty of 32 and 64 px tokens
+
+
+@pytest.fixture(scope="module")
+def images():
+    sizes = [224, (160, 224), 192, (224, 128)]
+    return [load_resized(p, s) for p, s in zip(IMAGE_PATHS[10:14], sizes)]
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **kw)
+
+
+def test_zero_linear_path_reaches_every_scale(images):
+    batch = pack_images(images, CFG)
+    assert all(t.shape[0] > 0 for t in batch.pixels), [t.shape for t in batch.pixels]
+
+
+@pytest.mark.parametrize("backend", ["segments", "padded", "dense"])
+def test_packed_batch_equals_images_alone_forward_and_grad(images, backend):
+    apt = from_timm(tiny(), attn_backend=backend).eval()
+    with torch.no_grad():  # make the detail path non-trivial so its gradients are compared too
+        for lin in apt.patch_embed.zero_linear:
+            lin.weight.normal_(0, 0.02)
+    batch = pack_images(images, CFG, labels=[0, 1, 2, 3])
+    out = apt(batch)
+    out.square().sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in apt.named_parameters() if p.grad is not None}
+    apt.zero_grad()
+    alone = []
+    for k, img in enumerate(images):
+        o = apt(pack_images([img], CFG))
+        o.square().sum().backward()
+        alone.append(o.detach())
+    alone = torch.cat(alone)
+    assert (out.detach() - alone).abs().max().item() <= 1e-5
+    for n, p in apt.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(packed_grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_backends_agree_with_padding_tokens(images):
+    apt = from_timm(tiny()).eval()
+    plain = pack_images(images, CFG)
+    padded = pack_images(images, CFG, num_padding=37)
+    with torch.no_grad():
+        ref = apt(plain)
+        for backend in ("segments", "padded", "dense"):
+            apt.attn_backend = backend
+            assert (apt(padded) - ref).abs().max().item() <= 1e-5, backend
+    for pool in ("avg", "max", "avgmax", "token"):
+        apt.global_pool = pool
+        with torch.no_grad():
+            a = apt.forward_head(apt.forward_features(padded)[0], padded, pre_logits=True)
+            b = torch.cat([apt.forward_head(apt.forward_features(pack_images([im], CFG))[0],
+                                            pack_images([im], CFG), pre_logits=True) for im in images])
+        assert (a - b).abs().max().item() <= 1e-5, pool
+
+
+def test_zero_init_equals_resize_only_then_learns(images):
+    apt = from_timm(tiny()).train()
+    batch = pack_images(images, CFG, labels=[3, 1, 4, 1])
+    with torch.no_grad():
+        full = apt.eval()(batch)
+        apt.resize_only = True
+        resize = apt(batch)
+        apt.resize_only = False
+    assert torch.equal(full, resize)  # exactly, not approximately
+    apt.train()
+    opt = torch.optim.SGD(apt.parameters(), lr=0.1)
+    loss = torch.nn.functional.cross_entropy(apt(batch), batch.labels)
+    loss.backward()
+    params = dict(apt.patch_embed.named_parameters())
+    new = [n for n in params if n.startswith(("down.", "zero_linear."))]
+    # at init only the zero linears get a gradient (their input is live, their output weight zero) ...
+    for n in new:
+        assert (params[n].grad.abs().sum() > 0) == n.startswith("zero_linear."), n
+    opt.step()
+    assert all(lin.weight.abs().sum() > 0 for lin in apt.patch_embed.zero_linear)
+    # ... after one step the zero linears are non-zero and gradients reach every new parameter
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(apt(batch), batch.labels).backward()
+    for n in new:
+        assert params[n].grad.abs().sum() > 0, f"no gradient reaches {n}"
+    with torch.no_grad():
+        apt.eval()
+        after = apt(batch)
+        apt.resize_only = True
+        assert not torch.equal(after, apt(batch))
+
+
+def test_drop_path_is_drawn_per_image(images):
+    apt = from_timm(tiny(drop_path_rate=0.5)).train()
+    batch = pack_images(images * 2, CFG)
+    torch.manual_seed(1)
+    x = apt.embed(batch)
+    ctx = apt.context(batch, x)
+    from apt_model.attention import per_image_drop_path
+    branch = torch.ones(batch.seq_len, 4)
+    seen = set()
+    for _ in range(20):
+        out = per_image_drop_path(branch, 0.5, True, ctx, training=True)
+        per_image = [out[a:b] for a, b in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist())]
+        kept = tuple(bool(t.abs().sum() > 0) for t in per_image)
+        for t in per_image:  # a whole image is kept (scaled 1/keep) or dropped, never part of it
+            assert torch.all(t == t[0, 0]) and t[0, 0].item() in (0.0, 2.0)
+        seen.add(kept)
+    assert len(seen) > 2  # images drop independently, not the whole batch at once
+    apt.eval()
+    assert torch.equal(per_image_drop_path(branch, 0.5, True, ctx, training=False), branch)
+
+
+def test_batch_and_model_must_agree(images):
+    apt = from_timm(tiny())
+    with pytest.raises(ValueError, match="prefix tokens"):
+        apt(pack_images(images[:1], CFG, num_prefix_tokens=0))
+    with pytest.raises(ValueError, match="patch_size"):
+        apt(pack_images([images[0]], APTConfig(patch_size=8, thresholds=(5.5, 4.0))))
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        from_timm(torch.nn.Linear(2, 2))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        from_timm("vit_tiny_patch16_224", checkpoint_path="nope.pth")
