@@ -3,10 +3,12 @@
 Backends (``attn_backend``):
 - ``"flash"``: ``flash_attn_varlen_func`` (flash-attn installed, CUDA, fp16/bf16);
 - ``"padded"``: segments gathered into a padded ``[B, Lmax]`` batch with a key mask, one SDPA call
-  (CUDA without flash-attn; CPU training, where its backward is the fastest measured);
-- ``"segments"``: one SDPA call per segment (CPU inference, the fastest measured forward);
+  (CUDA without flash-attn, where one big kernel beats many small ones);
+- ``"segments"``: one SDPA call per segment, on views (the CPU: fastest measured forward and
+  backward, tools/bench_model.py);
 - ``"dense"``: one SDPA call with a block-diagonal ``[L, L]`` mask (a slow reference for tests);
-- ``"auto"``: flash > padded on CUDA; segments (no grad) / padded (grad) on the CPU.
+- ``"auto"``: flash > padded on CUDA; segments on the CPU.
+Segments of equal length (no reduction, same-size images) skip all of this: one batched SDPA call.
 Segment lengths come from the batch as Python ints, so no backend syncs with the device.
 Trailing padding tokens form their own segment.
 """
@@ -90,36 +92,45 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         return backend
     if device.type == "cuda":
         return "flash" if flash_attn_varlen() is not None and dtype in (torch.float16, torch.bfloat16) else "padded"
-    return "padded" if torch.is_grad_enabled() else "segments"
+    return "segments"
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: PackedContext,
                      dropout_p: float = 0.0, scale: Optional[float] = None) -> torch.Tensor:
-    """q, k, v ``[L, H, d]`` -> ``[L, H, d]``, attention within segments only."""
+    """q, k, v ``[H, L, d]`` (head-major, like timm's layout) -> ``[L, H, d]`` (token-major, ready
+    for the output projection), attention within segments only."""
     backend = ctx.backend
     if backend == "flash" and q.dtype not in (torch.float16, torch.bfloat16):
         backend = "padded"  # flash kernels are fp16/bf16 only (e.g. fp32 outside autocast)
     if backend == "flash":
-        return flash_attn_varlen()(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
-                                   dropout_p=dropout_p, softmax_scale=scale)
+        o = flash_attn_varlen()(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), ctx.cu_seqlens,
+                                ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, dropout_p=dropout_p,
+                                softmax_scale=scale)
+        return o
+    H, L, d = q.shape
+    if backend in ("padded", "segments") and len(set(ctx.seqlens)) == 1:
+        # equal segments (no reduction, same-size images): a plain batch, no gather, no mask
+        S, n = len(ctx.seqlens), ctx.seqlens[0]
+        qb, kb, vb = (t.reshape(H, S, n, d).transpose(0, 1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout_p, scale=scale)
+        return out.transpose(1, 2).reshape(L, H, d)
     if backend == "segments":
         outs, start = [], 0
         for n in ctx.seqlens:
-            qi, ki, vi = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            outs.append(F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, scale=scale)[0].transpose(0, 1))
+            outs.append(F.scaled_dot_product_attention(q[:, start:start + n], k[:, start:start + n], v[:, start:start + n],
+                                                       dropout_p=dropout_p, scale=scale).transpose(0, 1))
             start += n
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        return torch.cat(outs) if len(outs) > 1 else outs[0].contiguous()
     if backend == "padded":
         gather, mask, flat = ctx.pad_index(q.device)
         S, Lm = gather.shape
-        qp, kp, vp = (t[gather].permute(0, 2, 1, 3) for t in (q, k, v))  # [S, H, Lm, d]
+        qp, kp, vp = (t[:, gather].transpose(0, 1) for t in (q, k, v))  # [S, H, Lm, d]
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-        return out.permute(0, 2, 1, 3).reshape(S * Lm, q.shape[1], q.shape[2])[flat]
+        return out.transpose(1, 2).reshape(S * Lm, H, d)[flat]
     if backend == "dense":
         seg = ctx.segment_ids
         mask = (seg[:, None] == seg[None, :])[None, None]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                             attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, dropout_p=dropout_p, scale=scale)
         return out[0].transpose(0, 1)
     raise ValueError(f"unknown attention backend {backend!r}")
 
@@ -128,8 +139,8 @@ def packed_attention(attn, x: torch.Tensor, ctx: PackedContext) -> torch.Tensor:
     """timm ``Attention.forward`` on a packed ``[L, C]`` sequence (same weights, same maths)."""
     L = x.shape[0]
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(L, 3, attn.num_heads, attn.head_dim)
-    q, k, v = qkv.unbind(1)  # [L, H, d]
+    qkv = attn.qkv(x).reshape(L, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
+    q, k, v = qkv.unbind(0)  # [H, L, d]
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     o = varlen_attention(q, k, v, ctx, dropout_p=dropout_p, scale=attn.scale)

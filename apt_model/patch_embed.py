@@ -52,19 +52,37 @@ class APTPatchEmbed(nn.Module):
         self.down = nn.ModuleList([_average_conv(self.embed_dim) for _ in range(num_scales - 1)])
         self.zero_linear = nn.ModuleList([_zero_linear(self.embed_dim) for _ in range(num_scales - 1)])
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [T, 3, P, P] -> float normalised like the timm model's eval transform."""
-        return (pixels.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+    def folded_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """E with the pixel normalisation folded in: ``E((x - mean) / std) = x @ W'.T + b'`` on raw
+        0..255 values, as a ``[D, 3*p*p]`` matrix and a ``[D]`` bias (cheap; keeps autograd)."""
+        d, pp = self.embed_dim, self.patch_size * self.patch_size
+        w = self.proj.weight.reshape(d, 3, pp)
+        inv_std = (1.0 / self.pixel_std).view(1, 3, 1).to(w.dtype)
+        w = w * inv_std
+        bias = -(w * self.pixel_mean.view(1, 3, 1).to(w.dtype)).sum(dim=(1, 2))
+        if self.proj.bias is not None:
+            bias = bias + self.proj.bias
+        return w.reshape(d, 3 * pp), bias
 
     def forward(self, pixels: torch.Tensor, scale: int, resize_only: bool = False) -> torch.Tensor:
-        """Embed ``[T, 3, p*2**scale, p*2**scale]`` uint8 tokens of one scale -> ``[T, D]``."""
-        x = self.normalize(pixels)
-        sub = self.proj(x)  # [T, D, 2**s, 2**s]: the sub-patch embeddings
+        """Embed ``[T, 3, p*2**scale, p*2**scale]`` uint8 tokens of one scale -> ``[T, D]``.
+
+        The sub-patch embeddings are one GEMM over all sub-patches (a conv over many tiny images
+        is several times slower on CPUs).
+        """
+        T, p, g = pixels.shape[0], self.patch_size, 1 << scale
+        w, b = self.folded_projection()
         if scale == 0:
-            return self.norm(sub.flatten(1))
-        emb = sub.mean(dim=(2, 3))  # == proj(area_resize(x)): proj is linear
+            x = pixels.reshape(T, 3 * p * p)
+        else:  # [T, 3, g*p, g*p] -> [T*g*g, 3*p*p], sub-patches in raster order
+            x = pixels.reshape(T, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(T * g * g, 3 * p * p)
+        sub = torch.addmm(b.to(w.dtype), x.to(w.dtype), w.t())  # [T*g*g, D]
+        if scale == 0:
+            return self.norm(sub)
+        sub = sub.view(T, g * g, self.embed_dim)
+        emb = sub.mean(dim=1)  # == E(area_resize(P)): E is affine
         if not resize_only:
-            r = sub
+            r = sub.transpose(1, 2).reshape(T, self.embed_dim, g, g)
             for level in range(scale):
                 r = self.down[level](r)
             emb = emb + self.zero_linear[scale - 1](r.flatten(1))

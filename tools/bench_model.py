@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Benchmark: APT ViT against the original timm ViT, same real images, same run, same machine.
+
+    python tools/bench_model.py [--models vit_small_patch16_224 vit_base_patch16_224] [--sizes 224 384]
+                                [--batch 8] [--iters 3] [--thresholds 5.5 4.0] [--device cpu]
+
+For each model and size: tokens per image (APT vs the uniform grid), inference and train-step
+(forward + backward + SGD step) images/s of APT and timm, their ratio, the ratio the FLOPs
+predict, and the speed of APT with no reduction (thresholds -inf) against timm (its overhead).
+Models have random weights (no downloads); speed does not depend on the weights. Images are the
+shipped real photos (tests/data/images), resized and centre-cropped to each size.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from apt_data import APTConfig, decode_image, pack_images, warmup  # noqa: E402
+from apt_model import from_timm  # noqa: E402
+
+
+def vit_flops(batch, model) -> float:
+    """Multiply-adds x 2 of the encoder for a packed batch (patch embedding, qkv, attention, proj, MLP)."""
+    D = model.embed_dim
+    blk = model.blocks[0]
+    hidden = blk.mlp.fc1.out_features
+    depth = len(model.blocks)
+    p = model.patch_size
+    flops = 0.0
+    for n in batch.seqlens:
+        flops += depth * (2 * n * (4 * D * D + 2 * D * hidden) + 4 * n * n * D)
+    for s, pix in enumerate(batch.pixels):
+        t = pix.shape[0]
+        flops += t * (4 ** s) * 2 * 3 * p * p * D  # sub-patch embeddings
+        if s > 0:
+            flops += t * (sum(4 ** (s - l - 1) for l in range(s)) * 2 * 4 * D * D + 2 * D * D)  # down convs + zero linear
+    return flops
+
+
+def timm_flops(n_images: int, n_tokens: int, model) -> float:
+    D = model.embed_dim
+    hidden = model.blocks[0].mlp.fc1.out_features
+    depth = len(model.blocks)
+    p = model.patch_embed.patch_size[0]
+    per = depth * (2 * n_tokens * (4 * D * D + 2 * D * hidden) + 4 * n_tokens * n_tokens * D)
+    per += (n_tokens - model.num_prefix_tokens) * 2 * 3 * p * p * D
+    return n_images * per
+
+
+def timed(fns: list, iters: int, warm: int = 1) -> list[float]:
+    """Median seconds of each function; the functions alternate inside every iteration, so a
+    change in background load hits all of them alike."""
+    for fn in fns:
+        for _ in range(warm):
+            fn()
+    ts = [[] for _ in fns]
+    for _ in range(iters):
+        for k, fn in enumerate(fns):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            ts[k].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in ts]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[224, 384])
+    ap.add_argument("--batch", type=int, default=8, help="images per step")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--thresholds", type=float, nargs=2, default=[5.5, 4.0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--skip-train", action="store_true")
+    args = ap.parse_args(argv)
+    import timm
+
+    warmup()
+    dev = torch.device(args.device)
+    amp = args.dtype == "bfloat16"
+    paths = sorted((ROOT / "tests" / "data" / "images").glob("*.JPEG"))
+    print(f"# bench_model: {args.batch} real photos per step, device {dev} ({torch.get_num_threads()} CPU threads), "
+          f"{args.dtype}, median of {args.iters}")
+    print("| model | size | tokens/img APT (uniform) | infer img/s timm | APT | ratio | FLOP ratio | ratio / FLOP ratio "
+          "| train img/s timm | APT | ratio | no-reduction infer / train vs timm |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        for size in args.sizes:
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, img_size=size, num_classes=1000).to(dev)
+            apt = from_timm(model)
+            p = apt.patch_size
+            imgs = [decode_image(pth, size, multiple=p) for pth in paths[: args.batch]]
+            cfg = APTConfig(patch_size=p, thresholds=tuple(args.thresholds))
+            batch = pack_images(imgs, cfg, labels=list(range(len(imgs))), num_prefix_tokens=apt.num_prefix_tokens).to(dev)
+            full = pack_images(imgs, APTConfig(patch_size=p, thresholds=(-np.inf, -np.inf)), labels=list(range(len(imgs))),
+                               num_prefix_tokens=apt.num_prefix_tokens).to(dev)
+            mean = torch.tensor(model.pretrained_cfg["mean"], device=dev).view(1, 3, 1, 1)
+            std = torch.tensor(model.pretrained_cfg["std"], device=dev).view(1, 3, 1, 1)
+            x = (torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in imgs]).to(dev).float() / 255 - mean) / std
+            y = batch.labels
+            n_img = len(imgs)
+            uniform = (size // p) ** 2
+            apt_tok = (batch.num_real_tokens - n_img * apt.num_prefix_tokens) / n_img
+            ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else torch.autocast(dev.type, enabled=False)
+
+            def infer(fn):
+                def run():
+                    with torch.no_grad(), ctx:
+                        fn()
+                return run
+
+            def train(fn):
+                params = [q for q in model.parameters()] + apt.apt_parameters()
+                opt = torch.optim.SGD(params, lr=1e-6)
+
+                def run():
+                    with ctx:
+                        loss = torch.nn.functional.cross_entropy(fn(), y)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                return run
+
+            model.eval(); apt.eval()
+            t_timm, t_apt, t_full = timed([infer(lambda: model(x)), infer(lambda: apt(batch)),
+                                           infer(lambda: apt(full))], args.iters)
+            flop_ratio = timm_flops(n_img, uniform + apt.num_prefix_tokens, model) / vit_flops(batch, apt)
+            row = (f"| {name} | {size} | {apt_tok:.0f} ({uniform}) | {n_img / t_timm:.2f} | {n_img / t_apt:.2f} | "
+                   f"{t_timm / t_apt:.3f} | {flop_ratio:.3f} | {t_timm / t_apt / flop_ratio:.2f} | ")
+            if args.skip_train:
+                row += f"- | - | - | {t_timm / t_full:.3f} / - |"
+            else:
+                model.train(); apt.train()
+                tt_timm, tt_apt, tt_full = timed([train(lambda: model(x)), train(lambda: apt(batch)),
+                                                  train(lambda: apt(full))], args.iters)
+                row += (f"{n_img / tt_timm:.2f} | {n_img / tt_apt:.2f} | {tt_timm / tt_apt:.3f} | "
+                        f"{t_timm / t_full:.3f} / {tt_timm / tt_full:.3f} |")
+            print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
