@@ -232,6 +232,9 @@ class APTLoader:
         return max(0, len(self.rank_bins()) - self.start_step)
 
     def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` (a pending `resume` step is kept only for the epoch it was given for)."""
+        if int(epoch) != self.epoch:
+            self.start_step = 0
         self.epoch = int(epoch)
 
     def resume(self, epoch: int, step: int) -> None:
@@ -249,7 +252,6 @@ class APTLoader:
         from . import warmup
 
         bins = self.rank_bins()[self.start_step:]
-        self.start_step = 0  # a resumed epoch continues once; the next epoch starts at 0
         dataset = _PlannedBins(self, bins, self.epoch, self._exact)
         if self.num_workers > 0:
             warmup()  # compiled kernels are inherited by forked workers
@@ -262,6 +264,7 @@ class APTLoader:
                 self.stats.skipped[reason] += 1
                 self.stats.skipped_keys.append(key)
             yield batch, batch.labels
+        self.start_step = 0  # a resumed epoch continues once; iterating again starts it from 0
 
     def _build_batch(self, sample_ids: np.ndarray, epoch: int, exact: Optional[np.ndarray]):
         from .packing import pack_images

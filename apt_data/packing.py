@@ -53,16 +53,28 @@ def extract_tokens_reference(image: np.ndarray, layout: PatchLayout, scale: int)
     return out
 
 
-def _empty_uint8(shape: tuple, shared: bool):
-    """An uninitialised uint8 tensor, in shared memory when ``shared`` (what default_collate does
-    in workers, so sending the batch to the main process copies nothing)."""
-    import torch
+class _Arena:
+    """Tensors of one dtype carved out of a single storage, in shared memory inside DataLoader
+    workers (as default_collate does): sending a batch to the main process then moves one
+    storage per dtype instead of one per tensor, and copies nothing."""
 
-    if not shared:
-        return torch.empty(shape, dtype=torch.uint8)
-    n = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(n)
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+    def __init__(self, dtype, sizes: list[int], shared: bool):
+        import torch
+
+        self.dtype, self.offset = dtype, 0
+        total = max(1, sum(sizes))
+        if shared:
+            self.storage = torch.UntypedStorage._new_shared(total * torch.empty(0, dtype=dtype).element_size())
+        else:
+            self.storage = torch.empty(total, dtype=dtype).untyped_storage()
+
+    def take(self, shape: tuple):
+        import torch
+
+        n = int(np.prod(shape))
+        t = torch.empty(0, dtype=self.dtype).set_(self.storage, self.offset, shape)
+        self.offset += n
+        return t
 
 
 def _as_rgb(image: np.ndarray, i: int) -> np.ndarray:
@@ -122,26 +134,38 @@ def pack_images(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None, l
     position = tok_start + np.arange(len(sc), dtype=np.int64)  # the layout order is the sequence order
     per_scale = np.bincount(sc.astype(np.int64), minlength=S)[:S] if len(sc) else np.zeros(S, np.int64)
     shared = get_worker_info() is not None  # in a DataLoader worker: write straight into shared memory
-    pix = [_empty_uint8((int(per_scale[s]), 3, p << s, p << s), shared) for s in range(S)]
+    pix_shapes = [(int(per_scale[s]), 3, p << s, p << s) for s in range(S)]
+    u8 = _Arena(torch.uint8, [int(np.prod(sh)) for sh in pix_shapes], shared)
+    i32 = _Arena(torch.int32, [3 * int(per_scale.sum()), B + 1], shared)
+    i64 = _Arena(torch.int64, [int(per_scale.sum()), B], shared)
+    pix = [u8.take(sh) for sh in pix_shapes]
     outs = tuple(t.numpy() for t in pix)
     next_row = np.zeros(S, np.int64)
     for im, lay in zip(images, layouts):
         extract_tokens(im, lay.y, lay.x, lay.scale, p, outs, next_row)
-    pixels, coords, seq_index = [], [], []
+    coords, seq_index = [], []
     for s in range(S):
         sel = sc == s
-        co = np.empty((int(per_scale[s]), 3), np.int32)
-        co[:, 0] = img_of[sel]
-        co[:, 1] = ys[sel] // p
-        co[:, 2] = xs[sel] // p
-        pixels.append(pix[s])
-        coords.append(torch.from_numpy(co))
-        seq_index.append(torch.from_numpy(position[sel]))
+        co = i32.take((int(per_scale[s]), 3))
+        co_np = co.numpy()
+        co_np[:, 0] = img_of[sel]
+        co_np[:, 1] = ys[sel] // p
+        co_np[:, 2] = xs[sel] // p
+        coords.append(co)
+        si = i64.take((int(per_scale[s]),))
+        si.numpy()[:] = position[sel]
+        seq_index.append(si)
+    cu_t = i32.take((B + 1,))
+    cu_t.numpy()[:] = cu
+    labels_t = None
+    if labels is not None:
+        labels_t = i64.take((B,))
+        labels_t.numpy()[:] = np.asarray(labels, np.int64)
     return PackedBatch(
-        pixels=tuple(pixels), coords=tuple(coords), seq_index=tuple(seq_index),
-        cu_seqlens=torch.from_numpy(cu.astype(np.int32)), seqlens=tuple(int(v) for v in seqlens),
+        pixels=tuple(pix), coords=tuple(coords), seq_index=tuple(seq_index),
+        cu_seqlens=cu_t, seqlens=tuple(int(v) for v in seqlens),
         max_seqlen=int(seqlens.max()) if len(seqlens) else 0,
         image_sizes=tuple((int(im.shape[0]), int(im.shape[1])) for im in images),
         num_prefix_tokens=int(num_prefix_tokens), patch_size=p, num_scales=S, num_padding=int(num_padding),
-        labels=None if labels is None else torch.as_tensor(np.asarray(labels, np.int64)),
+        labels=labels_t,
     )
