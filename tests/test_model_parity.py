@@ -19,15 +19,19 @@ def timm_input(images, model):
     return (x - mean) / std
 
 
+GRID = [(f"vit_{w}_patch16_224", size, patch) for w in ("tiny", "small", "base") for size in (224, 384) for patch in (16, 14)]
+
+
 @pytest.mark.parametrize("name, size, kw", [
-    ("vit_tiny_patch16_224", 224, {}),
-    ("vit_small_patch16_384", 384, {}),
-    ("vit_base_patch16_224", 224, {}),
-    ("vit_tiny_patch16_384", 384, {}),
-    ("vit_small_patch14_dinov2", 224, {"img_size": 224}),       # patch 14, layer scale
-    ("vit_base_patch14_reg4_dinov2", 224, {"img_size": 224}),   # patch 14, 4 register tokens
+    # tiny/small/base x 224/384 x patch 16/14 (patch 14 at 224 and 392, multiples of 14 and of 56)
+    *[(name, size if patch == 16 else {224: 224, 384: 392}[size],
+       {"img_size": size if patch == 16 else {224: 224, 384: 392}[size], "patch_size": patch})
+      for name, size, patch in GRID],
+    ("vit_small_patch14_dinov2", 224, {"img_size": 224}),       # layer scale
+    ("vit_base_patch14_reg4_dinov2", 224, {"img_size": 224}),   # 4 register tokens
     ("deit_tiny_patch16_224", 224, {}),
     ("vit_small_patch16_224", 224, {"global_pool": "avg", "class_token": False, "fc_norm": True}),
+    ("vit_tiny_patch16_224", 288, {"dynamic_img_size": True}),  # pos embed resampled to another size
 ])
 def test_no_reduction_equals_timm(name, size, kw):
     torch.manual_seed(0)
@@ -35,6 +39,7 @@ def test_no_reduction_equals_timm(name, size, kw):
     apt = from_timm(model).eval()
     p = apt.patch_size
     images = [load_resized(path, size) for path in IMAGE_PATHS[:2]]
+    assert apt.patch_size == kw.get("patch_size", apt.patch_size)
     cfg = APTConfig(patch_size=p, thresholds=(-np.inf, -np.inf))
     batch = pack_images(images, cfg, num_prefix_tokens=apt.num_prefix_tokens)
     with torch.no_grad():
@@ -73,3 +78,16 @@ def test_to_dense_repeats_large_tokens_over_their_cells():
         for (b, y, x), pos in zip(batch.coords[s].tolist(), batch.seq_index[s].tolist()):
             block = maps[b][:, y:y + f, x:x + f]
             assert torch.equal(block, tokens[pos][:, None, None].expand_as(block))
+
+
+def test_from_timm_name_with_local_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
+    ckpt = tmp_path / "tiny.pth"
+    torch.save(src.state_dict(), ckpt)
+    apt = from_timm("vit_tiny_patch16_224", checkpoint_path=str(ckpt), num_classes=10).eval()
+    images = [load_resized(p, 224) for p in IMAGE_PATHS[:2]]
+    with torch.no_grad():
+        got = apt(pack_images(images, NO_REDUCTION))
+        want = src(timm_input(images, src))
+    assert (got - want).abs().max().item() <= 1e-4
