@@ -1,0 +1,42 @@
+"""The command-line tools run on the shipped data and write what they promise."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conftest import IMAGE_PATHS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=240):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_visualize_writes_layout_pngs(tmp_path):
+    out = run(ROOT / "tools/visualize.py", IMAGE_PATHS[0], IMAGE_PATHS[5], "--out", tmp_path, "--size", "224")
+    pngs = sorted(tmp_path.glob("*.layout.png"))
+    assert len(pngs) == 2
+    for png in pngs:
+        im = np.asarray(Image.open(png))
+        assert im.ndim == 3 and min(im.shape[:2]) == 224 and im.shape[0] % 16 == 0 and im.shape[1] % 16 == 0
+        assert (im == 255).all(axis=2).any()  # white patch borders are drawn
+    assert "tokens" in out and "total:" in out and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_visualize_rejects_bad_thresholds(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/visualize.py"), str(IMAGE_PATHS[0]), "--out", str(tmp_path),
+                           "--thresholds", "5.5"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "one value per scale" in proc.stderr
+
+
+def test_demo_runs_the_loader_on_the_sample_shards(tmp_path):
+    out = run(ROOT / "tools/demo.py", "--out", tmp_path, "--workers", "2")
+    assert "400 images from" in out and "planned from exact index token counts" in out
+    total = [l for l in out.splitlines() if l.startswith("total:")][0]
+    assert "400 images" in total and "of the uniform grid" in total
+    assert (tmp_path / "layouts.png").is_file()
