@@ -13,6 +13,17 @@ import numpy as np
 from numba import njit
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _close(k, n_open, open_id, open_used, open_cnt, emit_order, emitted):
+    """Emit open bin ``k`` as the next batch and shift the later open bins down; new ``n_open``."""
+    emit_order[open_id[k]] = emitted
+    for j in range(k, n_open - 1):
+        open_id[j] = open_id[j + 1]
+        open_used[j] = open_used[j + 1]
+        open_cnt[j] = open_cnt[j + 1]
+    return n_open - 1
+
+
 @njit(cache=True, nogil=True)
 def _first_fit(counts, max_tokens, max_images, open_bins):
     n = counts.shape[0]
@@ -37,13 +48,8 @@ def _first_fit(counts, max_tokens, max_images, open_bins):
                 for k in range(1, n_open):
                     if open_used[k] > open_used[best]:
                         best = k
-                emit_order[open_id[best]] = emitted
+                n_open = _close(best, n_open, open_id, open_used, open_cnt, emit_order, emitted)
                 emitted += 1
-                for k in range(best, n_open - 1):
-                    open_id[k] = open_id[k + 1]
-                    open_used[k] = open_used[k + 1]
-                    open_cnt[k] = open_cnt[k + 1]
-                n_open -= 1
             slot = n_open
             open_id[slot] = next_id
             open_used[slot] = 0
@@ -54,13 +60,8 @@ def _first_fit(counts, max_tokens, max_images, open_bins):
         open_used[slot] += c
         open_cnt[slot] += 1
         if open_used[slot] == max_tokens or open_cnt[slot] == max_images:
-            emit_order[open_id[slot]] = emitted
+            n_open = _close(slot, n_open, open_id, open_used, open_cnt, emit_order, emitted)
             emitted += 1
-            for k in range(slot, n_open - 1):
-                open_id[k] = open_id[k + 1]
-                open_used[k] = open_used[k + 1]
-                open_cnt[k] = open_cnt[k + 1]
-            n_open -= 1
     for k in range(n_open):
         emit_order[open_id[k]] = emitted
         emitted += 1
