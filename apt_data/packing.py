@@ -22,14 +22,23 @@ def extract_tokens(image, ys, xs, scales, patch_size, outs, next_row):
 
     ``outs`` holds one ``[T_s, 3, p*2**s, p*2**s]`` uint8 array per scale; ``next_row`` (int64, one
     per scale) is advanced in place, so successive images fill the batch arrays one after another.
+    Returns -1, or the index of the first token that does not fit (off the image, off the p-grid,
+    unknown scale, or no row left): Numba does not bounds-check, so the kernel does.
     """
+    H = image.shape[0]
+    W = image.shape[1]
     for t in range(scales.shape[0]):
         s = scales[t]
+        if s < 0 or s >= len(outs):
+            return t
         size = patch_size << s
         out = outs[s]
         k = next_row[s]
         y0 = ys[t]
         x0 = xs[t]
+        if (k >= out.shape[0] or y0 < 0 or x0 < 0 or y0 + size > H or x0 + size > W
+                or y0 % patch_size != 0 or x0 % patch_size != 0):
+            return t
         for r in range(size):  # read each pixel row once, write the three channel rows
             row = image[y0 + r]
             d0 = out[k, 0, r]
@@ -40,6 +49,7 @@ def extract_tokens(image, ys, xs, scales, patch_size, outs, next_row):
                 d1[q] = row[x0 + q, 1]
                 d2[q] = row[x0 + q, 2]
         next_row[s] = k + 1
+    return -1
 
 
 def extract_tokens_reference(image: np.ndarray, layout: PatchLayout, scale: int) -> np.ndarray:
@@ -78,30 +88,53 @@ class _Arena:
 
 
 def _as_rgb(image: np.ndarray, i: int) -> np.ndarray:
+    """Image ``i`` as a C-contiguous uint8 HxWx3 array; gray HxW / HxWx1 repeated to 3 channels."""
     if not isinstance(image, np.ndarray):
-        raise TypeError(f"image {i}: expected a numpy array, got {type(image).__name__}")
+        raise ValueError(f"image {i}: expected a numpy array, got {type(image).__name__} "
+                         "(decode files with apt_data.load_image)")
     if image.dtype != np.uint8:
         raise ValueError(f"image {i}: expected dtype uint8, got {image.dtype} (convert with apt_data.to_rgb_uint8)")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
     if image.ndim == 2:  # gray: documented conversion, the channel repeated 3 times
         image = np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image {i}: expected shape HxWx3 or HxW, got {image.shape}")
+        raise ValueError(f"image {i}: expected shape HxWx3, HxW or HxWx1, got {image.shape}"
+                         + (" (RGBA: convert with apt_data.to_rgb_uint8)" if image.ndim == 3 and image.shape[2] == 4 else ""))
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image {i}: empty image of shape {image.shape}")
     return np.ascontiguousarray(image)
+
+
+def _check_layout(lay: PatchLayout, image: np.ndarray, cfg: APTConfig, i: int) -> None:
+    """A given layout must be for this image and config (token bounds are checked by the kernel)."""
+    H, W = image.shape[:2]
+    if (tuple(lay.image_size) != (H, W) or lay.patch_size != cfg.patch_size or lay.num_scales != cfg.num_scales):
+        raise ValueError(f"image {i}: layout is for a {lay.image_size} image with patch {lay.patch_size} and "
+                         f"{lay.num_scales} scales, not {(H, W)} with {cfg.patch_size} and {cfg.num_scales}")
+    if not (lay.y.shape == lay.x.shape == lay.scale.shape and lay.y.ndim == 1) or len(lay.y) == 0:
+        raise ValueError(f"image {i}: layout arrays y, x, scale must be 1-D, non-empty and of one length")
 
 
 def pack_images(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None, labels: Optional[Sequence[int]] = None,
                 num_prefix_tokens: int = 1, layouts: Optional[Sequence[PatchLayout]] = None,
                 num_padding: int = 0) -> PackedBatch:
-    """Pack uint8 HxWx3 images (HxW gray: repeated to 3 channels) into one `PackedBatch`.
+    """Pack uint8 HxWx3 images (HxW or HxWx1 gray: the channel repeated 3 times) into one `PackedBatch`.
 
     ``layouts`` (one per image) skips `patchify` when they are already known. Each image's segment
     is ``num_prefix_tokens`` prefix slots, then its tokens grouped by scale, coarsest first, in
     raster order (the `PatchLayout` order). ``num_padding`` trailing padding tokens are appended.
+    Anything else (other dtypes or channel counts, sides that are not multiples of the patch size,
+    layouts that do not fit their image) raises ``ValueError`` naming the image index.
     """
     import torch
 
     cfg = cfg or APTConfig()
     images = [_as_rgb(im, i) for i, im in enumerate(images)]
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"got {len(labels)} labels for {len(images)} images")
+    if int(num_prefix_tokens) != num_prefix_tokens or num_prefix_tokens < 0 or int(num_padding) != num_padding or num_padding < 0:
+        raise ValueError(f"num_prefix_tokens and num_padding must be ints >= 0, got {num_prefix_tokens!r}, {num_padding!r}")
     if layouts is None:
         layouts = []
         for i, im in enumerate(images):
@@ -112,13 +145,7 @@ def pack_images(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None, l
     if len(layouts) != len(images):
         raise ValueError(f"got {len(layouts)} layouts for {len(images)} images")
     for i, (im, lay) in enumerate(zip(images, layouts)):
-        if tuple(lay.image_size) != im.shape[:2] or lay.patch_size != cfg.patch_size or lay.num_scales != cfg.num_scales:
-            raise ValueError(f"image {i}: layout is for a {lay.image_size} image with patch {lay.patch_size} and "
-                             f"{lay.num_scales} scales, not {im.shape[:2]} with {cfg.patch_size} and {cfg.num_scales}")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"got {len(labels)} labels for {len(images)} images")
-    if num_prefix_tokens < 0 or num_padding < 0:
-        raise ValueError("num_prefix_tokens and num_padding must be >= 0")
+        _check_layout(lay, im, cfg, i)
     S, p = cfg.num_scales, cfg.patch_size
     B = len(images)
     n_tok = np.array([len(lay) for lay in layouts], np.int64)
@@ -141,8 +168,12 @@ def pack_images(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None, l
     pix = [u8.take(sh) for sh in pix_shapes]
     outs = tuple(t.numpy() for t in pix)
     next_row = np.zeros(S, np.int64)
-    for im, lay in zip(images, layouts):
-        extract_tokens(im, lay.y, lay.x, lay.scale, p, outs, next_row)
+    for i, (im, lay) in enumerate(zip(images, layouts)):
+        bad = extract_tokens(im, lay.y, lay.x, lay.scale, p, outs, next_row)
+        if bad >= 0:
+            raise ValueError(f"image {i}: layout token {bad} (y={lay.y[bad]}, x={lay.x[bad]}, scale={lay.scale[bad]}) "
+                             f"does not fit the {im.shape[0]}x{im.shape[1]} image on the {p}-px grid with "
+                             f"{S} scales")
     coords, seq_index = [], []
     for s in range(S):
         sel = sc == s

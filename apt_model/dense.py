@@ -9,14 +9,19 @@ from typing import Union
 
 import torch
 
-from .pos_embed import to_device_index
+from .packed import device_index
 
 
 def to_dense(tokens: torch.Tensor, batch) -> Union[torch.Tensor, list[torch.Tensor]]:
-    """Packed tokens ``[L, D]`` (e.g. `APTViT.forward_features`) -> ``[B, D, H/p, W/p]``.
+    """Packed tokens ``[L, D]`` or ``[1, L, D]`` (e.g. `APTViT.forward_features`) -> ``[B, D, H/p, W/p]``.
 
-    Images of different sizes give a list of ``[D, H_b/p, W_b/p]`` maps instead.
+    Prefix and padding tokens are left out. Images of different sizes give a list of
+    ``[D, H_b/p, W_b/p]`` maps instead (no padding to a common size is invented).
     """
+    if tokens.dim() == 3 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.dim() != 2 or tokens.shape[0] != batch.seq_len:
+        raise ValueError(f"expected packed tokens [{batch.seq_len}, D], got {tuple(tokens.shape)}")
     p = batch.patch_size
     cells = [(h // p, w // p) for h, w in batch.image_sizes]
     offsets, total = [], 0
@@ -24,8 +29,8 @@ def to_dense(tokens: torch.Tensor, batch) -> Union[torch.Tensor, list[torch.Tens
         offsets.append(total)
         total += h * w
     dev = tokens.device
-    off_t = to_device_index(offsets, dev)
-    width_t = to_device_index([w for _, w in cells], dev)
+    off_t = device_index(offsets, dev)
+    width_t = device_index([w for _, w in cells], dev)
     out = tokens.new_zeros(total, tokens.shape[1])
     for s in range(batch.num_scales):
         co = batch.coords[s]

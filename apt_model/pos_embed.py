@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .packed import device_index
+
 
 def resample_grid(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
     """``[old_h*old_w, D]`` -> ``[new_h*new_w, D]`` (bicubic, antialiased, like timm)."""
@@ -23,14 +25,6 @@ def resample_grid(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int])
     g = pos.float().reshape(1, old[0], old[1], d).permute(0, 3, 1, 2)
     g = F.interpolate(g, size=new, mode="bicubic", antialias=True, align_corners=False)
     return g.permute(0, 2, 3, 1).reshape(-1, d).to(pos.dtype)
-
-
-def to_device_index(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """A small int64 tensor built on the host and copied without a blocking host-device sync."""
-    t = torch.tensor(list(values), dtype=torch.int64)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def gather_pos_embed(patch_pos: torch.Tensor, grid_size: tuple[int, int], coords: Sequence[torch.Tensor],
@@ -43,16 +37,15 @@ def gather_pos_embed(patch_pos: torch.Tensor, grid_size: tuple[int, int], coords
         if co.shape[0] == 0:
             out.append(None)
             continue
-        sizes = sorted(set(cells))
+        grids = [(-(-h // (1 << s)), -(-w // (1 << s))) for h, w in cells]  # scale-s grid of every image
         tables, offset, where = [], 0, {}
-        for h, w in sizes:
-            gs = (-(-h // (1 << s)), -(-w // (1 << s)))
+        for gs in sorted(set(grids)):  # one resampled table per distinct grid
             tables.append(resample_grid(patch_pos, grid_size, gs))
-            where[(h, w)] = (offset, gs[1])
+            where[gs] = offset
             offset += gs[0] * gs[1]
         table = torch.cat(tables) if len(tables) > 1 else tables[0]
-        img_off = to_device_index([where[c][0] for c in cells], device)
-        img_w = to_device_index([where[c][1] for c in cells], device)
+        img_off = device_index([where[gs] for gs in grids], device)
+        img_w = device_index([gs[1] for gs in grids], device)
         b = co[:, 0].long()
         idx = img_off[b] + (co[:, 1].long() >> s) * img_w[b] + (co[:, 2].long() >> s)
         out.append(table.index_select(0, idx))

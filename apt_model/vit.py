@@ -10,13 +10,27 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, PackedContext, packed_block
 from .patch_embed import APTPatchEmbed
-from .pos_embed import gather_pos_embed, to_device_index
+from .packed import device_index, segment_ids, segment_starts
+from .pos_embed import gather_pos_embed
 
 
 class APTViT(nn.Module):
+    """A timm ``VisionTransformer`` running packed batches (`PackedBatch`-like objects, duck-typed).
+
+    Args:
+        vit: the timm model; its modules (and so its weights) are shared, not copied.
+        num_scales: token sizes ``p * 2**s``, ``s < num_scales``.
+        attn_backend: "auto", "flash", "padded", "segments" or "dense" (see `apt_model.attention`);
+            an attribute, so it can be changed on a built model.
+        mean, std: pixel normalisation; default: the timm model's ``pretrained_cfg``.
+
+    ``resize_only = True`` turns the detail path off (the resize-only baseline).
+    """
+
     def __init__(self, vit: nn.Module, num_scales: int = 3, attn_backend: str = "auto",
                  mean: Optional[tuple] = None, std: Optional[tuple] = None):
         super().__init__()
@@ -48,6 +62,7 @@ class APTViT(nn.Module):
         self.head = vit.head
         self.attn_backend = attn_backend
         self.resize_only = False  # True: skip the zero-linear detail path (the "resize" baseline)
+        self.grad_checkpointing = False
 
     # ------------------------------------------------------------------ embedding
     def _prefix(self) -> Optional[torch.Tensor]:
@@ -73,10 +88,12 @@ class APTViT(nn.Module):
             patch_pos = self.pos_embed[0] if self.no_embed_class else self.pos_embed[0, self.num_prefix_tokens:]
         pos = (gather_pos_embed(patch_pos, self.grid_size, batch.coords, batch.image_sizes, self.patch_size)
                if patch_pos is not None else [None] * batch.num_scales)
+        if batch.num_images == 0:
+            raise ValueError("empty batch: no images")
         values, index = [], []
         prefix = self._prefix()
         if prefix is not None and batch.num_images:
-            starts = batch.cu_seqlens[:-1].long()
+            starts = device_index(segment_starts(batch.seqlens), prefix.device)
             ar = torch.arange(self.num_prefix_tokens, device=starts.device)
             index.append((starts[:, None] + ar).reshape(-1))
             values.append(prefix.repeat(batch.num_images, 1))
@@ -102,36 +119,41 @@ class APTViT(nn.Module):
         x = self.embed(batch)
         ctx = self.context(batch, x)
         for blk in self.blocks:
-            x = packed_block(blk, x, ctx)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(packed_block, blk, x, ctx, use_reentrant=False)  # RNG state kept: same drops
+            else:
+                x = packed_block(blk, x, ctx)
         return self.norm(x), batch.cu_seqlens
 
     def pool(self, x: torch.Tensor, batch, pool_type: Optional[str] = None) -> torch.Tensor:
-        """Per-image pooling of packed tokens -> ``[B, D]`` (timm's 'token', 'avg', 'max', 'avgmax')."""
+        """Per-image pooling of packed tokens ``[L, D]`` -> ``[B, D]``, as timm's ``global_pool``:
+        'token' (the first prefix token), 'avg' / 'max' / 'avgmax' over the image's patch tokens (each
+        token counts once, whatever its size; prefix tokens included with ``pool_include_prefix``),
+        '' (none: the packed tokens unchanged, padding included)."""
         pool_type = self.global_pool if pool_type is None else pool_type
+        if not pool_type:
+            return x
         B = batch.num_images
         if pool_type == "token":
-            return x.index_select(0, batch.cu_seqlens[:-1].long())
+            return x.index_select(0, device_index(segment_starts(batch.seqlens), x.device))
         if pool_type not in ("avg", "max", "avgmax"):
-            raise ValueError(f"pooling {pool_type!r} is not supported on packed sequences")
+            raise ValueError(f"global_pool {pool_type!r} is not supported on packed sequences")
         skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        # every pooled token's position and image, from the batch's Python ints (no device sync)
-        positions, owners, counts, start = [], [], [], 0
-        for b, n in enumerate(batch.seqlens):
-            positions.extend(range(start + skip, start + n))
-            owners.extend([b] * (n - skip))
-            counts.append(n - skip)
-            start += n
-        pos_t = to_device_index(positions, x.device)
-        own_t = to_device_index(owners, x.device)
-        tok = x.index_select(0, pos_t)
+        if any(n <= skip for n in batch.seqlens):
+            raise ValueError(f"an image has no patch tokens to pool (seqlens {batch.seqlens})")
+        # the rows of every image without its prefix tokens, built from Python ints (no device sync)
+        counts = [n - skip for n in batch.seqlens]
+        owner = segment_ids(counts, x.device)                                  # [N] image of each pooled row
+        shift = [st + skip - c0 for st, c0 in zip(segment_starts(batch.seqlens), segment_starts(counts))]
+        rows = torch.arange(sum(counts), device=x.device) + device_index(shift, x.device)[owner]
+        tok = x.index_select(0, rows)
         out = []
         if pool_type in ("avg", "avgmax"):
-            cnt = to_device_index(counts, x.device).to(x.dtype).clamp(min=1)
-            out.append(x.new_zeros(B, x.shape[1]).index_add(0, own_t, tok) / cnt[:, None])
+            cnt = device_index(counts, x.device).to(x.dtype)
+            out.append(x.new_zeros(B, x.shape[1]).index_add(0, owner, tok) / cnt[:, None])
         if pool_type in ("max", "avgmax"):
-            mx = x.new_full((B, x.shape[1]), float("-inf")).scatter_reduce(
-                0, own_t[:, None].expand_as(tok), tok, reduce="amax", include_self=True)
-            out.append(mx)
+            out.append(x.new_full((B, x.shape[1]), float("-inf")).scatter_reduce(
+                0, owner[:, None].expand_as(tok), tok, reduce="amax", include_self=True))
         return out[0] if len(out) == 1 else 0.5 * (out[0] + out[1])
 
     def forward_head(self, x: torch.Tensor, batch, pre_logits: bool = False) -> torch.Tensor:
@@ -149,6 +171,14 @@ class APTViT(nn.Module):
     def apt_parameters(self):
         """The parameters APT adds (down convs and zero linears), e.g. for ``--train-new-only``."""
         return [p for n, p in self.patch_embed.named_parameters() if n.startswith(("down.", "zero_linear."))]
+
+    def no_weight_decay(self) -> set:
+        """Parameters timm's optimizer factory keeps out of weight decay (as timm's ViT)."""
+        return {"pos_embed", "cls_token", "reg_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm-style parameter groups (layer decay): stem, then one group per block."""

@@ -32,6 +32,10 @@ GRID = [(f"vit_{w}_patch16_224", size, patch) for w in ("tiny", "small", "base")
     ("deit_tiny_patch16_224", 224, {}),
     ("vit_small_patch16_224", 224, {"global_pool": "avg", "class_token": False, "fc_norm": True}),
     ("vit_tiny_patch16_224", 288, {"dynamic_img_size": True}),  # pos embed resampled to another size
+    ("vit_tiny_patch16_224", (224, 320), {"dynamic_img_size": True}),  # non-square
+    ("vit_tiny_patch16_224", 224, {"global_pool": "max"}),
+    ("vit_tiny_patch16_224", 224, {"global_pool": "avgmax", "reg_tokens": 2}),
+    ("vit_tiny_patch16_224", 224, {"global_pool": "avg", "no_embed_class": True}),
 ])
 def test_no_reduction_equals_timm(name, size, kw):
     torch.manual_seed(0)
@@ -84,10 +88,35 @@ def test_from_timm_name_with_local_checkpoint(tmp_path):
     torch.manual_seed(3)
     src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
     ckpt = tmp_path / "tiny.pth"
-    torch.save(src.state_dict(), ckpt)
+    torch.save({"state_dict": src.state_dict()}, ckpt)  # timm's training scripts wrap it like this
     apt = from_timm("vit_tiny_patch16_224", checkpoint_path=str(ckpt), num_classes=10).eval()
     images = [load_resized(p, 224) for p in IMAGE_PATHS[:2]]
     with torch.no_grad():
         got = apt(pack_images(images, NO_REDUCTION))
         want = src(timm_input(images, src))
     assert (got - want).abs().max().item() <= 1e-4
+    # an APT checkpoint (trained detail path) loads back exactly
+    with torch.no_grad():
+        for lin in apt.patch_embed.zero_linear:
+            lin.weight.normal_(0, 0.02)
+    torch.save(apt.state_dict(), tmp_path / "apt.pth")
+    back = from_timm("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "apt.pth"), num_classes=10).eval()
+    batch = pack_images(images, APTConfig(thresholds=(7.0, 6.0)))
+    with torch.no_grad():
+        assert torch.equal(back(batch), apt(batch))
+    with pytest.raises(RuntimeError, match="does not fit the model"):
+        from_timm("vit_small_patch16_224", checkpoint_path=str(ckpt), num_classes=10)
+
+
+def test_no_pooling_gives_per_token_logits_like_timm():
+    """global_pool='': timm applies the head to every token ([B, N, C]); APT to every packed token ([L, C])."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, global_pool="", num_classes=7).eval()
+    apt = from_timm(model).eval()
+    images = [load_resized(p, 224) for p in IMAGE_PATHS[6:8]]
+    batch = pack_images(images, NO_REDUCTION, num_padding=3)
+    with torch.no_grad():
+        got = apt(batch)
+        want = model(timm_input(images, model))
+    assert got.shape == (2 * 197 + 3, 7) and want.shape == (2, 197, 7)
+    assert (got[:-3].view(2, 197, 7) - want).abs().max().item() <= 1e-4

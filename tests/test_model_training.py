@@ -121,6 +121,51 @@ def test_drop_path_is_drawn_per_image(images):
     assert torch.equal(per_image_drop_path(branch, 0.5, True, ctx, training=False), branch)
 
 
+def test_drop_path_in_the_model_drops_images_independently(images):
+    """Four copies of one photo in one packed batch: with the whole batch dropped at once (the reference
+    code) they would always get identical outputs; drawn per image, they differ in train mode."""
+    apt = from_timm(tiny(drop_path_rate=0.5))
+    batch = pack_images([images[0]] * 4 + [images[1]], CFG)
+    with torch.no_grad():
+        apt.eval()
+        ev = apt(batch)
+        assert (ev[:4] - ev[0]).abs().max().item() <= 1e-5  # same image, same output
+        apt.train()
+        torch.manual_seed(0)
+        outs = [apt(batch) for _ in range(3)]
+    for out in outs:
+        copies = out[:4]
+        assert (copies - copies[0]).abs().amax(dim=1)[1:].min().item() > 1e-3, "copies were dropped together"
+
+
+@pytest.mark.parametrize("backend", ["segments", "padded"])
+def test_bf16_autocast_trains(images, backend):
+    apt = from_timm(tiny(), attn_backend=backend)
+    batch = pack_images(images, CFG, labels=[0, 1, 2, 3], num_padding=5)
+    with torch.no_grad():
+        ref = apt(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = apt(batch)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max().item() < 0.05
+    torch.nn.functional.cross_entropy(out.float(), batch.labels).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in apt.patch_embed.zero_linear.parameters())
+
+
+def test_grad_checkpointing_gives_the_same_gradients(images):
+    apt = from_timm(tiny(drop_path_rate=0.3)).train()
+    batch = pack_images(images, CFG, labels=[0, 1, 2, 3])
+    grads = []
+    for ckpt in (False, True):
+        apt.set_grad_checkpointing(ckpt)
+        apt.zero_grad()
+        torch.manual_seed(7)  # same drop-path draws in both runs (checkpointing replays them)
+        torch.nn.functional.cross_entropy(apt(batch), batch.labels).backward()
+        grads.append({n: p.grad.clone() for n, p in apt.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
 def test_batch_and_model_must_agree(images):
     apt = from_timm(tiny())
     with pytest.raises(ValueError, match="prefix tokens"):

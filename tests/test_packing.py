@@ -63,9 +63,10 @@ def test_pixels_reassemble_the_image(photos):
 def test_gray_images_padding_and_given_layouts(photos):
     gray = np.ascontiguousarray(photos[0][:, :, 1])
     batch = pack_images([gray], num_padding=7)
+    gray1 = pack_images([gray[:, :, None]])  # HxWx1 is gray too
     rgb = pack_images([np.repeat(gray[:, :, None], 3, 2)])
     for s in range(3):
-        assert torch.equal(batch.pixels[s], rgb.pixels[s])
+        assert torch.equal(batch.pixels[s], rgb.pixels[s]) and torch.equal(gray1.pixels[s], rgb.pixels[s])
     assert batch.num_padding == 7 and batch.seq_len == batch.num_real_tokens + 7
     cfg = APTConfig(thresholds=(float("inf"), float("inf")))
     lay = [patchify(im, cfg) for im in photos[:2]]
@@ -76,14 +77,39 @@ def test_gray_images_padding_and_given_layouts(photos):
 def test_bad_inputs_name_the_image(photos):
     with pytest.raises(ValueError, match="image 1: expected dtype uint8"):
         pack_images([photos[0], photos[1].astype(np.float32)])
-    with pytest.raises(ValueError, match=r"image 0: expected shape HxWx3"):
+    with pytest.raises(ValueError, match=r"image 0: expected shape HxWx3.*RGBA"):
         pack_images([np.zeros((32, 32, 4), np.uint8)])
+    with pytest.raises(ValueError, match=r"image 2: expected a numpy array, got list"):
+        pack_images([photos[0], photos[1], [[0]]])
     with pytest.raises(ValueError, match="image 0: .*multiples of patch_size"):
         pack_images([np.zeros((40, 32, 3), np.uint8)])
+    with pytest.raises(ValueError, match="image 0: empty image"):
+        pack_images([np.zeros((0, 32, 3), np.uint8)])
     with pytest.raises(ValueError, match="image 1: layout is for"):
         pack_images(photos[:2], layouts=[patchify(photos[0], APTConfig())] * 2)
     with pytest.raises(ValueError, match="labels"):
         pack_images(photos[:2], labels=[1])
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        pack_images(photos[:1], num_prefix_tokens=-1)
+
+
+def test_layouts_that_do_not_fit_are_rejected_not_read_out_of_bounds(photos):
+    """The Numba kernel does not bounds-check memory, so it checks every token itself."""
+    from dataclasses import replace
+
+    lay = patchify(photos[1], APTConfig())
+    H, W = photos[1].shape[:2]
+    big = int(np.argmax(lay.scale))
+    bad_y = lay.y.copy()
+    bad_y[big] = H - 16  # a large token hanging off the bottom edge
+    off_grid = lay.x.copy()
+    off_grid[0] += 3
+    bad_scale = lay.scale.copy()
+    bad_scale[-1] = 3
+    for bad, what in ((replace(lay, y=bad_y), f"token {big} "), (replace(lay, x=off_grid), "token 0 "),
+                      (replace(lay, scale=bad_scale), f"token {len(lay) - 1} ")):
+        with pytest.raises(ValueError, match=f"image 1: layout {what}.*does not fit the {H}x{W} image"):
+            pack_images(photos[:2], layouts=[patchify(photos[0], APTConfig()), bad])
 
 
 def test_to_and_pin_keep_metadata(photos):

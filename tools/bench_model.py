@@ -3,6 +3,7 @@
 
     python tools/bench_model.py [--models vit_small_patch16_224 vit_base_patch16_224] [--sizes 224 384]
                                 [--batch 8] [--iters 3] [--thresholds 5.5 4.0] [--device cpu]
+                                [--dtype float32|bfloat16] [--backend auto] [--skip-train] [--attention]
 
 For each model and size: tokens per image (APT vs the uniform grid), inference and train-step
 (forward + backward + SGD step) images/s of APT and timm, their ratio, the ratio the FLOPs
@@ -23,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from apt_data import APTConfig, decode_image, pack_images, warmup  # noqa: E402
-from apt_model import from_timm  # noqa: E402
+from apt_model import PackedContext, from_timm, varlen_attention  # noqa: E402
 
 
 def vit_flops(batch, model) -> float:
@@ -38,8 +39,11 @@ def vit_flops(batch, model) -> float:
         flops += depth * (2 * n * (4 * D * D + 2 * D * hidden) + 4 * n * n * D)
     for s, pix in enumerate(batch.pixels):
         t = pix.shape[0]
-        flops += t * (4 ** s) * 2 * 3 * p * p * D  # sub-patch embeddings
-        if s > 0:
+        if s == 0:
+            flops += t * 2 * 3 * p * p * D
+        else:
+            flops += t * 2 * 3 * p * p * D  # E(Resize_p(P))
+            flops += t * (4 ** s) * 2 * 3 * p * p * D  # E on the sub-patches (detail path)
             flops += t * (sum(4 ** (s - l - 1) for l in range(s)) * 2 * 4 * D * D + 2 * D * D)  # down convs + zero linear
     return flops
 
@@ -73,6 +77,50 @@ def timed(fns: list, iters: int, warm: int = 1) -> list[float]:
     return [float(np.median(t)) for t in ts]
 
 
+def attention_table(args, dev: torch.device, paths: list) -> None:
+    """Attention alone, every backend, on the real packed batches' segment lengths (all blocks of the
+    model): what ``attn_backend="auto"`` is chosen from."""
+    import timm
+
+    backends = ["segments", "padded", "dense"] + (["flash"] if dev.type == "cuda" else [])
+    print(f"\n# attention backends: {args.batch} real photos packed, all blocks, {args.dtype}, median of {args.iters}")
+    print("| model | size | tokens | max seqlen | " + " | ".join(f"{b} fwd ms | {b} fwd+bwd ms" for b in backends) + " |")
+    print("|---|---|---|---|" + "---|---|" * len(backends))
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    for name in args.models:
+        for size in args.sizes:
+            model = timm.create_model(name, pretrained=False, img_size=size)
+            p = model.patch_embed.patch_size[0]
+            imgs = [decode_image(pth, size, multiple=p) for pth in paths[: args.batch]]
+            batch = pack_images(imgs, APTConfig(patch_size=p, thresholds=tuple(args.thresholds)),
+                                num_prefix_tokens=model.num_prefix_tokens)
+            attn, depth = model.blocks[0].attn, len(model.blocks)
+            L = batch.seq_len
+            qkv = torch.randn(L, 3, attn.num_heads, attn.head_dim, device=dev, dtype=dtype, requires_grad=True)
+            cells = []
+            for backend in backends:
+                try:
+                    ctx = PackedContext.from_batch(batch, dev, backend, dtype)
+                except RuntimeError as e:  # flash-attn not installed
+                    cells += ["n/a", "n/a"]
+                    print(f"# {backend}: {e}", file=sys.stderr)
+                    continue
+
+                def fwd():
+                    with torch.no_grad():
+                        for _ in range(depth):
+                            varlen_attention(qkv, ctx, scale=attn.scale)
+
+                def fwd_bwd():
+                    for _ in range(depth):
+                        varlen_attention(qkv * 1, ctx, scale=attn.scale).sum().backward()
+
+                t_f, t_b = timed([fwd, fwd_bwd], args.iters)
+                cells += [f"{t_f * 1e3:.1f}", f"{t_b * 1e3:.1f}"]
+            print(f"| {name} | {size} | {batch.num_real_tokens} | {batch.max_seqlen} | " + " | ".join(cells) + " |",
+                  flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
@@ -83,6 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--backend", default="auto", help="APT attention backend for the main table")
+    ap.add_argument("--attention", action="store_true",
+                    help="also time the attention backends alone on the same packed batches")
     args = ap.parse_args(argv)
     import timm
 
@@ -99,7 +150,7 @@ def main(argv=None) -> int:
         for size in args.sizes:
             torch.manual_seed(0)
             model = timm.create_model(name, pretrained=False, img_size=size, num_classes=1000).to(dev)
-            apt = from_timm(model)
+            apt = from_timm(model, attn_backend=args.backend)
             p = apt.patch_size
             imgs = [decode_image(pth, size, multiple=p) for pth in paths[: args.batch]]
             cfg = APTConfig(patch_size=p, thresholds=tuple(args.thresholds))
@@ -148,6 +199,8 @@ def main(argv=None) -> int:
                 row += (f"{n_img / tt_timm:.2f} | {n_img / tt_apt:.2f} | {tt_timm / tt_apt:.3f} | "
                         f"{t_timm / t_full:.3f} / {tt_timm / tt_full:.3f} |")
             print(row, flush=True)
+    if args.attention:
+        attention_table(args, dev, paths)
     return 0
 
 

@@ -1,0 +1,34 @@
+"""Index helpers for packed sequences, built from the batch's Python ints.
+
+Every index tensor the model needs (segment of each token, pooled positions, padded slots) is
+derived from host-side ints and copied to the device without a blocking transfer, so a forward
+never reads a device tensor back (no host-device sync, CUDA graphs and async loading stay possible).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def device_index(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A small int64 tensor built on the host and copied without a blocking host-device sync."""
+    t = torch.tensor(list(values), dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def segment_ids(seqlens: Sequence[int], device: torch.device) -> torch.Tensor:
+    """int64 ``[sum(seqlens)]``: the segment of every position (built on the device, no sync)."""
+    return torch.repeat_interleave(torch.arange(len(seqlens), device=device), device_index(seqlens, device),
+                                   output_size=sum(seqlens))
+
+
+def segment_starts(seqlens: Sequence[int]) -> list[int]:
+    """Host-side start offset of every segment."""
+    out, start = [], 0
+    for n in seqlens:
+        out.append(start)
+        start += n
+    return out
