@@ -3,13 +3,16 @@
 Backends (``attn_backend``):
 
 - ``"flash"``: ``flash_attn_varlen_qkvpacked_func`` (flash-attn installed, CUDA, fp16/bf16);
+- ``"varlen"``: PyTorch's own flash-attention varlen kernel (``torch.nn.attention.varlen.varlen_attn``,
+  PyTorch >= 2.9, CUDA, fp16/bf16, no attention dropout): flash-attn's speed without installing it;
 - ``"padded"``: segments gathered into a padded ``[S, H, Lmax, d]`` batch with a key mask, one SDPA
   call (CUDA without flash-attn: one big kernel beats many small ones);
 - ``"segments"``: one SDPA call per segment, on ``torch.split`` views of the packed qkv (the CPU: fastest
   measured forward and train step, see README.model.md);
 - ``"dense"``: one SDPA call with a block-diagonal ``[L, L]`` mask (quadratic in the whole batch; a
   reference for tests);
-- ``"auto"``: flash > padded on CUDA, segments on the CPU.
+- ``"auto"``: flash > varlen > padded on CUDA (padded for fp32, where no flash kernel runs), segments
+  on the CPU.
 
 Segments of equal length (no reduction, same-size images) skip all of this: one batched SDPA call,
 the same call timm makes. Segment lengths come from the batch as Python ints and every index
@@ -27,7 +30,8 @@ import torch.nn.functional as F
 
 from .packed import device_index, segment_ids, segment_starts
 
-BACKENDS = ("auto", "flash", "padded", "segments", "dense")
+BACKENDS = ("auto", "flash", "varlen", "padded", "segments", "dense")
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @lru_cache(maxsize=1)
@@ -40,6 +44,24 @@ def flash_attn_varlen() -> Optional[Callable]:
     return flash_attn_varlen_qkvpacked_func
 
 
+@lru_cache(maxsize=1)
+def torch_varlen() -> Optional[Callable]:
+    """PyTorch's ``varlen_attn`` (cu_seqlens flash attention, PyTorch >= 2.9) or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    return varlen_attn
+
+
+def _torch_varlen_call(qkv: torch.Tensor, ctx: "PackedContext", scale: Optional[float]) -> torch.Tensor:
+    q, k, v = qkv.unbind(1)  # [L, H, d] each
+    d = qkv.shape[-1]
+    if scale is not None and abs(scale - d ** -0.5) > 1e-12:
+        q = q * (scale * d ** 0.5)  # the kernel's default scale is d**-0.5; fold any other into q
+    return torch_varlen()(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen)
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend ``"auto"`` stands for on this device and dtype (explicit ones are checked)."""
     if backend not in BACKENDS:
@@ -49,10 +71,18 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             raise RuntimeError("attn_backend='flash' needs flash-attn (pip install 'apt[flash]'), not installed")
         if device.type != "cuda":
             raise RuntimeError("attn_backend='flash' needs CUDA tensors")
+    if backend == "varlen":
+        if torch_varlen() is None:
+            raise RuntimeError(f"attn_backend='varlen' needs torch.nn.attention.varlen (PyTorch >= 2.9), "
+                               f"this is {torch.__version__}")
+        if device.type != "cuda":
+            raise RuntimeError("attn_backend='varlen' needs CUDA tensors")
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        return "flash" if flash_attn_varlen() is not None and dtype in (torch.float16, torch.bfloat16) else "padded"
+        if flash_attn_varlen() is not None and dtype in _FLASH_DTYPES:
+            return "flash"
+        return "varlen" if torch_varlen() is not None and dtype in _FLASH_DTYPES else "padded"
     return "segments"
 
 
@@ -114,10 +144,14 @@ def varlen_attention(qkv: torch.Tensor, ctx: PackedContext, dropout_p: float = 0
     """Packed ``qkv`` ``[L, 3, H, d]`` (timm's qkv layout, token-major) -> ``[L, H, d]``, each token
     attending only within its segment."""
     backend = ctx.backend
-    if backend == "flash" and qkv.dtype not in (torch.float16, torch.bfloat16):
+    if backend in ("flash", "varlen") and qkv.dtype not in _FLASH_DTYPES:
         backend = "padded"  # flash kernels are fp16/bf16 only (e.g. fp32 outside autocast)
+    if backend == "varlen" and dropout_p > 0.0:
+        backend = "padded"  # PyTorch's varlen kernel has no attention dropout
     if backend == "flash":
         return flash_attn_varlen()(qkv, ctx.cu_seqlens, ctx.max_seqlen, dropout_p=dropout_p, softmax_scale=scale)
+    if backend == "varlen":
+        return _torch_varlen_call(qkv, ctx, scale)
     L, _, H, d = qkv.shape
     if len(set(ctx.seqlens)) == 1 and backend != "dense":
         # equal segments (no reduction, same-size images): a plain batch, no gather, no mask

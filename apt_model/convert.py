@@ -74,6 +74,9 @@ def from_timm(model_or_name: Union[str, nn.Module], num_scales: int = 3, checkpo
         model = model_or_name
     _check_supported(model)
     apt = APTViT(model, num_scales=num_scales, attn_backend=attn_backend)
+    ref = next(model.parameters(), None)
+    if ref is not None:  # the new parts (detail path, buffers) join the wrapped model's device and dtype
+        apt.to(device=ref.device, dtype=ref.dtype)
     if checkpoint_path is not None:
         load_apt_checkpoint(apt, checkpoint_path)
     return apt

@@ -32,3 +32,11 @@ def segment_starts(seqlens: Sequence[int]) -> list[int]:
         out.append(start)
         start += n
     return out
+
+
+def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype matrix products run in here: autocast's when it is on for ``device``, else ``default``."""
+    kind = torch.device(device).type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return default

@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .packed import compute_dtype
+
 
 def average_conv(dim: int) -> nn.Conv2d:
     """A 2x2 stride-2 conv that starts as a 2x2 average pool of each channel."""
@@ -100,16 +102,19 @@ class APTPatchEmbed(nn.Module):
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, g * p, g * p):
             raise ValueError(f"scale-{scale} tokens must be [T, 3, {g * p}, {g * p}], got {tuple(pixels.shape)}")
         w, b = self.folded_projection()
-        x = pixels.to(w.dtype)
+        # Pixels are converted once, straight to the dtype the GEMM runs in (bf16 under autocast:
+        # 0..255 are exact there), and rearranged while still uint8 (1 byte a pixel, not 4).
+        cdtype = compute_dtype(pixels.device, w.dtype)
         if scale == 0:
-            return self.norm(torch.addmm(b, x.reshape(T, 3 * p * p), w))
-        # Resize_p: area average of each g x g pixel block -> [T, 3, p, p]
-        small = x.view(T, 3, p, g, p, g).mean(dim=(3, 5))
+            return self.norm(torch.addmm(b, pixels.reshape(T, 3 * p * p).to(cdtype), w))
+        # Resize_p: area average of each g x g pixel block -> [T, 3, p, p]; the integer sum is exact
+        blocks = pixels.view(T, 3, p, g, p, g).sum(dim=(3, 5), dtype=torch.int32)
+        small = blocks.to(torch.float32).div_(g * g).to(cdtype)
         emb = torch.addmm(b, small.reshape(T, 3 * p * p), w)
         if not resize_only:
             # E on every sub-patch: [T, 3, g*p, g*p] -> [T*g*g, 3*p*p] (raster order) -> [T, D, g, g]
-            sub = x.view(T, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(T * g * g, 3 * p * p)
-            r = torch.addmm(b, sub, w).view(T, g, g, self.embed_dim).permute(0, 3, 1, 2)
+            sub = pixels.view(T, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(T * g * g, 3 * p * p)
+            r = torch.addmm(b, sub.to(cdtype), w).view(T, g, g, self.embed_dim).permute(0, 3, 1, 2)
             for level in range(scale):
                 r = self.down[level](r)
             emb = emb + self.zero_linear[scale - 1](r.flatten(1))

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, PackedContext, packed_block
 from .patch_embed import APTPatchEmbed
-from .packed import device_index, segment_ids, segment_starts
+from .packed import compute_dtype, device_index, segment_ids, segment_starts
 from .pos_embed import gather_pos_embed
 
 
@@ -112,7 +112,9 @@ class APTViT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def context(self, batch, x: torch.Tensor) -> PackedContext:
-        return PackedContext.from_batch(batch, x.device, self.attn_backend, x.dtype)
+        """The attention context; its backend is chosen for the dtype attention will see (under
+        autocast the qkv projection's, e.g. bf16, so the flash kernels are picked, not x's fp32)."""
+        return PackedContext.from_batch(batch, x.device, self.attn_backend, compute_dtype(x.device, x.dtype))
 
     def forward_features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed output tokens ``[L, D]`` (after the final norm) and the batch's ``cu_seqlens``."""

@@ -177,3 +177,12 @@ def test_forward_and_backward_need_no_tensor_values(images):
             logits = apt(batch)
             F.cross_entropy(logits, batch.labels).backward()
             assert logits.shape == (3, 5) and logits.device == meta
+
+
+def test_from_timm_follows_the_models_device_and_dtype():
+    """A model moved before conversion (``from_timm(model.cuda())``) gets its new APT parts there too."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).to(torch.float64).to("meta")
+    apt = from_timm(model)
+    tensors = list(apt.parameters()) + list(apt.buffers())
+    assert {t.device.type for t in tensors} == {"meta"}
+    assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.float64}

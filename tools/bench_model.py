@@ -25,37 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from apt_data import APTConfig, decode_image, pack_images, warmup  # noqa: E402
 from apt_model import PackedContext, from_timm, varlen_attention  # noqa: E402
-
-
-def vit_flops(batch, model) -> float:
-    """Multiply-adds x 2 of the encoder for a packed batch (patch embedding, qkv, attention, proj, MLP)."""
-    D = model.embed_dim
-    blk = model.blocks[0]
-    hidden = blk.mlp.fc1.out_features
-    depth = len(model.blocks)
-    p = model.patch_size
-    flops = 0.0
-    for n in batch.seqlens:
-        flops += depth * (2 * n * (4 * D * D + 2 * D * hidden) + 4 * n * n * D)
-    for s, pix in enumerate(batch.pixels):
-        t = pix.shape[0]
-        if s == 0:
-            flops += t * 2 * 3 * p * p * D
-        else:
-            flops += t * 2 * 3 * p * p * D  # E(Resize_p(P))
-            flops += t * (4 ** s) * 2 * 3 * p * p * D  # E on the sub-patches (detail path)
-            flops += t * (sum(4 ** (s - l - 1) for l in range(s)) * 2 * 4 * D * D + 2 * D * D)  # down convs + zero linear
-    return flops
-
-
-def timm_flops(n_images: int, n_tokens: int, model) -> float:
-    D = model.embed_dim
-    hidden = model.blocks[0].mlp.fc1.out_features
-    depth = len(model.blocks)
-    p = model.patch_embed.patch_size[0]
-    per = depth * (2 * n_tokens * (4 * D * D + 2 * D * hidden) + 4 * n_tokens * n_tokens * D)
-    per += (n_tokens - model.num_prefix_tokens) * 2 * 3 * p * p * D
-    return n_images * per
+from apt_train.flops import timm_vit_flops, vit_flops  # noqa: E402
 
 
 def timed(fns: list, iters: int, warm: int = 1) -> list[float]:
@@ -82,7 +52,7 @@ def attention_table(args, dev: torch.device, paths: list) -> None:
     model): what ``attn_backend="auto"`` is chosen from."""
     import timm
 
-    backends = ["segments", "padded", "dense"] + (["flash"] if dev.type == "cuda" else [])
+    backends = ["segments", "padded", "dense"] + (["varlen", "flash"] if dev.type == "cuda" else [])
     print(f"\n# attention backends: {args.batch} real photos packed, all blocks, {args.dtype}, median of {args.iters}")
     print("| model | size | tokens | max seqlen | " + " | ".join(f"{b} fwd ms | {b} fwd+bwd ms" for b in backends) + " |")
     print("|---|---|---|---|" + "---|---|" * len(backends))
@@ -91,7 +61,7 @@ def attention_table(args, dev: torch.device, paths: list) -> None:
         for size in args.sizes:
             model = timm.create_model(name, pretrained=False, img_size=size)
             p = model.patch_embed.patch_size[0]
-            imgs = [decode_image(pth, size, multiple=p) for pth in paths[: args.batch]]
+            imgs = [decode_image(paths[i % len(paths)], size, multiple=p) for i in range(args.batch)]  # cycles past 32
             batch = pack_images(imgs, APTConfig(patch_size=p, thresholds=tuple(args.thresholds)),
                                 num_prefix_tokens=model.num_prefix_tokens)
             attn, depth = model.blocks[0].attn, len(model.blocks)
@@ -99,6 +69,9 @@ def attention_table(args, dev: torch.device, paths: list) -> None:
             qkv = torch.randn(L, 3, attn.num_heads, attn.head_dim, device=dev, dtype=dtype, requires_grad=True)
             cells = []
             for backend in backends:
+                if backend == "dense" and L > 16384:  # an [L, L] mask: tens of GB at this size
+                    cells += ["n/a", "n/a"]
+                    continue
                 try:
                     ctx = PackedContext.from_batch(batch, dev, backend, dtype)
                 except RuntimeError as e:  # flash-attn not installed
@@ -152,7 +125,7 @@ def main(argv=None) -> int:
             model = timm.create_model(name, pretrained=False, img_size=size, num_classes=1000).to(dev)
             apt = from_timm(model, attn_backend=args.backend)
             p = apt.patch_size
-            imgs = [decode_image(pth, size, multiple=p) for pth in paths[: args.batch]]
+            imgs = [decode_image(paths[i % len(paths)], size, multiple=p) for i in range(args.batch)]  # cycles past 32
             cfg = APTConfig(patch_size=p, thresholds=tuple(args.thresholds))
             batch = pack_images(imgs, cfg, labels=list(range(len(imgs))), num_prefix_tokens=apt.num_prefix_tokens).to(dev)
             full = pack_images(imgs, APTConfig(patch_size=p, thresholds=(-np.inf, -np.inf)), labels=list(range(len(imgs))),
@@ -187,7 +160,7 @@ def main(argv=None) -> int:
             model.eval(); apt.eval()
             t_timm, t_apt, t_full = timed([infer(lambda: model(x)), infer(lambda: apt(batch)),
                                            infer(lambda: apt(full))], args.iters)
-            flop_ratio = timm_flops(n_img, uniform + apt.num_prefix_tokens, model) / vit_flops(batch, apt)
+            flop_ratio = timm_vit_flops(model, n_img, uniform) / vit_flops(batch, apt)
             row = (f"| {name} | {size} | {apt_tok:.0f} ({uniform}) | {n_img / t_timm:.2f} | {n_img / t_apt:.2f} | "
                    f"{t_timm / t_apt:.3f} | {flop_ratio:.3f} | {t_timm / t_apt / flop_ratio:.2f} | ")
             if args.skip_train:

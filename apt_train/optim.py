@@ -1,0 +1,103 @@
+"""Optimiser parameter groups with layer-wise lr decay, and a per-step warmup + cosine schedule.
+
+Layer ids (``L`` = number of blocks): the embedding stage (patch embedding, APT's new parameters,
+positions, class/register tokens, ``norm_pre``) is layer 0, block ``i`` is layer ``i + 1``, the
+final norm and head are layer ``L + 1``. A group's lr is ``lr * decay ** (L + 1 - layer_id)``: the
+head trains at the full lr, the embedding at ``decay ** (L + 1)`` of it. The scale is stored in each
+param group as ``lr_scale`` and the scheduler writes ``group["lr"] = lr * group["lr_scale"]`` at
+every step (the paper's reference code builds such groups but never applies the scale).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+_EMBED = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Layer id of parameter ``name`` of an `APTViT` (or a timm ViT) with ``num_layers`` blocks."""
+    if name.startswith(_EMBED):
+        return 0
+    m = _BLOCK.match(name)
+    if m:
+        return int(m.group(1)) + 1
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 1.0,
+                 no_weight_decay: Optional[Iterable[str]] = None) -> list[dict]:
+    """AdamW parameter groups: one per (layer id, decay / no decay), each with its ``lr_scale``.
+
+    No weight decay on 1-D parameters (biases, norm weights) and on ``model.no_weight_decay()``
+    (positions, class/register tokens). Frozen parameters (``requires_grad=False``) are left out.
+    """
+    skip = set(no_weight_decay if no_weight_decay is not None else
+               (model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()))
+    num_layers = len(model.blocks)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, num_layers)
+        decay = not (p.ndim <= 1 or name in skip or name.split(".")[0] in skip)
+        g = groups.setdefault((lid, decay), {
+            "params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (num_layers + 1 - lid), "layer_id": lid})
+        g["params"].append(p)
+        g["param_names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+class WarmupCosine:
+    """Per-step schedule: linear warmup to ``lr`` over ``warmup_steps``, then cosine to ``min_lr`` at
+    ``total_steps`` (flat at ``min_lr`` after it). Sets every group's ``lr = lr(step) * lr_scale``.
+
+    ``step_count`` is the number of optimiser steps taken; the groups always hold the lr of the
+    next step (so call `step` after ``optimizer.step()``, as with torch's schedulers).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int = 0,
+                 min_lr: float = 0.0, step_count: int = 0):
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        self.optimizer, self.base_lr, self.min_lr = optimizer, float(lr), float(min_lr)
+        self.total_steps, self.warmup_steps = int(total_steps), max(0, int(warmup_steps))
+        self.step_count = int(step_count)
+        self.apply()
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    @property
+    def lr(self) -> float:
+        """Unscaled lr of the next step."""
+        return self.lr_at(self.step_count)
+
+    def apply(self) -> None:
+        """Write the next step's lr into every param group (after changing the schedule by hand)."""
+        lr = self.lr
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+
+    def step(self) -> None:
+        self.step_count += 1
+        self.apply()
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "base_lr": self.base_lr, "min_lr": self.min_lr,
+                "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("step_count", "base_lr", "min_lr", "total_steps", "warmup_steps"):
+            setattr(self, k, type(getattr(self, k))(state[k]))
+        self.apply()

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Evaluate an APT model and the paper's baselines on the same images (logic: apt_train/evaluation.py).
+
+    python tools/evaluate.py [--model vit_tiny_patch16_224] [--checkpoint out/train/checkpoint-0000100.pt]
+        [--data shards:val] [--baseline none resize random] [--uniform] [--thresholds 5.5 4.0]
+        [--max-tokens 4096] [--json results.json]
+
+Per method: top-1 / top-5, images/s of the model forward (data loading and the first batch
+excluded), patch tokens per image against the uniform ViT grid, and analytic encoder GFLOPs per
+image. ``--baseline``: ``none`` = APT as configured; ``resize`` = the same layouts without the detail
+path (``model.resize_only``); ``random`` = APT's token count per image, but random base-scale cells
+of the uniform grid. ``--uniform`` adds the plain ViT (every token at the base scale).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from apt_train.build import add_eval_args, setup_eval  # noqa: E402
+from apt_train.checkpoint import atomic_write_text  # noqa: E402
+from apt_train.dist import cleanup  # noqa: E402
+from apt_train.evaluation import evaluate_mode  # noqa: E402
+
+
+def row(name: str, r) -> str:
+    return (f"| {name} | {r.top1:.2%} | {r.top5:.2%} | {r.images_per_s:.1f} | {r.tokens_per_image:.1f} | "
+            f"{r.uniform_tokens / max(1, r.images):.0f} | {r.token_fraction:.1%} | {r.gflops_per_image:.3f} |")
+
+
+HEADER = ("| method | top-1 | top-5 | images/s | tokens/img | uniform tokens/img | kept | GFLOPs/img |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_args(ap)
+    ap.add_argument("--baseline", nargs="+", default=["none"], choices=["none", "resize", "random"],
+                    help="methods to run (several allowed)")
+    ap.add_argument("--uniform", action="store_true", help="also the plain ViT on the uniform grid")
+    ap.add_argument("--json", default=None, help="write the results here (atomic)")
+    args = ap.parse_args(argv)
+    model, cfg, source, info, kw = setup_eval(args, ap)
+    amp = info.device.type == "cuda" if args.amp is None else args.amp
+    modes = list(dict.fromkeys(args.baseline)) + (["uniform"] if args.uniform else [])
+    results, skipped = {}, {}
+    try:
+        if info.is_main:
+            print(f"evaluate: {args.model}{' from ' + args.checkpoint if args.checkpoint else ' (random init)'} on "
+                  f"{args.data} ({len(source)} images) at {kw['image_size']} px, {cfg}, <= {args.max_tokens} "
+                  f"tokens per batch, {info.device}{', bf16' if amp else ''}")
+            print(HEADER)
+        for mode in modes:
+            try:
+                res, loader = evaluate_mode(model, source, cfg, mode, device=info.device, amp=amp, info=info,
+                                            seed=args.seed, max_batches=args.max_batches, **kw)
+            except ValueError as e:
+                ap.error(str(e))
+            results[mode] = res.as_dict()
+            skipped[mode] = dict(loader.stats.skipped)
+            if info.is_main:
+                print(row({"none": "APT", "resize": "resize", "random": "random", "uniform": "uniform"}[mode], res),
+                      flush=True)
+        if info.is_main:
+            bad = {m: s for m, s in skipped.items() if s}
+            print(f"skipped bad samples: {bad if bad else 'none'}")
+            if args.json:
+                atomic_write_text(args.json, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                         "config": str(cfg), "results": results}, indent=1))
+    finally:
+        cleanup(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

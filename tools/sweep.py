@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Speed-accuracy sweep over APT thresholds: a CSV and a plot (logic: apt_train/evaluation.py).
+
+    python tools/sweep.py [--model ... --checkpoint ...] [--data shards:val]
+        [--scales 0.6 0.8 1.0 1.2 1.5] [--grid 5.5,4.0 6.0,4.5 ...] [--baselines resize random]
+        [--out out/sweep]
+
+Evaluates APT at every thresholds setting (``--grid`` pairs, or ``--scales`` factors on
+``--thresholds``, default the paper's 5.5 4.0), optionally the ``resize`` / ``random`` baselines at
+each setting, and the uniform ViT once as the reference; writes ``OUT/sweep.csv`` and
+``OUT/sweep.png`` (top-1 against model images/s and against GFLOPs per image), both atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from apt_train.build import add_eval_args, setup_eval  # noqa: E402
+from apt_train.checkpoint import atomic_write, atomic_write_text  # noqa: E402
+from apt_train.dist import cleanup  # noqa: E402
+from apt_train.evaluation import evaluate_mode  # noqa: E402
+
+FIELDS = ["method", "thresholds", "top1", "top5", "images_per_s", "tokens_per_image", "token_fraction",
+          "gflops_per_image", "images"]
+
+
+def parse_grid(values: list[str], n: int, ap: argparse.ArgumentParser) -> list[tuple[float, ...]]:
+    out = []
+    for v in values:
+        try:
+            t = tuple(float(x) for x in v.split(","))
+        except ValueError:
+            ap.error(f"--grid {v!r}: expected {n} comma-separated numbers")
+        if len(t) != n:
+            ap.error(f"--grid {v!r}: expected {n} thresholds (one per scale above the base), got {len(t)}")
+        out.append(t)
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"APT": ("o-", "C0"), "resize": ("s--", "C1"), "random": ("^:", "C2"), "uniform": ("*", "k")}
+    for ax, x, label in ((axes[0], "images_per_s", "images/s (model forward)"), (axes[1], "gflops_per_image", "GFLOPs / image")):
+        for method, (style, color) in styles.items():
+            pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r[x])
+            if not pts:
+                continue
+            ax.plot([r[x] for r in pts], [100 * r["top1"] for r in pts], style, color=color, label=method,
+                    markersize=12 if method == "uniform" else 6)
+            if method == "APT":
+                for r in pts:
+                    ax.annotate(f"{r['token_fraction']:.0%}", (r[x], 100 * r["top1"]), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("APT speed-accuracy sweep (labels: tokens kept vs the uniform grid)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_args(ap)
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.2, 1.5],
+                    help="factors on --thresholds (ignored with --grid)")
+    ap.add_argument("--grid", nargs="+", default=None, help="thresholds settings, e.g. 5.5,4.0 6,4.5")
+    ap.add_argument("--baselines", nargs="*", default=[], choices=["resize", "random"])
+    ap.add_argument("--out", default="out/sweep", help="folder for sweep.csv and sweep.png")
+    args = ap.parse_args(argv)
+    model, cfg, source, info, kw = setup_eval(args, ap)
+    amp = info.device.type == "cuda" if args.amp is None else args.amp
+    n = cfg.num_scales - 1
+    settings = parse_grid(args.grid, n, ap) if args.grid else [tuple(s * t for t in cfg.thresholds) for s in args.scales]
+    rows = []
+    try:
+        todo = [("uniform", cfg)] + [(m, replace(cfg, thresholds=t)) for t in settings
+                                     for m in ["none"] + list(dict.fromkeys(args.baselines))]
+        for mode, c in todo:
+            res, _ = evaluate_mode(model, source, c, mode, device=info.device, amp=amp, info=info, seed=args.seed,
+                                   max_batches=args.max_batches, **kw)
+            r = {"method": {"none": "APT"}.get(mode, mode),
+                 "thresholds": "-inf" if mode == "uniform" else " ".join(f"{t:g}" for t in c.thresholds),
+                 **{k: v for k, v in res.as_dict().items() if k in FIELDS}}
+            rows.append(r)
+            if info.is_main:
+                print(f"{r['method']:8s} thresholds {r['thresholds']:>12s}: top-1 {r['top1']:.2%} "
+                      f"{r['images_per_s']:.1f} images/s {r['tokens_per_image']:.1f} tokens/image "
+                      f"({r['token_fraction']:.1%}) {r['gflops_per_image']:.3f} GFLOPs/image", flush=True)
+        if info.is_main:
+            out = Path(args.out)
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+            atomic_write_text(out / "sweep.csv", buf.getvalue())
+            plot(rows, out / "sweep.png")
+            print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
+    finally:
+        cleanup(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

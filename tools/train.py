@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Fine-tune a timm ViT as an Adaptive Patch Transformer (logic: apt_train/trainer.py).
+
+    python tools/train.py                       # the demo: vit_tiny (random init) on shards/, recipe 'sample'
+    python tools/train.py --model vit_base_patch16_384 --checkpoint W.pth --data IMAGENET_SHARDS \\
+        --val-data IMAGENET_SHARDS:val --recipe short --max-tokens 16384
+    torchrun --nproc_per_node=8 tools/train.py ...   # DDP (nccl on CUDA, gloo on the CPU)
+
+``--help`` lists every flag; README.md ("Training and evaluation") explains the recipes, the loss scaling and the metrics.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from apt_train.trainer import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
