@@ -28,22 +28,26 @@ from apt_model import PackedContext, from_timm, varlen_attention  # noqa: E402
 from apt_train.flops import timm_vit_flops, vit_flops  # noqa: E402
 
 
-def timed(fns: list, iters: int, warm: int = 1) -> list[float]:
-    """Median seconds of each function; the functions alternate inside every iteration, so a
-    change in background load hits all of them alike."""
+def timed(fns: list, iters: int, warm: int = 1, repeat: int = 1) -> list[float]:
+    """Median seconds per call of each function; the functions alternate inside every iteration, so
+    a change in background load hits all of them alike. ``repeat`` back-to-back calls per timing
+    (synchronised only around them) measure a GPU's steady state, where the host launches the next
+    call while the device still runs the last one, as in a serving or training loop."""
+    cuda = torch.cuda.is_available()
     for fn in fns:
         for _ in range(warm):
             fn()
     ts = [[] for _ in fns]
     for _ in range(iters):
         for k, fn in enumerate(fns):
-            if torch.cuda.is_available():
+            if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
+            for _ in range(repeat):
+                fn()
+            if cuda:
                 torch.cuda.synchronize()
-            ts[k].append(time.perf_counter() - t0)
+            ts[k].append((time.perf_counter() - t0) / repeat)
     return [float(np.median(t)) for t in ts]
 
 
@@ -88,7 +92,7 @@ def attention_table(args, dev: torch.device, paths: list) -> None:
                     for _ in range(depth):
                         varlen_attention(qkv * 1, ctx, scale=attn.scale).sum().backward()
 
-                t_f, t_b = timed([fwd, fwd_bwd], args.iters)
+                t_f, t_b = timed([fwd, fwd_bwd], args.iters, repeat=args.repeat)
                 cells += [f"{t_f * 1e3:.1f}", f"{t_b * 1e3:.1f}"]
             print(f"| {name} | {size} | {batch.num_real_tokens} | {batch.max_seqlen} | " + " | ".join(cells) + " |",
                   flush=True)
@@ -100,6 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 384])
     ap.add_argument("--batch", type=int, default=8, help="images per step")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="back-to-back calls per timing (default 5 on CUDA, 1 on the CPU)")
     ap.add_argument("--thresholds", type=float, nargs=2, default=[5.5, 4.0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -108,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", action="store_true",
                     help="also time the attention backends alone on the same packed batches")
     args = ap.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 5 if str(args.device).startswith("cuda") else 1
     import timm
 
     warmup()
@@ -115,7 +123,7 @@ def main(argv=None) -> int:
     amp = args.dtype == "bfloat16"
     paths = sorted((ROOT / "tests" / "data" / "images").glob("*.JPEG"))
     print(f"# bench_model: {args.batch} real photos per step, device {dev} ({torch.get_num_threads()} CPU threads), "
-          f"{args.dtype}, median of {args.iters}")
+          f"{args.dtype}, median of {args.iters} timings of {args.repeat} back-to-back calls")
     print("| model | size | tokens/img APT (uniform) | infer img/s timm | APT | ratio | FLOP ratio | ratio / FLOP ratio "
           "| train img/s timm | APT | ratio | no-reduction infer / train vs timm |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -159,7 +167,7 @@ def main(argv=None) -> int:
 
             model.eval(); apt.eval()
             t_timm, t_apt, t_full = timed([infer(lambda: model(x)), infer(lambda: apt(batch)),
-                                           infer(lambda: apt(full))], args.iters)
+                                           infer(lambda: apt(full))], args.iters, repeat=args.repeat)
             flop_ratio = timm_vit_flops(model, n_img, uniform) / vit_flops(batch, apt)
             row = (f"| {name} | {size} | {apt_tok:.0f} ({uniform}) | {n_img / t_timm:.2f} | {n_img / t_apt:.2f} | "
                    f"{t_timm / t_apt:.3f} | {flop_ratio:.3f} | {t_timm / t_apt / flop_ratio:.2f} | ")
@@ -168,7 +176,7 @@ def main(argv=None) -> int:
             else:
                 model.train(); apt.train()
                 tt_timm, tt_apt, tt_full = timed([train(lambda: model(x)), train(lambda: apt(batch)),
-                                                  train(lambda: apt(full))], args.iters)
+                                                  train(lambda: apt(full))], args.iters, repeat=args.repeat)
                 row += (f"{n_img / tt_timm:.2f} | {n_img / tt_apt:.2f} | {tt_timm / tt_apt:.3f} | "
                         f"{t_timm / t_full:.3f} / {tt_timm / tt_full:.3f} |")
             print(row, flush=True)
