@@ -9,6 +9,8 @@ from numba import njit
 from .config import APTConfig
 from .image import check_image
 from .scoring import map_shapes, score_flat
+from .scoring._gray import as_rows
+from .scoring.entropy import clog_table, entropy_layout
 
 
 @dataclass(frozen=True)
@@ -145,8 +147,50 @@ def patchify(image: np.ndarray, cfg: APTConfig | None = None) -> PatchLayout:
     if H % p or W % p:
         raise ValueError(f"image of size {H}x{W} (HxW): both sides must be multiples of patch_size={p}; "
                          "resize or crop it first")
+    if cfg.scorer == "entropy":
+        thr, clog = _entropy_constants(cfg)
+        rows, channels = as_rows(image)
+        y, x, scale = _entropy_patchify(rows, channels, p, cfg.num_scales, thr, clog)  # p <= 255 (APTConfig)
+        return PatchLayout(y=y, x=x, scale=scale, image_size=(H, W), patch_size=p, num_scales=cfg.num_scales)
     flat, offsets, shapes = score_flat(image, p, cfg.num_scales, cfg.scorer, need_base=False)
     return _select(flat, offsets, shapes, (H, W), cfg)
+
+
+_THRESHOLDS: dict = {}
+
+
+def _thresholds(cfg: APTConfig) -> np.ndarray:
+    """``cfg.thresholds`` as the float64 array the kernels take (never empty), built once per config."""
+    thr = _THRESHOLDS.get(cfg.thresholds)
+    if thr is None:
+        thr = np.asarray(cfg.thresholds, dtype=np.float64).reshape(-1)
+        if thr.size == 0:
+            thr = np.zeros(1, np.float64)  # num_scales == 1: never read
+        _THRESHOLDS[cfg.thresholds] = thr
+    return thr
+
+
+def _entropy_constants(cfg: APTConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Thresholds and the ``c log2 c`` table (counts up to the largest patch) of the entropy kernel."""
+    return _thresholds(cfg), clog_table((cfg.patch_size << (cfg.num_scales - 1)) ** 2)
+
+
+@njit(cache=True, nogil=True)
+def _entropy_patchify(rows, channels, p, num_scales, thresholds, clog):
+    """`patchify` for the entropy scorer in one call: `entropy_layout`, then `select_patches`."""
+    H = rows.shape[0]
+    W = rows.shape[1] // channels
+    hs = np.empty(num_scales, np.int64)
+    ws = np.empty(num_scales, np.int64)
+    offsets = np.zeros(num_scales + 1, np.int64)
+    for s in range(num_scales):
+        hs[s] = H // (p << s)
+        ws[s] = W // (p << s)
+        offsets[s + 1] = offsets[s] + hs[s] * ws[s]
+    flat = np.empty(offsets[num_scales], np.float32)
+    sub = np.zeros(4 * 512, np.uint16)  # a scale-1 patch puts <= p*p pixels in each sub-histogram
+    entropy_layout(rows, channels, p, num_scales, thresholds, clog, sub, flat, offsets, hs, ws)
+    return select_patches(flat, offsets, hs, ws, thresholds, p, num_scales)
 
 
 def layout_from_scores(maps: list[np.ndarray], image_size: tuple[int, int], cfg: APTConfig) -> PatchLayout:
@@ -171,14 +215,35 @@ def layout_from_scores(maps: list[np.ndarray], image_size: tuple[int, int], cfg:
 def layout_from_flat_scores(flat: np.ndarray, image_size: tuple[int, int], cfg: APTConfig) -> PatchLayout:
     """`layout_from_scores` for all scales' maps flattened row-major and concatenated, finest first
     (the ``.npy`` member of a shard), without splitting them."""
-    H, W = image_size
-    shapes = map_shapes(H, W, cfg.patch_size, cfg.num_scales)
-    offsets = np.zeros(cfg.num_scales + 1, np.int64)
-    np.cumsum([h * w for h, w in shapes], out=offsets[1:])
-    flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
+    H, W = int(image_size[0]), int(image_size[1])
+    hs, ws, offsets, thr = _grid_constants(H, W, cfg)
+    if not (isinstance(flat, np.ndarray) and flat.dtype == np.float32 and flat.ndim == 1 and flat.flags.c_contiguous
+            and flat.flags.writeable):  # (a read-only array would make Numba compile another version)
+        flat = np.array(flat, dtype=np.float32).reshape(-1)
     if flat.size != offsets[-1]:
         raise ValueError(f"{flat.size} scores given; a {H}x{W} image with {cfg.num_scales} scales has {offsets[-1]}")
-    return _select(flat, offsets, shapes, (H, W), cfg)
+    y, x, scale = select_patches(flat, offsets, hs, ws, thr, cfg.patch_size, cfg.num_scales)
+    return PatchLayout(y=y, x=x, scale=scale, image_size=(H, W), patch_size=cfg.patch_size, num_scales=cfg.num_scales)
+
+
+_GRIDS: dict = {}
+
+
+def _grid_constants(H: int, W: int, cfg: APTConfig):
+    """(hs, ws, offsets, thresholds) arrays of `select_patches` for an image size and config, built once
+    (a loader reuses them for every image of a size)."""
+    key = (H, W, cfg.patch_size, cfg.num_scales, cfg.thresholds)
+    c = _GRIDS.get(key)
+    if c is None:
+        if len(_GRIDS) > 4096:  # keep-aspect data sets have many sizes: stay bounded
+            _GRIDS.clear()
+        shapes = map_shapes(H, W, cfg.patch_size, cfg.num_scales)
+        hs = np.array([h for h, _ in shapes], dtype=np.int64)
+        ws = np.array([w for _, w in shapes], dtype=np.int64)
+        offsets = np.zeros(cfg.num_scales + 1, np.int64)
+        np.cumsum(hs * ws, out=offsets[1:])
+        c = _GRIDS[key] = (hs, ws, offsets, _thresholds(cfg))
+    return c
 
 
 def _select(flat, offsets, shapes, image_size, cfg: APTConfig) -> PatchLayout:

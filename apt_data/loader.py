@@ -17,11 +17,19 @@ index was made with the same `APTConfig` and transform (exact: batches are >= 99
 (image folders, augmented training, a different config) each image's uniform-grid token count is
 used, an upper bound since APT never adds tokens: batches never overflow, and they then hold the
 real tokens only (or padding with ``static_shapes``).
+
+Worker processes pack each batch into one buffer (`apt_data.packing.BatchSpec`): a slot of a
+shared-memory pool mapped once before the workers fork (`_SlotPool`), from which the main process
+copies it out, so no batch pays for a shared-memory segment of its own.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import mmap
+import multiprocessing
 import os
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +63,11 @@ class Source:
     def read_record(self, i: int):
         """``(encoded bytes, record or None)``; a record may carry precomputed score maps."""
         return self.read(i), None
+
+    def read_scores(self, i: int):
+        """``(encoded bytes, stored flat score maps or None)``: what the loader needs of a sample."""
+        data, record = self.read_record(i)
+        return data, (record.scores if record is not None else None)
 
     def image_size(self, i: int) -> Optional[tuple[int, int]]:
         """(width, height) of the stored image when known without decoding, else None."""
@@ -127,16 +140,124 @@ class LoaderStats:
 
 
 class _PlannedBins(IterableDataset):
-    """Worker side: turns this rank's planned bins into `PackedBatch` objects."""
+    """Worker side: turns this rank's planned bins into batches (`_WireBatch` in a worker process)."""
 
-    def __init__(self, loader: "APTLoader", bins: list[np.ndarray], epoch: int, exact: Optional[np.ndarray]):
-        self.loader, self.bins, self.epoch, self.exact = loader, bins, epoch, exact
+    def __init__(self, loader: "APTLoader", bins: list[np.ndarray], epoch: int, exact: Optional[np.ndarray],
+                 pool: Optional["_SlotPool"] = None):
+        self.loader, self.bins, self.epoch, self.exact, self.pool = loader, bins, epoch, exact, pool
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for b in self.bins[wid::nw]:
-            yield self.loader._build_batch(b, self.epoch, self.exact)
+            yield self.loader._build_batch(b, self.epoch, self.exact, pool=self.pool)
+
+
+# ------------------------------------------------------------------------------ batch transport
+_POOLS: "weakref.WeakValueDictionary[int, _SlotPool]" = weakref.WeakValueDictionary()
+_POOL_IDS = itertools.count()
+
+
+class _SlotPool:
+    """Shared-memory slots that forked DataLoader workers pack batches into, reused batch after batch.
+
+    Why: a fresh shared-memory segment per batch (what a worker gets from `torch` by default, and
+    what ``default_collate`` uses) costs more CPU than building the batch: creating it, faulting in
+    every page, passing its descriptor, mapping it in the main process, tearing it down. The parent
+    maps the slots once, before the workers fork; a worker packs into one of its own free slots and
+    sends only the `BatchSpec` and the slot number; the main process copies the bytes out (straight
+    into pinned memory when pinning) and hands the slot back through that worker's pipe. A worker
+    with no free slot, or a batch larger than a slot, falls back to a fresh segment (same result).
+    """
+
+    def __init__(self, num_workers: int, slots: int, slot_bytes: int):
+        self.num_workers, self.slots, self.slot_bytes = int(num_workers), int(slots), int(slot_bytes)
+        self.busy = False
+        self._mm = mmap.mmap(-1, self.num_workers * self.slots * self.slot_bytes)  # anonymous, MAP_SHARED
+        self.buf = np.frombuffer(self._mm, np.uint8)
+        self._pipes = [os.pipe() for _ in range(self.num_workers)]  # free slot numbers, one pipe per worker
+        for r, _ in self._pipes:
+            os.set_blocking(r, False)
+        self.id = next(_POOL_IDS)
+        _POOLS[self.id] = self
+        self._owner = os.getpid()
+
+    def reset(self) -> None:
+        """Every slot free (call only while no worker of this pool runs)."""
+        for r, w in self._pipes:
+            try:
+                while os.read(r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            os.write(w, bytes(range(self.slots)))
+
+    def acquire(self, worker: int, nbytes: int) -> Optional[int]:
+        """A free slot of ``worker`` for ``nbytes`` (in the worker), or None."""
+        if nbytes > self.slot_bytes or not 0 <= worker < self.num_workers:
+            return None
+        try:
+            b = os.read(self._pipes[worker][0], 1)
+        except BlockingIOError:
+            return None
+        return b[0] if b else None
+
+    def release(self, worker: int, slot: int) -> None:
+        os.write(self._pipes[worker][1], bytes([slot]))
+
+    def view(self, worker: int, slot: int, nbytes: int) -> np.ndarray:
+        base = (worker * self.slots + slot) * self.slot_bytes
+        return self.buf[base:base + nbytes]
+
+    def __reduce__(self):  # a spawned (not forked) worker cannot share the mapping: it gets no pool
+        return (_no_pool, ())
+
+    def __del__(self):
+        if getattr(self, "_owner", None) == os.getpid():
+            for r, w in getattr(self, "_pipes", ()):
+                for fd in (r, w):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+
+
+def _no_pool():
+    return None
+
+
+def _host_buffer(nbytes: int, pin: bool):
+    """Where the main process copies a batch out of its slot (page-locked when pinning)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
+class _WireBatch:
+    """What a worker sends for one batch: its `BatchSpec` and its bytes, in a pool slot or a tensor.
+
+    The main process (or the DataLoader's pin-memory thread, through `pin_memory`) turns it into
+    a `PackedBatch` whose tensors are views of one private (or pinned) buffer.
+    """
+
+    def __init__(self, spec, pool_id: Optional[int] = None, worker: int = 0, slot: int = 0, data=None):
+        self.spec, self.pool_id, self.worker, self.slot, self.data = spec, pool_id, worker, slot, data
+
+    def _bytes(self, pin: bool = False):
+        if self.data is not None:
+            return self.data.pin_memory() if pin else self.data
+        pool = _POOLS[self.pool_id]
+        out = _host_buffer(self.spec.nbytes, pin)
+        # a NumPy copy: one thread (torch would wake its intra-op pool, which then spins on the cores
+        # the workers need)
+        np.copyto(out.numpy(), pool.view(self.worker, self.slot, self.spec.nbytes))
+        pool.release(self.worker, self.slot)
+        self.pool_id, self.data = None, out
+        return out
+
+    def pin_memory(self) -> "_WireBatch":
+        return _WireBatch(self.spec, data=self._bytes(pin=True))
+
+    def to_batch(self):
+        return self.spec.to_batch(self._bytes())
 
 
 class APTLoader:
@@ -181,6 +302,7 @@ class APTLoader:
         self.stats = LoaderStats()
         self._exact = self.source.exact_token_counts(self.cfg, self.transform)
         self._bound: Optional[np.ndarray] = None
+        self._pool: Optional[_SlotPool] = None
         self._plan_cache: dict[int, list[np.ndarray]] = {}
         smallest = (self.transform.size // self.cfg.max_patch_size) ** 2 if not self.transform.keep_aspect else 1
         if self.max_tokens < self.num_prefix_tokens + max(1, smallest):
@@ -197,6 +319,10 @@ class APTLoader:
         """Tokens per sample used for planning (exact, or the uniform-grid upper bound)."""
         if self._exact is not None:
             return self._exact + self.num_prefix_tokens
+        return self._uniform_counts() + self.num_prefix_tokens
+
+    def _uniform_counts(self) -> np.ndarray:
+        """Uniform-grid patch tokens of every sample (an upper bound of its APT tokens)."""
         if self._bound is None:
             p = self.cfg.patch_size
             if self.transform.keep_aspect:
@@ -210,7 +336,7 @@ class APTLoader:
             else:
                 bound = np.full(len(self.source), (self.transform.size // p) ** 2, np.int64)
             self._bound = bound
-        return self._bound + self.num_prefix_tokens
+        return self._bound
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         """All ranks' bins for ``epoch`` (sample indices), identical on every rank."""
@@ -252,33 +378,81 @@ class APTLoader:
         from . import warmup
 
         bins = self.rank_bins()[self.start_step:]
-        dataset = _PlannedBins(self, bins, self.epoch, self._exact)
-        if self.num_workers > 0:
-            warmup()  # compiled kernels are inherited by forked workers
-            dl = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor, persistent_workers=False)
-        else:
-            dl = DataLoader(dataset, batch_size=None, num_workers=0, pin_memory=self.pin_memory)
-        for batch in dl:
-            for key, reason in zip(batch.skipped, batch.skip_reasons):
-                self.stats.skipped[reason] += 1
-                self.stats.skipped_keys.append(key)
-            yield batch, batch.labels
-        self.start_step = 0  # a resumed epoch continues once; iterating again starts it from 0
+        if self.num_workers == 0:
+            dl = DataLoader(_PlannedBins(self, bins, self.epoch, self._exact), batch_size=None, num_workers=0,
+                            pin_memory=self.pin_memory)
+            for batch in dl:
+                yield self._account(batch), batch.labels
+            self.start_step = 0  # a resumed epoch continues once; iterating again starts it from 0
+            return
+        warmup()  # compiled kernels are inherited by forked workers
+        pool = self._take_pool(bins)
+        dl = DataLoader(_PlannedBins(self, bins, self.epoch, self._exact, pool), batch_size=None,
+                        num_workers=self.num_workers, pin_memory=self.pin_memory,
+                        prefetch_factor=self.prefetch_factor, persistent_workers=False)
+        it = iter(dl)
+        try:
+            for item in it:
+                batch = item.to_batch() if isinstance(item, _WireBatch) else item
+                yield self._account(batch), batch.labels
+            self.start_step = 0
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()  # no worker may still write into the pool when it is handed out again
+                if pool is not None:
+                    pool.busy = False
 
-    def _build_batch(self, sample_ids: np.ndarray, epoch: int, exact: Optional[np.ndarray]):
-        from .packing import pack_images
+    def _account(self, batch):
+        for key, reason in zip(batch.skipped, batch.skip_reasons):
+            self.stats.skipped[reason] += 1
+            self.stats.skipped_keys.append(key)
+        return batch
+
+    def _take_pool(self, bins: list[np.ndarray]) -> Optional[_SlotPool]:
+        """The slot pool for an iteration with forked workers (the last one when idle and large enough)."""
+        method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+        if method != "fork" or not bins:  # (asking this way does not fix the start method)
+            return None
+        try:
+            uniform = self._uniform_counts()
+        except ValueError:
+            return None  # sizes unknown: every batch gets its own segment
+        p, S = self.cfg.patch_size, self.cfg.num_scales
+        # bytes of a batch: every pixel once (3 bytes), <= one token per base cell (20 bytes of
+        # coordinates and positions), per-image offsets and labels, alignment of 3S + 2 arrays
+        per_image = uniform * (3 * p * p + 20) + 16
+        need = int(max(per_image[b].sum() for b in bins)) + 16 + 64 * (3 * S + 3)
+        slots = min(255, max(2, int(self.prefetch_factor or 2) + 1))  # slot numbers travel as one byte
+        pool = self._pool
+        if (pool is None or pool.busy or pool.slot_bytes < need or pool.num_workers != self.num_workers
+                or pool.slots != slots):
+            pool = _SlotPool(self.num_workers, slots, need)
+            if self._pool is None or not self._pool.busy:
+                self._pool = pool
+        pool.reset()
+        pool.busy = True
+        return pool
+
+    def _build_batch(self, sample_ids: np.ndarray, epoch: int, exact: Optional[np.ndarray],
+                     pool: Optional[_SlotPool] = None):
+        """Read, decode, patchify and pack one planned bin: a `PackedBatch`, or in a worker process
+        a `_WireBatch` (into a pool slot when one is free)."""
+        from .packing import fill_batch, new_buffer, prepare_batch
 
         images, layouts, labels, keys, skipped, reasons = [], [], [], [], [], []
         for i in sample_ids.tolist():
             key = self.source.keys[i]
             try:
-                data, record = self.source.read_record(i)
+                if exact is not None:
+                    data, scores = self.source.read_scores(i)
+                else:
+                    data, scores = self.source.read(i), None
                 img = self.transform(data, name=key,
                                      seed=sample_seed(self.seed, epoch, i) if self.transform.augment else 0)
-                if exact is not None and record is not None and record.scores is not None:
+                if scores is not None:
                     # deterministic transform of the stored image: reuse the stored score maps
-                    layout = layout_from_flat_scores(record.scores, img.shape[:2], self.cfg)
+                    layout = layout_from_flat_scores(scores, img.shape[:2], self.cfg)
                 else:
                     layout = patchify(img, self.cfg)
             except (ValueError, OSError) as e:
@@ -299,10 +473,24 @@ class APTLoader:
         if real > self.max_tokens:
             raise RuntimeError(f"batch of {keys} needs {real} tokens > max_tokens={self.max_tokens} (planning bug)")
         pad = self.max_tokens - real if self.static_shapes else 0
-        batch = pack_images(images, self.cfg, labels=labels, num_prefix_tokens=self.num_prefix_tokens,
-                            layouts=layouts, num_padding=pad)
-        from dataclasses import replace
-        return replace(batch, keys=tuple(keys), skipped=tuple(skipped), skip_reasons=tuple(reasons))
+        spec, images, layouts, labels = prepare_batch(images, self.cfg, labels, self.num_prefix_tokens, layouts, pad,
+                                                      keys=keys, skipped=skipped, skip_reasons=reasons)
+        info = get_worker_info()
+        if info is None:
+            data = new_buffer(spec.nbytes, shared=False)
+            fill_batch(spec, images, layouts, labels, data.numpy())
+            return spec.to_batch(data)
+        slot = pool.acquire(info.id, spec.nbytes) if pool is not None else None
+        if slot is None:
+            data = new_buffer(spec.nbytes, shared=True)
+            fill_batch(spec, images, layouts, labels, data.numpy())
+            return _WireBatch(spec, data=data)
+        try:
+            fill_batch(spec, images, layouts, labels, pool.view(info.id, slot, spec.nbytes))
+        except BaseException:
+            pool.release(info.id, slot)
+            raise
+        return _WireBatch(spec, pool.id, info.id, slot)
 
 
 def _reason(e: Exception) -> str:

@@ -2,12 +2,15 @@
 
 Token pixels are copied by a Numba kernel straight from each image into per-scale CHW arrays, so a
 DataLoader worker hands the model ready tensors; a plain NumPy reference beside it is for tests.
+All arrays of a batch live in one buffer (`buffer_layout`): `prepare_batch` validates and sizes a
+batch (`BatchSpec`), `fill_batch` writes it into any buffer, `BatchSpec.to_batch` wraps a buffer.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from numba import njit
 from torch.utils.data import get_worker_info
 
@@ -27,6 +30,7 @@ def extract_tokens(image, ys, xs, scales, patch_size, outs, next_row):
     """
     H = image.shape[0]
     W = image.shape[1]
+    rows = image.reshape((H, W * 3))  # contiguous RGB rows: each token row is one stride-3 split
     for t in range(scales.shape[0]):
         s = scales[t]
         if s < 0 or s >= len(outs):
@@ -39,15 +43,15 @@ def extract_tokens(image, ys, xs, scales, patch_size, outs, next_row):
         if (k >= out.shape[0] or y0 < 0 or x0 < 0 or y0 + size > H or x0 + size > W
                 or y0 % patch_size != 0 or x0 % patch_size != 0):
             return t
-        for r in range(size):  # read each pixel row once, write the three channel rows
-            row = image[y0 + r]
+        for r in range(size):  # read each pixel row once, write the three channel rows (SIMD)
+            src = rows[y0 + r, 3 * x0:3 * (x0 + size)]
             d0 = out[k, 0, r]
             d1 = out[k, 1, r]
             d2 = out[k, 2, r]
             for q in range(size):
-                d0[q] = row[x0 + q, 0]
-                d1[q] = row[x0 + q, 1]
-                d2[q] = row[x0 + q, 2]
+                d0[q] = src[3 * q]
+                d1[q] = src[3 * q + 1]
+                d2[q] = src[3 * q + 2]
         next_row[s] = k + 1
     return -1
 
@@ -63,28 +67,94 @@ def extract_tokens_reference(image: np.ndarray, layout: PatchLayout, scale: int)
     return out
 
 
-class _Arena:
-    """Tensors of one dtype carved out of a single storage, in shared memory inside DataLoader
-    workers (as default_collate does): sending a batch to the main process then moves one
-    storage per dtype instead of one per tensor, and copies nothing."""
+_ALIGN = 64  # byte alignment of every array in a batch buffer
 
-    def __init__(self, dtype, sizes: list[int], shared: bool):
-        import torch
 
-        self.dtype, self.offset = dtype, 0
-        total = max(1, sum(sizes))
-        if shared:
-            self.storage = torch.UntypedStorage._new_shared(total * torch.empty(0, dtype=dtype).element_size())
-        else:
-            self.storage = torch.empty(total, dtype=dtype).untyped_storage()
+def buffer_layout(per_scale: Sequence[int], num_images: int, patch_size: int, with_labels: bool):
+    """Where every array of a packed batch lies in ONE byte buffer: ``([(dtype, shape, byte offset)],
+    total bytes)``, in the order pixels[0..S-1], coords[0..S-1], seq_index[0..S-1], cu_seqlens,
+    labels (if any).
 
-    def take(self, shape: tuple):
-        import torch
+    One buffer per batch (instead of one per array or per dtype) means one shared-memory segment
+    per batch in a DataLoader worker, one file descriptor to pass, one copy to pin.
+    """
+    fields, off = [], 0
 
-        n = int(np.prod(shape))
-        t = torch.empty(0, dtype=self.dtype).set_(self.storage, self.offset, shape)
-        self.offset += n
-        return t
+    def add(dtype, shape):
+        nonlocal off
+        fields.append((dtype, shape, off))
+        off += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // _ALIGN) * _ALIGN
+
+    for s, n in enumerate(per_scale):
+        add(np.uint8, (int(n), 3, patch_size << s, patch_size << s))
+    for n in per_scale:
+        add(np.int32, (int(n), 3))
+    for n in per_scale:
+        add(np.int64, (int(n),))
+    add(np.int32, (num_images + 1,))
+    if with_labels:
+        add(np.int64, (num_images,))
+    return fields, max(off, _ALIGN)
+
+
+class BatchSpec:
+    """Everything about a packed batch except its bytes: the buffer layout and the Python metadata.
+
+    Small and picklable: a DataLoader worker fills a buffer (`fill_batch`) and sends the spec; the
+    main process turns spec + buffer into a `PackedBatch` (`to_batch`) without copying.
+    """
+
+    __slots__ = ("per_scale", "num_images", "patch_size", "num_scales", "with_labels", "seqlens",
+                 "image_sizes", "num_prefix_tokens", "num_padding", "keys", "skipped", "skip_reasons", "nbytes")
+
+    def __init__(self, per_scale, num_images, patch_size, num_scales, with_labels, seqlens, image_sizes,
+                 num_prefix_tokens, num_padding, keys=(), skipped=(), skip_reasons=()):
+        self.per_scale = tuple(int(n) for n in per_scale)
+        self.num_images, self.patch_size, self.num_scales = int(num_images), int(patch_size), int(num_scales)
+        self.with_labels, self.seqlens, self.image_sizes = bool(with_labels), tuple(seqlens), tuple(image_sizes)
+        self.num_prefix_tokens, self.num_padding = int(num_prefix_tokens), int(num_padding)
+        self.keys, self.skipped, self.skip_reasons = tuple(keys), tuple(skipped), tuple(skip_reasons)
+        self.nbytes = buffer_layout(self.per_scale, self.num_images, self.patch_size, self.with_labels)[1]
+
+    def __getstate__(self):
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __setstate__(self, state):
+        for k, v in zip(self.__slots__, state):
+            setattr(self, k, v)
+
+    def arrays(self, buf: np.ndarray) -> list[np.ndarray]:
+        """NumPy views of every array in ``buf`` (uint8, at least ``nbytes``), in `buffer_layout` order."""
+        fields, _ = buffer_layout(self.per_scale, self.num_images, self.patch_size, self.with_labels)
+        return [np.ndarray(shape, dtype, buffer=buf, offset=off) for dtype, shape, off in fields]
+
+    def to_batch(self, data) -> PackedBatch:
+        """The `PackedBatch` whose tensors are views of ``data`` (a uint8 tensor of >= ``nbytes``)."""
+        storage, base = data.untyped_storage(), data.storage_offset()
+        fields, _ = buffer_layout(self.per_scale, self.num_images, self.patch_size, self.with_labels)
+        ts = []
+        for dtype, shape, off in fields:
+            tdt = _TORCH_DTYPES[np.dtype(dtype)]
+            ts.append(torch.empty(0, dtype=tdt).set_(storage, (base + off) // tdt.itemsize, shape))
+        S = self.num_scales
+        return PackedBatch(
+            pixels=tuple(ts[:S]), coords=tuple(ts[S:2 * S]), seq_index=tuple(ts[2 * S:3 * S]), cu_seqlens=ts[3 * S],
+            seqlens=self.seqlens, max_seqlen=max(self.seqlens, default=0), image_sizes=self.image_sizes,
+            num_prefix_tokens=self.num_prefix_tokens, patch_size=self.patch_size, num_scales=S,
+            num_padding=self.num_padding, labels=ts[3 * S + 1] if self.with_labels else None,
+            keys=self.keys, skipped=self.skipped, skip_reasons=self.skip_reasons)
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
+
+
+def new_buffer(nbytes: int, shared: bool):
+    """A uint8 tensor of ``nbytes``: in shared memory (DataLoader workers, as default_collate does)
+    or private."""
+    if shared:
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,))
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def _as_rgb(image: np.ndarray, i: int) -> np.ndarray:
@@ -126,9 +196,17 @@ def pack_images(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None, l
     raster order (the `PatchLayout` order). ``num_padding`` trailing padding tokens are appended.
     Anything else (other dtypes or channel counts, sides that are not multiples of the patch size,
     layouts that do not fit their image) raises ``ValueError`` naming the image index.
+    All tensors of the batch are views of one buffer (in shared memory inside a DataLoader worker).
     """
-    import torch
+    spec, images, layouts, labels = prepare_batch(images, cfg, labels, num_prefix_tokens, layouts, num_padding)
+    data = new_buffer(spec.nbytes, shared=get_worker_info() is not None)
+    fill_batch(spec, images, layouts, labels, data.numpy())
+    return spec.to_batch(data)
 
+
+def prepare_batch(images, cfg=None, labels=None, num_prefix_tokens=1, layouts=None, num_padding=0, keys=(),
+                  skipped=(), skip_reasons=()):
+    """Validate the inputs of `pack_images` and size the batch: ``(spec, images, layouts, labels)``."""
     cfg = cfg or APTConfig()
     images = [_as_rgb(im, i) for i, im in enumerate(images)]
     if labels is not None and len(labels) != len(images):
@@ -146,27 +224,23 @@ def pack_images(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None, l
         raise ValueError(f"got {len(layouts)} layouts for {len(images)} images")
     for i, (im, lay) in enumerate(zip(images, layouts)):
         _check_layout(lay, im, cfg, i)
-    S, p = cfg.num_scales, cfg.patch_size
-    B = len(images)
-    n_tok = np.array([len(lay) for lay in layouts], np.int64)
-    seqlens = n_tok + num_prefix_tokens
-    cu = np.zeros(B + 1, np.int64)
-    np.cumsum(seqlens, out=cu[1:])
-    # all tokens of the batch, image after image, each image in its layout order (coarsest first)
-    ys = np.concatenate([lay.y for lay in layouts]) if B else np.zeros(0, np.int32)
-    xs = np.concatenate([lay.x for lay in layouts]) if B else np.zeros(0, np.int32)
-    sc = np.concatenate([lay.scale for lay in layouts]) if B else np.zeros(0, np.int8)
-    img_of = np.repeat(np.arange(B, dtype=np.int32), n_tok)
-    tok_start = np.repeat(cu[:-1] + num_prefix_tokens - np.concatenate([[0], np.cumsum(n_tok)[:-1]]), n_tok)
-    position = tok_start + np.arange(len(sc), dtype=np.int64)  # the layout order is the sequence order
-    per_scale = np.bincount(sc.astype(np.int64), minlength=S)[:S] if len(sc) else np.zeros(S, np.int64)
-    shared = get_worker_info() is not None  # in a DataLoader worker: write straight into shared memory
-    pix_shapes = [(int(per_scale[s]), 3, p << s, p << s) for s in range(S)]
-    u8 = _Arena(torch.uint8, [int(np.prod(sh)) for sh in pix_shapes], shared)
-    i32 = _Arena(torch.int32, [3 * int(per_scale.sum()), B + 1], shared)
-    i64 = _Arena(torch.int64, [int(per_scale.sum()), B], shared)
-    pix = [u8.take(sh) for sh in pix_shapes]
-    outs = tuple(t.numpy() for t in pix)
+    S = cfg.num_scales
+    per_scale = np.zeros(S, np.int64)
+    for lay in layouts:  # tokens of an unknown scale are not counted here: extraction reports them
+        per_scale += np.bincount(lay.scale.astype(np.int64), minlength=S)[:S] if lay.scale.min() >= 0 else 0
+    seqlens = [len(lay) + int(num_prefix_tokens) for lay in layouts]
+    spec = BatchSpec(per_scale, len(images), cfg.patch_size, S, labels is not None, seqlens,
+                     [(int(im.shape[0]), int(im.shape[1])) for im in images], num_prefix_tokens, num_padding,
+                     keys, skipped, skip_reasons)
+    return spec, images, layouts, labels
+
+
+def fill_batch(spec: BatchSpec, images, layouts, labels, buf: np.ndarray) -> None:
+    """Write a batch (`prepare_batch`'s outputs) into the uint8 buffer ``buf`` (>= ``spec.nbytes``)."""
+    S, p, B = spec.num_scales, spec.patch_size, spec.num_images
+    arrays = spec.arrays(buf)
+    outs = tuple(arrays[:S])
+    coords, seq_index, cu_seqlens = arrays[S:2 * S], arrays[2 * S:3 * S], arrays[3 * S]
     next_row = np.zeros(S, np.int64)
     for i, (im, lay) in enumerate(zip(images, layouts)):
         bad = extract_tokens(im, lay.y, lay.x, lay.scale, p, outs, next_row)
@@ -174,29 +248,24 @@ def pack_images(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None, l
             raise ValueError(f"image {i}: layout token {bad} (y={lay.y[bad]}, x={lay.x[bad]}, scale={lay.scale[bad]}) "
                              f"does not fit the {im.shape[0]}x{im.shape[1]} image on the {p}-px grid with "
                              f"{S} scales")
-    coords, seq_index = [], []
-    for s in range(S):
-        sel = sc == s
-        co = i32.take((int(per_scale[s]), 3))
-        co_np = co.numpy()
-        co_np[:, 0] = img_of[sel]
-        co_np[:, 1] = ys[sel] // p
-        co_np[:, 2] = xs[sel] // p
-        coords.append(co)
-        si = i64.take((int(per_scale[s]),))
-        si.numpy()[:] = position[sel]
-        seq_index.append(si)
-    cu_t = i32.take((B + 1,))
-    cu_t.numpy()[:] = cu
-    labels_t = None
+    n_tok = np.array([len(lay) for lay in layouts], np.int64)
+    cu = np.zeros(B + 1, np.int64)
+    np.cumsum(np.asarray(spec.seqlens, np.int64), out=cu[1:])
+    cu_seqlens[:] = cu
+    if B:
+        # all tokens of the batch, image after image, each image in its layout order (coarsest first)
+        sc = np.concatenate([lay.scale for lay in layouts])
+        ys = np.concatenate([lay.y for lay in layouts])
+        xs = np.concatenate([lay.x for lay in layouts])
+        img_of = np.repeat(np.arange(B, dtype=np.int32), n_tok)
+        tok_start = np.repeat(cu[:-1] + spec.num_prefix_tokens - np.concatenate([[0], np.cumsum(n_tok)[:-1]]), n_tok)
+        position = tok_start + np.arange(len(sc), dtype=np.int64)  # the layout order is the sequence order
+        for s in range(S):
+            sel = sc == s
+            co = coords[s]
+            co[:, 0] = img_of[sel]
+            co[:, 1] = ys[sel] // p
+            co[:, 2] = xs[sel] // p
+            seq_index[s][:] = position[sel]
     if labels is not None:
-        labels_t = i64.take((B,))
-        labels_t.numpy()[:] = np.asarray(labels, np.int64)
-    return PackedBatch(
-        pixels=tuple(pix), coords=tuple(coords), seq_index=tuple(seq_index),
-        cu_seqlens=cu_t, seqlens=tuple(int(v) for v in seqlens),
-        max_seqlen=int(seqlens.max()) if len(seqlens) else 0,
-        image_sizes=tuple((int(im.shape[0]), int(im.shape[1])) for im in images),
-        num_prefix_tokens=int(num_prefix_tokens), patch_size=p, num_scales=S, num_padding=int(num_padding),
-        labels=labels_t,
-    )
+        arrays[3 * S + 1][:] = np.asarray(labels, np.int64)

@@ -201,3 +201,48 @@ def test_layout_from_precomputed_scores_equals_patchify():
                 np.testing.assert_array_equal(getattr(got, a), getattr(want, a))
     with pytest.raises(ValueError, match="shape"):
         layout_from_scores(score_maps(img, 16, 3), (224, 224), APTConfig())
+
+
+def full_scoring_layout(img, cfg):
+    """The layout from every score of every scale (`score_flat` + `select_patches`), no shortcuts."""
+    from apt_data.layout import _select
+    from apt_data.scoring import score_flat
+
+    flat, offsets, shapes = score_flat(img, cfg.patch_size, cfg.num_scales, cfg.scorer, need_base=True)
+    return _select(flat, offsets, shapes, img.shape[:2], cfg)
+
+
+LAZY_CONFIGS = [APTConfig(), APTConfig(thresholds=(6.5, 5.0)), APTConfig(thresholds=(4.0, 2.0)),
+                APTConfig(thresholds=(7.2, 6.9)), APTConfig(num_scales=4, thresholds=(5.5, 4.5, 3.0)),
+                APTConfig(num_scales=4, thresholds=(7.0, 7.5, 8.0)), APTConfig(num_scales=2, thresholds=(5.5,)),
+                APTConfig(patch_size=8, thresholds=(4.0, 5.0)), APTConfig(patch_size=14, thresholds=(7.0, 7.5)),
+                APTConfig(thresholds=(INF, -INF)), APTConfig(thresholds=(-INF, INF)),
+                APTConfig(num_scales=1, thresholds=())]
+
+
+@pytest.mark.parametrize("size", [224, 384, (208, 176), (224, 288)])
+def test_lazy_entropy_selection_equals_full_scoring(size):
+    """patchify's kernel (bounds, lazy coarsest-first evaluation, no scale-0 scores) gives exactly the
+    layout of the full score pyramid, on real photos, their gray versions and noise."""
+    imgs = [load_resized(p, size) for p in IMAGE_PATHS[::2]]
+    imgs += [np.ascontiguousarray(im[:, :, 1]) for im in imgs[:4]]
+    h, w = (size, size) if isinstance(size, int) else size
+    imgs.append(np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    for img in imgs:
+        for cfg in LAZY_CONFIGS:
+            if img.shape[0] % cfg.patch_size or img.shape[1] % cfg.patch_size:
+                continue
+            got, want = patchify(img, cfg), full_scoring_layout(img, cfg)
+            for a in ("y", "x", "scale"):
+                np.testing.assert_array_equal(getattr(got, a), getattr(want, a), err_msg=f"{cfg} {a}")
+
+
+@pytest.mark.parametrize("p", [128, 255])
+def test_large_patches_use_wide_counters(p):
+    """p >= 128: a sum of squared counts of a scale-1 patch needs 64 bits."""
+    img = load_resized(IMAGE_PATHS[9], (4 * p, 6 * p))
+    for thr in ((7.0, 6.0), (8.0, 9.0), (3.0, 2.0)):
+        cfg = APTConfig(patch_size=p, thresholds=thr)
+        got, want = patchify(img, cfg), full_scoring_layout(img, cfg)
+        np.testing.assert_array_equal(got.scale, want.scale)
+        np.testing.assert_array_equal(got.y, want.y)

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from apt_data import APTConfig, patchify
-from apt_data.loader import APTLoader, FolderSource
+from apt_data.loader import APTLoader, FolderSource, _SlotPool, open_source
 from apt_data.packing import pack_images
 from apt_data.transforms import ImageTransform
 from conftest import IMAGE_PATHS
+
+SHARDS = Path(__file__).resolve().parents[1] / "shards"
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +135,134 @@ def test_augmented_training_is_seeded_per_sample(folder):
         assert ba.keys == bb.keys
         for s in range(3):
             assert torch.equal(ba.pixels[s], bb.pixels[s])
+
+
+def batch_arrays(batch):
+    return [*batch.pixels, *batch.coords, *batch.seq_index, batch.cu_seqlens, batch.labels]
+
+
+def assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.keys == b.keys and a.seqlens == b.seqlens and a.image_sizes == b.image_sizes
+        for x, y in zip(batch_arrays(a), batch_arrays(b)):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def two_epochs(loader):
+    out = []
+    for e in range(2):
+        loader.set_epoch(e)
+        out += [batch for batch, _ in loader]  # held: the workers reuse their slots meanwhile
+    return out
+
+
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_worker_batches_equal_in_process_batches_and_stay_intact(folder, source, monkeypatch):
+    """Forked workers pack into reused shared-memory slots that the main process copies out of:
+    batches held over two epochs (every slot reused many times meanwhile) equal in-process ones."""
+    released = []
+    release = _SlotPool.release
+    monkeypatch.setattr(_SlotPool, "release", lambda self, w, k: (released.append(k), release(self, w, k)))
+    src = FolderSource(folder) if source == "folder" else open_source(f"{SHARDS}:val")
+    a = APTLoader(src, APTConfig(), max_tokens=1200, num_workers=2, seed=3, prefetch_factor=1)
+    b = APTLoader(src, APTConfig(), max_tokens=1200, num_workers=0, seed=3)
+    got = two_epochs(a)
+    assert len(released) == len(got)  # every batch came through a slot (2 per worker, reused)
+    assert_same_batches(got, two_epochs(b))
+
+
+def test_batches_without_a_free_slot_take_a_fresh_segment(folder, monkeypatch):
+    monkeypatch.setattr(_SlotPool, "acquire", lambda self, worker, nbytes: None)
+    src = FolderSource(folder)
+    got = [b for b, _ in APTLoader(src, APTConfig(), max_tokens=1000, num_workers=2, seed=4)]
+    assert_same_batches(got, [b for b, _ in APTLoader(src, APTConfig(), max_tokens=1000, num_workers=0, seed=4)])
+
+
+def test_an_abandoned_iteration_does_not_disturb_the_next(folder):
+    src = FolderSource(folder)
+    loader = APTLoader(src, APTConfig(), max_tokens=1000, num_workers=2, seed=6)
+    it = iter(loader)
+    first = next(it)[0]
+    got = [b for b, _ in loader]  # while `it` (and its workers) are still alive
+    want = [b for b, _ in APTLoader(src, APTConfig(), max_tokens=1000, num_workers=0, seed=6)]
+    assert_same_batches(got, want)
+    assert_same_batches([first], want[:1])
+    it.close()
+    assert_same_batches([b for b, _ in loader], want)
+
+
+def test_stored_scores_give_the_layouts_of_rescoring():
+    """From shards made with the same config and transform, the loader uses the stored score maps
+    instead of rescoring: every image's tokens equal packing the decoded image with patchify."""
+    cfg = APTConfig()
+    src = open_source(f"{SHARDS}:val")
+    loader = APTLoader(src, cfg, max_tokens=2000, num_workers=2, seed=0)
+    assert loader.exact_counts
+    seen = 0
+    for batch, _ in loader:
+        for b, key in enumerate(batch.keys):
+            i = src.keys.index(key)
+            img = loader.transform(src.read(i), key)
+            single = pack_images([img], cfg, labels=[int(src.labels[i])])
+            for s in range(cfg.num_scales):
+                mine = batch.coords[s][:, 0] == b
+                assert torch.equal(batch.pixels[s][mine], single.pixels[s])
+                assert torch.equal(batch.coords[s][mine][:, 1:], single.coords[s][:, 1:])
+            seen += 1
+    assert seen == len(src)
+
+
+def test_index_source_fast_reads_equal_read_sample_and_fall_back_on_a_stale_shard(tmp_path):
+    from apt_data.shards import ShardDataError, read_sample
+
+    src = open_source(f"{SHARDS}:val")
+    for i in range(len(src)):
+        jpeg, rec = src.read_record(i)
+        want = read_sample(src._rows[i], src.index.root, strict=True)
+        assert jpeg == want.jpeg == src.read(i) and rec.key == want.key and rec.label == want.label
+        assert rec.meta == want.meta and rec.shard == want.shard and np.array_equal(rec.scores, want.scores)
+        assert rec.scores.flags.writeable
+        data, scores = src.read_scores(i)
+        assert data == want.jpeg and np.array_equal(scores, want.scores)
+    # a shard rewritten since the index was made: the fast path notices, read_sample names the problem
+    shutil.copy(SHARDS / "val.parquet", tmp_path / "val.parquet")
+    tar = bytearray((SHARDS / "val-000000.tar").read_bytes())
+    row = src._rows[0]
+    for member in ("jpg", "npy"):
+        at = row[f"{member}_offset"] - 512
+        tar[at:at + 3] = b"zzz"  # the member's name in its tar header
+    (tmp_path / "val-000000.tar").write_bytes(bytes(tar))
+    stale = open_source(f"{tmp_path}:val")
+    for read in (stale.read, stale.read_record, stale.read_scores):
+        with pytest.raises(ShardDataError, match="index_mismatch"):
+            read(0)
+    assert stale.read(1) == src.read(1)
+
+
+def test_pinning_copies_a_slot_once_into_page_locked_memory(folder, monkeypatch):
+    """The DataLoader's pin-memory thread calls `_WireBatch.pin_memory`: one copy, slot -> pinned
+    buffer (on a machine without CUDA, a stand-in records the request)."""
+    import apt_data.loader as L
+    from apt_data.packing import fill_batch, prepare_batch
+
+    if not torch.cuda.is_available():
+        asked = []
+        monkeypatch.setattr(L, "_host_buffer", lambda n, pin: (asked.append(pin), torch.empty(n, dtype=torch.uint8))[1])
+    images = [np.asarray(ImageTransform(size=224)(p.read_bytes())) for p in IMAGE_PATHS[:3]]
+    spec, images, layouts, labels = prepare_batch(images, APTConfig(), [0, 1, 2], 1, None, 0, keys=["a", "b", "c"])
+    pool = _SlotPool(1, 2, spec.nbytes)
+    pool.reset()
+    slot = pool.acquire(0, spec.nbytes)
+    fill_batch(spec, images, layouts, labels, pool.view(0, slot, spec.nbytes))
+    pinned = L._WireBatch(spec, pool.id, 0, slot).pin_memory()
+    assert pool.acquire(0, spec.nbytes) is not None and pool.acquire(0, spec.nbytes) is not None  # slot handed back
+    pool.view(0, slot, spec.nbytes)[:] = 0  # the slot is reused: the batch must not change
+    got = pinned.to_batch()
+    from dataclasses import replace
+
+    assert_same_batches([got], [replace(pack_images(images, APTConfig(), labels=[0, 1, 2]), keys=("a", "b", "c"))])
+    if torch.cuda.is_available():
+        assert got.pixels[0].is_pinned()
+    else:
+        assert asked == [True]

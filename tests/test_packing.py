@@ -116,3 +116,23 @@ def test_to_and_pin_keep_metadata(photos):
     batch = pack_images(photos[:2], labels=[0, 1])
     moved = batch.to("cpu", non_blocking=True)
     assert moved.seqlens == batch.seqlens and torch.equal(moved.pixels[0], batch.pixels[0])
+
+
+def test_one_buffer_per_batch_and_specs_travel(photos):
+    """All tensors of a batch are aligned views of one buffer; a pickled `BatchSpec` plus the buffer's
+    bytes rebuild the same batch (what a loader worker sends)."""
+    import pickle
+
+    from apt_data.packing import fill_batch, prepare_batch
+
+    batch = pack_images(photos, labels=[3, 1, 4, 1, 5], num_padding=3)
+    tensors = [*batch.pixels, *batch.coords, *batch.seq_index, batch.cu_seqlens, batch.labels]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    assert all(t.data_ptr() % 64 == 0 and t.is_contiguous() for t in tensors)
+    spec, images, layouts, labels = prepare_batch(photos, APTConfig(), [3, 1, 4, 1, 5], 1, None, 3, keys=list("abcde"))
+    buf = np.full(spec.nbytes + 64, 255, np.uint8)[64:]  # dirty, offset memory: every byte must be written
+    fill_batch(spec, images, layouts, labels, buf)
+    again = pickle.loads(pickle.dumps(spec)).to_batch(torch.from_numpy(buf))
+    assert again.keys == tuple("abcde") and again.seqlens == batch.seqlens and again.num_padding == 3
+    for a, b in zip(tensors, [*again.pixels, *again.coords, *again.seq_index, again.cu_seqlens, again.labels]):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -104,3 +104,59 @@ def test_bad_arguments():
         score_maps(img, 0, 2)
     with pytest.raises(ValueError, match="num_scales"):
         score_maps(img, 16, 0)
+
+
+def test_selection_kernel_bins_match_reference_for_every_rgb_colour():
+    """`band_bins` (the SIMD gray/bin pass of patchify's kernel) equals the NumPy bins for all 2**24 colours."""
+    from apt_data.scoring.entropy import band_bins
+
+    v = np.arange(256, dtype=np.uint8)
+    r, g, b = np.meshgrid(v, v, v, indexing="ij")
+    rgb = np.stack([r.ravel(), g.ravel(), b.ravel()], -1).reshape(4096, 4096, 3)
+    rows = rgb.reshape(4096, 4096 * 3)
+    out = np.empty((4096, 4096), np.uint16)
+    planes = [np.empty(4096, np.uint8) for _ in range(3)]
+    band_bins(rows, 3, 0, 4096, 4096, *planes, out)
+    np.testing.assert_array_equal(out, gray_bins_reference(rgb))
+    gray = np.ascontiguousarray(rgb[:256, :256, 0])  # every gray level, single channel
+    band_bins(gray, 1, 0, 256, 256, *planes, out[:256, :256])
+    np.testing.assert_array_equal(out[:256, :256], gray_bins_reference(gray))
+
+
+def entropy_bits(counts):
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def test_entropy_bounds_used_by_the_selection_kernel_hold():
+    """log2(n^2 / sum c^2) <= H <= log2(k), and mean(H_children) <= H_parent <= mean(H_children) + 2,
+    on real 32/64-px patches and on random histograms (spikes, uniform, sparse)."""
+    hists = []
+    for path in IMAGE_PATHS[::4]:
+        bins = gray_bins_reference(load_resized(path, 256))
+        for i in range(0, 256, 64):
+            for j in range(0, 256, 64):
+                hists.append([np.bincount(bins[a:a + 32, c:c + 32].ravel(), minlength=512)
+                              for a in (i, i + 32) for c in (j, j + 32)])
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        kind = rng.integers(3)
+        kids = []
+        for _ in range(4):
+            if kind == 0:
+                v = rng.integers(0, 512, 1024)
+            elif kind == 1:
+                v = rng.choice(rng.integers(0, 512, rng.integers(1, 6)), 1024)
+            else:
+                v = np.minimum(rng.geometric(rng.uniform(0.05, 0.9), 1024) + rng.integers(0, 400), 511)
+            kids.append(np.bincount(v, minlength=512))
+        hists.append(kids)
+    for kids in hists:
+        h_kids = []
+        for c in kids:
+            h = entropy_bits(c)
+            n, sq, k = c.sum(), float((c.astype(np.int64) ** 2).sum()), int((c > 0).sum())
+            assert 2 * np.log2(n) - np.log2(sq) <= h + 1e-9 and h <= np.log2(k) + 1e-9
+            h_kids.append(h)
+        parent = entropy_bits(np.sum(kids, 0))
+        assert np.mean(h_kids) - 1e-9 <= parent <= np.mean(h_kids) + 2 + 1e-9

@@ -1,17 +1,21 @@
 #!/usr/bin/env python
 """Benchmark: APTLoader against a plain decode + resize + collate loader, same data, same workers.
 
-    python tools/bench_loader.py [--source shards] [--max-tokens 4096] [--workers 2] [--epochs 3]
+    python tools/bench_loader.py [--source shards] [--max-tokens 4096] [--workers 2] [--epochs 5]
 
 Prints the packing fill (real tokens / budget; prefix tokens count as real) and images/s of both
 loaders in the same run. The plain loader is what a timm user runs today: a torch DataLoader over
-the same samples, each decoded and resized by the same `ImageTransform`, default-collated into
-fixed-size uint8 batches of the APT loader's mean images per batch. Targets (issue 4): fill >= 99%,
-APT images/s >= 0.95x the plain loader's.
+the same samples (read with the same one-seek source, JPEG bytes only), each decoded and resized
+by the same `ImageTransform`, default-collated into fixed-size uint8 batches of the APT loader's
+mean images per batch. The loaders alternate, ``--epochs`` timed passes each (after one warm-up
+pass each), and the medians are reported, with the CPU time per image of the main process and
+its workers (steadier than images/s when other jobs share the cores). Targets (issue 4):
+fill >= 99%, APT images/s >= 0.95x the plain loader's.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -39,16 +43,18 @@ class PlainDataset(Dataset):
         return torch.from_numpy(np.array(img)).permute(2, 0, 1), int(self.source.labels[i])
 
 
-def time_epochs(make_iter, epochs: int) -> tuple[float, int]:
-    """Best images/s over ``epochs`` passes (the first warms the page cache and workers)."""
-    best, n_images = 0.0, 0
-    for _ in range(epochs):
-        t0, n = time.perf_counter(), 0
-        for batch in make_iter():
-            n += batch
-        dt = time.perf_counter() - t0
-        best, n_images = max(best, n / dt), n
-    return best, n_images
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the loaders' worker processes)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed_pass(make_iter) -> tuple[float, float]:
+    """(images/s, CPU microseconds per image: main process + workers) of one pass over ``make_iter()``."""
+    c0, t0, n = cpu_seconds(), time.perf_counter(), 0
+    for batch in make_iter():
+        n += batch
+    return n / (time.perf_counter() - t0), (cpu_seconds() - c0) / n * 1e6
 
 
 def main(argv=None) -> int:
@@ -56,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--source", default=str(ROOT / "shards"))
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=5, help="timed passes per loader (alternating)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--repeat", type=int, default=4, help="passes over the source per timed epoch")
     args = ap.parse_args(argv)
@@ -97,17 +103,30 @@ def main(argv=None) -> int:
             for x, _ in plain:
                 yield x.shape[0]
 
-    apt_ips, n = time_epochs(apt_iter, args.epochs)
-    plain_ips, _ = time_epochs(plain_iter, args.epochs)
-    print(f"# bench_loader: {len(source)} samples from {args.source} x{args.repeat} per epoch, {args.workers} workers, "
+    # alternate the two loaders, so that the other processes of a shared machine slow both alike
+    timed_pass(apt_iter), timed_pass(plain_iter)  # warm-up: page cache, code
+    apt_runs, plain_runs = [], []
+    for _ in range(args.epochs):
+        apt_runs.append(timed_pass(apt_iter))
+        plain_runs.append(timed_pass(plain_iter))
+    (apt_ips, apt_cpu), (plain_ips, plain_cpu) = np.median(apt_runs, 0), np.median(plain_runs, 0)
+    ratios = np.array([a[0] / p[0] for a, p in zip(apt_runs, plain_runs)])
+    total = sum(f * args.max_tokens for f in fills)  # real tokens of an epoch
+    best_batches = int(np.ceil(total / args.max_tokens - 1e-9))
+    best_fill = total / (best_batches * args.max_tokens)  # the fill of the fewest batches that can hold them
+    print(f"# bench_loader: {len(source)} samples from {args.source} x{args.repeat} per timed pass, "
+          f"{args.workers} workers, "
           f"{args.image_size}px, max_tokens {args.max_tokens}, planning from "
-          f"{'exact index token counts' if apt.exact_counts else 'uniform-grid upper bounds'}")
-    print("| loader | images/s | images/batch | fill (real tokens / budget) |")
-    print("|---|---|---|---|")
-    print(f"| plain decode+resize+collate | {plain_ips:.0f} | {bs} | - |")
-    print(f"| APTLoader | {apt_ips:.0f} | {np.mean(imgs_per_batch):.1f} | {np.mean(fills):.2%} "
-          f"(all batches; {np.mean(fills[:-1]) if len(fills) > 1 else np.mean(fills):.2%} without the last) |")
-    print(f"APT / plain images/s: {apt_ips / plain_ips:.3f}x")
+          f"{'exact index token counts' if apt.exact_counts else 'uniform-grid upper bounds'}; "
+          f"{args.epochs} alternating timed passes per loader, medians")
+    print("| loader | images/s | CPU us/image (main + workers) | images/batch | fill (real tokens / budget) |")
+    print("|---|---|---|---|---|")
+    print(f"| plain decode+resize+collate | {plain_ips:.0f} | {plain_cpu:.0f} | {bs} | - |")
+    print(f"| APTLoader | {apt_ips:.0f} | {apt_cpu:.0f} | {np.mean(imgs_per_batch):.1f} | {np.mean(fills):.2%} "
+          f"(all batches; {np.mean(fills[:-1]) if len(fills) > 1 else np.mean(fills):.2%} without the last; "
+          f"lowest {min(fills):.2%}; {len(fills)} batches, {best_batches} at least, so at most {best_fill:.2%}) |")
+    print(f"APT / plain images/s: {apt_ips / plain_ips:.3f}x (per pass: {', '.join(f'{r:.3f}' for r in ratios)}; "
+          f"median {np.median(ratios):.3f}x); plain / APT CPU per image: {plain_cpu / apt_cpu:.3f}x")
     return 0
 
 

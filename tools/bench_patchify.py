@@ -7,6 +7,8 @@ For each size, every real sample image is decoded from its JPEG bytes and resize
 to SIZE x SIZE (`apt_data.decode_image`, what a loader does), then `patchify` runs on the result.
 Per-image times are the median of ``--repeats`` runs, averaged over the images; the process is
 pinned to one core. The target (issue 2): scoring + selection <= 5% of decode + resize at 384 px.
+``--full-pyramid`` adds, as an in-run baseline, the entropy selection from every scale's complete
+score map (`score_flat` + `select_patches`: the kernel `patchify` used before the lazy one).
 It also starts a fresh Python process to show that the kernels load from Numba's on-disk cache
 instead of compiling in every worker.
 """
@@ -24,6 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from apt_data import APTConfig, decode_image, patchify, warmup  # noqa: E402
+from apt_data.layout import _select  # noqa: E402
+from apt_data.scoring import score_flat  # noqa: E402
 
 DEFAULT_IMAGES = ROOT / "tests" / "data" / "images"
 
@@ -38,10 +42,11 @@ t2 = time.perf_counter()
 from apt_data.scoring.entropy import entropy_pyramid
 from apt_data.scoring.laplacian import laplacian_pyramid
 from apt_data.scoring.upsample import upsample_pyramid
-from apt_data.layout import select_patches, _paint_scales
+from apt_data.layout import select_patches, _paint_scales, _entropy_patchify
 from apt_data.packing import extract_tokens
 hits = misses = 0
-for d in (entropy_pyramid, laplacian_pyramid, upsample_pyramid, select_patches, _paint_scales, extract_tokens):
+for d in (entropy_pyramid, laplacian_pyramid, upsample_pyramid, select_patches, _paint_scales, _entropy_patchify,
+          extract_tokens):
     hits += sum(d.stats.cache_hits.values()); misses += sum(d.stats.cache_misses.values())
 print(json.dumps({"import_s": t1 - t0, "warmup_s": t2 - t1, "cache_hits": hits, "compiled": misses}))
 """
@@ -69,6 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--limit", type=int, default=0, help="use at most this many images (0: all)")
     ap.add_argument("--scorers", nargs="+", default=["entropy", "laplacian", "upsample"])
+    ap.add_argument("--full-pyramid", action="store_true", help="also time entropy from the full score pyramid")
     args = ap.parse_args(argv)
 
     if hasattr(os, "sched_setaffinity"):
@@ -85,22 +91,31 @@ def main(argv=None) -> int:
           f"{fresh['warmup_s'] * 1e3:.0f} ms; kernels loaded from the on-disk cache: {fresh['cache_hits']}, "
           f"compiled: {fresh['compiled']}")
     print()
-    head = "| size | tokens kept | decode+resize us | " + " | ".join(f"{s} us" for s in args.scorers)
+    extra = ["entropy, full pyramid"] if args.full_pyramid else []
+    head = "| size | tokens kept | decode+resize us | " + " | ".join(f"{s} us" for s in args.scorers + extra)
     head += " | entropy / decode+resize |"
     print(head)
-    print("|" + "---|" * (4 + len(args.scorers)))
+    print("|" + "---|" * (4 + len(args.scorers) + len(extra)))
+    full_cfg = APTConfig()
+
+    def full_pyramid(img):
+        flat, offsets, shapes = score_flat(img, full_cfg.patch_size, full_cfg.num_scales, "entropy", need_base=False)
+        return _select(flat, offsets, shapes, img.shape[:2], full_cfg)
+
     for size in args.sizes:
-        dec, score, kept = [], {s: [] for s in args.scorers}, []
+        dec, score, kept = [], {s: [] for s in args.scorers + extra}, []
         for name, data in blobs:
             img = decode_image(data, size, name=name)
             dec.append(median_time(lambda: decode_image(data, size, name=name), args.repeats))
             for s in args.scorers:
                 cfg = APTConfig(scorer=s)
                 score[s].append(median_time(lambda: patchify(img, cfg), args.repeats))
+            if extra:
+                score[extra[0]].append(median_time(lambda: full_pyramid(img), args.repeats))
             layout = patchify(img, APTConfig())
             kept.append(len(layout) / layout.uniform_tokens)
         d = np.mean(dec) * 1e6
-        cols = " | ".join(f"{np.mean(score[s]) * 1e6:.0f}" for s in args.scorers)
+        cols = " | ".join(f"{np.mean(score[s]) * 1e6:.0f}" for s in args.scorers + extra)
         ent = np.mean(score["entropy"]) * 1e6 if "entropy" in score else float("nan")
         print(f"| {size} | {np.mean(kept):.1%} | {d:.0f} | {cols} | {ent / d:.1%} |")
     return 0

@@ -4,19 +4,27 @@
 g == 255 in the last bin), entropy in bits; tests check the bins against ``torch.histc`` for
 every gray value an RGB pixel can produce.
 
-Cost O(pixels + patches x bins): each pixel is counted once into the histogram of its patch at
-the finest scale that is needed (scale 0 for `score_maps`; scale 1 for patch selection, which
-never reads scale-0 scores), and a coarser patch's histogram is the sum of its four children's.
-The pyramid is streamed one row of patches at a time, so the histograms in flight stay in L1/L2
-cache. Entropy of a histogram of n samples is ``log2(n) - sum(c log2 c) / n``, ``c log2 c``
-from a table, skipping runs of 8 empty bins.
+Two kernels, one definition (both call `_histogram_entropy` on identical integer counts, so a
+score they both compute is bit-identical):
+
+- `entropy_pyramid` (`score_maps`): every patch of every scale. Each pixel is counted once into
+  the histogram of its patch at the finest scale needed; a coarser histogram is the sum of its
+  four children's. Cost O(pixels + patches x bins), streamed one row of patches at a time.
+- `entropy_layout` (`patchify`): only what the coarsest-first selection reads. It never
+  histograms scale 0, and it computes an exact entropy only where cheap bounds cannot decide the
+  threshold comparison (see `entropy_layout`). Pixels are counted into four interleaved
+  sub-histograms (by row and column parity), so runs of equal neighbouring bins do not serialise
+  on one counter.
+
+Entropy of a histogram of n samples is ``log2(n) - sum(c log2 c) / n``, ``c log2 c`` from a
+table, skipping runs of 8 empty bins.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from ._gray import gray_plane_reference, gray_row
+from ._gray import _WB, _WG, _WR, gray_plane_reference, gray_row
 
 NUM_BINS = 512
 
@@ -92,6 +100,188 @@ def entropy_pyramid(rows, channels, p, num_scales, first, clog, flat, offsets):
                 i >>= 1
             else:
                 break
+
+
+# ------------------------------------------------------------------------ selection kernel
+# Bounds that decide most threshold comparisons without the exact entropy H of a histogram
+# (n samples, counts c, k non-empty bins):  log2(n^2 / sum c^2) <= H <= log2(k)  (Renyi order 2
+# and Hartley entropies).  A parent (4 equal children) satisfies
+# mean(H_children) <= H_parent <= mean(H_children) + 2  (concavity; mixing 4 parts adds <= 2 bits).
+# A bound decides only when it clears the threshold by BOUND_MARGIN, far above the float error
+# (~1e-6 bits) of a computed entropy, so every decision equals the one the exact score gives.
+BOUND_MARGIN = 1e-3
+_U = np.uint64
+
+
+@njit(cache=True, nogil=True)
+def band_bins(rows, channels, y0, nrows, ncols, r, g, b, out):
+    """``out[rr, x]`` = bin of pixel (y0 + rr, x), for x < ncols.
+
+    RGB rows are first split into planes (``r``, ``g``, ``b``) so that the float32 gray and bin
+    arithmetic (the paper's expression, in the same order) runs as one contiguous SIMD loop.
+    """
+    for rr in range(nrows):
+        row = rows[y0 + rr]
+        o = out[rr]
+        if channels == 3:
+            for x in range(ncols):
+                r[x] = row[3 * x]
+                g[x] = row[3 * x + 1]
+                b[x] = row[3 * x + 2]
+            for x in range(ncols):
+                gray = (_WR * np.float32(r[x]) + _WG * np.float32(g[x])) + _WB * np.float32(b[x])
+                q = np.int32((gray / np.float32(255.0)) * np.float32(512.0))
+                o[x] = q if q < 511 else 511
+        else:
+            for x in range(ncols):
+                q = np.int32((np.float32(row[x]) / np.float32(255.0)) * np.float32(512.0))
+                o[x] = q if q < 511 else 511
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _count_cell(bins, nrows, x0, ncols, sub):
+    """Count one cell's pixels (``bins`` rows ``0..nrows-1``, columns ``x0..x0+ncols-1``; both
+    sizes even) into four sub-histograms chosen by row and column parity: neighbouring pixels,
+    often of equal bins, then never update the same counter back to back."""
+    for rr in range(0, nrows, 2):
+        o0 = bins[rr]
+        o1 = bins[rr + 1]
+        for x in range(_U(x0), _U(x0 + ncols), _U(2)):  # unsigned: no negative-index wrap-around code
+            sub[o0[x]] += 1
+            sub[_U(512) + o1[x]] += 1
+            sub[_U(1024) + o0[x + _U(1)]] += 1
+            sub[_U(1536) + o1[x + _U(1)]] += 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _merge_sub(sub, h, wide):
+    """``h`` = the sum of the four sub-histograms, which are cleared; returns (sum c^2, non-empty bins).
+
+    32-bit lanes (numba would widen every step to 64 bits) unless ``wide``: sum c^2 <= n^2 must
+    fit in uint32, i.e. n < 2**16 pixels.
+    """
+    nz = np.uint32(0)
+    sq = np.uint64(0)
+    sq32 = np.uint32(0)
+    for k in range(NUM_BINS):
+        c = np.uint32(sub[k] + sub[k + 512] + sub[k + 1024] + sub[k + 1536])
+        sub[k] = 0
+        sub[k + 512] = 0
+        sub[k + 1024] = 0
+        sub[k + 1536] = 0
+        h[k] = c
+        if wide:
+            sq += np.uint64(c) * np.uint64(c)
+        else:
+            sq32 = np.uint32(sq32 + np.uint32(c * c))
+        nz = np.uint32(nz + min(c, np.uint32(1)))
+    return (sq if wide else np.uint64(sq32)), nz
+
+
+@njit(cache=True, nogil=True)
+def entropy_layout(rows, channels, p, num_scales, thresholds, clog, sub, flat, offsets, hs, ws):
+    """Decide every scale >= 1 patch the coarsest-first selection reads; write its score to ``flat``.
+
+    Equivalent to `entropy_pyramid` + `select_patches`, but (1) only scale-1 histograms are built
+    from pixels (one band of scale-1 rows at a time); (2) a patch is looked at only when no
+    coarser kept patch covers it (lazily, coarsest first, once its band of the coarsest scale is
+    complete); (3) bounds (see `BOUND_MARGIN`) decide most comparisons, and the exact entropy is
+    computed only for the rest. ``flat`` gets, for every patch the selection reads, either the exact
+    score or a bound on the same side of the threshold, so `select_patches` on it gives the exact
+    layout. ``sub``: ``[2048]`` zeroed pixel counters, left zeroed (uint16: a scale-1 patch puts at
+    most p*p pixels into each of its four sub-histograms, and `APTConfig` keeps p <= 255).
+    """
+    L = num_scales - 1
+    if L < 1 or hs[1] == 0 or ws[1] == 0:
+        return
+    c1 = 2 * p
+    R = 1 << (L - 1)                       # scale-1 rows under one row of the coarsest scale
+    ws1 = ws[1]
+    ncols = ws1 * c1
+    hist1 = np.empty((R, ws1, NUM_BINS), np.uint32)
+    lo = np.empty((num_scales, R, ws1))    # bounds per scale, for the rows of the current band
+    hi = np.empty((num_scales, R, ws1))
+    bins = np.empty((c1, ncols), np.uint16)
+    r = np.empty(ncols, np.uint8)
+    g = np.empty(ncols, np.uint8)
+    b = np.empty(ncols, np.uint8)
+    tmp = np.empty(NUM_BINS, np.int64)
+    stack = np.empty((4 * num_scales, 3), np.int64)
+    two_log_n1 = 2.0 * np.log2(np.float64(c1 * c1))
+    wide = c1 * c1 >= 1 << 16
+    for i1 in range(hs[1]):
+        band_bins(rows, channels, i1 * c1, c1, ncols, r, g, b, bins)
+        slot = i1 & (R - 1)
+        for j in range(ws1):
+            _count_cell(bins, c1, j * c1, c1, sub)
+            sq, nz = _merge_sub(sub, hist1[slot, j], wide)
+            lo[1, slot, j] = two_log_n1 - np.log2(np.float64(sq))
+            hi[1, slot, j] = np.log2(np.float64(nz))
+        # close this row, and every coarser row it completes; decide the patches without a parent
+        s = 1
+        i = i1
+        while True:
+            parent_row = s < L and (i >> 1) < hs[s + 1]
+            srow = i & ((1 << (L - s)) - 1)
+            for j in range(ws[s]):
+                if not (parent_row and (j >> 1) < ws[s + 1]):
+                    _decide(s, i, j, L, p, thresholds, clog, hist1, lo, hi, tmp, stack, flat, offsets, ws)
+            if not (parent_row and (i & 1) == 1):
+                break
+            prow = (i >> 1) & ((1 << (L - s - 1)) - 1)
+            for jp in range(ws[s + 1]):  # a parent's bounds from its four children's
+                j0 = 2 * jp
+                a = (lo[s, srow - 1, j0] + lo[s, srow - 1, j0 + 1]) + (lo[s, srow, j0] + lo[s, srow, j0 + 1])
+                z = (hi[s, srow - 1, j0] + hi[s, srow - 1, j0 + 1]) + (hi[s, srow, j0] + hi[s, srow, j0 + 1])
+                lo[s + 1, prow, jp] = 0.25 * a
+                hi[s + 1, prow, jp] = 0.25 * z + 2.0
+            s += 1
+            i >>= 1
+
+
+@njit(cache=True, nogil=True)
+def _decide(s0, i0, j0, L, p, thresholds, clog, hist1, lo, hi, tmp, stack, flat, offsets, ws):
+    """Decide patch (s0, i0, j0), which no kept patch covers, and (depth first) its uncovered descendants."""
+    R = hist1.shape[0]
+    stack[0, 0] = s0
+    stack[0, 1] = i0
+    stack[0, 2] = j0
+    top = 1
+    while top > 0:
+        top -= 1
+        s = stack[top, 0]
+        i = stack[top, 1]
+        j = stack[top, 2]
+        row = i & ((1 << (L - s)) - 1)
+        thr = thresholds[s - 1]
+        if lo[s, row, j] >= thr + BOUND_MARGIN:
+            v = lo[s, row, j]
+        elif hi[s, row, j] < thr - BOUND_MARGIN:
+            v = hi[s, row, j]
+        else:  # exact: the histogram is the sum of the scale-1 histograms below
+            f = 1 << (s - 1)
+            if f == 1:
+                h = hist1[i & (R - 1), j]
+                n = (2 * p) * (2 * p)
+                v = _histogram_entropy(h, n, np.log2(np.float64(n)), clog)
+            else:
+                tmp[:] = 0
+                for a in range(i * f, i * f + f):
+                    for c in range(j * f, j * f + f):
+                        hh = hist1[a & (R - 1), c]
+                        for k in range(NUM_BINS):
+                            tmp[k] += hh[k]
+                n = (p << s) * (p << s)
+                v = _histogram_entropy(tmp, n, np.log2(np.float64(n)), clog)
+        v32 = np.float32(v)
+        flat[offsets[s] + i * ws[s] + j] = v32
+        if not (v32 < thr) and s > 1:  # not kept: its children are uncovered
+            for a in range(2):
+                for c in range(2):
+                    stack[top, 0] = s - 1
+                    stack[top, 1] = 2 * i + a
+                    stack[top, 2] = 2 * j + c
+                    top += 1
 
 
 _CLOG_CACHE: dict[int, np.ndarray] = {}
