@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="train.py", description="Fine-tune a timm ViT as an Adaptive Patch Transformer on token-budget batches. "
-                                     "Recipe flags left unset take the recipe's value (README.md, "Training and evaluation").")
+                                     "Recipe flags left unset take the recipe's value (README.md, 'Training and evaluation').")
     g = ap.add_argument_group("model and data")
     g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name, created with pretrained=False (default: %(default)s)")
     g.add_argument("--checkpoint", default=None, help="local timm or APT weights to start from (never downloaded)")
