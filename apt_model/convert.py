@@ -1,4 +1,5 @@
-"""`from_timm`: an `APTViT` from a timm Vision Transformer, with its weights.
+"""`from_timm`: an `APTViT` from a timm Vision Transformer, with its weights (an `APTWindowedViT`
+from a timm ``VisionTransformerSAM``: SAM / ViTDet-style windowed ViTs).
 
 APTViT keeps timm's parameter names (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.*``, ``norm``, ``head`` ...) and adds only ``patch_embed.down.*`` and
@@ -13,6 +14,7 @@ from typing import Optional, Union
 import torch.nn as nn
 
 from .vit import APTViT
+from .windowed import APTWindowedViT
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -33,7 +35,13 @@ def _check_supported(model: nn.Module) -> None:
         raise TypeError("patch dropout is not supported by APT models")
 
 
-def load_apt_checkpoint(apt: APTViT, checkpoint_path: str) -> None:
+def _is_sam(model: nn.Module) -> bool:
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    return isinstance(model, VisionTransformerSAM)
+
+
+def load_apt_checkpoint(apt: Union[APTViT, APTWindowedViT], checkpoint_path: str) -> None:
     """Load a timm or an APT checkpoint into ``apt`` (timm's file handling: ``state_dict`` / ``model``
     / EMA wrappers, ``module.`` prefixes, safetensors). Only APT's new parameters may be missing."""
     from timm.models import load_state_dict
@@ -52,13 +60,16 @@ def load_apt_checkpoint(apt: APTViT, checkpoint_path: str) -> None:
 
 
 def from_timm(model_or_name: Union[str, nn.Module], num_scales: int = 3, checkpoint_path: Optional[str] = None,
-              attn_backend: str = "auto", **timm_kwargs) -> APTViT:
+              attn_backend: str = "auto", **timm_kwargs) -> Union[APTViT, APTWindowedViT]:
     """Wrap a timm ViT as an APT model sharing its modules (and weights).
 
     ``model_or_name``: a timm ``VisionTransformer`` instance, used with whatever weights it has; or a
     model name, created with ``pretrained=False`` and ``**timm_kwargs`` (e.g. ``img_size``,
     ``num_classes``, ``drop_path_rate``), then loaded from the local ``checkpoint_path`` (a timm or
     an APT checkpoint) if given. Nothing is ever downloaded.
+
+    A timm ``VisionTransformerSAM`` (``samvit_*``: the SAM image encoder, ViTDet-style windowed and
+    global blocks, relative positions, conv neck) gives an `APTWindowedViT` (`apt_model.windowed`).
     """
     import timm
 
@@ -72,8 +83,11 @@ def from_timm(model_or_name: Union[str, nn.Module], num_scales: int = 3, checkpo
             raise ValueError("checkpoint_path and timm keyword arguments are for model names; "
                              "configure and load your instance yourself")
         model = model_or_name
-    _check_supported(model)
-    apt = APTViT(model, num_scales=num_scales, attn_backend=attn_backend)
+    if _is_sam(model):
+        apt = APTWindowedViT(model, num_scales=num_scales, attn_backend=attn_backend)
+    else:
+        _check_supported(model)
+        apt = APTViT(model, num_scales=num_scales, attn_backend=attn_backend)
     ref = next(model.parameters(), None)
     if ref is not None:  # the new parts (detail path, buffers) join the wrapped model's device and dtype
         apt.to(device=ref.device, dtype=ref.dtype)

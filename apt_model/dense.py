@@ -48,3 +48,10 @@ def to_dense(tokens: torch.Tensor, batch) -> Union[torch.Tensor, list[torch.Tens
     if len(set(cells)) == 1:
         return torch.stack(maps)
     return maps
+
+
+def dense_features(model, batch) -> Union[torch.Tensor, list[torch.Tensor]]:
+    """The dense feature map of any APT model, ``[B, C, H/p, W/p]`` (a list for mixed image sizes):
+    ``model.forward_dense(batch)`` (`APTWindowedViT`: the SAM neck's output, what timm's
+    ``forward_features`` returns; `APTViT`: timm's ``forward_features`` patch tokens on their grid)."""
+    return model.forward_dense(batch)

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, PackedContext, packed_block
+from .dense import to_dense
 from .patch_embed import APTPatchEmbed
 from .packed import compute_dtype, device_index, segment_ids, segment_starts
 from .pos_embed import gather_pos_embed
@@ -157,6 +158,13 @@ class APTViT(nn.Module):
             out.append(x.new_full((B, x.shape[1]), float("-inf")).scatter_reduce(
                 0, owner[:, None].expand_as(tok), tok, reduce="amax", include_self=True))
         return out[0] if len(out) == 1 else 0.5 * (out[0] + out[1])
+
+    def forward_dense(self, batch):
+        """Dense patch features ``[B, D, H/p, W/p]`` (a list for mixed image sizes): the final-norm
+        tokens of `forward_features` with every large token repeated over the cells it covers, which
+        equals timm's ``forward_features`` patch grid with no reduction. For dense heads."""
+        tokens, _ = self.forward_features(batch)
+        return to_dense(tokens, batch)
 
     def forward_head(self, x: torch.Tensor, batch, pre_logits: bool = False) -> torch.Tensor:
         """Logits ``[B, num_classes]`` (or pooled features with ``pre_logits``)."""

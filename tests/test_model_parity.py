@@ -120,3 +120,15 @@ def test_no_pooling_gives_per_token_logits_like_timm():
         want = model(timm_input(images, model))
     assert got.shape == (2 * 197 + 3, 7) and want.shape == (2, 197, 7)
     assert (got[:-3].view(2, 197, 7) - want).abs().max().item() <= 1e-4
+
+
+def test_forward_dense_is_to_dense_of_forward_features():
+    torch.manual_seed(0)
+    apt = from_timm(timm.create_model("vit_tiny_patch16_224", pretrained=False)).eval()
+    images = [load_resized(p, 224) for p in IMAGE_PATHS[12:14]]
+    batch = pack_images(images, APTConfig(thresholds=(7.5, 7.0)))
+    assert all(t.shape[0] for t in batch.pixels)
+    with torch.no_grad():
+        dense = apt.forward_dense(batch)
+        want = to_dense(apt.forward_features(batch)[0], batch)
+    assert dense.shape == (2, 192, 14, 14) and torch.equal(dense, want)

@@ -1,0 +1,145 @@
+"""Window-compatible patch layouts for windowed ViTs (SAM / ViTDet-style window attention).
+
+A windowed block attends inside square windows of ``window`` base cells (``window * patch_size``
+px), laid from the image's top-left corner. An APT token must lie inside one window: a 64-px token
+(4 cells) straddles the border of SAM's 14-cell windows wherever ``y % 14 > 10`` (rows 12-15 and
+40-43 of a 64-cell grid). Two ways to get a layout where no token straddles a border:
+
+- `patchify_windowed` / `layout_from_scores_windowed`: the quadtree selection itself is run with
+  every straddling scale-s cell made ineligible (its score set to +inf, never below a threshold),
+  so that region is decided by the finer scales under their own thresholds (the selection rule is
+  otherwise unchanged);
+- `split_for_windows`: an existing layout (e.g. from a shard index or a loader) post-processed:
+  each straddling token is replaced by its four children, recursively, until none straddles.
+
+Scale-s tokens never straddle when ``window`` is a multiple of ``2**s`` (e.g. 32-px tokens in
+14-cell windows), and nothing is changed at all when ``window`` is a multiple of the largest patch.
+``window=0`` means no windows (global attention only): layouts are returned unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .config import APTConfig
+from .image import check_image
+from .layout import PatchLayout, layout_from_scores
+from .scoring import score_maps
+
+
+def _check_window(window: int) -> int:
+    if int(window) != window or window < 0:
+        raise ValueError(f"window must be an int >= 0 (base cells; 0 = no windows), got {window!r}")
+    return int(window)
+
+
+def straddling(y_cells: np.ndarray, x_cells: np.ndarray, cells: np.ndarray | int, window: int) -> np.ndarray:
+    """Boolean mask: the token at base cell (y, x) covering ``cells`` x ``cells`` base cells crosses a
+    border of the ``window``-cell window grid."""
+    if window == 0:
+        return np.zeros(np.shape(y_cells), bool)
+    y = np.asarray(y_cells, np.int64)
+    x = np.asarray(x_cells, np.int64)
+    f = np.asarray(cells, np.int64)
+    return ((y % window) + f > window) | ((x % window) + f > window)
+
+
+def count_straddling(layout: PatchLayout, window: int) -> int:
+    """Tokens of ``layout`` that cross a window border (0: the layout fits the windows)."""
+    window = _check_window(window)
+    p = layout.patch_size
+    return int(straddling(layout.y // p, layout.x // p, 1 << layout.scale.astype(np.int64), window).sum())
+
+
+def mask_scores_for_windows(maps: Sequence[np.ndarray], window: int) -> list[np.ndarray]:
+    """Copies of per-scale score maps (`score_maps` order, finest first) with every scale-s cell
+    (s >= 1) that would straddle a window border set to +inf, so selection never keeps it."""
+    window = _check_window(window)
+    out = [np.array(m, np.float32, copy=True) for m in maps]
+    if window == 0:
+        return out
+    for s in range(1, len(out)):
+        f = 1 << s
+        if window % f == 0:
+            continue
+        h, w = out[s].shape
+        bad_y = straddling(np.arange(h) * f, np.zeros(h, np.int64), f, window)
+        bad_x = straddling(np.zeros(w, np.int64), np.arange(w) * f, f, window)
+        out[s][bad_y, :] = np.inf
+        out[s][:, bad_x] = np.inf
+    return out
+
+
+def layout_from_scores_windowed(maps: Sequence[np.ndarray], image_size: tuple[int, int], cfg: APTConfig,
+                                window: int) -> PatchLayout:
+    """`layout_from_scores` with straddling cells made ineligible (see the module docstring)."""
+    return layout_from_scores(mask_scores_for_windows(maps, window), image_size, cfg)
+
+
+def patchify_windowed(image: np.ndarray, cfg: Optional[APTConfig] = None, window: int = 14) -> PatchLayout:
+    """`patchify` for a windowed ViT: no token crosses a border of the ``window``-cell windows."""
+    cfg = cfg or APTConfig()
+    image = check_image(image)
+    H, W = image.shape[:2]
+    p = cfg.patch_size
+    if H % p or W % p:
+        raise ValueError(f"image of size {H}x{W} (HxW): both sides must be multiples of patch_size={p}; "
+                         "resize or crop it first")
+    maps = score_maps(image, p, cfg.num_scales, cfg.scorer)
+    return layout_from_scores_windowed(maps, (H, W), cfg, window)
+
+
+def split_for_windows(layout: PatchLayout, window: int) -> PatchLayout:
+    """``layout`` with every token that crosses a window border replaced by its four children
+    (recursively), in `PatchLayout` order (coarsest first, raster order inside a scale)."""
+    window = _check_window(window)
+    p = layout.patch_size
+    y = layout.y.astype(np.int64) // p
+    x = layout.x.astype(np.int64) // p
+    s = layout.scale.astype(np.int64)
+    bad = straddling(y, x, 1 << s, window)
+    if not bad.any():
+        return layout
+    keep_y, keep_x, keep_s = [y[~bad]], [x[~bad]], [s[~bad]]
+    y, x, s = y[bad], x[bad], s[bad]
+    while len(s):  # s >= 1 here: a single cell never straddles
+        h = 1 << (s - 1)
+        y = np.concatenate([y, y, y + h, y + h])
+        x = np.concatenate([x, x + h, x, x + h])
+        s = np.concatenate([s - 1] * 4)
+        bad = straddling(y, x, 1 << s, window)
+        keep_y.append(y[~bad])
+        keep_x.append(x[~bad])
+        keep_s.append(s[~bad])
+        y, x, s = y[bad], x[bad], s[bad]
+    y, x, s = np.concatenate(keep_y), np.concatenate(keep_x), np.concatenate(keep_s)
+    order = np.lexsort((x, y, -s))
+    return PatchLayout(y=(y[order] * p).astype(np.int32), x=(x[order] * p).astype(np.int32),
+                       scale=s[order].astype(np.int8), image_size=tuple(layout.image_size), patch_size=p,
+                       num_scales=layout.num_scales)
+
+
+def pack_windowed(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None, window: int = 14,
+                  labels: Optional[Sequence[int]] = None, num_prefix_tokens: int = 0, num_padding: int = 0,
+                  layouts: Optional[Sequence[PatchLayout]] = None):
+    """`pack_images` for a windowed ViT (e.g. ``window=model.window_size`` of an APT SAM model):
+    layouts from `patchify_windowed`, or the given ``layouts`` passed through `split_for_windows`."""
+    from .packing import pack_images
+
+    cfg = cfg or APTConfig()
+    if layouts is None:
+        layouts = []
+        for i, im in enumerate(images):
+            try:
+                layouts.append(patchify_windowed(im, cfg, window))
+            except ValueError as e:
+                raise ValueError(f"image {i}: {e}") from None
+    else:
+        layouts = [split_for_windows(lay, window) for lay in layouts]
+    return pack_images(images, cfg, labels=labels, num_prefix_tokens=num_prefix_tokens, layouts=layouts,
+                       num_padding=num_padding)
+
+
+__all__ = ["count_straddling", "layout_from_scores_windowed", "mask_scores_for_windows", "pack_windowed",
+           "patchify_windowed", "split_for_windows", "straddling"]
