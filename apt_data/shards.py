@@ -20,7 +20,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -367,7 +367,8 @@ def iter_shards(urls: Union[PathLike, Sequence[PathLike]], *, strict: bool = Fal
 # Writing
 # --------------------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: PathLike) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -380,16 +381,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``path`` so that it is either absent/old or complete: ``.tmp``, fsync, rename."""
+def atomic_write(path: PathLike, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on ``PATH.tmp``, fsync it, rename it to ``path``: readers see the old file
+    or the complete new one, never a partial one; a failed write leaves neither ``.tmp`` nor a change.
+    The project's one atomic writer (shards, index, checkpoints, metrics, reports)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """`atomic_write` of ``data``."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 class ShardWriter:
@@ -443,7 +454,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.path.stat().st_size
 
     def abort(self) -> None:
@@ -793,7 +804,7 @@ def read_file_list(path: PathLike) -> list[tuple[Path, int, str]]:
 
 __all__ = [
     "EncodedSample", "FORMAT_VERSION", "IMAGE_EXTENSIONS", "MEMBERS", "SampleRecord", "ShardDataError",
-    "ShardIndex", "ShardStats", "ShardWriter", "Skipped", "SourceError", "atomic_write_bytes", "config_dict",
+    "ShardIndex", "ShardStats", "ShardWriter", "Skipped", "SourceError", "atomic_write", "atomic_write_bytes", "fsync_dir", "config_dict",
     "encode_sample", "expand_urls", "find_index", "index_columns", "index_table", "index_row", "iter_shard", "iter_shards",
     "list_image_folder", "read_file_list", "read_index", "read_sample", "sample_meta", "split_scores",
     "write_index",

@@ -98,17 +98,7 @@ class APTViT(nn.Module):
             ar = torch.arange(self.num_prefix_tokens, device=starts.device)
             index.append((starts[:, None] + ar).reshape(-1))
             values.append(prefix.repeat(batch.num_images, 1))
-        for s in range(batch.num_scales):
-            if batch.pixels[s].shape[0] == 0:
-                continue
-            e = self.patch_embed(batch.pixels[s], s, resize_only=self.resize_only)
-            if pos[s] is not None:
-                e = e + pos[s].to(e.dtype)
-            values.append(e)
-            index.append(batch.seq_index[s])
-        vals = torch.cat(values) if len(values) > 1 else values[0]
-        idx = torch.cat(index) if len(index) > 1 else index[0]
-        x = vals.new_zeros(batch.seq_len, vals.shape[1]).index_copy(0, idx, vals)
+        x = scatter_embeddings(self.patch_embed, batch, pos, self.resize_only, values, index)
         return self.norm_pre(self.pos_drop(x))
 
     # ------------------------------------------------------------------ forward
@@ -193,3 +183,22 @@ class APTViT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm-style parameter groups (layer decay): stem, then one group per block."""
         return dict(stem=r"^cls_token|^reg_token|^pos_embed|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+
+def scatter_embeddings(patch_embed, batch, pos: list, resize_only: bool = False,
+                       values: Optional[list] = None, index: Optional[list] = None) -> torch.Tensor:
+    """The packed input sequence ``[L, D]``: every scale's patch embeddings (+ ``pos[s]`` where not
+    None) and any extra rows (``values`` at ``index``, e.g. prefix tokens) scattered into their
+    positions with one ``index_copy``; padding rows stay zero. Shared by the APT models."""
+    values, index = list(values or []), list(index or [])
+    for s in range(batch.num_scales):
+        if batch.pixels[s].shape[0] == 0:
+            continue
+        e = patch_embed(batch.pixels[s], s, resize_only=resize_only)
+        if pos[s] is not None:
+            e = e + pos[s].to(e.dtype)
+        values.append(e)
+        index.append(batch.seq_index[s])
+    vals = torch.cat(values) if len(values) > 1 else values[0]
+    idx = torch.cat(index) if len(index) > 1 else index[0]
+    return vals.new_zeros(batch.seq_len, vals.shape[1]).index_copy(0, idx, vals)

@@ -53,6 +53,7 @@ from .attention import BACKENDS, PackedContext, resolve_backend, varlen_attentio
 from .dense import to_dense
 from .patch_embed import APTPatchEmbed
 from .pos_embed import gather_pos_embed
+from .vit import scatter_embeddings
 
 # ----------------------------------------------------------------------------------- planning
 
@@ -527,18 +528,7 @@ class APTWindowedViT(nn.Module):
         if self.pos_embed is not None:
             patch_pos = self.pos_embed[0].reshape(-1, self.pos_embed.shape[-1])
             pos = gather_pos_embed(patch_pos, self.grid_size, batch.coords, batch.image_sizes, self.patch_size)
-        values, index = [], []
-        for s in range(batch.num_scales):
-            if batch.pixels[s].shape[0] == 0:
-                continue
-            e = self.patch_embed(batch.pixels[s], s, resize_only=self.resize_only)
-            if pos[s] is not None:
-                e = e + pos[s].to(e.dtype)
-            values.append(e)
-            index.append(batch.seq_index[s])
-        vals = torch.cat(values) if len(values) > 1 else values[0]
-        idx = torch.cat(index) if len(index) > 1 else index[0]
-        x = vals.new_zeros(batch.seq_len, vals.shape[1]).index_copy(0, idx, vals)
+        x = scatter_embeddings(self.patch_embed, batch, pos, self.resize_only)
         return self.norm_pre(self.pos_drop(x))
 
     # ------------------------------------------------------------------ forward

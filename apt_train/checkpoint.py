@@ -18,37 +18,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from apt_data.shards import atomic_write  # the project's one atomic writer
+
 PathLike = Union[str, os.PathLike]
 _CKPT = re.compile(r"^checkpoint-(\d+)\.pt$")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: PathLike, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename to ``path``: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
