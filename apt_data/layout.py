@@ -134,6 +134,16 @@ def select_patches_reference(maps: list[np.ndarray], thresholds, patch_size: int
     return y, x, sc
 
 
+def checked_image(image: np.ndarray, patch_size: int) -> tuple[np.ndarray, int, int]:
+    """`check_image`, then the sides checked against the patch size: (image, H, W)."""
+    image = check_image(image)
+    H, W = image.shape[:2]
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image of size {H}x{W} (HxW): both sides must be multiples of patch_size={patch_size}; "
+                         "resize or crop it first")
+    return image, H, W
+
+
 def patchify(image: np.ndarray, cfg: APTConfig | None = None) -> PatchLayout:
     """Choose a patch size for every region of ``image`` (uint8 HxWx3 or HxW).
 
@@ -141,12 +151,8 @@ def patchify(image: np.ndarray, cfg: APTConfig | None = None) -> PatchLayout:
     largest patch, the strip that fits no larger patch is covered by the finer scales.
     """
     cfg = cfg or APTConfig()
-    image = check_image(image)
-    H, W = image.shape[:2]
+    image, H, W = checked_image(image, cfg.patch_size)
     p = cfg.patch_size
-    if H % p or W % p:
-        raise ValueError(f"image of size {H}x{W} (HxW): both sides must be multiples of patch_size={p}; "
-                         "resize or crop it first")
     if cfg.scorer == "entropy":
         thr, clog = _entropy_constants(cfg)
         rows, channels = as_rows(image)

@@ -23,8 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .config import APTConfig
-from .image import check_image
-from .layout import PatchLayout, layout_from_scores
+from .layout import PatchLayout, checked_image, layout_from_scores
 from .scoring import score_maps
 
 
@@ -80,13 +79,8 @@ def layout_from_scores_windowed(maps: Sequence[np.ndarray], image_size: tuple[in
 def patchify_windowed(image: np.ndarray, cfg: Optional[APTConfig] = None, window: int = 14) -> PatchLayout:
     """`patchify` for a windowed ViT: no token crosses a border of the ``window``-cell windows."""
     cfg = cfg or APTConfig()
-    image = check_image(image)
-    H, W = image.shape[:2]
-    p = cfg.patch_size
-    if H % p or W % p:
-        raise ValueError(f"image of size {H}x{W} (HxW): both sides must be multiples of patch_size={p}; "
-                         "resize or crop it first")
-    maps = score_maps(image, p, cfg.num_scales, cfg.scorer)
+    image, H, W = checked_image(image, cfg.patch_size)
+    maps = score_maps(image, cfg.patch_size, cfg.num_scales, cfg.scorer)
     return layout_from_scores_windowed(maps, (H, W), cfg, window)
 
 

@@ -81,6 +81,16 @@ class APTPatchEmbed(nn.Module):
         self.down = nn.ModuleList([average_conv(self.embed_dim) for _ in range(num_scales - 1)])
         self.zero_linear = nn.ModuleList([zero_linear(self.embed_dim) for _ in range(num_scales - 1)])
 
+    @classmethod
+    def from_vit(cls, vit: nn.Module, num_scales: int = 3, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None) -> "APTPatchEmbed":
+        """The embedding of a timm ViT (its ``patch_embed.proj``/``norm``, shared), normalising with
+        ``mean``/``std`` or else the model's ``pretrained_cfg`` values."""
+        pe = vit.patch_embed
+        cfg = getattr(vit, "pretrained_cfg", None) or {}
+        return cls(pe.proj, num_scales, mean or cfg.get("mean", (0.5, 0.5, 0.5)),
+                   std or cfg.get("std", (0.5, 0.5, 0.5)), norm=getattr(pe, "norm", None))
+
     def folded_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """E with the normalisation folded in: ``E((x - mean) / std) = x @ W'.T + b'`` for raw
         0..255 pixels ``x``, as a ``[3*p*p, D]`` matrix and a ``[D]`` bias (cheap; keeps autograd)."""

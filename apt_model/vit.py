@@ -37,11 +37,7 @@ class APTViT(nn.Module):
         super().__init__()
         if attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
-        pe = vit.patch_embed
-        cfg = getattr(vit, "pretrained_cfg", None) or {}
-        mean = mean or cfg.get("mean", (0.5, 0.5, 0.5))
-        std = std or cfg.get("std", (0.5, 0.5, 0.5))
-        self.patch_embed = APTPatchEmbed(pe.proj, num_scales, mean, std, norm=getattr(pe, "norm", None))
+        self.patch_embed = APTPatchEmbed.from_vit(vit, num_scales, mean, std)
         self.patch_size = self.patch_embed.patch_size
         self.num_scales = int(num_scales)
         self.embed_dim = self.num_features = int(vit.embed_dim)
@@ -53,7 +49,7 @@ class APTViT(nn.Module):
         self.cls_token = vit.cls_token
         self.reg_token = getattr(vit, "reg_token", None)
         self.pos_embed = vit.pos_embed
-        self.grid_size = tuple(pe.grid_size)
+        self.grid_size = tuple(vit.patch_embed.grid_size)
         self.pos_drop = vit.pos_drop
         self.norm_pre = vit.norm_pre
         self.blocks = vit.blocks
