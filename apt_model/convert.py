@@ -41,12 +41,15 @@ def _is_sam(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformerSAM)
 
 
-def load_apt_checkpoint(apt: Union[APTViT, APTWindowedViT], checkpoint_path: str) -> None:
+def load_apt_checkpoint(apt: Union[APTViT, APTWindowedViT], checkpoint_path: str,
+                        state: Optional[dict] = None) -> None:
     """Load a timm or an APT checkpoint into ``apt`` (timm's file handling: ``state_dict`` / ``model``
-    / EMA wrappers, ``module.`` prefixes, safetensors). Only APT's new parameters may be missing."""
-    from timm.models import load_state_dict
+    / EMA wrappers, ``module.`` prefixes, safetensors). Only APT's new parameters may be missing.
+    ``state``: the file's state dict when the caller has already read it (the path then only names it)."""
+    if state is None:
+        from timm.models import load_state_dict
 
-    state = load_state_dict(checkpoint_path)
+        state = load_state_dict(checkpoint_path)
     try:
         missing, unexpected = apt.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches

@@ -11,12 +11,16 @@ from typing import Sequence
 import torch
 
 
-def device_index(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """A small int64 tensor built on the host and copied without a blocking host-device sync."""
-    t = torch.tensor(list(values), dtype=torch.int64)
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a blocking host-device sync (from pinned memory on CUDA)."""
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def device_index(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A small int64 tensor built on the host and copied without a blocking host-device sync."""
+    return host_to_device(torch.tensor(list(values), dtype=torch.int64), device)
 
 
 def segment_ids(seqlens: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -51,6 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, PackedContext, resolve_backend, varlen_attention
 from .dense import to_dense
+from .packed import compute_dtype, host_to_device
 from .patch_embed import APTPatchEmbed
 from .pos_embed import gather_pos_embed
 from .vit import scatter_embeddings
@@ -96,10 +97,7 @@ class SegmentPlan:
         device = torch.device(device)
         if device not in self._dev:
             def mv(a):
-                if a is None:
-                    return None
-                t = torch.from_numpy(np.ascontiguousarray(a))
-                return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+                return None if a is None else host_to_device(torch.from_numpy(np.ascontiguousarray(a)), device)
             self._dev[device] = dict(pos=mv(self.pos), row_segment=mv(self.row_segment), gather=mv(self.gather),
                                      slots=mv(self.slots))
         return self._dev[device]
@@ -323,8 +321,7 @@ def _host_to(a: np.ndarray, device: torch.device, cache: dict, key) -> torch.Ten
     """A host index array on ``device``, copied once (non-blocking from pinned memory on CUDA)."""
     key = (key, torch.device(device))
     if key not in cache:
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        cache[key] = t.pin_memory().to(device, non_blocking=True) if t.device != device and torch.device(device).type == "cuda" else t.to(device)
+        cache[key] = host_to_device(torch.from_numpy(np.ascontiguousarray(a)), device)
     return cache[key]
 
 
@@ -534,7 +531,7 @@ class APTWindowedViT(nn.Module):
         if plan.seq_len != batch.seq_len:
             raise ValueError("the plan was made for another batch")
         x = self.embed(batch)
-        backend = resolve_backend(self.attn_backend, x.device, x.dtype)
+        backend = resolve_backend(self.attn_backend, x.device, compute_dtype(x.device, x.dtype))  # as APTViT.context
         img = plan.segments[0]
         # windows: many short segments, so "auto" takes the bucketed padded path (a few batched calls)
         # on every device; images: the backend "auto" resolves to (one call per image on the CPU)

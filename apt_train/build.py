@@ -9,6 +9,7 @@ from pathlib import Path
 
 from apt_data import APTConfig, add_loader_args, config_from_args
 from apt_model import APTViT, from_timm
+from apt_model.convert import load_apt_checkpoint
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,11 +19,8 @@ class SetupError(ValueError):
     """A bad flag or input found while setting up: the tools print it and exit with status 2."""
 
 
-def checkpoint_num_classes(path: str) -> Optional[int]:
-    """Classes of the head stored in a timm or APT checkpoint (None when it has no head)."""
-    from timm.models import load_state_dict
-
-    state = load_state_dict(path)
+def checkpoint_num_classes(state: dict) -> Optional[int]:
+    """Classes of the head in a timm or APT state dict (None when it has no head)."""
     w = state.get("head.weight")
     return int(w.shape[0]) if w is not None and w.ndim == 2 else None
 
@@ -41,8 +39,15 @@ def build_model(name: str, *, checkpoint: Optional[str] = None, num_classes: Opt
         raise SetupError(f"unknown timm model {name!r} (list them with timm.list_models('vit_*'))")
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise SetupError(f"checkpoint {checkpoint} does not exist")
+    state = None
     if checkpoint is not None:
-        ckpt_classes = checkpoint_num_classes(checkpoint)
+        from timm.models import load_state_dict
+
+        try:
+            state = load_state_dict(checkpoint)  # read once: the head size here, the weights below
+        except Exception as e:
+            raise SetupError(f"checkpoint {checkpoint} cannot be read: {e}") from None
+        ckpt_classes = checkpoint_num_classes(state)
         if num_classes is None:
             num_classes = ckpt_classes
         elif ckpt_classes is not None and ckpt_classes != num_classes:
@@ -55,7 +60,10 @@ def build_model(name: str, *, checkpoint: Optional[str] = None, num_classes: Opt
     if image_size is not None:
         kw["img_size"] = int(image_size)
     try:
-        return from_timm(name, num_scales=num_scales, checkpoint_path=checkpoint, attn_backend=attn_backend, **kw)
+        apt = from_timm(name, num_scales=num_scales, attn_backend=attn_backend, **kw)
+        if checkpoint is not None:
+            load_apt_checkpoint(apt, checkpoint, state=state)
+        return apt
     except (TypeError, ValueError, RuntimeError, FileNotFoundError) as e:
         raise SetupError(f"model {name!r}: {e}") from None
 

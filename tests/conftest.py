@@ -28,3 +28,14 @@ def image_paths() -> list[Path]:
 @pytest.fixture(scope="session")
 def real_images_224() -> list[np.ndarray]:
     return [load_resized(p, 224) for p in IMAGE_PATHS]
+
+
+def timm_input(images: list[np.ndarray], model, device: str = "cpu"):
+    """What a timm model is fed for ``images`` (uint8 HxWx3): floats normalised with its mean/std."""
+    import torch
+
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg.get("mean", (0.5,) * 3), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.5,) * 3), device=device).view(1, 3, 1, 1)
+    x = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in images]).to(device).float() / 255
+    return (x - mean) / std

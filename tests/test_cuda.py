@@ -10,7 +10,7 @@ import torch
 from apt_data import APTConfig, pack_images
 from apt_model import from_timm, to_dense
 from apt_model.attention import flash_attn_varlen
-from conftest import IMAGE_PATHS, load_resized
+from conftest import IMAGE_PATHS, load_resized, timm_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,20 +35,12 @@ def _models(name="vit_small_patch16_224", size=224):
     return model, from_timm(model).cuda().eval()
 
 
-def _timm_input(images, model):
-    cfg = model.pretrained_cfg
-    mean = torch.tensor(cfg["mean"], device="cuda").view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], device="cuda").view(1, 3, 1, 1)
-    x = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in images]).cuda().float() / 255
-    return (x - mean) / std
-
-
 def test_no_reduction_equals_timm_on_cuda():
     model, apt = _models()
     images = [load_resized(p, 224) for p in IMAGE_PATHS[:4]]
     batch = pack_images(images, APTConfig(thresholds=(-np.inf, -np.inf))).to("cuda")
     with torch.no_grad():
-        want = model(_timm_input(images, model))
+        want = model(timm_input(images, model, "cuda"))
         for backend in ("padded", "segments", "dense"):
             apt.attn_backend = backend
             assert (apt(batch) - want).abs().max().item() <= 1e-4, backend

@@ -6,17 +6,9 @@ import torch
 
 from apt_data import APTConfig, pack_images
 from apt_model import from_timm, to_dense
-from conftest import IMAGE_PATHS, load_resized
+from conftest import IMAGE_PATHS, load_resized, timm_input
 
 NO_REDUCTION = APTConfig(thresholds=(-np.inf, -np.inf))
-
-
-def timm_input(images, model):
-    cfg = model.pretrained_cfg
-    mean = torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1)
-    x = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in images]).float() / 255
-    return (x - mean) / std
 
 
 GRID = [(f"vit_{w}_patch16_224", size, patch) for w in ("tiny", "small", "base") for size in (224, 384) for patch in (16, 14)]

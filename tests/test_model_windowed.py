@@ -16,18 +16,10 @@ from apt_data import APTConfig, pack_images, patchify
 from apt_data.windows import count_straddling, pack_windowed, patchify_windowed, split_for_windows
 from apt_model import APTWindowedViT, dense_features, from_timm, to_dense
 from apt_model.windowed import plan_windows
-from conftest import IMAGE_PATHS, load_resized
+from conftest import IMAGE_PATHS, load_resized, timm_input
 
 NO_REDUCTION = APTConfig(thresholds=(-np.inf, -np.inf))
 REDUCED = APTConfig(thresholds=(5.5, 4.0))
-
-
-def timm_input(images, model):
-    cfg = model.pretrained_cfg
-    mean = torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1)
-    x = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in images]).float() / 255
-    return (x - mean) / std
 
 
 def randomize_positions(model, std=0.5):
