@@ -46,10 +46,15 @@ def warmup() -> None:
     img[::2] = 200
     from .packing import extract_tokens
 
-    lay = patchify(img, APTConfig(thresholds=(-np.inf, -np.inf)))
-    outs = tuple(np.empty((len(lay) if s == 0 else 0, 3, 16 << s, 16 << s), np.uint8) for s in range(3))
-    extract_tokens(img, lay.y, lay.x, lay.scale, 16, outs, np.zeros(3, np.int64))
+    # decode_image returns read-only arrays (views of Pillow's buffer), which Numba compiles separately
+    readonly = img.copy()
+    readonly.flags.writeable = False
+    for im in (img, readonly):
+        lay = patchify(im, APTConfig(thresholds=(-np.inf, -np.inf)))
+        outs = tuple(np.empty((len(lay) if s == 0 else 0, 3, 16 << s, 16 << s), np.uint8) for s in range(3))
+        extract_tokens(im, lay.y, lay.x, lay.scale, 16, outs, np.zeros(3, np.int64))
+        for scorer in SCORER_NAMES:
+            patchify(im, APTConfig(patch_size=16, num_scales=3, scorer=scorer)).scale_grid()
+            score_maps(im, 16, 3, scorer)
     for scorer in SCORER_NAMES:
-        patchify(img, APTConfig(patch_size=16, num_scales=3, scorer=scorer)).scale_grid()
-        score_maps(img, 16, 3, scorer)
         score_maps(img[:, :, 0], 16, 3, scorer)

@@ -266,3 +266,31 @@ def test_pinning_copies_a_slot_once_into_page_locked_memory(folder, monkeypatch)
         assert got.pixels[0].is_pinned()
     else:
         assert asked == [True]
+
+
+_WARMUP_CHECK = r"""
+import sys, numba, apt_data
+from apt_data.packing import pack_images
+apt_data.warmup()
+def versions():
+    return {f"{m}.{n}": len(d.signatures) for m, mod in list(sys.modules.items()) if m.startswith("apt_data")
+            for n, d in vars(mod).items() if isinstance(d, numba.core.registry.CPUDispatcher)}
+before = versions()
+images = [apt_data.decode_image(p, 384) for p in sys.argv[1:]]
+assert not images[0].flags.writeable  # what the loader's workers get
+pack_images(images, apt_data.APTConfig())
+after = versions()
+print({k: (before.get(k, 0), v) for k, v in after.items() if v != before.get(k, 0)})
+"""
+
+
+def test_warmup_covers_the_kernel_versions_a_worker_uses():
+    """Workers fork after `warmup()`: packing decoded (read-only) photos must not load or compile
+    another version of any kernel in the worker (each took ~14 ms per kernel, every epoch)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _WARMUP_CHECK, *map(str, IMAGE_PATHS[:2])], cwd=root,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "{}", f"kernels given a new version after warmup (before, after): {out.stdout}"
