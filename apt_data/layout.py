@@ -153,13 +153,14 @@ def patchify(image: np.ndarray, cfg: APTConfig | None = None) -> PatchLayout:
     cfg = cfg or APTConfig()
     image, H, W = checked_image(image, cfg.patch_size)
     p = cfg.patch_size
-    if cfg.scorer == "entropy":
-        thr, clog = _entropy_constants(cfg)
-        rows, channels = as_rows(image)
-        y, x, scale = _entropy_patchify(rows, channels, p, cfg.num_scales, thr, clog)  # p <= 255 (APTConfig)
-        return PatchLayout(y=y, x=x, scale=scale, image_size=(H, W), patch_size=p, num_scales=cfg.num_scales)
-    flat, offsets, shapes = score_flat(image, p, cfg.num_scales, cfg.scorer, need_base=False)
-    return _select(flat, offsets, shapes, (H, W), cfg)
+    if cfg.scorer != "entropy":
+        flat, _, _ = score_flat(image, p, cfg.num_scales, cfg.scorer, need_base=False)
+        return layout_from_flat_scores(flat, (H, W), cfg)
+    hs, ws, offsets, thr = _grid_constants(H, W, cfg)
+    clog = clog_table((p << (cfg.num_scales - 1)) ** 2)
+    rows, channels = as_rows(image)
+    y, x, scale = _entropy_patchify(rows, channels, p, cfg.num_scales, thr, clog, hs, ws, offsets)  # p <= 255 (APTConfig)
+    return PatchLayout(y=y, x=x, scale=scale, image_size=(H, W), patch_size=p, num_scales=cfg.num_scales)
 
 
 _THRESHOLDS: dict = {}
@@ -176,23 +177,10 @@ def _thresholds(cfg: APTConfig) -> np.ndarray:
     return thr
 
 
-def _entropy_constants(cfg: APTConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Thresholds and the ``c log2 c`` table (counts up to the largest patch) of the entropy kernel."""
-    return _thresholds(cfg), clog_table((cfg.patch_size << (cfg.num_scales - 1)) ** 2)
-
-
 @njit(cache=True, nogil=True)
-def _entropy_patchify(rows, channels, p, num_scales, thresholds, clog):
-    """`patchify` for the entropy scorer in one call: `entropy_layout`, then `select_patches`."""
-    H = rows.shape[0]
-    W = rows.shape[1] // channels
-    hs = np.empty(num_scales, np.int64)
-    ws = np.empty(num_scales, np.int64)
-    offsets = np.zeros(num_scales + 1, np.int64)
-    for s in range(num_scales):
-        hs[s] = H // (p << s)
-        ws[s] = W // (p << s)
-        offsets[s + 1] = offsets[s] + hs[s] * ws[s]
+def _entropy_patchify(rows, channels, p, num_scales, thresholds, clog, hs, ws, offsets):
+    """`patchify` for the entropy scorer in one call: `entropy_layout`, then `select_patches`
+    (``hs``, ``ws``, ``offsets``: the image's `_grid_constants`)."""
     flat = np.empty(offsets[num_scales], np.float32)
     sub = np.zeros(4 * 512, np.uint16)  # a scale-1 patch puts <= p*p pixels in each sub-histogram
     entropy_layout(rows, channels, p, num_scales, thresholds, clog, sub, flat, offsets, hs, ws)
@@ -250,17 +238,6 @@ def _grid_constants(H: int, W: int, cfg: APTConfig):
         np.cumsum(hs * ws, out=offsets[1:])
         c = _GRIDS[key] = (hs, ws, offsets, _thresholds(cfg))
     return c
-
-
-def _select(flat, offsets, shapes, image_size, cfg: APTConfig) -> PatchLayout:
-    hs = np.array([s[0] for s in shapes], dtype=np.int64)
-    ws = np.array([s[1] for s in shapes], dtype=np.int64)
-    thr = np.asarray(cfg.thresholds, dtype=np.float64).reshape(-1)
-    if thr.size == 0:
-        thr = np.zeros(1, np.float64)  # num_scales == 1: never read
-    y, x, scale = select_patches(flat, offsets, hs, ws, thr, cfg.patch_size, cfg.num_scales)
-    return PatchLayout(y=y, x=x, scale=scale, image_size=tuple(image_size), patch_size=cfg.patch_size,
-                       num_scales=cfg.num_scales)
 
 
 __all__ = ["PatchLayout", "layout_from_scores", "patchify", "select_patches", "select_patches_reference"]

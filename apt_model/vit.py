@@ -12,20 +12,20 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import BACKENDS, PackedContext, packed_block
+from .attention import PackedContext, packed_block
+from .backbone import APTBackbone
 from .dense import to_dense
-from .patch_embed import APTPatchEmbed
 from .packed import compute_dtype, device_index, segment_ids, segment_starts
 from .pos_embed import gather_pos_embed
 
 
-class APTViT(nn.Module):
+class APTViT(APTBackbone):
     """A timm ``VisionTransformer`` running packed batches (`PackedBatch`-like objects, duck-typed).
 
     Args:
         vit: the timm model; its modules (and so its weights) are shared, not copied.
         num_scales: token sizes ``p * 2**s``, ``s < num_scales``.
-        attn_backend: "auto", "flash", "padded", "segments" or "dense" (see `apt_model.attention`);
+        attn_backend: one of `apt_model.BACKENDS` (see `apt_model.attention`);
             an attribute, so it can be changed on a built model.
         mean, std: pixel normalisation; default: the timm model's ``pretrained_cfg``.
 
@@ -34,32 +34,13 @@ class APTViT(nn.Module):
 
     def __init__(self, vit: nn.Module, num_scales: int = 3, attn_backend: str = "auto",
                  mean: Optional[tuple] = None, std: Optional[tuple] = None):
-        super().__init__()
-        if attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
-        self.patch_embed = APTPatchEmbed.from_vit(vit, num_scales, mean, std)
-        self.patch_size = self.patch_embed.patch_size
-        self.num_scales = int(num_scales)
+        super().__init__(vit, num_scales, attn_backend, mean, std,
+                         adopt=("cls_token", "reg_token", "pos_embed", "pos_drop", "norm_pre", "blocks", "norm",
+                                "fc_norm", "head_drop", "head"))
         self.embed_dim = self.num_features = int(vit.embed_dim)
-        self.num_classes = int(getattr(vit, "num_classes", 0))
         self.num_prefix_tokens = int(vit.num_prefix_tokens)
         self.no_embed_class = bool(getattr(vit, "no_embed_class", False))
-        self.global_pool = vit.global_pool
         self.pool_include_prefix = bool(getattr(vit, "pool_include_prefix", False))
-        self.cls_token = vit.cls_token
-        self.reg_token = getattr(vit, "reg_token", None)
-        self.pos_embed = vit.pos_embed
-        self.grid_size = tuple(vit.patch_embed.grid_size)
-        self.pos_drop = vit.pos_drop
-        self.norm_pre = vit.norm_pre
-        self.blocks = vit.blocks
-        self.norm = vit.norm
-        self.fc_norm = vit.fc_norm
-        self.head_drop = vit.head_drop
-        self.head = vit.head
-        self.attn_backend = attn_backend
-        self.resize_only = False  # True: skip the zero-linear detail path (the "resize" baseline)
-        self.grad_checkpointing = False
 
     # ------------------------------------------------------------------ embedding
     def _prefix(self) -> Optional[torch.Tensor]:
@@ -164,17 +145,9 @@ class APTViT(nn.Module):
         return self.forward_head(x, batch)
 
     # ------------------------------------------------------------------ helpers
-    def apt_parameters(self):
-        """The parameters APT adds (down convs and zero linears), e.g. for ``--train-new-only``."""
-        return [p for n, p in self.patch_embed.named_parameters() if n.startswith(("down.", "zero_linear."))]
-
     def no_weight_decay(self) -> set:
         """Parameters timm's optimizer factory keeps out of weight decay (as timm's ViT)."""
         return {"pos_embed", "cls_token", "reg_token"}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass instead of storing its activations."""
-        self.grad_checkpointing = enable
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm-style parameter groups (layer decay): stem, then one group per block."""

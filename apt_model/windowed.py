@@ -49,10 +49,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import BACKENDS, PackedContext, resolve_backend, varlen_attention
+from .attention import PackedContext, resolve_backend, varlen_attention
+from .backbone import APTBackbone
 from .dense import to_dense
 from .packed import compute_dtype, host_to_device
-from .patch_embed import APTPatchEmbed
 from .pos_embed import gather_pos_embed
 from .vit import scatter_embeddings
 
@@ -443,7 +443,7 @@ def check_sam_supported(model: nn.Module) -> None:
         raise TypeError("APT needs a square NHWC patch embedding")
 
 
-class APTWindowedViT(nn.Module):
+class APTWindowedViT(APTBackbone):
     """A timm ``VisionTransformerSAM`` (windowed + global blocks, conv neck) running packed APT batches.
 
     Args as `APTViT`. The timm modules (patch projection, ``pos_embed``, blocks with their
@@ -460,28 +460,13 @@ class APTWindowedViT(nn.Module):
 
     def __init__(self, vit: nn.Module, num_scales: int = 3, attn_backend: str = "auto",
                  mean: Optional[tuple] = None, std: Optional[tuple] = None):
-        super().__init__()
         check_sam_supported(vit)
-        if attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
-        self.patch_embed = APTPatchEmbed.from_vit(vit, num_scales, mean, std)
-        self.patch_size = self.patch_embed.patch_size
-        self.num_scales = int(num_scales)
+        super().__init__(vit, num_scales, attn_backend, mean, std,
+                         adopt=("pos_embed", "pos_drop", "norm_pre", "blocks", "neck", "head"))
+        # pos_embed: [1, gh, gw, D] or None
         self.embed_dim = int(vit.embed_dim)
         self.num_features = int(vit.num_features)
-        self.num_classes = int(getattr(vit, "num_classes", 0))
         self.num_prefix_tokens = 0
-        self.global_pool = vit.global_pool
-        self.pos_embed = vit.pos_embed            # [1, gh, gw, D] or None
-        self.grid_size = tuple(vit.patch_embed.grid_size)
-        self.pos_drop = vit.pos_drop
-        self.norm_pre = vit.norm_pre
-        self.blocks = vit.blocks
-        self.neck = vit.neck
-        self.head = vit.head
-        self.attn_backend = attn_backend
-        self.resize_only = False
-        self.grad_checkpointing = False
 
     @property
     def window_sizes(self) -> tuple[int, ...]:
@@ -567,15 +552,8 @@ class APTWindowedViT(nn.Module):
         return self.forward_head(self.forward_dense(batch, plan))
 
     # ------------------------------------------------------------------ helpers
-    def apt_parameters(self):
-        """The parameters APT adds (down convs and zero linears)."""
-        return [p for n, p in self.patch_embed.named_parameters() if n.startswith(("down.", "zero_linear."))]
-
     def no_weight_decay(self) -> set:
         return {"pos_embed"}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^pos_embed|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^neck", (99999,))])

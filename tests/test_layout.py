@@ -205,11 +205,11 @@ def test_layout_from_precomputed_scores_equals_patchify():
 
 def full_scoring_layout(img, cfg):
     """The layout from every score of every scale (`score_flat` + `select_patches`), no shortcuts."""
-    from apt_data.layout import _select
+    from apt_data.layout import layout_from_flat_scores
     from apt_data.scoring import score_flat
 
-    flat, offsets, shapes = score_flat(img, cfg.patch_size, cfg.num_scales, cfg.scorer, need_base=True)
-    return _select(flat, offsets, shapes, img.shape[:2], cfg)
+    flat, _, _ = score_flat(img, cfg.patch_size, cfg.num_scales, cfg.scorer, need_base=True)
+    return layout_from_flat_scores(flat, img.shape[:2], cfg)
 
 
 LAZY_CONFIGS = [APTConfig(), APTConfig(thresholds=(6.5, 5.0)), APTConfig(thresholds=(4.0, 2.0)),

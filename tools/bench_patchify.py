@@ -31,7 +31,7 @@ from numba import njit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from apt_data import APTConfig, decode_image, patchify, warmup  # noqa: E402
-from apt_data.layout import _select  # noqa: E402
+from apt_data.layout import layout_from_flat_scores  # noqa: E402
 from apt_data.scoring import score_flat  # noqa: E402
 from apt_data.scoring._gray import as_rows  # noqa: E402
 from apt_data.scoring.entropy import _count_cell, band_bins  # noqa: E402
@@ -130,8 +130,8 @@ def main(argv=None) -> int:
     full_cfg = APTConfig()
 
     def full_pyramid(img):
-        flat, offsets, shapes = score_flat(img, full_cfg.patch_size, full_cfg.num_scales, "entropy", need_base=False)
-        return _select(flat, offsets, shapes, img.shape[:2], full_cfg)
+        flat, _, _ = score_flat(img, full_cfg.patch_size, full_cfg.num_scales, "entropy", need_base=False)
+        return layout_from_flat_scores(flat, img.shape[:2], full_cfg)
 
     for size in args.sizes:
         dec, score, kept, floor_bins, floor_count = [], {s: [] for s in args.scorers + extra}, [], [], []
