@@ -2,7 +2,11 @@
 
 A packed batch of B images of any sizes concatenates every image's tokens into one sequence.
 All metadata that shapes the computation is built on the CPU, as Python ints or CPU tensors, so
-a model's forward never waits on the device to learn a length.
+a model's forward never waits on the device to learn a length. The segments of the sequence are
+described once, by the Python ints ``seqlens`` and ``num_padding``; the batch carries no device
+copy of them. A model builds whatever device-side index it needs from these ints (apt_model builds
+the int32 ``cu_seqlens`` of its attention kernels, the padding segment included, and its
+``forward_features`` returns them).
 
 Fields (S = ``num_scales``, p = ``patch_size``, T_s = tokens of scale s in the whole batch):
 
@@ -11,14 +15,12 @@ Fields (S = ``num_scales``, p = ``patch_size``, T_s = tokens of scale s in the w
 - ``coords[s]``: int32 ``[T_s, 3]`` = (image index in the batch, y, x) of the token's top-left
   corner in base-grid cells (pixels // p).
 - ``seq_index[s]``: int64 ``[T_s]`` position of each token in the packed sequence.
-- ``cu_seqlens``: int32 ``[B+1]`` segment boundaries over the packed sequence, prefix (class /
-  register) tokens included: image b owns positions ``cu_seqlens[b] : cu_seqlens[b+1]``, its
+- ``seqlens``: tuple of Python ints, one segment per image, prefix (class / register) tokens
+  included: image b owns positions ``sum(seqlens[:b]) : sum(seqlens[:b+1])``, its
   ``num_prefix_tokens`` prefix tokens first, then its patch tokens grouped by scale (coarsest
   first) in raster order.
-- ``seqlens``: tuple of Python ints, the segment lengths (``diff(cu_seqlens)``), for CPU code
-  paths that split the sequence without reading a device tensor.
-- ``max_seqlen``: Python int, the longest segment.
-- ``num_padding``: Python int, padding tokens appended after ``cu_seqlens[-1]`` (static shapes);
+- ``max_seqlen``: Python int, the longest image segment.
+- ``num_padding``: Python int, padding tokens appended after the images' tokens (static shapes);
   they form their own trailing segment that no image attends to. ``seq_len`` includes them.
 - ``image_sizes``: tuple of (H, W) pixel sizes, one per image (Python ints).
 - ``labels``: int64 ``[B]`` or None.
@@ -40,7 +42,6 @@ class PackedBatch:
     pixels: tuple[torch.Tensor, ...]
     coords: tuple[torch.Tensor, ...]
     seq_index: tuple[torch.Tensor, ...]
-    cu_seqlens: torch.Tensor
     seqlens: tuple[int, ...]
     max_seqlen: int
     image_sizes: tuple[tuple[int, int], ...]
@@ -64,7 +65,7 @@ class PackedBatch:
 
     @property
     def num_real_tokens(self) -> int:
-        """Tokens that belong to images (prefix tokens included), i.e. ``cu_seqlens[-1]``."""
+        """Tokens that belong to images (prefix tokens included), i.e. ``sum(seqlens)``."""
         return sum(self.seqlens)
 
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
@@ -75,7 +76,6 @@ class PackedBatch:
             pixels=tuple(mv(t) for t in self.pixels),
             coords=tuple(mv(t) for t in self.coords),
             seq_index=tuple(mv(t) for t in self.seq_index),
-            cu_seqlens=mv(self.cu_seqlens),
             labels=None if self.labels is None else mv(self.labels),
         )
 
@@ -86,6 +86,5 @@ class PackedBatch:
             pixels=tuple(pin(t) for t in self.pixels),
             coords=tuple(pin(t) for t in self.coords),
             seq_index=tuple(pin(t) for t in self.seq_index),
-            cu_seqlens=pin(self.cu_seqlens),
             labels=None if self.labels is None else pin(self.labels),
         )

@@ -72,8 +72,7 @@ _ALIGN = 64  # byte alignment of every array in a batch buffer
 
 def buffer_layout(per_scale: Sequence[int], num_images: int, patch_size: int, with_labels: bool):
     """Where every array of a packed batch lies in ONE byte buffer: ``([(dtype, shape, byte offset)],
-    total bytes)``, in the order pixels[0..S-1], coords[0..S-1], seq_index[0..S-1], cu_seqlens,
-    labels (if any).
+    total bytes)``, in the order pixels[0..S-1], coords[0..S-1], seq_index[0..S-1], labels (if any).
 
     One buffer per batch (instead of one per array or per dtype) means one shared-memory segment
     per batch in a DataLoader worker, one file descriptor to pass, one copy to pin.
@@ -91,7 +90,6 @@ def buffer_layout(per_scale: Sequence[int], num_images: int, patch_size: int, wi
         add(np.int32, (int(n), 3))
     for n in per_scale:
         add(np.int64, (int(n),))
-    add(np.int32, (num_images + 1,))
     if with_labels:
         add(np.int64, (num_images,))
     return fields, max(off, _ALIGN)
@@ -138,10 +136,10 @@ class BatchSpec:
             ts.append(torch.empty(0, dtype=tdt).set_(storage, (base + off) // tdt.itemsize, shape))
         S = self.num_scales
         return PackedBatch(
-            pixels=tuple(ts[:S]), coords=tuple(ts[S:2 * S]), seq_index=tuple(ts[2 * S:3 * S]), cu_seqlens=ts[3 * S],
+            pixels=tuple(ts[:S]), coords=tuple(ts[S:2 * S]), seq_index=tuple(ts[2 * S:3 * S]),
             seqlens=self.seqlens, max_seqlen=max(self.seqlens, default=0), image_sizes=self.image_sizes,
             num_prefix_tokens=self.num_prefix_tokens, patch_size=self.patch_size, num_scales=S,
-            num_padding=self.num_padding, labels=ts[3 * S + 1] if self.with_labels else None,
+            num_padding=self.num_padding, labels=ts[3 * S] if self.with_labels else None,
             keys=self.keys, skipped=self.skipped, skip_reasons=self.skip_reasons)
 
 
@@ -240,7 +238,7 @@ def fill_batch(spec: BatchSpec, images, layouts, labels, buf: np.ndarray) -> Non
     S, p, B = spec.num_scales, spec.patch_size, spec.num_images
     arrays = spec.arrays(buf)
     outs = tuple(arrays[:S])
-    coords, seq_index, cu_seqlens = arrays[S:2 * S], arrays[2 * S:3 * S], arrays[3 * S]
+    coords, seq_index = arrays[S:2 * S], arrays[2 * S:3 * S]
     next_row = np.zeros(S, np.int64)
     for i, (im, lay) in enumerate(zip(images, layouts)):
         bad = extract_tokens(im, lay.y, lay.x, lay.scale, p, outs, next_row)
@@ -249,9 +247,8 @@ def fill_batch(spec: BatchSpec, images, layouts, labels, buf: np.ndarray) -> Non
                              f"does not fit the {im.shape[0]}x{im.shape[1]} image on the {p}-px grid with "
                              f"{S} scales")
     n_tok = np.array([len(lay) for lay in layouts], np.int64)
-    cu = np.zeros(B + 1, np.int64)
+    cu = np.zeros(B + 1, np.int64)  # segment starts (host-side only: the batch carries seqlens)
     np.cumsum(np.asarray(spec.seqlens, np.int64), out=cu[1:])
-    cu_seqlens[:] = cu
     if B:
         # all tokens of the batch, image after image, each image in its layout order (coarsest first)
         sc = np.concatenate([lay.scale for lay in layouts])
@@ -268,4 +265,4 @@ def fill_batch(spec: BatchSpec, images, layouts, labels, buf: np.ndarray) -> Non
             co[:, 2] = xs[sel] // p
             seq_index[s][:] = position[sel]
     if labels is not None:
-        arrays[3 * S + 1][:] = np.asarray(labels, np.int64)
+        arrays[3 * S][:] = np.asarray(labels, np.int64)

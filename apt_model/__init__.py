@@ -1,8 +1,17 @@
 """apt_model: the PyTorch half of Adaptive Patch Transformers.
 
-`from_timm` turns a timm ViT into an `APTViT` that eats packed batches (see apt_data.batch):
-multi-scale tokens of many images in one sequence, block-diagonal attention, per-image outputs.
-This package never imports apt_data; it reads the batch's documented fields (duck typing).
+`from_timm` turns a timm ViT into an `APTViT` (or a SAM-style windowed ViT into an `APTWindowedViT`)
+that eats packed batches (see apt_data.batch): multi-scale tokens of many images in one sequence,
+block-diagonal attention, per-image outputs. This package never imports apt_data; it reads the
+batch's documented fields (duck typing).
+
+Modules, one idea each: `patch_embed` (one embedding per token, whatever its size), `pos_embed`
+(absolute positions per scale), `embed` (the packed input sequence), `packed` (host-built index
+tensors), `attention` (block-diagonal attention backends, timm blocks on packed sequences),
+`drop_path` (per-segment stochastic depth), `backbone` (what both models adopt from timm), `vit`
+(`APTViT`), `window_plan` / `rel_pos` / `sam_block` / `windowed` (`APTWindowedViT`: host-side window
+segments, relative positions for tokens of several sizes, SAM blocks, the model), `dense`
+(`to_dense`), `convert` (`from_timm` and its table of model families).
 """
 from .attention import BACKENDS, PackedContext, flash_attn_varlen, resolve_backend, varlen_attention
 from .convert import from_timm

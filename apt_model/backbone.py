@@ -34,7 +34,7 @@ class APTBackbone(nn.Module):
         self.resize_only = False  # True: skip the zero-linear detail path (the "resize" baseline)
         self.grad_checkpointing = False
 
-    def apt_parameters(self):
+    def apt_parameters(self) -> list[nn.Parameter]:
         """The parameters APT adds (down convs and zero linears), e.g. for ``--train-new-only``."""
         return [p for n, p in self.patch_embed.named_parameters() if n.startswith(("down.", "zero_linear."))]
 

@@ -1,38 +1,65 @@
-"""`from_timm`: an `APTViT` from a timm Vision Transformer, with its weights (an `APTWindowedViT`
-from a timm ``VisionTransformerSAM``: SAM / ViTDet-style windowed ViTs).
+"""`from_timm`: an APT model from a timm model, with its weights, chosen from a table of model families.
 
-APTViT keeps timm's parameter names (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
-``blocks.*``, ``norm``, ``head`` ...) and adds only ``patch_embed.down.*`` and
-``patch_embed.zero_linear.*``, so a timm checkpoint loads into it as is (the new parameters keep
+Each `ModelFamily` says which timm models it takes (``matches``), which variants it cannot run
+(``check``, raising ``TypeError``) and the APT class that wraps them. `FAMILIES` holds, in order:
+
+- ``vit_sam``: timm ``VisionTransformerSAM`` (SAM / ViTDet-style windowed ViTs) -> `APTWindowedViT`;
+- ``vit``: timm ``VisionTransformer`` (ViT, DeiT, CLIP/DINOv2-style ViTs) -> `APTViT`.
+
+The first family whose ``matches`` is true wins. A new family (an EVA-style ViT, say) is one
+`register_family` call; it is tried before the built-in ones, so it may also claim a subclass of
+a model they match::
+
+    from apt_model.convert import ModelFamily, register_family
+
+    def is_eva(model):
+        from timm.models.eva import Eva
+        return isinstance(model, Eva)
+
+    register_family(ModelFamily("eva", "timm Eva (EVA, EVA-02)", is_eva, check_eva_supported, APTEva))
+
+where ``APTEva(model, num_scales=..., attn_backend=...)`` is an `APTBackbone` subclass and
+``check_eva_supported(model)`` raises ``TypeError`` for what it cannot run.
+
+The APT models keep timm's parameter names (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.*``, ``norm``, ``head`` ...) and add only ``patch_embed.down.*`` and
+``patch_embed.zero_linear.*``, so a timm checkpoint loads into them as is (the new parameters keep
 their average / zero initialisation) and an APT checkpoint loads back exactly.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch.nn as nn
 
-from .vit import APTViT
-from .windowed import APTWindowedViT
+from .backbone import APTBackbone
+from .vit import APTViT, check_vit_supported
+from .windowed import APTWindowedViT, check_sam_supported
 
 
-def _check_supported(model: nn.Module) -> None:
-    from timm.layers.attention import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
+@dataclass(frozen=True)
+class ModelFamily:
+    """One kind of timm model `from_timm` converts.
 
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"from_timm supports timm VisionTransformer models (ViT, DeiT, CLIP/DINOv2-style ViTs), "
-                        f"got {type(model).__name__}")
-    for i, blk in enumerate(model.blocks):
-        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
-            raise TypeError(f"block {i} is {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
-                            "APT supports timm's Block/Attention (fused qkv) layout")
-    if getattr(model, "attn_pool", None) is not None:
-        raise TypeError("attention-pool heads ('map') are not supported on packed sequences yet")
-    pp = getattr(model, "patch_drop", None)
-    if pp is not None and not isinstance(pp, nn.Identity) and getattr(pp, "prob", 0.0) > 0:
-        raise TypeError("patch dropout is not supported by APT models")
+    ``name``: a short id; ``description``: what error messages list as supported; ``matches(model)``:
+    whether the model belongs to the family (cheap, e.g. an ``isinstance``; import timm inside it);
+    ``check(model)``: raises ``TypeError`` for a variant the APT class cannot run; ``apt_class``:
+    called as ``apt_class(model, num_scales=..., attn_backend=...)``, sharing the model's modules.
+    """
+
+    name: str
+    description: str
+    matches: Callable[[nn.Module], bool]
+    check: Callable[[nn.Module], None]
+    apt_class: Callable[..., APTBackbone]
+
+
+def _is_vit(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
 
 
 def _is_sam(model: nn.Module) -> bool:
@@ -41,8 +68,30 @@ def _is_sam(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformerSAM)
 
 
-def load_apt_checkpoint(apt: Union[APTViT, APTWindowedViT], checkpoint_path: str,
-                        state: Optional[dict] = None) -> None:
+FAMILIES: list[ModelFamily] = [
+    ModelFamily("vit_sam", "timm VisionTransformerSAM (SAM / ViTDet-style windowed ViTs)", _is_sam,
+                check_sam_supported, APTWindowedViT),
+    ModelFamily("vit", "timm VisionTransformer models (ViT, DeiT, CLIP/DINOv2-style ViTs)", _is_vit,
+                check_vit_supported, APTViT),
+]
+
+
+def register_family(family: ModelFamily, index: int = 0) -> None:
+    """Add ``family`` to `FAMILIES` at ``index`` (default: first, before the built-in families), replacing
+    any family of the same name."""
+    FAMILIES[:] = [f for f in FAMILIES if f.name != family.name]
+    FAMILIES.insert(index, family)
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The first family of `FAMILIES` that matches ``model``; ``TypeError`` if none does."""
+    for family in FAMILIES:
+        if family.matches(model):
+            return family
+    raise TypeError(f"from_timm supports {'; '.join(f.description for f in FAMILIES)}; got {type(model).__name__}")
+
+
+def load_apt_checkpoint(apt: APTBackbone, checkpoint_path: str, state: Optional[dict] = None) -> None:
     """Load a timm or an APT checkpoint into ``apt`` (timm's file handling: ``state_dict`` / ``model``
     / EMA wrappers, ``module.`` prefixes, safetensors). Only APT's new parameters may be missing.
     ``state``: the file's state dict when the caller has already read it (the path then only names it)."""
@@ -63,16 +112,18 @@ def load_apt_checkpoint(apt: Union[APTViT, APTWindowedViT], checkpoint_path: str
 
 
 def from_timm(model_or_name: Union[str, nn.Module], num_scales: int = 3, checkpoint_path: Optional[str] = None,
-              attn_backend: str = "auto", **timm_kwargs) -> Union[APTViT, APTWindowedViT]:
-    """Wrap a timm ViT as an APT model sharing its modules (and weights).
+              attn_backend: str = "auto", **timm_kwargs) -> APTBackbone:
+    """Wrap a timm model as an APT model sharing its modules (and weights).
 
-    ``model_or_name``: a timm ``VisionTransformer`` instance, used with whatever weights it has; or a
-    model name, created with ``pretrained=False`` and ``**timm_kwargs`` (e.g. ``img_size``,
-    ``num_classes``, ``drop_path_rate``), then loaded from the local ``checkpoint_path`` (a timm or
-    an APT checkpoint) if given. Nothing is ever downloaded.
+    ``model_or_name``: a timm model instance, used with whatever weights it has; or a model name,
+    created with ``pretrained=False`` and ``**timm_kwargs`` (e.g. ``img_size``, ``num_classes``,
+    ``drop_path_rate``), then loaded from the local ``checkpoint_path`` (a timm or an APT checkpoint)
+    if given. Nothing is ever downloaded.
 
-    A timm ``VisionTransformerSAM`` (``samvit_*``: the SAM image encoder, ViTDet-style windowed and
-    global blocks, relative positions, conv neck) gives an `APTWindowedViT` (`apt_model.windowed`).
+    The APT class comes from the model's family (`FAMILIES`): a ``VisionTransformer`` gives an
+    `APTViT`; a ``VisionTransformerSAM`` (``samvit_*``: the SAM image encoder, windowed and global
+    blocks, relative positions, conv neck) an `APTWindowedViT`. Other models, and variants a family
+    cannot run, raise ``TypeError``.
     """
     import timm
 
@@ -86,11 +137,9 @@ def from_timm(model_or_name: Union[str, nn.Module], num_scales: int = 3, checkpo
             raise ValueError("checkpoint_path and timm keyword arguments are for model names; "
                              "configure and load your instance yourself")
         model = model_or_name
-    if _is_sam(model):
-        apt = APTWindowedViT(model, num_scales=num_scales, attn_backend=attn_backend)
-    else:
-        _check_supported(model)
-        apt = APTViT(model, num_scales=num_scales, attn_backend=attn_backend)
+    family = family_of(model)
+    family.check(model)
+    apt = family.apt_class(model, num_scales=num_scales, attn_backend=attn_backend)
     ref = next(model.parameters(), None)
     if ref is not None:  # the new parts (detail path, buffers) join the wrapped model's device and dtype
         apt.to(device=ref.device, dtype=ref.dtype)

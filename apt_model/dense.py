@@ -8,11 +8,12 @@ from __future__ import annotations
 from typing import Union
 
 import torch
+import torch.nn as nn
 
-from .packed import device_index
+from .packed import PackedBatchLike, device_index
 
 
-def to_dense(tokens: torch.Tensor, batch) -> Union[torch.Tensor, list[torch.Tensor]]:
+def to_dense(tokens: torch.Tensor, batch: PackedBatchLike) -> Union[torch.Tensor, list[torch.Tensor]]:
     """Packed tokens ``[L, D]`` or ``[1, L, D]`` (e.g. `APTViT.forward_features`) -> ``[B, D, H/p, W/p]``.
 
     Prefix and padding tokens are left out. Images of different sizes give a list of
@@ -50,7 +51,7 @@ def to_dense(tokens: torch.Tensor, batch) -> Union[torch.Tensor, list[torch.Tens
     return maps
 
 
-def dense_features(model, batch) -> Union[torch.Tensor, list[torch.Tensor]]:
+def dense_features(model: nn.Module, batch: PackedBatchLike) -> Union[torch.Tensor, list[torch.Tensor]]:
     """The dense feature map of any APT model, ``[B, C, H/p, W/p]`` (a list for mixed image sizes):
     ``model.forward_dense(batch)`` (`APTWindowedViT`: the SAM neck's output, what timm's
     ``forward_features`` returns; `APTViT`: timm's ``forward_features`` patch tokens on their grid)."""

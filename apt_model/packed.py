@@ -1,4 +1,5 @@
-"""Index helpers for packed sequences, built from the batch's Python ints.
+"""Index helpers for packed sequences, built from the batch's Python ints (and `PackedBatchLike`, the
+batch fields the models read).
 
 Every index tensor the model needs (segment of each token, pooled positions, padded slots) is
 derived from host-side ints and copied to the device without a blocking transfer, so a forward
@@ -6,9 +7,38 @@ never reads a device tensor back (no host-device sync, CUDA graphs and async loa
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
+
+
+class PackedBatchLike(Protocol):
+    """What the models read of a packed batch (apt_data's ``PackedBatch``; duck-typed, since apt_model
+    never imports apt_data). Segments are the host ints ``seqlens`` (one per image) and
+    ``num_padding`` (a trailing padding segment); device index tensors are built from them here."""
+
+    @property
+    def pixels(self) -> Sequence[torch.Tensor]: ...        # uint8 [T_s, 3, p*2**s, p*2**s] per scale
+    @property
+    def coords(self) -> Sequence[torch.Tensor]: ...        # int32 [T_s, 3]: (image, y, x) in base cells
+    @property
+    def seq_index(self) -> Sequence[torch.Tensor]: ...     # int64 [T_s]: packed position of each token
+    @property
+    def seqlens(self) -> Sequence[int]: ...
+    @property
+    def num_padding(self) -> int: ...
+    @property
+    def image_sizes(self) -> Sequence[tuple[int, int]]: ...
+    @property
+    def num_prefix_tokens(self) -> int: ...
+    @property
+    def patch_size(self) -> int: ...
+    @property
+    def num_scales(self) -> int: ...
+    @property
+    def num_images(self) -> int: ...
+    @property
+    def seq_len(self) -> int: ...
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

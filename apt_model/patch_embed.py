@@ -6,15 +6,16 @@ For a token of scale s (side ``p * 2**s``, ``g = 2**s`` sub-patches per side):
 
 - ``E`` is the pretrained patch embedding (timm ``patch_embed.proj``, a p x p stride-p conv), run
   as one GEMM over all tokens (or all sub-patches) of a scale: a conv over thousands of tiny
-  "images" is several times slower on CPUs.
+  "images" is slower on CPUs.
 - ``Resize_p`` is area averaging (an average pool by g): the reference code's bilinear resize
   aliases at 4x. Note ``E(Resize_p(P))`` is *not* the mean of the sub-patch embeddings (that
   would superpose the sub-patches instead of shrinking the image), so it is its own GEMM on the
   pooled pixels.
 - ``Down`` is a stride-2 2x2 conv per level: a scale-s token's g x g grid of sub-patch embeddings
   goes through ``down[0]``, ..., ``down[s-1]`` in turn (each halves the grid; level l is shared by
-  every scale > l), initialised to average: weight = identity / 4 per tap, bias 0. ``ZeroLinear_s`` is a zero-initialised ``Linear(D, D)`` per scale, so a new APT
-  model computes exactly what the resize-only model computes and training grows the detail path.
+  every scale > l), initialised to average: weight = identity / 4 per tap, bias 0.
+  ``ZeroLinear_s`` is a zero-initialised ``Linear(D, D)`` per scale, so a new APT model computes
+  exactly what the resize-only model computes and training grows the detail path.
 - Pixels arrive as uint8; the timm model's mean/std normalisation is folded into E's weights
   (``E((x/255 - mean)/std)`` is affine in the raw 0..255 values), so no normalised copy of the
   pixels is ever made.

@@ -6,7 +6,7 @@ as is and, with no large patches, the outputs equal the timm model's.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -15,8 +15,28 @@ from torch.utils.checkpoint import checkpoint
 from .attention import PackedContext, packed_block
 from .backbone import APTBackbone
 from .dense import to_dense
-from .packed import compute_dtype, device_index, segment_ids, segment_starts
+from .embed import check_batch, scatter_embeddings
+from .packed import PackedBatchLike, compute_dtype, device_index, segment_ids, segment_starts
 from .pos_embed import gather_pos_embed
+
+
+def check_vit_supported(model: nn.Module) -> None:
+    """``TypeError`` unless ``model`` is a timm ``VisionTransformer`` that `APTViT` supports (timm's
+    ``Block``/``Attention`` layout, no attention-pool head, no patch dropout)."""
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+    for i, blk in enumerate(model.blocks):
+        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
+            raise TypeError(f"block {i} is {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
+                            "APT supports timm's Block/Attention (fused qkv) layout")
+    if getattr(model, "attn_pool", None) is not None:
+        raise TypeError("attention-pool heads ('map') are not supported on packed sequences yet")
+    pp = getattr(model, "patch_drop", None)
+    if pp is not None and not isinstance(pp, nn.Identity) and getattr(pp, "prob", 0.0) > 0:
+        raise TypeError("patch dropout is not supported by APT models")
 
 
 class APTViT(APTBackbone):
@@ -52,12 +72,9 @@ class APTViT(APTBackbone):
             prefix = prefix + self.pos_embed[0, : self.num_prefix_tokens]
         return prefix
 
-    def embed(self, batch) -> torch.Tensor:
+    def embed(self, batch: PackedBatchLike) -> torch.Tensor:
         """Packed input sequence ``[L, D]``: prefix tokens, patch embeddings + positions, zero padding."""
-        if batch.patch_size != self.patch_size:
-            raise ValueError(f"batch has patch_size {batch.patch_size}, the model {self.patch_size}")
-        if batch.num_scales > self.num_scales:
-            raise ValueError(f"batch has {batch.num_scales} scales, the model was built for {self.num_scales}")
+        check_batch(batch, self.patch_size, self.num_scales)
         if batch.num_prefix_tokens != self.num_prefix_tokens:
             raise ValueError(f"batch reserves {batch.num_prefix_tokens} prefix tokens per image, the model has "
                              f"{self.num_prefix_tokens} (pack with num_prefix_tokens=model.num_prefix_tokens)")
@@ -66,11 +83,9 @@ class APTViT(APTBackbone):
             patch_pos = self.pos_embed[0] if self.no_embed_class else self.pos_embed[0, self.num_prefix_tokens:]
         pos = (gather_pos_embed(patch_pos, self.grid_size, batch.coords, batch.image_sizes, self.patch_size)
                if patch_pos is not None else [None] * batch.num_scales)
-        if batch.num_images == 0:
-            raise ValueError("empty batch: no images")
         values, index = [], []
         prefix = self._prefix()
-        if prefix is not None and batch.num_images:
+        if prefix is not None:
             starts = device_index(segment_starts(batch.seqlens), prefix.device)
             ar = torch.arange(self.num_prefix_tokens, device=starts.device)
             index.append((starts[:, None] + ar).reshape(-1))
@@ -79,13 +94,14 @@ class APTViT(APTBackbone):
         return self.norm_pre(self.pos_drop(x))
 
     # ------------------------------------------------------------------ forward
-    def context(self, batch, x: torch.Tensor) -> PackedContext:
+    def context(self, batch: PackedBatchLike, x: torch.Tensor) -> PackedContext:
         """The attention context; its backend is chosen for the dtype attention will see (under
         autocast the qkv projection's, e.g. bf16, so the flash kernels are picked, not x's fp32)."""
         return PackedContext.from_batch(batch, x.device, self.attn_backend, compute_dtype(x.device, x.dtype))
 
-    def forward_features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed output tokens ``[L, D]`` (after the final norm) and the batch's ``cu_seqlens``."""
+    def _features(self, batch: PackedBatchLike) -> tuple[torch.Tensor, PackedContext]:
+        """Packed output tokens ``[L, D]`` (after the final norm) and the attention context they were
+        computed with (its segments: the batch's images, then its padding)."""
         x = self.embed(batch)
         ctx = self.context(batch, x)
         for blk in self.blocks:
@@ -93,9 +109,16 @@ class APTViT(APTBackbone):
                 x = checkpoint(packed_block, blk, x, ctx, use_reentrant=False)  # RNG state kept: same drops
             else:
                 x = packed_block(blk, x, ctx)
-        return self.norm(x), batch.cu_seqlens
+        return self.norm(x), ctx
 
-    def pool(self, x: torch.Tensor, batch, pool_type: Optional[str] = None) -> torch.Tensor:
+    def forward_features(self, batch: PackedBatchLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed output tokens ``[L, D]`` (after the final norm) and the segment bounds attention used:
+        int32 ``cu_seqlens`` on the tokens' device, ``[B+1]``, or ``[B+2]`` when the batch has padding
+        (its segment last); image ``b`` is rows ``cu_seqlens[b]:cu_seqlens[b+1]``."""
+        x, ctx = self._features(batch)
+        return x, ctx.cu_seqlens
+
+    def pool(self, x: torch.Tensor, batch: PackedBatchLike, pool_type: Optional[str] = None) -> torch.Tensor:
         """Per-image pooling of packed tokens ``[L, D]`` -> ``[B, D]``, as timm's ``global_pool``:
         'token' (the first prefix token), 'avg' / 'max' / 'avgmax' over the image's patch tokens (each
         token counts once, whatever its size; prefix tokens included with ``pool_include_prefix``),
@@ -126,22 +149,23 @@ class APTViT(APTBackbone):
                 0, owner[:, None].expand_as(tok), tok, reduce="amax", include_self=True))
         return out[0] if len(out) == 1 else 0.5 * (out[0] + out[1])
 
-    def forward_dense(self, batch):
+    def forward_dense(self, batch: PackedBatchLike) -> Union[torch.Tensor, list[torch.Tensor]]:
         """Dense patch features ``[B, D, H/p, W/p]`` (a list for mixed image sizes): the final-norm
         tokens of `forward_features` with every large token repeated over the cells it covers, which
         equals timm's ``forward_features`` patch grid with no reduction. For dense heads."""
-        tokens, _ = self.forward_features(batch)
+        tokens, _ = self._features(batch)
         return to_dense(tokens, batch)
 
-    def forward_head(self, x: torch.Tensor, batch, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, batch: PackedBatchLike, pre_logits: bool = False) -> torch.Tensor:
         """Logits ``[B, num_classes]`` (or pooled features with ``pre_logits``)."""
         x = self.pool(x, batch)
         x = self.fc_norm(x)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, batch) -> torch.Tensor:
-        x, _ = self.forward_features(batch)
+    def forward(self, batch: PackedBatchLike) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` (``[L, num_classes]`` with ``global_pool=''``)."""
+        x, _ = self._features(batch)
         return self.forward_head(x, batch)
 
     # ------------------------------------------------------------------ helpers
@@ -151,23 +175,6 @@ class APTViT(APTBackbone):
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm-style parameter groups (layer decay): stem, then one group per block."""
-        return dict(stem=r"^cls_token|^reg_token|^pos_embed|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(stem=r"^cls_token|^reg_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-
-def scatter_embeddings(patch_embed, batch, pos: list, resize_only: bool = False,
-                       values: Optional[list] = None, index: Optional[list] = None) -> torch.Tensor:
-    """The packed input sequence ``[L, D]``: every scale's patch embeddings (+ ``pos[s]`` where not
-    None) and any extra rows (``values`` at ``index``, e.g. prefix tokens) scattered into their
-    positions with one ``index_copy``; padding rows stay zero. Shared by the APT models."""
-    values, index = list(values or []), list(index or [])
-    for s in range(batch.num_scales):
-        if batch.pixels[s].shape[0] == 0:
-            continue
-        e = patch_embed(batch.pixels[s], s, resize_only=resize_only)
-        if pos[s] is not None:
-            e = e + pos[s].to(e.dtype)
-        values.append(e)
-        index.append(batch.seq_index[s])
-    vals = torch.cat(values) if len(values) > 1 else values[0]
-    idx = torch.cat(index) if len(index) > 1 else index[0]
-    return vals.new_zeros(batch.seq_len, vals.shape[1]).index_copy(0, idx, vals)

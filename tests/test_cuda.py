@@ -78,10 +78,11 @@ def test_bf16_train_step_no_host_sync(backend):
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = torch.nn.functional.cross_entropy(apt(batch).float(), batch.labels)
+                _, cu = apt.forward_features(batch)  # the model's own segment bounds, no sync either
             loss.backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        assert torch.isfinite(loss).item()
+        assert torch.isfinite(loss).item() and cu.tolist() == [0, *np.cumsum(batch.seqlens).tolist()]
         grads = [p.grad for p in apt.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all().item() for g in grads)
         apt.zero_grad(set_to_none=True)

@@ -1,7 +1,6 @@
 """APT patch embedding, positional embeddings and attention backends against independent references."""
 import math
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -177,6 +176,8 @@ def test_forward_and_backward_need_no_tensor_values(images):
             logits = apt(batch)
             F.cross_entropy(logits, batch.labels).backward()
             assert logits.shape == (3, 5) and logits.device == meta
+    tokens, cu = apt.forward_features(batch)  # the segment bounds are built from host ints too
+    assert cu.shape == (3 + 2,) and cu.dtype == torch.int32 and cu.device == meta
 
 
 def test_from_timm_follows_the_models_device_and_dtype():

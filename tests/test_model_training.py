@@ -101,24 +101,37 @@ def test_zero_init_equals_resize_only_then_learns(images):
 
 
 def test_drop_path_is_drawn_per_image(images):
+    from apt_model.drop_path import block_drop_path, segment_drop_path
+
     apt = from_timm(tiny(drop_path_rate=0.5)).train()
-    batch = pack_images(images * 2, CFG)
+    batch = pack_images(images * 2, CFG, num_padding=3)
     torch.manual_seed(1)
     x = apt.embed(batch)
     ctx = apt.context(batch, x)
-    from apt_model.attention import per_image_drop_path
+    cu = ctx.cu_seqlens.tolist()
+    assert cu == [0, *np.cumsum(batch.seqlens + (3,)).tolist()]  # images, then the padding segment
     branch = torch.ones(batch.seq_len, 4)
     seen = set()
     for _ in range(20):
-        out = per_image_drop_path(branch, 0.5, True, ctx, training=True)
-        per_image = [out[a:b] for a, b in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist())]
+        out = segment_drop_path(branch, ctx.segment_ids, ctx.num_segments, 0.5, training=True)
+        per_image = [out[a:b] for a, b in zip(cu[:-1], cu[1:])]
         kept = tuple(bool(t.abs().sum() > 0) for t in per_image)
         for t in per_image:  # a whole image is kept (scaled 1/keep) or dropped, never part of it
             assert torch.all(t == t[0, 0]) and t[0, 0].item() in (0.0, 2.0)
         seen.add(kept)
     assert len(seen) > 2  # images drop independently, not the whole batch at once
-    apt.eval()
-    assert torch.equal(per_image_drop_path(branch, 0.5, True, ctx, training=False), branch)
+    assert torch.equal(segment_drop_path(branch, ctx.segment_ids, ctx.num_segments, 0.5, training=False), branch)
+    # the block helper reads timm's DropPath settings; ids given as a function are built only for a draw
+    built = []
+    ids = lambda: built.append(1) or ctx.segment_ids  # noqa: E731
+    dp = apt.blocks[-1].drop_path1
+    assert dp.drop_prob > 0
+    torch.manual_seed(2)
+    a = block_drop_path(branch, dp, ids, ctx.num_segments, training=True)
+    torch.manual_seed(2)
+    assert torch.equal(a, segment_drop_path(branch, ctx.segment_ids, ctx.num_segments, dp.drop_prob))
+    assert torch.equal(block_drop_path(branch, dp, ids, ctx.num_segments, training=False), branch) and built == [1]
+    assert torch.equal(block_drop_path(branch, torch.nn.Identity(), ids, ctx.num_segments, True), branch)
 
 
 def test_drop_path_in_the_model_drops_images_independently(images):
@@ -176,3 +189,32 @@ def test_batch_and_model_must_agree(images):
         from_timm(torch.nn.Linear(2, 2))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         from_timm("vit_tiny_patch16_224", checkpoint_path="nope.pth")
+
+
+def test_from_timm_model_families():
+    """from_timm picks the APT class from its family table; a registered family is tried first."""
+    from apt_model import APTViT
+    from apt_model.convert import FAMILIES, ModelFamily, family_of, register_family
+
+    assert [f.name for f in FAMILIES] == ["vit_sam", "vit"]
+    vit = tiny()
+    assert family_of(vit).name == "vit" and type(from_timm(vit)) is APTViT
+    with pytest.raises(TypeError, match="VisionTransformerSAM.*VisionTransformer.*got Linear"):
+        family_of(torch.nn.Linear(2, 2))
+
+    class Tagged(APTViT):
+        pass
+
+    checked = []
+    saved = list(FAMILIES)
+    try:
+        is_tagged = lambda m: getattr(m, "tag", False)  # noqa: E731
+        register_family(ModelFamily("tagged", "tagged ViTs", is_tagged, checked.append, Tagged))
+        assert FAMILIES[0].name == "tagged" and len(FAMILIES) == 3
+        vit.tag = True
+        assert type(from_timm(vit)) is Tagged and checked == [vit]
+        register_family(ModelFamily("tagged", "tagged ViTs", lambda m: False, checked.append, Tagged), index=1)
+        assert [f.name for f in FAMILIES] == ["vit_sam", "tagged", "vit"]  # same name: replaced
+        assert type(from_timm(vit)) is APTViT
+    finally:
+        FAMILIES[:] = saved

@@ -23,7 +23,7 @@ def test_pack_matches_reference_extraction(photos, prefix):
     assert batch.num_images == 5 and batch.labels.tolist() == labels
     assert batch.image_sizes == tuple(im.shape[:2] for im in photos)
     assert batch.seqlens == tuple(len(l) + prefix for l in layouts)
-    assert batch.cu_seqlens.dtype == torch.int32 and batch.cu_seqlens.tolist() == [0, *np.cumsum(batch.seqlens)]
+    assert not hasattr(batch, "cu_seqlens")  # segments are the host ints seqlens + num_padding, nothing else
     assert batch.max_seqlen == max(batch.seqlens) and batch.seq_len == sum(batch.seqlens)
     for s in range(3):
         assert batch.pixels[s].dtype == torch.uint8 and batch.pixels[s].shape[1:] == (3, 16 << s, 16 << s)
@@ -35,7 +35,8 @@ def test_pack_matches_reference_extraction(photos, prefix):
             np.testing.assert_array_equal(batch.coords[s].numpy()[mine][:, 2], lay.x[sel] // 16)
     # every non-prefix position of every segment is used by exactly one token
     pos = torch.cat(batch.seq_index).sort().values.numpy()
-    want = np.concatenate([np.arange(c + prefix, c + n) for c, n in zip(batch.cu_seqlens[:-1].tolist(), batch.seqlens)])
+    starts = np.cumsum((0,) + batch.seqlens)[:-1]
+    want = np.concatenate([np.arange(c + prefix, c + n) for c, n in zip(starts, batch.seqlens)])
     np.testing.assert_array_equal(pos, want)
     # tokens are laid out coarsest scale first inside each segment
     for b in range(5):
@@ -126,7 +127,7 @@ def test_one_buffer_per_batch_and_specs_travel(photos):
     from apt_data.packing import fill_batch, prepare_batch
 
     batch = pack_images(photos, labels=[3, 1, 4, 1, 5], num_padding=3)
-    tensors = [*batch.pixels, *batch.coords, *batch.seq_index, batch.cu_seqlens, batch.labels]
+    tensors = [*batch.pixels, *batch.coords, *batch.seq_index, batch.labels]
     assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
     assert all(t.data_ptr() % 64 == 0 and t.is_contiguous() for t in tensors)
     spec, images, layouts, labels = prepare_batch(photos, APTConfig(), [3, 1, 4, 1, 5], 1, None, 3, keys=list("abcde"))
@@ -134,5 +135,5 @@ def test_one_buffer_per_batch_and_specs_travel(photos):
     fill_batch(spec, images, layouts, labels, buf)
     again = pickle.loads(pickle.dumps(spec)).to_batch(torch.from_numpy(buf))
     assert again.keys == tuple("abcde") and again.seqlens == batch.seqlens and again.num_padding == 3
-    for a, b in zip(tensors, [*again.pixels, *again.coords, *again.seq_index, again.cu_seqlens, again.labels]):
+    for a, b in zip(tensors, [*again.pixels, *again.coords, *again.seq_index, again.labels]):
         assert a.dtype == b.dtype and torch.equal(a, b)

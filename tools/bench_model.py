@@ -165,7 +165,8 @@ def main(argv=None) -> int:
                     opt.zero_grad(set_to_none=True)
                 return run
 
-            model.eval(); apt.eval()
+            model.eval()
+            apt.eval()
             t_timm, t_apt, t_full = timed([infer(lambda: model(x)), infer(lambda: apt(batch)),
                                            infer(lambda: apt(full))], args.iters, repeat=args.repeat)
             flop_ratio = timm_vit_flops(model, n_img, uniform) / vit_flops(batch, apt)
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
             if args.skip_train:
                 row += f"- | - | - | {t_timm / t_full:.3f} / - |"
             else:
-                model.train(); apt.train()
+                model.train()
+                apt.train()
                 tt_timm, tt_apt, tt_full = timed([train(lambda: model(x)), train(lambda: apt(batch)),
                                                   train(lambda: apt(full))], args.iters, repeat=args.repeat)
                 row += (f"{n_img / tt_timm:.2f} | {n_img / tt_apt:.2f} | {tt_timm / tt_apt:.3f} | "
