@@ -1,4 +1,5 @@
-"""`add_loader_args`: the same token-budget batching flags for every tool."""
+"""`add_loader_args`: the same token-budget batching flags for every tool (scorers and their
+default thresholds come from the scorer registry)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ import os
 from typing import Optional
 
 from .config import SCORER_NAMES, APTConfig
+from .scoring import get_scorer, scorer_names
 
 
 def add_loader_args(parser: argparse.ArgumentParser, max_tokens: int = 4096) -> argparse.ArgumentParser:
@@ -18,8 +20,9 @@ def add_loader_args(parser: argparse.ArgumentParser, max_tokens: int = 4096) -> 
     g.add_argument("--patch-size", type=int, default=16, help="base patch size in pixels (default: %(default)s)")
     g.add_argument("--num-scales", type=int, default=3, help="patch sizes p, 2p, 4p, ... (default: %(default)s)")
     g.add_argument("--thresholds", type=float, nargs="*", default=None,
-                   help="one per scale above the base; a scale-s patch is kept where its score is below "
-                        "thresholds[s-1] (default: 5.5 4.0, entropy in bits); -inf disables a scale")
+                   help="one per scale above the base, in the scorer's units; a scale-s patch is kept where its "
+                        f"score is below thresholds[s-1] (default: the scorer's, for 3 scales {_defaults_help()}); "
+                        "-inf disables a scale")
     g.add_argument("--scorer", choices=SCORER_NAMES, default="entropy")
     g.add_argument("--static-shapes", action="store_true",
                    help="pad every batch to exactly --max-tokens (torch.compile, CUDA graphs)")
@@ -29,19 +32,26 @@ def add_loader_args(parser: argparse.ArgumentParser, max_tokens: int = 4096) -> 
     return parser
 
 
+def _defaults_help() -> str:
+    """``entropy 5.5 4.0 (bits); ...`` for the registered scorers with defaults for 3 scales."""
+    parts = []
+    for name in scorer_names():
+        sc = get_scorer(name)
+        t = sc.default_thresholds.get(3)
+        if t is not None:
+            parts.append(f"{name} {' '.join(f'{v:g}' for v in t)}" + (f" ({sc.units})" if sc.units else ""))
+    return "; ".join(parts).replace("%", "%%")
+
+
 def config_from_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> APTConfig:
-    """`APTConfig` from the flags; a bad combination exits with the parser's usage message."""
-    thresholds = args.thresholds
-    if thresholds is None:
-        thresholds = (5.5, 4.0) if args.scorer == "entropy" and args.num_scales == 3 else None
-        if thresholds is None:
-            msg = (f"--thresholds needs {args.num_scales - 1} values: the defaults 5.5 4.0 are the paper's "
-                   f"entropy thresholds (bits) for 3 scales; scorer {args.scorer!r} with {args.num_scales} scales")
-            if parser:
-                parser.error(msg)
-            raise ValueError(msg)
+    """`APTConfig` from the flags; a bad combination exits with the parser's usage message.
+
+    Without ``--thresholds`` the scorer's registered defaults for ``--num-scales`` are used (an
+    error names the flag when the scorer has none for that many scales).
+    """
+    thresholds = None if args.thresholds is None else tuple(args.thresholds)
     try:
-        cfg = APTConfig(patch_size=args.patch_size, num_scales=args.num_scales, thresholds=tuple(thresholds),
+        cfg = APTConfig(patch_size=args.patch_size, num_scales=args.num_scales, thresholds=thresholds,
                         scorer=args.scorer)
     except ValueError as e:
         if parser:

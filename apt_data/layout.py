@@ -1,4 +1,9 @@
-"""Quadtree patch-size selection: `patchify(image, cfg) -> PatchLayout`."""
+"""Quadtree patch-size selection: `patchify(image, cfg) -> PatchLayout`, the same for every scorer.
+
+Scores come from the scorer registry: the scorer's fused layout kernel when it has one (entropy:
+only the scores the selection reads), else its full score pyramid; `select_patches` then picks the
+patches. Nothing here knows a particular scorer.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +13,7 @@ from numba import njit
 
 from .config import APTConfig
 from .image import check_image
-from .scoring import map_shapes, score_flat
-from .scoring._gray import as_rows
-from .scoring.entropy import clog_table, entropy_layout
+from .scoring import get_scorer, map_shapes, score_flat
 
 
 @dataclass(frozen=True)
@@ -153,13 +156,18 @@ def patchify(image: np.ndarray, cfg: APTConfig | None = None) -> PatchLayout:
     cfg = cfg or APTConfig()
     image, H, W = checked_image(image, cfg.patch_size)
     p = cfg.patch_size
-    if cfg.scorer != "entropy":
+    fused = get_scorer(cfg.scorer).layout_kernel
+    if fused is None:
         flat, _, _ = score_flat(image, p, cfg.num_scales, cfg.scorer, need_base=False)
         return layout_from_flat_scores(flat, (H, W), cfg)
     hs, ws, offsets, thr = _grid_constants(H, W, cfg)
-    clog = clog_table((p << (cfg.num_scales - 1)) ** 2)
-    rows, channels = as_rows(image)
-    y, x, scale = _entropy_patchify(rows, channels, p, cfg.num_scales, thr, clog, hs, ws, offsets)  # p <= 255 (APTConfig)
+    flat = fused(image, p, cfg.num_scales, thr, hs, ws, offsets)
+    if not (isinstance(flat, np.ndarray) and flat.dtype == np.float32 and flat.shape == (offsets[-1],)
+            and flat.flags.c_contiguous):
+        raise ValueError(f"scorer {cfg.scorer!r}: its layout kernel must return contiguous float32 "
+                         f"[{offsets[-1]}] scores, "
+                         f"got {getattr(flat, 'dtype', type(flat))} {getattr(flat, 'shape', '')}")
+    y, x, scale = select_patches(flat, offsets, hs, ws, thr, p, cfg.num_scales)
     return PatchLayout(y=y, x=x, scale=scale, image_size=(H, W), patch_size=p, num_scales=cfg.num_scales)
 
 
@@ -175,16 +183,6 @@ def _thresholds(cfg: APTConfig) -> np.ndarray:
             thr = np.zeros(1, np.float64)  # num_scales == 1: never read
         _THRESHOLDS[cfg.thresholds] = thr
     return thr
-
-
-@njit(cache=True, nogil=True)
-def _entropy_patchify(rows, channels, p, num_scales, thresholds, clog, hs, ws, offsets):
-    """`patchify` for the entropy scorer in one call: `entropy_layout`, then `select_patches`
-    (``hs``, ``ws``, ``offsets``: the image's `_grid_constants`)."""
-    flat = np.empty(offsets[num_scales], np.float32)
-    sub = np.zeros(4 * 512, np.uint16)  # a scale-1 patch puts <= p*p pixels in each sub-histogram
-    entropy_layout(rows, channels, p, num_scales, thresholds, clog, sub, flat, offsets, hs, ws)
-    return select_patches(flat, offsets, hs, ws, thresholds, p, num_scales)
 
 
 def layout_from_scores(maps: list[np.ndarray], image_size: tuple[int, int], cfg: APTConfig) -> PatchLayout:

@@ -38,7 +38,7 @@ def uniform_count(h, w, p):
 
 def coarsest_count(h, w, p, num_scales):
     """Tokens when every scale is kept wherever it fits (thresholds +inf)."""
-    total, rem_h, rem_w = 0, h, w
+    total = 0
     cells = np.zeros((h // p, w // p), bool)
     for s in range(num_scales - 1, -1, -1):
         f = 2**s

@@ -160,3 +160,24 @@ def test_entropy_bounds_used_by_the_selection_kernel_hold():
             h_kids.append(h)
         parent = entropy_bits(np.sum(kids, 0))
         assert np.mean(h_kids) - 1e-9 <= parent <= np.mean(h_kids) + 2 + 1e-9
+
+
+def test_entropy_kernels_call_only_kernels_of_their_own_module():
+    """Numba's disk cache checks only the timestamp of the file that defines a kernel, and a kernel's
+    cached code includes every kernel it calls: so patchify's and score_maps' entropy kernels call
+    nothing compiled elsewhere (an edit of entropy.py then never leaves stale code in a cache)."""
+    from numba.core.dispatcher import Dispatcher
+
+    from apt_data.scoring import entropy, get_scorer
+
+    assert get_scorer("entropy").layout_kernel is entropy.entropy_layout_scores
+    todo, seen = [entropy._entropy_layout_flat, entropy.entropy_pyramid], set()
+    while todo:
+        kernel = todo.pop()
+        if kernel in seen:
+            continue
+        seen.add(kernel)
+        assert kernel.py_func.__module__ == entropy.__name__, kernel
+        called = map(kernel.py_func.__globals__.get, kernel.py_func.__code__.co_names)
+        todo += [g for g in called if isinstance(g, Dispatcher)]
+    assert {k.__name__ for k in seen} >= {"entropy_layout", "band_bins", "_decide", "_histogram_entropy"}

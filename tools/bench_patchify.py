@@ -49,10 +49,11 @@ t2 = time.perf_counter()
 from apt_data.scoring.entropy import entropy_pyramid
 from apt_data.scoring.laplacian import laplacian_pyramid
 from apt_data.scoring.upsample import upsample_pyramid
-from apt_data.layout import select_patches, _paint_scales, _entropy_patchify
+from apt_data.layout import select_patches, _paint_scales
+from apt_data.scoring.entropy import _entropy_layout_flat
 from apt_data.packing import extract_tokens
 hits = misses = 0
-for d in (entropy_pyramid, laplacian_pyramid, upsample_pyramid, select_patches, _paint_scales, _entropy_patchify,
+for d in (entropy_pyramid, laplacian_pyramid, upsample_pyramid, select_patches, _paint_scales, _entropy_layout_flat,
           extract_tokens):
     hits += sum(d.stats.cache_hits.values()); misses += sum(d.stats.cache_misses.values())
 print(json.dumps({"import_s": t1 - t0, "warmup_s": t2 - t1, "cache_hits": hits, "compiled": misses}))

@@ -1,40 +1,37 @@
-"""Shannon entropy of the grayscale histogram, the paper's patch score.
+"""The entropy scorer (the paper's): Shannon entropy of each patch's grayscale histogram, in bits.
 
 512 bins over [0, 255] with torch.histc semantics (``bin = floor(g / 255 * 512)`` in float32,
 g == 255 in the last bin), entropy in bits; tests check the bins against ``torch.histc`` for
 every gray value an RGB pixel can produce.
 
-Two kernels, one definition (both call `_histogram_entropy` on identical integer counts, so a
-score they both compute is bit-identical):
+Two kernels, one definition (both bin pixels with `band_bins` and call `_histogram_entropy` on
+identical integer counts, so a score they both compute is bit-identical):
 
 - `entropy_pyramid` (`score_maps`): every patch of every scale. Each pixel is counted once into
   the histogram of its patch at the finest scale needed; a coarser histogram is the sum of its
   four children's. Cost O(pixels + patches x bins), streamed one row of patches at a time.
-- `entropy_layout` (`patchify`): only what the coarsest-first selection reads. It never
-  histograms scale 0, and it computes an exact entropy only where cheap bounds cannot decide the
-  threshold comparison (see `entropy_layout`). Pixels are counted into four interleaved
-  sub-histograms (by row and column parity), so runs of equal neighbouring bins do not serialise
-  on one counter.
+- `entropy_layout` (`patchify`, through the registry's fused layout kernel `entropy_layout_scores`):
+  only what the coarsest-first selection reads. It never histograms scale 0, and it computes an
+  exact entropy only where cheap bounds cannot decide the threshold comparison (see
+  `entropy_layout`). Pixels are counted into four interleaved sub-histograms (by row and column
+  parity), so runs of equal neighbouring bins do not serialise on one counter.
 
 Entropy of a histogram of n samples is ``log2(n) - sum(c log2 c) / n``, ``c log2 c`` from a
 table, skipping runs of 8 empty bins.
+
+Every kernel these two call is defined in this module (only the gray weights, plain float32
+constants, come from `_gray`), so Numba's on-disk cache, which checks only the timestamp of the file
+that defines a kernel, never keeps stale entropy code after this file is edited.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from ._gray import _WB, _WG, _WR, gray_plane_reference, gray_row
+from ._gray import _WB, _WG, _WR, as_rows, gray_plane_reference
+from .registry import register_scorer
 
 NUM_BINS = 512
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _row_bins(row, channels, gray, out):
-    gray_row(row, channels, gray)
-    for x in range(out.shape[0]):
-        b = np.int32((gray[x] / np.float32(255.0)) * np.float32(512.0))
-        out[x] = b if b < 511 else 511
 
 
 @njit(cache=True, nogil=True)
@@ -47,6 +44,31 @@ def _histogram_entropy(h, n, log2_n, clog):
         a0 += (clog[h[k]] + clog[h[k + 1]]) + (clog[h[k + 2]] + clog[h[k + 3]])
         a1 += (clog[h[k + 4]] + clog[h[k + 5]]) + (clog[h[k + 6]] + clog[h[k + 7]])
     return np.float32(log2_n - (a0 + a1) / n)
+
+
+@njit(cache=True, nogil=True)
+def band_bins(rows, channels, y0, nrows, ncols, r, g, b, out):
+    """``out[rr, x]`` = bin of pixel (y0 + rr, x), for x < ncols.
+
+    RGB rows are first split into planes (``r``, ``g``, ``b``) so that the float32 gray and bin
+    arithmetic (the paper's expression, in the same order) runs as one contiguous SIMD loop.
+    """
+    for rr in range(nrows):
+        row = rows[y0 + rr]
+        o = out[rr]
+        if channels == 3:
+            for x in range(ncols):
+                r[x] = row[3 * x]
+                g[x] = row[3 * x + 1]
+                b[x] = row[3 * x + 2]
+            for x in range(ncols):
+                gray = (_WR * np.float32(r[x]) + _WG * np.float32(g[x])) + _WB * np.float32(b[x])
+                q = np.int32((gray / np.float32(255.0)) * np.float32(512.0))
+                o[x] = q if q < 511 else 511
+        else:
+            for x in range(ncols):
+                q = np.int32((np.float32(row[x]) / np.float32(255.0)) * np.float32(512.0))
+                o[x] = q if q < 511 else 511
 
 
 @njit(cache=True, nogil=True)
@@ -66,13 +88,17 @@ def entropy_pyramid(rows, channels, p, num_scales, first, clog, flat, offsets):
         return
     # one row of histograms per scale, reused row after row
     scratch = np.zeros((num_scales, ws[first], 512), np.int32)
-    gray = np.empty(W, np.float32)
-    bins = np.empty(W, np.uint16)
     size = p << first
     wf = ws[first]
+    ncols = wf * size
+    r = np.empty(ncols, np.uint8)
+    g = np.empty(ncols, np.uint8)
+    b = np.empty(ncols, np.uint8)
+    band = np.empty((size, ncols), np.uint16)
     for i_first in range(hs[first]):
-        for r in range(size):
-            _row_bins(rows[i_first * size + r], channels, gray, bins)
+        band_bins(rows, channels, i_first * size, size, ncols, r, g, b, band)
+        for rr in range(size):
+            bins = band[rr]
             for j in range(wf):
                 hrow = scratch[first, j]
                 for x in range(j * size, (j + 1) * size):
@@ -102,7 +128,7 @@ def entropy_pyramid(rows, channels, p, num_scales, first, clog, flat, offsets):
                 break
 
 
-# ------------------------------------------------------------------------ selection kernel
+# ------------------------------------------------------------------------ layout kernel
 # Bounds that decide most threshold comparisons without the exact entropy H of a histogram
 # (n samples, counts c, k non-empty bins):  log2(n^2 / sum c^2) <= H <= log2(k)  (Renyi order 2
 # and Hartley entropies).  A parent (4 equal children) satisfies
@@ -111,31 +137,6 @@ def entropy_pyramid(rows, channels, p, num_scales, first, clog, flat, offsets):
 # (~1e-6 bits) of a computed entropy, so every decision equals the one the exact score gives.
 BOUND_MARGIN = 1e-3
 _U = np.uint64
-
-
-@njit(cache=True, nogil=True)
-def band_bins(rows, channels, y0, nrows, ncols, r, g, b, out):
-    """``out[rr, x]`` = bin of pixel (y0 + rr, x), for x < ncols.
-
-    RGB rows are first split into planes (``r``, ``g``, ``b``) so that the float32 gray and bin
-    arithmetic (the paper's expression, in the same order) runs as one contiguous SIMD loop.
-    """
-    for rr in range(nrows):
-        row = rows[y0 + rr]
-        o = out[rr]
-        if channels == 3:
-            for x in range(ncols):
-                r[x] = row[3 * x]
-                g[x] = row[3 * x + 1]
-                b[x] = row[3 * x + 2]
-            for x in range(ncols):
-                gray = (_WR * np.float32(r[x]) + _WG * np.float32(g[x])) + _WB * np.float32(b[x])
-                q = np.int32((gray / np.float32(255.0)) * np.float32(512.0))
-                o[x] = q if q < 511 else 511
-        else:
-            for x in range(ncols):
-                q = np.int32((np.float32(row[x]) / np.float32(255.0)) * np.float32(512.0))
-                o[x] = q if q < 511 else 511
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -284,6 +285,32 @@ def _decide(s0, i0, j0, L, p, thresholds, clog, hist1, lo, hi, tmp, stack, flat,
                     top += 1
 
 
+@njit(cache=True, nogil=True)
+def _entropy_layout_flat(rows, channels, p, num_scales, thresholds, clog, hs, ws, offsets):
+    """`entropy_layout` into a fresh score buffer (``offsets[num_scales]`` float32; entries it does
+    not decide are left unset and never read by the selection)."""
+    flat = np.empty(offsets[num_scales], np.float32)
+    sub = np.zeros(4 * 512, np.uint16)  # a scale-1 patch puts <= p*p pixels in each sub-histogram
+    entropy_layout(rows, channels, p, num_scales, thresholds, clog, sub, flat, offsets, hs, ws)
+    return flat
+
+
+def entropy_layout_scores(image: np.ndarray, p: int, num_scales: int, thresholds: np.ndarray, hs: np.ndarray,
+                          ws: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The registry's fused layout kernel: the scores `select_patches` reads, decided lazily by
+    `entropy_layout` (``hs``, ``ws``, ``offsets``, ``thresholds``: the image's `_grid_constants`)."""
+    rows, channels = as_rows(image)
+    clog = clog_table((p << (num_scales - 1)) ** 2)
+    return _entropy_layout_flat(rows, channels, p, num_scales, thresholds, clog, hs, ws, offsets)  # p <= 255
+
+
+def entropy_scores(image: np.ndarray, p: int, num_scales: int, first: int, flat: np.ndarray,
+                   offsets: np.ndarray) -> None:
+    """The registry's pyramid kernel: `entropy_pyramid` on a checked image."""
+    rows, channels = as_rows(image)
+    entropy_pyramid(rows, channels, p, num_scales, first, clog_table((p << (num_scales - 1)) ** 2), flat, offsets)
+
+
 _CLOG_CACHE: dict[int, np.ndarray] = {}
 
 
@@ -319,3 +346,9 @@ def entropy_maps_reference(image: np.ndarray, patch_size: int, num_scales: int) 
                 m[i, j] = -(prob * np.log2(prob)).sum()
         maps.append(m)
     return maps
+
+
+register_scorer(
+    "entropy", entropy_scores, entropy_maps_reference, {3: (5.5, 4.0)},  # the paper's thresholds
+    layout_kernel=entropy_layout_scores, units="bits",
+    description="Shannon entropy of the 512-bin grayscale histogram (the paper's score)", builtin=True)

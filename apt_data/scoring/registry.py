@@ -1,0 +1,185 @@
+"""The scorer registry: one `Scorer` record per name, the only place the rest of apt_data learns about scorers.
+
+A scorer maps every patch of every scale to "how much detail it holds" (low: the patch may be
+merged into a larger one). Its module registers it with `register_scorer`: the pyramid kernel
+(`score_maps`, shards), the plain NumPy reference (tests), an optional fused layout kernel
+(`patchify`), and default thresholds in the scorer's own units. `APTConfig`, `score_maps`,
+`patchify`, `layout_from_scores`, the CLI flags and `warmup()` all read this registry, so a new
+scorer is one module (plus its test) that calls `register_scorer` when imported.
+
+Registrations are per process: DataLoader workers started by fork inherit them; with the spawn
+start method the module that registers a scorer must be imported by the workers too.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+#: ``pyramid(image, patch_size, num_scales, first, flat, offsets) -> None``: write scale ``s``'s
+#: map (float32, row-major, shape ``(H // (p*2**s), W // (p*2**s))``) to ``flat[offsets[s]:offsets[s+1]]``
+#: for every ``s >= first`` (``first`` is 0 or 1; scale 0 is never read by the selection).
+#: ``image`` is a checked uint8 HxW or HxWx3 array (`check_image`) with at least one whole base patch.
+PyramidKernel = Callable[[np.ndarray, int, int, int, np.ndarray, np.ndarray], None]
+#: ``reference(image, patch_size, num_scales) -> list of float32 maps`` in plain NumPy (tests only).
+ReferenceScorer = Callable[[np.ndarray, int, int], "list[np.ndarray]"]
+#: ``layout_kernel(image, patch_size, num_scales, thresholds, hs, ws, offsets) -> flat`` (float32,
+#: ``offsets[-1]`` entries): for every scale >= 1 patch the coarsest-first selection reads, a score on
+#: the same side of its threshold as the exact score; other entries are never read. ``thresholds``
+#: is float64 ``[max(1, num_scales - 1)]``; ``hs``, ``ws``, ``offsets``: int64 grid shapes and offsets.
+LayoutKernel = Callable[..., np.ndarray]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One registered scorer (see the module docstring and the kernel type aliases for the contracts)."""
+
+    name: str
+    pyramid: PyramidKernel
+    reference: ReferenceScorer
+    #: ``{num_scales: thresholds}`` in the scorer's units; ``num_scales == 1`` needs none (always ``()``).
+    default_thresholds: Mapping[int, tuple[float, ...]]
+    layout_kernel: Optional[LayoutKernel] = None
+    units: str = ""
+    description: str = ""
+    builtin: bool = field(default=False, repr=False)
+
+    def thresholds_for(self, num_scales: int) -> tuple[float, ...]:
+        """Default thresholds for ``num_scales`` scales; ValueError when the scorer has none."""
+        if num_scales == 1:
+            return ()
+        t = self.default_thresholds.get(num_scales)
+        if t is None:
+            known = ", ".join(str(n) for n in sorted(self.default_thresholds)) or "none"
+            units = f" ({self.units})" if self.units else ""
+            raise ValueError(
+                f"scorer {self.name!r} has no default thresholds for num_scales={num_scales} (defaults exist for "
+                f"num_scales: {known}); pass thresholds explicitly: {num_scales - 1} values in its units{units}")
+        return t
+
+
+_REGISTRY: dict[str, Scorer] = {}
+
+
+def _check_thresholds(name: str, table: Mapping[int, Sequence[float]]) -> dict[int, tuple[float, ...]]:
+    out = {}
+    for n, t in dict(table).items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"scorer {name!r}: default thresholds are keyed by num_scales >= 2, got {n!r}")
+        if isinstance(t, (str, bytes)):
+            raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} must be numbers, got {t!r}")
+        try:
+            vals = tuple(float(v) for v in t)
+        except (TypeError, ValueError):
+            raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} must be numbers, "
+                             f"got {t!r}") from None
+        if len(vals) != n - 1 or any(math.isnan(v) for v in vals):
+            raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} need {n - 1} numbers, got {t!r}")
+        out[n] = vals
+    return out
+
+
+def register_scorer(name: str, pyramid: PyramidKernel, reference: ReferenceScorer,
+                    default_thresholds: Mapping[int, Sequence[float]], layout_kernel: Optional[LayoutKernel] = None,
+                    units: str = "", description: str = "", replace: bool = False,
+                    builtin: bool = False) -> Scorer:
+    """Register a scorer under ``name`` and return its record.
+
+    ``default_thresholds`` maps ``num_scales`` to the thresholds `APTConfig` takes when none are
+    given (e.g. ``{3: (5.5, 4.0)}``); other scale counts then require explicit thresholds.
+    Registering a taken name raises ValueError unless ``replace`` (built-ins cannot be replaced).
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"scorer name must be an identifier-like string, got {name!r}")
+    old = _REGISTRY.get(name)
+    if old is not None and (old.builtin or not replace):
+        raise ValueError(f"scorer {name!r} is already registered" + (" (built-in)" if old.builtin else
+                                                                     "; pass replace=True to replace it"))
+    for what, fn in (("pyramid", pyramid), ("reference", reference), ("layout_kernel", layout_kernel)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"scorer {name!r}: {what} must be callable, got {fn!r}")
+    if pyramid is None or reference is None:
+        raise ValueError(f"scorer {name!r}: pyramid and reference are required")
+    scorer = Scorer(name=name, pyramid=pyramid, reference=reference,
+                    default_thresholds=_check_thresholds(name, default_thresholds), layout_kernel=layout_kernel,
+                    units=units, description=description, builtin=builtin)
+    _REGISTRY[name] = scorer
+    return scorer
+
+
+def unregister_scorer(name: str) -> Scorer:
+    """Remove a registered (non built-in) scorer and return its record (tests use it to clean up)."""
+    scorer = get_scorer(name)
+    if scorer.builtin:
+        raise ValueError(f"scorer {name!r} is built in and cannot be unregistered")
+    return _REGISTRY.pop(name)
+
+
+def get_scorer(name: str) -> Scorer:
+    """The record of a registered scorer; ValueError naming the registered ones otherwise."""
+    scorer = _REGISTRY.get(name) if isinstance(name, str) else None
+    if scorer is None:
+        raise ValueError(f"unknown scorer {name!r}; choose one of {scorer_names()}")
+    return scorer
+
+
+def scorer_names() -> tuple[str, ...]:
+    """Names of the registered scorers, in registration order (built-ins first)."""
+    return tuple(_REGISTRY)
+
+
+class _ScorerNames(Sequence):
+    """Live, read-only view of `scorer_names()` that behaves like the tuple ``SCORER_NAMES`` used to be
+    (``in``, iteration, indexing, ``==`` a tuple), e.g. as argparse ``choices``."""
+
+    def __getitem__(self, i):
+        return scorer_names()[i]
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and name in _REGISTRY
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(scorer_names())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (_ScorerNames, tuple, list)):
+            return scorer_names() == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # mutable contents
+
+    def __repr__(self) -> str:
+        return repr(scorer_names())
+
+
+class _References(Mapping):
+    """Live, read-only ``{name: reference}`` view (the old ``REFERENCE_SCORERS`` dict)."""
+
+    def __getitem__(self, name: str) -> ReferenceScorer:
+        if name not in _REGISTRY:
+            raise KeyError(name)
+        return _REGISTRY[name].reference
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(scorer_names())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: Live view of the registered names (kept for ``from apt_data import SCORER_NAMES``).
+SCORER_NAMES: Sequence[str] = _ScorerNames()
+#: Live ``{name: NumPy reference}`` view (tests).
+REFERENCE_SCORERS: Mapping[str, ReferenceScorer] = _References()
+
+__all__ = ["Scorer", "register_scorer", "unregister_scorer", "get_scorer", "scorer_names", "SCORER_NAMES",
+           "REFERENCE_SCORERS", "PyramidKernel", "ReferenceScorer", "LayoutKernel"]
