@@ -3,18 +3,21 @@
 Augmentations change the image, so they must run before patch sizes are chosen: random erasing
 with a constant fill, for instance, flattens a region and lowers the token count (as the paper
 notes). Every random choice comes from a per-sample seed, so an epoch is reproducible no matter
-which worker process handles which sample.
+which worker process handles which sample. The input is what a loader `Source` reads: encoded
+bytes or a path, a PIL image, or a uint8 image array.
 """
 from __future__ import annotations
 
+import io
 import math
+import os
 import random
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
-from .image import decode_image
+from .image import decode_image, to_rgb_uint8
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,15 @@ class ImageTransform:
         s = short / min(width, height)
         return max(m, round(height * s / m) * m), max(m, round(width * s / m) * m)
 
-    def __call__(self, data: Union[bytes, str], name: str = "", seed: int = 0) -> np.ndarray:
+    def __call__(self, data: Union[bytes, str, os.PathLike, Any], name: str = "", seed: int = 0) -> np.ndarray:
+        """``data``: encoded bytes or a path, a PIL image, or a uint8 HxW / HxWx3 (/ HxWx4) array."""
         if not self.augment:
-            return decode_image(data, self.size, crop=not self.keep_aspect, multiple=self.multiple,
+            return decode_image(_encoded(data, name), self.size, crop=not self.keep_aspect, multiple=self.multiple,
                                 name=name or None, crop_pct=self.crop_pct)
         from PIL import Image
 
         rng = np.random.default_rng(seed)
-        img = Image.fromarray(decode_image(data, name=name or None))
+        img = Image.fromarray(_decoded(data, name))
         top, left, h, w = self._crop_box(img.height, img.width, rng)
         img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
         if rng.random() < self.hflip:
@@ -114,6 +118,35 @@ class ImageTransform:
                 left = int(rng.integers(0, w_img - w + 1))
                 img[top:top + h, left:left + w] = self.fill
                 return
+
+
+def _decoded(data: Any, name: str = "") -> np.ndarray:
+    """``data`` as a uint8 HxWx3 RGB array at its own size."""
+    if isinstance(data, (bytes, bytearray, str, os.PathLike)):
+        return decode_image(data, name=name or None)
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise ValueError(f"{name or 'image'}: expected a uint8 image array, got {data.dtype} "
+                             "(convert it with apt_data.to_rgb_uint8)")
+        return to_rgb_uint8(data)
+    if hasattr(data, "getbands"):  # a PIL image
+        if data.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return to_rgb_uint8(np.asarray(data).astype(np.uint16))
+        return np.asarray(data if data.mode == "RGB" else data.convert("RGB"))
+    raise TypeError(f"{name or 'image'}: cannot transform a {type(data).__name__} "
+                    "(expected encoded bytes, a path, a PIL image or a uint8 array)")
+
+
+def _encoded(data: Any, name: str = "") -> Union[bytes, str, os.PathLike]:
+    """``data`` as `decode_image` takes it: bytes and paths as they are; decoded pixels as lossless
+    (uncompressed PPM) bytes, so every input goes through the one resize of `decode_image`."""
+    if isinstance(data, (bytes, bytearray, str, os.PathLike)):
+        return data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_decoded(data, name)).save(buf, "PPM")
+    return buf.getvalue()
 
 
 _RA_CACHE: dict = {}

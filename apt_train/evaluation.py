@@ -6,17 +6,17 @@ Baselines (``mode``), all on the same images, batches and token budget:
 - ``"resize"``: the same layouts with ``model.resize_only = True`` (a large patch is only resized to
   the base patch; no detail path).
 - ``"random"``: as many tokens per image as APT keeps, but base-scale (16-px) cells of the uniform
-  grid chosen at random; the other cells are dropped. Built as `PatchLayout` objects of scale-0
-  tokens and packed by `pack_images`, so positions come from each token's coordinates as usual.
+  grid chosen at random; the other cells are dropped. `RandomBaseLayout` is the loader's
+  ``layout_fn`` (scale-0 `PatchLayout` objects), so the loader's own workers, packing and
+  skip accounting build these batches and positions come from each token's coordinates as usual.
 - ``"uniform"``: the plain ViT grid (thresholds ``-inf``: every token at the base scale), which
   computes exactly what the timm model computes.
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -28,8 +28,6 @@ from apt_data.loader import APTLoader
 
 from .dist import DistInfo
 from .flops import vit_flops
-
-log = logging.getLogger("apt_train.evaluation")
 
 MODES = ("none", "resize", "random", "uniform")
 
@@ -149,37 +147,26 @@ def random_base_layout(image_size: tuple[int, int], cfg: APTConfig, num_tokens: 
                        num_scales=cfg.num_scales)
 
 
-def random_token_batches(loader: APTLoader, seed: int = 0) -> Iterator[tuple]:
-    """The ``random`` baseline: ``loader``'s batches (same images, same order, this rank's share), each
-    image keeping exactly APT's token count (the index's exact count, or its patchify layout) as
-    random base-scale cells. Built in this process (no workers); bad samples are skipped, counted in
-    ``loader.stats`` and logged as the loader does."""
-    from apt_data import pack_images
+@dataclass(frozen=True)
+class RandomBaseLayout:
+    """The ``random`` baseline as an `APTLoader` ``layout_fn``: sample ``index`` keeps APT's token count
+    (``counts[index]``, the index's exact count, else its `patchify` layout's) as random base-scale
+    cells drawn with ``np.random.default_rng([seed, index])``."""
 
-    exact = loader.token_counts() - loader.num_prefix_tokens if loader.exact_counts else None
-    for sample_ids in loader.rank_bins():
-        images, layouts, labels, keys = [], [], [], []
-        for i in sample_ids.tolist():
-            key = loader.source.keys[i]
-            try:
-                img = loader.transform(loader.source.read(i), name=key)
-                n = int(exact[i]) if exact is not None else len(patchify(img, loader.cfg))
-            except (ValueError, OSError) as e:
-                if loader.strict:
-                    raise
-                log.warning("skipping sample %s: %s", key, e)
-                loader.stats.skipped[type(e).__name__] += 1
-                loader.stats.skipped_keys.append(key)
-                continue
-            layouts.append(random_base_layout(img.shape[:2], loader.cfg, n, np.random.default_rng([seed, i])))
-            images.append(img)
-            labels.append(int(loader.source.labels[i]))
-            keys.append(key)
-        if not images:
-            continue
-        batch = pack_images(images, loader.cfg, labels=labels, num_prefix_tokens=loader.num_prefix_tokens,
-                            layouts=layouts)
-        yield replace(batch, keys=tuple(keys)), batch.labels
+    seed: int = 0
+    counts: Optional[np.ndarray] = None
+
+    def __call__(self, image: np.ndarray, cfg: APTConfig, index: int) -> PatchLayout:
+        n = int(self.counts[index]) if self.counts is not None else len(patchify(image, cfg))
+        return random_base_layout(image.shape[:2], cfg, n, np.random.default_rng([self.seed, index]))
+
+
+def random_token_batches(loader: APTLoader, seed: int = 0) -> APTLoader:
+    """The ``random`` baseline: ``loader``'s batches (same images, same order, this rank's share), each
+    image keeping exactly APT's token count as random base-scale cells (`RandomBaseLayout`). Bad
+    samples are skipped and counted in ``loader.stats``, as the loader does."""
+    counts = loader.token_counts() - loader.num_prefix_tokens if loader.exact_counts else None
+    return loader.with_layout_fn(RandomBaseLayout(seed, counts))
 
 
 def eval_loader(source, cfg: APTConfig, *, max_tokens: int, image_size: int, num_prefix_tokens: int,
@@ -200,10 +187,11 @@ def evaluate_mode(model, source, cfg: APTConfig, mode: str, *, device: torch.dev
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     loader = eval_loader(source, uniform_config(cfg) if mode == "uniform" else cfg, **loader_kw)
-    batches = random_token_batches(loader, seed) if mode == "random" else loader
+    if mode == "random":
+        loader = random_token_batches(loader, seed)
     old = model.resize_only
     model.resize_only = mode == "resize"
     try:
-        return evaluate(model, batches, device, amp=amp, info=info, max_batches=max_batches), loader
+        return evaluate(model, loader, device, amp=amp, info=info, max_batches=max_batches), loader
     finally:
         model.resize_only = old

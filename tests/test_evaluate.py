@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from apt_data import APTConfig  # noqa: E402
 from apt_model import from_timm  # noqa: E402
-from apt_train.evaluation import eval_loader, random_token_batches  # noqa: E402
+from apt_train.evaluation import RandomBaseLayout, eval_loader, random_token_batches  # noqa: E402
 from apt_train.flops import vit_flops  # noqa: E402
 
 
@@ -71,6 +71,9 @@ def test_random_baseline_keeps_apt_token_counts_per_image_at_base_scale():
     # another seed draws other cells, same counts
     other = next(iter(random_token_batches(apt, seed=2)))[0]
     assert other.seqlens == batch.seqlens and not torch.equal(other.coords[0], batch.coords[0])
+    # the loader's layout_fn: without the index's counts it counts APT's tokens itself, to the same batch
+    again = next(iter(apt.with_layout_fn(RandomBaseLayout(seed=1))))[0]
+    assert again.keys == batch.keys and torch.equal(again.coords[0], batch.coords[0])
 
 
 @pytest.mark.parametrize("thresholds,resize_only", [((5.5, 4.0), False), ((5.5, 4.0), True), ((7.0, 5.5), False),

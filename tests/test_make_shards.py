@@ -1,12 +1,12 @@
-"""tools/make_shards.py on real photos: webdataset compatibility, round trip, determinism,
-atomic + resumable writing under SIGKILL, bad sources."""
+"""Building shards (apt_data.shards.build, and its CLI tools/make_shards.py) on real photos: webdataset
+compatibility, round trip, determinism, atomic + resumable writing under SIGKILL, bad sources."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,15 +20,12 @@ import pytest
 from PIL import Image
 
 from apt_data import APTConfig, decode_image, patchify, score_maps
-from apt_data.shards import ShardStats, iter_shards, read_index, read_sample
+from apt_data.shards import ShardDataError, ShardStats, iter_shards, read_index, read_sample
+from apt_data.shards import build as ms
 from conftest import IMAGE_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "make_shards.py"
-_spec = importlib.util.spec_from_file_location("make_shards", TOOL)
-ms = importlib.util.module_from_spec(_spec)
-sys.modules["make_shards"] = ms  # so forked pool workers find build_shard by name
-_spec.loader.exec_module(ms)
 
 CLASSES = ["c0", "c1", "c2", "c3"]
 ARGS = dict(image_size=224, shard_size=5, progress=False)  # 32 photos -> 7 shards
@@ -55,7 +52,7 @@ def src(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(src, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    res = ms.make_shards(src, out, workers=1, **ARGS)
+    res = ms.build_shards(src, out, workers=1, **ARGS)
     return out, res
 
 
@@ -129,7 +126,7 @@ def test_npy_members_load_without_pickle(built):
 
 def test_same_inputs_give_byte_identical_output_with_any_worker_count(built, src, tmp_path):
     out, _ = built
-    res = ms.make_shards(src, tmp_path / "par", workers=2, **ARGS)
+    res = ms.build_shards(src, tmp_path / "par", workers=2, **ARGS)
     assert res.built == 7
     assert files(tmp_path / "par") == files(out)
 
@@ -162,11 +159,16 @@ def test_killed_run_leaves_no_partial_tar_and_resumes(built, src, tmp_path):
     assert "train-000000.tar" in tars and len(tars) < 7 and not (out / "train.parquet").exists()
     for name in tars:  # every .tar there is complete: identical to the uninterrupted run's
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
-    res = ms.make_shards(src, out, workers=1, **ARGS)
-    assert res.resumed >= 1 and res.built == 7 - res.resumed
+    rerun = subprocess.run(cmd, capture_output=True, text=True)  # the CLI resumes and summarises
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    m = re.search(r"make_shards: 32 samples in 7 shards \((\d+) built, (\d+) already complete\); kept 32, skipped 0",
+                  rerun.stdout)
+    assert m, rerun.stdout
+    built, resumed = map(int, m.groups())
+    assert resumed >= 1 and built == 7 - resumed
     assert not list(out.glob("*.tmp"))
     assert files(out) == files(ref)
-    again = ms.make_shards(src, out, workers=1, **ARGS)  # nothing left to do
+    again = ms.build_shards(src, out, workers=1, **ARGS)  # nothing left to do
     assert (again.built, again.resumed) == (0, 7) and files(out) == files(ref)
 
 
@@ -175,7 +177,7 @@ def test_changed_settings_rebuild_stale_shards(built, src, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(ref, out)
     cfg = APTConfig(thresholds=(6.5, 5.0))
-    res = ms.make_shards(src, out, workers=1, cfg=cfg, **ARGS)
+    res = ms.build_shards(src, out, workers=1, cfg=cfg, **ARGS)
     assert res.built == 7
     idx = read_index(out / "train.parquet")
     assert idx.config == cfg
@@ -183,11 +185,11 @@ def test_changed_settings_rebuild_stale_shards(built, src, tmp_path):
     assert (idx.column("tokens") <= old).all() and (idx.column("tokens") < old).any()
     for i in range(0, 32, 8):
         assert idx.token_counts()[i].tolist() == patchify(idx.read_sample(i).image(), cfg).counts().tolist()
-    smaller = ms.make_shards(src, out, workers=1, limit_per_class=2, **ARGS)  # 8 samples: 2 shards
+    smaller = ms.build_shards(src, out, workers=1, limit_per_class=2, **ARGS)  # 8 samples: 2 shards
     assert smaller.num_shards == 2 and sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
 
 
-def test_bad_sources_are_skipped_counted_and_summarised(src, tmp_path, caplog, capsys):
+def test_bad_sources_are_skipped_counted_and_summarised(src, tmp_path, caplog):
     bad_src = tmp_path / "src"
     shutil.copytree(src, bad_src)
     photo = (bad_src / "c1" / IMAGE_PATHS[1].name).read_bytes()
@@ -196,11 +198,10 @@ def test_bad_sources_are_skipped_counted_and_summarised(src, tmp_path, caplog, c
     (bad_src / "c3" / "text.JPEG").write_text("not an image\n")
     (bad_src / "c3" / "readme.txt").write_text("not an image file name: not listed\n")
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="make_shards"):
-        rc = ms.main([str(bad_src), str(out), "--shard-size", "5", "--workers", "1", "--quiet"])
-    assert rc == 0
-    summary = capsys.readouterr().out
-    assert "35 samples" not in summary and "32 samples in 7 shards" in summary
+    with caplog.at_level(logging.WARNING, logger="apt_data.shards.build"):
+        res = ms.build_shards(bad_src, out, shard_size=5, workers=1, progress=False)
+    summary = res.summary()
+    assert res.num_samples == 32 and summary.startswith("32 samples in 7 shards")
     assert "skipped 3 (corrupt_image=1, empty_file=1, not_an_image=1)" in summary
     for name, reason in [("c1/truncated.JPEG", "corrupt_image"), ("c2/empty.JPEG", "empty_file"),
                          ("c3/text.JPEG", "not_an_image")]:
@@ -209,13 +210,11 @@ def test_bad_sources_are_skipped_counted_and_summarised(src, tmp_path, caplog, c
     assert len(idx) == 32 and not {"c1/truncated.JPEG", "c2/empty.JPEG", "c3/text.JPEG"} & set(idx.column("source"))
     stats = ShardStats()
     assert len(list(iter_shards([str(p) for p in idx.shard_paths()], stats=stats))) == 32 and stats.num_skipped == 0
-    # --strict stops at the first bad source with an error naming it
-    caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="make_shards"):
-        rc = ms.main([str(bad_src), str(tmp_path / "strict"), "--shard-size", "5", "--workers", "2", "--quiet", "--strict"])
-    assert rc == 2
+    # strict stops at the first bad source with an error naming it
     bad_names = ("c1/truncated.JPEG", "c2/empty.JPEG", "c3/text.JPEG")
-    assert any(n in r.getMessage() for r in caplog.records for n in bad_names)
+    with pytest.raises(ShardDataError) as e:
+        ms.build_shards(bad_src, tmp_path / "strict", shard_size=5, workers=2, progress=False, strict=True)
+    assert e.value.shard in bad_names and e.value.reason in ("corrupt_image", "empty_file", "not_an_image")
     assert not (tmp_path / "strict" / "train.parquet").exists()
 
 
@@ -235,7 +234,7 @@ def test_file_list_source_with_keep_aspect(tmp_path):
     lst = tmp_path / "list.tsv"
     paths = IMAGE_PATHS[:6]
     lst.write_text("".join(f"{p}\t{100 + i}\tthing{i}\n" for i, p in enumerate(paths)))
-    res = ms.make_shards(lst, tmp_path / "out", image_size=128, shard_size=4, crop=False, workers=1,
+    res = ms.build_shards(lst, tmp_path / "out", image_size=128, shard_size=4, crop=False, workers=1,
                          prefix="val", shuffle=False, progress=False)
     assert res.num_samples == 6 and res.index_path.name == "val.parquet"
     idx = read_index(res.index_path)

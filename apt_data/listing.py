@@ -1,0 +1,70 @@
+"""Image listings: the files of an ImageNet-layout folder or of a text/TSV list, with their labels.
+
+Both `apt_data.sources.FolderSource` (loading) and `apt_data.shards.build` (writing shards) list
+their images here, so a folder gives the same labels whichever way it is read.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+PathLike = Union[str, os.PathLike]
+
+#: Image files listed by `list_image_folder` (torchvision's ImageFolder extensions).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+__all__ = ["IMAGE_EXTENSIONS", "list_image_folder", "read_file_list"]
+
+
+def list_image_folder(root: PathLike) -> list[tuple[Path, int, str]]:
+    """``(path, label, class_name)`` for every image of an ImageNet-layout folder.
+
+    One sub-folder per class; classes sorted by name give labels 0..C-1 (torchvision's
+    ImageFolder order, which for wnid folders is also ImageNet-1k's label order); images are
+    found recursively by extension (`IMAGE_EXTENSIONS`), sorted. Hidden entries are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders (expected ImageNet layout root/<class>/<image>)")
+    out = []
+    for label, cls in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / cls):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                if not fn.startswith(".") and fn.lower().endswith(IMAGE_EXTENSIONS):
+                    out.append((Path(dirpath) / fn, label, cls))
+    out.sort(key=lambda t: (t[1], str(t[0])))
+    if not out:
+        raise ValueError(f"{root}: no images with extensions {IMAGE_EXTENSIONS}")
+    return out
+
+
+def read_file_list(path: PathLike) -> list[tuple[Path, int, str]]:
+    """``(path, label, class_name)`` from a text/TSV list: ``path<TAB>label[<TAB>class_name]``.
+
+    Relative paths are relative to the list's directory; blank lines and ``#`` comments are
+    skipped; a missing class name becomes the label as text.
+    """
+    path = Path(path)
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) < 2:
+            parts = line.split()
+        try:
+            label = int(parts[1])
+            if label < 0:
+                raise ValueError
+        except (IndexError, ValueError):
+            raise ValueError(f"{path}:{n}: expected 'path<TAB>label[<TAB>class]', got {line!r}") from None
+        p = Path(parts[0])
+        out.append((p if p.is_absolute() else path.parent / p, label, parts[2] if len(parts) > 2 else str(label)))
+    if not out:
+        raise ValueError(f"{path}: empty file list")
+    return out

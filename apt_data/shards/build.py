@@ -1,0 +1,334 @@
+"""Building a shard set from images: planning, one task per shard, sidecar resume, and a lock on the output.
+
+`build_shards(SRC, OUT, ...)` writes ``OUT/{prefix}-000000.tar, ...``, ``OUT/{prefix}.parquet``
+and ``OUT/classes.tsv`` from an ImageNet-layout folder or a text/TSV list. Each shard is written
+to ``.tmp``, fsynced and renamed; then its sidecar ``.tar.idx.json`` (rows + skipped sources) is
+written the same way, and only a shard with a matching sidecar counts as done, so a killed run
+leaves no partial .tar and a rerun redoes only what is missing. The index is built at the end from
+the sidecars. ``tools/make_shards.py`` is its command line; see docs/shards.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+from ..config import APTConfig
+from ..io import atomic_write_bytes
+from ..listing import list_image_folder, read_file_list
+from .encode import SourceError, encode_sample, sample_meta
+from .errors import ShardDataError, ShardStats
+from .format import FORMAT_VERSION
+from .index import config_dict, index_row, index_table, write_index
+from .reader import iter_shard
+from .writer import ShardWriter
+
+log = logging.getLogger("apt_data.shards.build")
+
+PathLike = Union[str, os.PathLike]
+SIDECAR = ".idx.json"
+
+__all__ = ["BuildResult", "SIDECAR", "ShardTask", "build_shard", "build_shards", "load_class_table", "make_key",
+           "plan_samples"]
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything a worker needs to write one shard (picklable, no open resources)."""
+
+    index: int
+    path: str
+    fingerprint: str
+    samples: tuple  # of (source path, source name, key, label, extra meta dict)
+    cfg: APTConfig
+    image_size: int
+    crop: bool
+    multiple: int
+    quality: int
+    strict: bool
+    validate: bool
+
+
+@dataclass
+class BuildResult:
+    """What a run did: totals, shards built vs. reused, skipped sources (``stats``)."""
+
+    out: Path
+    index_path: Path
+    num_samples: int
+    num_shards: int
+    built: int
+    resumed: int
+    stats: ShardStats = field(default_factory=ShardStats)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """``N samples in S shards (B built, R already complete); kept ..., skipped ...; index PATH``."""
+        return (f"{self.num_samples} samples in {self.num_shards} shards ({self.built} built, {self.resumed} "
+                f"already complete); {self.stats.summary()}; index {self.index_path}")
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def make_key(name: str) -> str:
+    """A webdataset key from a source's relative path: no extension, no dots, '/' -> '_'."""
+    stem = name.rsplit(".", 1)[0] if "." in Path(name).name else name
+    key = re.sub(r"[^A-Za-z0-9_\-]", "_", stem.replace("/", "_")).lstrip("_-") or "x"
+    return key if len(key) <= 80 else key[:63] + "_" + _digest(name)[:16]
+
+
+def load_class_table(path: Optional[PathLike]) -> dict[str, tuple[int, str]]:
+    """``wnid -> (ImageNet-1k index, name)`` from a TSV with columns index, wnid, name (header ok)."""
+    if not path:
+        return {}
+    table = {}
+    for line in Path(path).read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[0].strip().isdigit():
+            table[parts[1].strip()] = (int(parts[0]), parts[2].strip())
+    return table
+
+
+def plan_samples(src: Path, *, limit_per_class: Optional[int], skip_per_class: int, seed: int,
+                 shuffle: bool) -> tuple[list[tuple[Path, str, str, int, str]], dict[int, str]]:
+    """Pick and order the samples: ``[(path, source name, key, label, class)]`` and label -> class.
+
+    Per class, files are ranked by sha256(seed, name) and ``[skip : skip + limit]`` taken, so
+    disjoint splits come from the same seed with different skips, and adding files elsewhere does
+    not change a pick. Then the order is the sorted one, or a seeded hash order (``shuffle``)
+    so every shard mixes classes. Keys are unique.
+    """
+    src = Path(src)
+    entries, base = (list_image_folder(src), src) if src.is_dir() else (read_file_list(src), src.parent)
+    classes: dict[int, str] = {}
+    by_label: dict[int, list] = {}
+    for path, label, cls in entries:
+        name = Path(os.path.relpath(path, base)).as_posix()
+        classes.setdefault(label, cls)
+        by_label.setdefault(label, []).append((path, name, label, cls))
+    picked = []
+    for label in sorted(by_label):
+        items = sorted(by_label[label], key=lambda t: _digest(str(seed), t[1]))
+        stop = None if limit_per_class is None else skip_per_class + limit_per_class
+        picked.extend(items[skip_per_class:stop])
+    seen: dict[str, int] = {}
+    samples = []
+    for path, name, label, cls in sorted(picked, key=lambda t: (t[2], t[1])):
+        key = make_key(name)
+        n = seen.get(key, 0)
+        seen[key] = n + 1
+        samples.append((path, name, key if n == 0 else f"{key}-{n}", label, cls))
+    if shuffle:
+        samples.sort(key=lambda t: _digest(str(seed), "order", t[2]))
+    return samples, classes
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR)
+
+
+def _load_done(task: ShardTask) -> Optional[dict]:
+    """The sidecar of a complete shard for exactly this plan, else None."""
+    path = Path(task.path)
+    try:
+        side = json.loads(_sidecar(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if side.get("fingerprint") != task.fingerprint or not path.exists() or path.stat().st_size != side.get("size"):
+        return None
+    return side
+
+
+def build_shard(task: ShardTask) -> int:
+    """Write one shard and then its sidecar; returns the task's index. Runs in a worker."""
+    path = Path(task.path)
+    rows, skipped = [], []
+    writer = ShardWriter(path)
+    try:
+        for src_path, name, key, label, extra in task.samples:
+            try:
+                enc = encode_sample(src_path, task.cfg, task.image_size, crop=task.crop,
+                                    multiple=task.multiple, quality=task.quality, name=name)
+            except SourceError as e:
+                if task.strict:
+                    raise ShardDataError(name, key, e.reason, e.detail) from None
+                skipped.append({"source": name, "key": key, "reason": e.reason, "detail": e.detail[:300]})
+                continue
+            meta = sample_meta(key, enc, task.cfg, label=label, source=name, crop=task.crop,
+                               quality=task.quality, extra=extra)
+            offsets = writer.write_sample(key, enc.jpeg, label, meta, enc.scores)
+            rows.append(index_row(key, path.name, meta, offsets))
+        size = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    if task.validate:  # re-read what was written, decoding every JPEG, before declaring it done
+        keys = [r.key for r in iter_shard(path, strict=True, validate=True)]
+        if keys != [r["key"] for r in rows]:
+            path.unlink()
+            raise RuntimeError(f"{path}: re-read keys differ from the written ones")
+    side = {"format_version": FORMAT_VERSION, "fingerprint": task.fingerprint, "shard": path.name,
+            "size": size, "rows": rows, "skipped": skipped}
+    atomic_write_bytes(_sidecar(path), json.dumps(side, sort_keys=True, indent=0).encode())
+    return task.index
+
+
+def _lock(out: Path) -> int:
+    """An exclusive lock on the output folder (held until the descriptor is closed)."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"{out}: another shard build is writing here") from None
+    return fd
+
+
+def _write_classes(out: Path, classes: dict[int, str], table: dict[str, tuple[int, str]]) -> list[dict]:
+    """``OUT/classes.tsv`` (label, class, name, imagenet_index); must agree with an existing one."""
+    info = []
+    for label in sorted(classes):
+        idx, name = table.get(classes[label], (None, ""))
+        info.append({"label": label, "class": classes[label], "name": name, "imagenet_index": idx})
+    text = "label\tclass\tname\timagenet_index\n" + "".join(
+        f"{c['label']}\t{c['class']}\t{c['name']}\t{'' if c['imagenet_index'] is None else c['imagenet_index']}\n"
+        for c in info)
+    path = out / "classes.tsv"
+    if path.exists() and path.read_text() != text:
+        raise ValueError(f"{path} exists with different classes; write this source into another OUT")
+    if not path.exists():
+        atomic_write_bytes(path, text.encode())
+    return info
+
+
+def _plan_tasks(samples: list, class_info: list[dict], out: Path, prefix: str, cfg: APTConfig, shard_size: int,
+                settings: dict, strict: bool, validate: bool) -> list[ShardTask]:
+    """One `ShardTask` per ``shard_size`` samples, each with the fingerprint its sidecar must match."""
+    extra_of = {}
+    for c in class_info:
+        extra = {"class": c["class"]}
+        if c["imagenet_index"] is not None:
+            extra.update(wnid=c["class"], class_name=c["name"], imagenet_index=c["imagenet_index"])
+        extra_of[c["label"]] = extra
+    plan_head = json.dumps({"v": FORMAT_VERSION, "cfg": config_dict(cfg), **settings}, sort_keys=True)
+    tasks = []
+    for i in range(0, len(samples), shard_size):
+        chunk = tuple((str(p), name, key, label, extra_of[label]) for p, name, key, label, _ in samples[i:i + shard_size])
+        sizes = [str(os.path.getsize(p)) if os.path.exists(p) else "-" for p, *_ in chunk]
+        fp = _digest(plan_head, json.dumps(chunk, sort_keys=True), *sizes)
+        tasks.append(ShardTask(len(tasks), str(out / f"{prefix}-{len(tasks):06d}.tar"), fp, chunk, cfg,
+                               settings["image_size"], settings["crop"], settings["multiple"],
+                               settings["jpeg_quality"], strict, validate))
+    return tasks
+
+
+def _run_tasks(tasks: list[ShardTask], pending: list[ShardTask], done: set, workers: int, progress: bool,
+               label: str) -> None:
+    """Build ``pending`` (in a fork pool when ``workers > 1``), adding each finished index to ``done``."""
+    from tqdm import tqdm
+
+    from .. import warmup
+
+    bar = tqdm(total=sum(len(t.samples) for t in tasks), initial=sum(len(tasks[i].samples) for i in done),
+               unit="img", desc=label, disable=not progress, file=sys.stderr)
+    pool = None
+    try:
+        if workers == 1:
+            results = (build_shard(t) for t in pending)
+        else:
+            warmup()  # compiled kernels loaded once, inherited by the forked workers
+            pool = mp.get_context("fork").Pool(workers)
+            results = pool.imap_unordered(build_shard, pending, chunksize=1)
+        for i in results:
+            done.add(i)
+            bar.update(len(tasks[i].samples))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        bar.close()
+
+
+def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_size: int = 100,
+                 crop: bool = True, cfg: Optional[APTConfig] = None, workers: Optional[int] = None,
+                 limit_per_class: Optional[int] = None, skip_per_class: int = 0, prefix: str = "train",
+                 seed: int = 0, shuffle: bool = True, quality: int = 95, multiple: Optional[int] = None,
+                 classes_tsv: Optional[PathLike] = None, validate: bool = False, strict: bool = False,
+                 progress: bool = True, keep_sidecars: bool = True) -> BuildResult:
+    """Build (or finish building) ``OUT/{prefix}-*.tar`` and ``OUT/{prefix}.parquet``; see the module doc.
+
+    Raises `ShardDataError` at the first unreadable source with ``strict``; otherwise such sources
+    are skipped, logged and counted in the result's ``stats``.
+    """
+    import pyarrow as pa
+
+    t0 = time.perf_counter()
+    cfg = cfg or APTConfig()
+    src, out = Path(src), Path(out)
+    multiple = multiple or cfg.patch_size
+    if shard_size < 1 or image_size < 1:
+        raise ValueError("shard_size and image_size must be positive")
+    if not re.match(r"^[A-Za-z0-9_\-]+$", prefix):
+        raise ValueError(f"prefix {prefix!r}: letters, digits, '_' and '-' only")
+    samples, classes = plan_samples(src, limit_per_class=limit_per_class, skip_per_class=skip_per_class,
+                                    seed=seed, shuffle=shuffle)
+    if not samples:
+        raise ValueError(f"{src}: no samples selected")
+    class_table = load_class_table(classes_tsv)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        class_info = _write_classes(out, classes, class_table)
+        settings = {"image_size": image_size, "crop": crop, "multiple": multiple, "jpeg_quality": quality}
+        tasks = _plan_tasks(samples, class_info, out, prefix, cfg, shard_size, settings, strict, validate)
+        # leftovers: .tmp files of a killed run, and shards of an earlier, larger plan
+        for f in out.glob(f"{prefix}-*"):
+            m = re.fullmatch(re.escape(prefix) + r"-(\d{6})\.tar(\.idx\.json)?(\.tmp)?", f.name)
+            if m and (m.group(3) or int(m.group(1)) >= len(tasks)):
+                log.info("removing leftover %s", f)
+                f.unlink()
+        done = {t.index for t in tasks if _load_done(t) is not None}
+        pending = [t for t in tasks if t.index not in done]
+        resumed = len(done)
+        if resumed:
+            log.info("%d of %d shards already complete; building %d", resumed, len(tasks), len(pending))
+        workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(pending) or 1))
+        _run_tasks(tasks, pending, done, workers, progress, f"make_shards {prefix}")
+        stats = ShardStats()
+        tables = []
+        for t in tasks:  # one sidecar in memory at a time: the index of a large set stays columnar
+            side = _load_done(t)
+            if side is None:
+                raise RuntimeError(f"{t.path}: shard or sidecar changed while this run was writing")
+            tables.append(index_table(side["rows"], cfg.num_scales))
+            for s in side["skipped"]:
+                log.warning("skipped %s (key %s, shard %s): %s (%s)", s["source"], s["key"], side["shard"],
+                            s["reason"], s["detail"])
+                stats.skip(side["shard"], s["key"], s["reason"], f"{s['source']}: {s['detail']}")
+        table = pa.concat_tables(tables)
+        stats.samples = table.num_rows
+        settings.update(prefix=prefix, shards=[Path(t.path).name for t in tasks], num_samples=table.num_rows,
+                        classes=class_info, seed=seed, shuffle=shuffle, format="webdataset tar")
+        index_path = out / f"{prefix}.parquet"
+        write_index(index_path, table, cfg, settings)
+        if not keep_sidecars:
+            for t in tasks:
+                _sidecar(Path(t.path)).unlink(missing_ok=True)
+    finally:
+        os.close(lock)
+    res = BuildResult(out=out, index_path=index_path, num_samples=table.num_rows, num_shards=len(tasks),
+                      built=len(pending), resumed=resumed, stats=stats, seconds=time.perf_counter() - t0)
+    log.info("build_shards: %s: %s", out, res.summary())
+    return res

@@ -1,0 +1,114 @@
+"""Encoding one source image for a shard: resized, stored as JPEG, with its score maps and token counts."""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+
+from ..config import APTConfig
+from ..image import decode_image
+from ..layout import patchify
+from ..scoring import score_maps
+from .format import JPEG_EOI
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = ["EncodedSample", "SourceError", "encode_sample", "sample_meta"]
+
+
+class SourceError(ValueError):
+    """A source image that cannot be stored; ``reason`` is one of empty_file, not_an_image,
+    corrupt_image, unreadable_file."""
+
+    def __init__(self, source: str, reason: str, detail: str):
+        self.source, self.reason, self.detail = source, reason, detail
+        super().__init__(f"{source}: {reason} ({detail})")
+
+    def __reduce__(self):
+        return (self.__class__, (self.source, self.reason, self.detail))
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """A source image as it will be stored, with what was computed from the stored pixels."""
+
+    jpeg: bytes
+    image: np.ndarray            # the stored JPEG decoded: exactly what a loader will see
+    scores: np.ndarray           # flat float32, finest scale first
+    score_shapes: list[tuple[int, int]]
+    tokens: np.ndarray           # int64 [num_scales], patchify(image, cfg).counts()
+    orig_size: tuple[int, int]   # (width, height) of the source
+    reencoded: bool
+
+
+def encode_sample(source: Union[PathLike, bytes], cfg: APTConfig, image_size: Optional[int], *,
+                  crop: bool = True, multiple: Optional[int] = None, quality: int = 95,
+                  name: Optional[str] = None) -> EncodedSample:
+    """Resize a source image for storage and compute its score maps and token counts.
+
+    The image is resized with `decode_image` (``size=image_size``, ``crop``) and re-encoded as
+    JPEG (``quality``, 4:2:0, optimised Huffman tables), unless the source already is a JPEG at
+    exactly the stored size, whose bytes are then kept (no second generation loss). Scores and
+    counts are computed on the *decoded stored bytes*, so they equal what a loader recomputes.
+    Raises `SourceError` (a ValueError) with a reason for unreadable sources.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    label = name or (os.fspath(source) if not isinstance(source, (bytes, bytearray)) else f"<{len(source)} bytes>")
+    multiple = multiple or cfg.patch_size
+    if isinstance(source, (bytes, bytearray)):
+        raw = bytes(source)
+    else:
+        try:
+            with open(source, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise SourceError(label, "unreadable_file", str(e)) from None
+    if not raw:
+        raise SourceError(label, "empty_file", "0 bytes")
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            fmt, orig_size = im.format, im.size
+    except UnidentifiedImageError:
+        raise SourceError(label, "not_an_image", "PIL cannot identify it") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SourceError(label, "corrupt_image", str(e)) from None
+    try:
+        resized = decode_image(raw, image_size, crop=crop, multiple=multiple, name=label)
+        jpeg, reencoded = raw, True
+        if fmt == "JPEG" and resized.shape[:2] == orig_size[::-1] and raw.rstrip(b"\0").endswith(JPEG_EOI):
+            stored = decode_image(raw, name=label)
+            reencoded = not np.array_equal(stored, resized)
+        if reencoded:
+            buf = io.BytesIO()
+            Image.fromarray(resized).save(buf, "JPEG", quality=quality, subsampling=2, optimize=True)
+            jpeg = buf.getvalue()
+            stored = decode_image(jpeg, name=label)
+    except (ValueError, Image.DecompressionBombError) as e:
+        raise SourceError(label, "corrupt_image", str(e)) from None
+    maps = score_maps(stored, cfg.patch_size, cfg.num_scales, cfg.scorer)
+    return EncodedSample(
+        jpeg=jpeg, image=stored, scores=np.concatenate([m.ravel() for m in maps]),
+        score_shapes=[tuple(int(v) for v in m.shape) for m in maps],
+        tokens=patchify(stored, cfg).counts(), orig_size=(int(orig_size[0]), int(orig_size[1])),
+        reencoded=reencoded)
+
+
+def sample_meta(key: str, enc: EncodedSample, cfg: APTConfig, *, label: int, source: str, crop: bool,
+                quality: int, extra: Optional[Mapping[str, Any]] = None) -> dict:
+    """The .json member of a sample (see docs/shards.md for every field)."""
+    h, w = enc.image.shape[:2]
+    meta = {
+        "key": key, "label": int(label), "source": source,
+        "orig_width": enc.orig_size[0], "orig_height": enc.orig_size[1], "width": int(w), "height": int(h),
+        "crop": bool(crop), "reencoded": bool(enc.reencoded), "jpeg_quality": int(quality) if enc.reencoded else None,
+        "scores": {"scorer": cfg.scorer, "patch_size": cfg.patch_size, "num_scales": cfg.num_scales,
+                   "shapes": [list(s) for s in enc.score_shapes], "dtype": "float32",
+                   "layout": "flat, finest scale first, each map row-major"},
+        "thresholds": list(cfg.thresholds), "tokens": [int(t) for t in enc.tokens],
+    }
+    meta.update(extra or {})
+    return meta

@@ -1,0 +1,174 @@
+"""The shard format: member names, format version, tar constants, and the validation of one sample.
+
+A sample is the members ``<key>.cls`` (ASCII integer label), ``<key>.jpg`` (JPEG bytes),
+``<key>.json`` (metadata) and ``<key>.npy`` (flat float32 score maps, finest scale first),
+written in that order. `record_from_members` is the one check every reader applies to them.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..image import decode_image
+from .errors import ShardStats, report_bad
+
+__all__ = [
+    "BLOCK", "FORMAT_VERSION", "INDEX_METADATA_KEY", "JPEG_EOI", "JPEG_SOI", "KEY_RE", "MEMBERS", "TAR_MODE",
+    "TAR_MTIME", "SampleRecord", "json_bytes", "load_scores", "npy_bytes", "record_from_members", "split_key",
+    "split_scores",
+]
+
+#: Bumped when the meaning of a member or index column changes.
+FORMAT_VERSION = 1
+#: Members of one sample, in the order they are written (sorted by extension).
+MEMBERS = ("cls", "jpg", "json", "npy")
+#: Schema-metadata key of the Parquet index.
+INDEX_METADATA_KEY = b"apt.shards"
+#: Every tar member gets these, so the same samples give byte-identical shards.
+TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
+TAR_MODE = 0o444
+#: Sample keys a shard writer accepts (webdataset splits keys at the first dot).
+KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,94}$")
+#: The tar block size: headers and padded member data.
+BLOCK = 512
+#: JPEG start-of-image and end-of-image markers.
+JPEG_SOI = b"\xff\xd8\xff"
+JPEG_EOI = b"\xff\xd9"
+
+# the .npy header a shard writer produces (np.save of a 1-D little-endian float32 array, format 1.0)
+_NPY_F4 = re.compile(rb"\x93NUMPY\x01\x00..\{'descr': '<f4', 'fortran_order': False, 'shape': \((\d+),\), \} *\n", re.S)
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One sample as stored: JPEG bytes (decoded later, in the loader), label, metadata, scores.
+
+    ``scores`` is the flat float32 array of the .npy member (None when the shard has none);
+    `score_maps` splits it into one map per scale using the shapes in ``meta``.
+    """
+
+    key: str
+    jpeg: bytes
+    label: int
+    meta: dict
+    scores: Optional[np.ndarray]
+    shard: str = ""
+
+    def score_maps(self) -> list[np.ndarray]:
+        """Per-scale score maps (views into ``scores``), finest first, as `score_maps` returns."""
+        if self.scores is None:
+            raise ValueError(f"{self.shard}: sample {self.key!r} has no score maps")
+        return split_scores(self.scores, self.meta["scores"]["shapes"])
+
+    def image(self, size: Optional[int] = None, crop: bool = True) -> np.ndarray:
+        """Decode the stored JPEG (`decode_image`); at its own size by default."""
+        return decode_image(self.jpeg, size, crop=crop, name=f"{self.shard}:{self.key}")
+
+
+def split_scores(flat: np.ndarray, shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Split a flat score array (finest scale first, row-major) into per-scale maps."""
+    sizes = [int(h) * int(w) for h, w in shapes]
+    if flat.ndim != 1 or flat.size != sum(sizes):
+        raise ValueError(f"score array of shape {flat.shape} does not hold maps of shapes {list(shapes)}")
+    ends = np.cumsum(sizes)
+    return [flat[e - n:e].reshape(int(h), int(w)) for (h, w), n, e in zip(shapes, sizes, ends)]
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` in ``np.save`` format, never pickled."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact, key-sorted ASCII JSON (so equal metadata gives equal bytes)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def load_scores(data: bytes) -> np.ndarray:
+    """A .npy member as a writable 1-D float32 array (loaded without pickle); ValueError otherwise."""
+    m = _NPY_F4.match(data)
+    if m is not None and len(data) - m.end() == 4 * int(m.group(1)):  # the writer's header: no parsing
+        return np.frombuffer(data, np.float32, offset=m.end()).copy()
+    try:
+        scores = np.load(io.BytesIO(data), allow_pickle=False)
+    except EOFError as e:
+        raise ValueError(f"truncated .npy ({e})") from None
+    if scores.dtype != np.float32 or scores.ndim != 1:
+        raise ValueError(f"expected 1-D float32, got {scores.dtype} {scores.shape}")
+    return scores
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """A member name as ``(key, extension)``: webdataset's rule, the key ends at the first dot of the file name."""
+    d, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def record_from_members(shard: str, key: str, members: Mapping[str, bytes], *, strict: bool,
+                        stats: Optional[ShardStats], validate: bool = False, expect_label: Optional[int] = None,
+                        parse_meta: bool = True, need_label: bool = True) -> Optional[SampleRecord]:
+    """Check one sample's members and build its record (None for a bad sample when not ``strict``).
+
+    Cheap checks always: the image present, non-empty, with JPEG start and end markers; an integer
+    label (equal to ``expect_label`` if given); the json an object; the .npy 1-D float32, loaded
+    without pickle, consistent with the json's shapes. ``validate`` also decodes the JPEG.
+    ``parse_meta=False`` leaves the json unread (``meta`` is then ``{}``); ``need_label=False``
+    (only some members were read) takes the label from ``expect_label`` when there is no .cls.
+    """
+    def bad(reason: str, detail: str) -> None:
+        return report_bad(shard, key, reason, detail, strict, stats)
+
+    jpeg = members.get("jpg", members.get("jpeg"))
+    if jpeg is None:
+        return bad("missing_image", f"members: {sorted(members)}")
+    if len(jpeg) == 0:
+        return bad("empty_image", "0-byte .jpg member")
+    if not jpeg.startswith(JPEG_SOI):
+        return bad("not_jpeg", f".jpg member starts with {jpeg[:8]!r}")
+    if not jpeg.rstrip(b"\0").endswith(JPEG_EOI):
+        return bad("corrupt_jpeg", "no end-of-image marker (truncated JPEG)")
+    if "cls" in members:
+        try:
+            label = int(members["cls"].decode("ascii").strip())
+            if label < 0:
+                raise ValueError("negative")
+        except ValueError:
+            return bad("bad_label", f".cls member is {members['cls'][:20]!r}")
+        if expect_label is not None and label != expect_label:
+            return bad("index_mismatch", f".cls {label} != index label {expect_label}")
+    elif need_label or expect_label is None:
+        return bad("missing_label", f"no .cls member; members: {sorted(members)}")
+    else:
+        label = int(expect_label)
+    meta: dict = {}
+    if parse_meta and "json" in members:
+        try:
+            meta = json.loads(members["json"])
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            return bad("bad_json", str(e)[:200])
+    scores = None
+    if "npy" in members:
+        try:
+            scores = load_scores(members["npy"])
+            if "scores" in meta:
+                split_scores(scores, meta["scores"]["shapes"])
+        except (ValueError, KeyError, TypeError) as e:
+            return bad("bad_scores", str(e)[:200])
+    if validate:
+        try:
+            decode_image(jpeg, name=f"{shard}:{key}")
+        except ValueError as e:
+            return bad("corrupt_jpeg", str(e)[:200])
+    if stats is not None:
+        stats.samples += 1
+    return SampleRecord(key=key, jpeg=jpeg, label=label, meta=meta, scores=scores, shard=str(shard))

@@ -1,0 +1,283 @@
+"""The one validating shard reader: a sequential stream of a whole shard, or one sample by its index spans.
+
+Both ways parse tar headers with the same small ustar reader (it notices truncation, which
+`tarfile` passes over silently) and check every sample with `record_from_members`. Random access
+reads a sample's members with one positional read; their headers are checked in place, and only
+when one does not match (a long PAX name, or a shard changed since its index was made) is the
+span parsed as a tar stream, which accepts the first and names the second.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+from .errors import ShardStats, report_bad
+from .format import BLOCK, MEMBERS, SampleRecord, record_from_members, split_key
+from .urls import expand_urls, open_url
+
+PathLike = Union[str, os.PathLike]
+Spans = Mapping[str, tuple[int, int]]  # member extension -> (data offset, size) in its shard
+
+__all__ = ["ShardFiles", "iter_shard", "iter_shards", "read_record", "read_sample", "row_spans"]
+
+
+class _TarTruncated(Exception):
+    pass
+
+
+class _TarCorrupt(Exception):
+    pass
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        b = f.read(n - got)
+        if not b:
+            break
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+def _scan_tar(f: BinaryIO, start: int = 0, until_eof_ok: bool = False) -> Iterator[tuple[str, int, bytes]]:
+    """Yield ``(name, data_offset, data)`` for each regular file of a tar stream, in order.
+
+    Raises `_TarTruncated` (with the member name, if its header was read) when the stream ends
+    before the end-of-archive blocks, `_TarCorrupt` on a header with a bad checksum. PAX ``path``
+    records and GNU long names are honoured; directories and other entries are skipped.
+    ``until_eof_ok``: a clean end at a header boundary is fine (reading a span of a shard).
+    """
+    pos = start
+    long_name: Optional[str] = None
+    while True:
+        header = _read_exact(f, BLOCK)
+        if len(header) == 0 and until_eof_ok:
+            return
+        if len(header) < BLOCK:
+            raise _TarTruncated(None)
+        if header == b"\0" * BLOCK:
+            return  # end-of-archive marker
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise _TarCorrupt(f"bad tar header at byte {pos}: {e}") from None
+        name = long_name or info.name
+        long_name = None
+        pos += BLOCK
+        padded = -(-info.size // BLOCK) * BLOCK
+        data = _read_exact(f, padded)
+        if len(data) < info.size:
+            raise _TarTruncated(name)
+        data = data[:info.size]
+        if info.type == tarfile.GNUTYPE_LONGNAME:
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif info.type == tarfile.XHDTYPE:
+            for m in re.finditer(rb"(\d+) ([^=]+)=", data):
+                if m.group(2) == b"path":
+                    value = data[m.end():m.start() + int(m.group(1)) - 1]
+                    long_name = value.decode("utf-8", "surrogateescape")
+        elif info.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            yield name, pos, data
+        pos += padded
+
+
+# ------------------------------------------------------------------------------ sequential
+def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardStats] = None,
+               validate: bool = False) -> Iterator[SampleRecord]:
+    """Stream the samples of one shard in order, without an index (a path or a webdataset URL).
+
+    Bad samples and a truncated or corrupt tar are logged, counted in ``stats`` and skipped
+    (``strict=False``: what comes before them is still yielded) or raise `ShardDataError`
+    naming the shard and key (``strict=True``).
+    """
+    shard = os.fspath(path)
+    try:
+        f = open_url(path)
+    except OSError as e:
+        report_bad(shard, None, "unreadable_shard", str(e), strict, stats)
+        return
+
+    def record(key: str, members: dict) -> Optional[SampleRecord]:
+        return record_from_members(shard, key, members, strict=strict, stats=stats, validate=validate)
+
+    key: Optional[str] = None
+    members: dict[str, bytes] = {}
+    with f:
+        try:
+            for name, _, data in _scan_tar(f):
+                k, ext = split_key(name)
+                if k != key and key is not None:
+                    rec, members = record(key, members), {}
+                    if rec is not None:
+                        yield rec
+                key = k
+                members[ext] = data
+        except _TarTruncated as e:
+            culprit = split_key(e.args[0])[0] if e.args[0] else key
+            if key is not None and culprit != key:  # the cut is in the next sample's first member
+                rec = record(key, members)
+                if rec is not None:
+                    yield rec
+            report_bad(shard, culprit, "truncated_tar",
+                       "shard ends inside this sample" if e.args[0] else "shard ends after a member of this "
+                       "sample without an end-of-archive marker; the sample may be incomplete", strict, stats)
+            return
+        except _TarCorrupt as e:
+            report_bad(shard, key, "corrupt_tar", f"{e}; the rest of the shard is skipped", strict, stats)
+            return
+        except OSError as e:
+            report_bad(shard, key, "unreadable_shard", str(e), strict, stats)
+            return
+    if key is not None:
+        rec = record(key, members)
+        if rec is not None:
+            yield rec
+
+
+def iter_shards(urls: Union[PathLike, Sequence[PathLike]], *, strict: bool = False,
+                stats: Optional[ShardStats] = None, validate: bool = False) -> Iterator[SampleRecord]:
+    """`iter_shard` over a list of shards or a brace pattern; a bad shard does not stop the rest."""
+    for url in expand_urls(urls):
+        yield from iter_shard(url, strict=strict, stats=stats, validate=validate)
+
+
+# ------------------------------------------------------------------------------ random access
+def _header_matches(span: bytes, at: int, name: bytes, size: int) -> bool:
+    """Is the ustar header at ``span[at:]`` the one of a regular file ``name`` of ``size`` bytes?"""
+    h = span[at:at + BLOCK]
+    try:
+        return (len(h) == BLOCK and h[:100].rstrip(b"\0") == name and h[156:157] in (b"0", b"\0")
+                and (h[257:262] != b"ustar" or h[345] == 0)  # no ustar name prefix
+                and int(h[124:136].rstrip(b" \0") or b"0", 8) == size)
+    except ValueError:
+        return False
+
+
+def _members_at(span: bytes, start: int, key: str, spans: Spans) -> dict[str, bytes]:
+    """The members of ``key`` at the index's offsets in ``span`` (the shard's bytes from ``start``).
+
+    Raises `_TarCorrupt` / `_TarTruncated` when the span does not hold exactly those members there.
+    """
+    members = {}
+    for ext, (off, size) in spans.items():
+        if not _header_matches(span, off - BLOCK - start, f"{key}.{ext}".encode(), size):
+            break
+        members[ext] = span[off - start:off - start + size]
+    else:
+        return members
+    members = {}  # not a plain ustar header: parse the span as a tar stream
+    for name, off, data in _scan_tar(io.BytesIO(span), start, until_eof_ok=True):
+        k, ext = split_key(name)
+        if k != key or spans.get(ext, (None,))[0] != off:
+            raise _TarCorrupt(f"found {name!r} at byte {off}")
+        members[ext] = data
+    if set(members) != set(spans):
+        raise _TarCorrupt(f"members {sorted(members)} != index {sorted(spans)}")
+    return members
+
+
+def read_record(fetch: Callable[[int, int], bytes], shard: str, key: str, spans: Spans, *,
+                strict: bool = False, stats: Optional[ShardStats] = None, validate: bool = False,
+                expect_label: Optional[int] = None, parse_meta: bool = True,
+                need_label: bool = True) -> Optional[SampleRecord]:
+    """Read and check the members ``spans`` of sample ``key`` with one ``fetch(offset, n)`` of ``shard``.
+
+    A shard rewritten since the index was made (other names, offsets or label) is reported as
+    ``index_mismatch``, never misread. Returns None for a bad sample when not ``strict``.
+    ``parse_meta`` and ``need_label``: see `record_from_members`.
+    """
+    if not spans:
+        return report_bad(shard, key, "index_mismatch", "row has no member offsets", strict, stats)
+    start = min(o for o, _ in spans.values()) - BLOCK
+    end = max(o + s for o, s in spans.values())
+    length = -(-(end - start) // BLOCK) * BLOCK
+    try:
+        span = fetch(start, length)
+    except OSError as e:
+        return report_bad(shard, key, "unreadable_shard", str(e), strict, stats)
+    if len(span) < end - start:
+        return report_bad(shard, key, "truncated_tar", f"shard has {start + len(span)} bytes, sample ends at {end}",
+                          strict, stats)
+    span += b"\0" * (length - len(span))  # pad a last member cut exactly at its data end
+    try:
+        members = _members_at(span, start, key, spans)
+    except (_TarCorrupt, _TarTruncated) as e:
+        return report_bad(shard, key, "index_mismatch", f"the shard does not match the index: {e}", strict, stats)
+    return record_from_members(shard, key, members, strict=strict, stats=stats, validate=validate,
+                               expect_label=expect_label, parse_meta=parse_meta, need_label=need_label)
+
+
+def row_spans(row: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """The member spans of an index row (members with offset ``-1`` are absent)."""
+    return {m: (int(row[f"{m}_offset"]), int(row[f"{m}_size"])) for m in MEMBERS
+            if f"{m}_offset" in row and int(row[f"{m}_offset"]) >= 0}
+
+
+def read_sample(row: Mapping[str, Any], root: Optional[PathLike] = None, *, strict: bool = False,
+                stats: Optional[ShardStats] = None, validate: bool = False) -> Optional[SampleRecord]:
+    """Read one sample with a single seek + read, from an index row (or any mapping with ``shard``,
+    ``key`` and ``<member>_offset`` / ``<member>_size``); no tar scan. `read_record` of the row.
+
+    Returns None for a bad sample when ``strict=False`` (logged and counted in ``stats``).
+    """
+    shard = Path(os.fspath(row["shard"]))
+    if root is not None and not shard.is_absolute():
+        shard = Path(root) / shard
+
+    def fetch(offset: int, n: int) -> bytes:
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            return _read_exact(f, n)
+
+    return read_record(fetch, str(shard), str(row["key"]), row_spans(row), strict=strict, stats=stats,
+                       validate=validate, expect_label=int(row["label"]) if "label" in row else None)
+
+
+class ShardFiles:
+    """Positional reads of a fixed list of shard files, by number, through a few cached descriptors.
+
+    ``pread`` keeps no file position, so forked workers can share inherited descriptors; the least
+    recently used one is closed past ``max_open``. Descriptors do not travel to other processes.
+    """
+
+    def __init__(self, paths: Sequence[PathLike], max_open: int = 32):
+        self.paths = [Path(p) for p in paths]
+        self.max_open = int(max_open)
+        self._fds: OrderedDict = OrderedDict()
+
+    def pread(self, shard: int, offset: int, n: int) -> bytes:
+        """``n`` bytes at ``offset`` of shard number ``shard`` (fewer at the end of the file)."""
+        fd = self._fds.pop(shard, None)
+        if fd is None:
+            if len(self._fds) >= self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = os.open(self.paths[shard], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fds[shard] = fd
+        data = os.pread(fd, n, offset)
+        while len(data) < n:  # a short read: continue (or stop at the end of the file)
+            more = os.pread(fd, n - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+    def close(self) -> None:
+        while getattr(self, "_fds", None):
+            try:
+                os.close(self._fds.popitem()[1])
+            except OSError:
+                pass
+
+    def __del__(self):
+        self.close()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fds"] = OrderedDict()
+        return state

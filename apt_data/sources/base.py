@@ -1,0 +1,67 @@
+"""The `Source` protocol: random-access samples the loader plans over and reads, one image at a time.
+
+A source has ``keys`` (names for messages and batches), int64 ``labels`` known up front (for
+planning) and ``read(i)``, which returns the image in any form `ImageTransform` accepts: encoded
+bytes (shards, image files), a PIL image or a uint8 HxWx3 array (in-memory datasets).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import numpy as np
+
+from ..config import APTConfig
+from ..transforms import ImageTransform
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+#: What `Source.read` returns and `ImageTransform` accepts.
+ImageData = Union[bytes, "Image", np.ndarray]
+
+__all__ = ["ImageData", "Source"]
+
+
+class Source:
+    """Random-access samples: ``keys``, int64 ``labels``, ``read(i) -> ImageData``.
+
+    Subclasses implement `read`; the other methods have defaults for sources that know nothing
+    more (no stored scores, image sizes unknown without decoding, token counts unknown).
+    """
+
+    keys: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, i: int) -> ImageData:
+        """The image of sample ``i`` as the transform accepts it (bytes, PIL image or uint8 array)."""
+        raise NotImplementedError
+
+    def read_record(self, i: int) -> tuple[ImageData, Optional[Any]]:
+        """``(image, record or None)``; a record (`apt_data.shards.SampleRecord`) may carry score maps."""
+        return self.read(i), None
+
+    def read_scores(self, i: int) -> tuple[ImageData, Optional[np.ndarray]]:
+        """``(image, stored flat score maps or None)``: what the loader needs of a sample."""
+        data, record = self.read_record(i)
+        return data, (record.scores if record is not None else None)
+
+    def image_size(self, i: int) -> Optional[tuple[int, int]]:
+        """(width, height) of the stored image when known without decoding, else None."""
+        return None
+
+    @property
+    def image_size_setting(self) -> Optional[int]:
+        """The image size the samples were stored at, when the source knows one (shards do)."""
+        return None
+
+    def stored_scores_usable(self, cfg: APTConfig, transform: ImageTransform) -> bool:
+        """True when `read_scores` returns score maps from which ``cfg``'s layouts of ``transform``'s
+        output can be made (any thresholds)."""
+        return False
+
+    def exact_token_counts(self, cfg: APTConfig, transform: ImageTransform) -> Optional[np.ndarray]:
+        """Patch tokens per sample (prefix tokens excluded) if known exactly for this setup."""
+        return None

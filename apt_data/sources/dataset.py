@@ -1,0 +1,114 @@
+"""`DatasetSource`: any map-style dataset of ``(image, label)`` items as a loader source.
+
+Wraps a torchvision ``ImageFolder`` (or any dataset whose items are ``(image, label)`` pairs) or a
+Hugging Face ``datasets`` split (items are dicts such as ``{"image": ..., "label": ...}``), as
+timm's NaFlex loader wraps any dataset. The image may be a PIL image, encoded bytes or a uint8
+HxWx3 array; the loader's transform decodes, resizes and augments it, then APT patchifies it.
+Give the dataset no tensor transform: the loader does the transforming.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .base import ImageData, Source
+
+log = logging.getLogger("apt_data.sources")
+
+IMAGE_KEYS = ("image", "img", "jpg", "jpeg", "png", "webp")
+LABEL_KEYS = ("label", "labels", "cls", "target", "targets")
+
+__all__ = ["DatasetSource", "is_map_dataset"]
+
+
+def is_map_dataset(obj: Any) -> bool:
+    """Does ``obj`` look like a map-style dataset (``len`` and integer indexing), not a path or a string?"""
+    return (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+            and not isinstance(obj, (str, bytes, bytearray, os.PathLike, Mapping)))
+
+
+class DatasetSource(Source):
+    """A map-style dataset whose item ``i`` is ``(image, label)`` or a dict with an image and a label.
+
+    ``labels``: every sample's label; by default the dataset's ``targets`` (torchvision), its
+    label column (Hugging Face), else read from every item once (which loads every image).
+    ``keys``: sample names; by default the file paths of a dataset with ``samples`` (torchvision
+    folders, relative to ``root``), else the indices. ``image_key`` / ``label_key``: the fields of
+    dict items (default: the first of `IMAGE_KEYS` / `LABEL_KEYS` present).
+    """
+
+    def __init__(self, dataset: Any, *, labels: Optional[Sequence[int]] = None, keys: Optional[Sequence[str]] = None,
+                 image_key: Optional[str] = None, label_key: Optional[str] = None):
+        self.dataset = dataset
+        self.image_key, self.label_key = image_key, label_key
+        n = len(dataset)
+        self.labels = np.asarray(labels if labels is not None else self._all_labels(n), np.int64).reshape(-1)
+        self.keys = [str(k) for k in keys] if keys is not None else self._default_keys(n)
+        if len(self.labels) != n or len(self.keys) != n:
+            raise ValueError(f"dataset of {n} items, but {len(self.labels)} labels and {len(self.keys)} keys")
+
+    def _all_labels(self, n: int) -> Sequence[int]:
+        targets = getattr(self.dataset, "targets", None)
+        if targets is not None and len(targets) == n:
+            return np.asarray(targets)
+        columns = getattr(self.dataset, "column_names", None)
+        if isinstance(columns, (list, tuple)):
+            key = self.label_key or next((k for k in LABEL_KEYS if k in columns), None)
+            if key is not None:
+                return np.asarray(self.dataset[key])
+        log.info("reading the labels of %d items one by one (pass labels= to avoid loading every image)", n)
+        return [self._split(self.dataset[i], i)[1] for i in range(n)]
+
+    def _default_keys(self, n: int) -> list[str]:
+        samples = getattr(self.dataset, "samples", None)
+        root = getattr(self.dataset, "root", None)
+        if isinstance(samples, list) and len(samples) == n and all(isinstance(s, tuple) and s for s in samples[:1]):
+            first = samples[0][0]
+            if isinstance(first, (str, os.PathLike)):
+                return [os.path.relpath(s[0], root) if root else os.fspath(s[0]) for s in samples]
+        return [str(i) for i in range(n)]
+
+    def _split(self, item: Any, i: int) -> tuple[Any, int]:
+        """``(image, label)`` of one item."""
+        if isinstance(item, Mapping):
+            ik = self.image_key or next((k for k in IMAGE_KEYS if k in item), None)
+            lk = self.label_key or next((k for k in LABEL_KEYS if k in item), None)
+            if ik is None or lk is None:
+                raise TypeError(f"dataset item {i} has fields {sorted(item)}; name them with image_key= and label_key=")
+            return item[ik], int(item[lk])
+        if isinstance(item, (tuple, list)) and len(item) >= 2:
+            return item[0], int(item[1])
+        raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, label) pair or a dict")
+
+    def read(self, i: int) -> ImageData:
+        """The image of item ``i`` as the dataset gives it (PIL image, bytes or uint8 array)."""
+        image, _ = self._split(self.dataset[i], i)
+        if isinstance(image, Mapping) and "bytes" in image:  # a Hugging Face Image feature with decode=False
+            image = image["bytes"]
+        if isinstance(image, (bytearray, memoryview)):
+            image = bytes(image)
+        if not isinstance(image, (bytes, np.ndarray)) and not hasattr(image, "getbands"):
+            raise TypeError(f"dataset item {i}: image is a {type(image).__name__}; the loader takes PIL images, "
+                            "encoded bytes or uint8 HxWx3 arrays (give the dataset no tensor transform)")
+        return image
+
+    def image_size(self, i: int) -> Optional[tuple[int, int]]:
+        """(width, height) of item ``i`` (loads it)."""
+        image = self.read(i)
+        if isinstance(image, np.ndarray):
+            return int(image.shape[1]), int(image.shape[0])
+        if isinstance(image, bytes):
+            import io
+
+            from PIL import Image
+
+            try:
+                with Image.open(io.BytesIO(image)) as im:
+                    return im.size
+            except Exception:
+                return None
+        return image.size

@@ -1,0 +1,138 @@
+"""`IndexSource`: the samples of a shard set's Parquet index, and recognising a shard address (`open_shards`).
+
+Labels, sizes and (for a matching config and transform) exact token counts come from the index
+without opening a shard; each sample is one positional read of its members, checked by the shard
+reader (`apt_data.shards.reader.read_record`) against the index.
+"""
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..config import APTConfig
+from ..shards.format import MEMBERS, SampleRecord
+from ..shards.index import ShardIndex, find_index, read_index
+from ..shards.reader import ShardFiles, read_record
+from ..shards.urls import expand_urls
+from ..transforms import ImageTransform
+from .base import Source
+
+__all__ = ["IndexSource", "open_shards"]
+
+
+class IndexSource(Source):
+    """Samples of a Parquet index: every sample is one seek + read, labels and token counts known.
+
+    ``shards``: keep only the rows of these shard files. Bad samples raise `ShardDataError`
+    (a ValueError, which the loader logs, counts and skips unless strict).
+    """
+
+    def __init__(self, index: ShardIndex, shards: Optional[Sequence[str]] = None):
+        table = index.table
+        if shards is not None:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            names = [os.path.relpath(os.path.abspath(s), index.root.resolve()) for s in shards]
+            missing = set(names) - set(table.column("shard").to_pylist())
+            if missing:
+                raise ValueError(f"{index.root}: the index has no rows for shards {sorted(missing)}")
+            table = table.filter(pc.is_in(table.column("shard"), value_set=pa.array(names)))
+        self.index, self.table = index, table
+        self.keys = [str(k) for k in table.column("key").to_pylist()]
+        self.labels = table.column("label").to_numpy().astype(np.int64)
+        shard_names = table.column("shard").to_pylist()
+        self._shard_names = list(dict.fromkeys(shard_names))
+        number = {n: k for k, n in enumerate(self._shard_names)}
+        self._shard_of = np.array([number[n] for n in shard_names], np.int64)
+        self._spans = {m: (table.column(f"{m}_offset").to_numpy(), table.column(f"{m}_size").to_numpy())
+                       for m in MEMBERS if f"{m}_offset" in table.column_names}
+        self._wh = (table.column("width").to_numpy(), table.column("height").to_numpy())
+        self._shard_paths = [str(index.root / n) for n in self._shard_names]
+        self._files = ShardFiles(self._shard_paths)
+
+    def row(self, i: int) -> dict:
+        """The index row of sample ``i`` (shard path relative to ``index.root``)."""
+        return {c: v[0] for c, v in self.table.slice(int(i), 1).to_pydict().items()}
+
+    def _read(self, i: int, members: Sequence[str] = MEMBERS, parse_meta: bool = True) -> SampleRecord:
+        spans: dict[str, tuple[int, int]] = {}
+        for m in members:
+            if m not in self._spans or self._spans[m][0][i] < 0:
+                # not there: read every member there is, and the check names what is missing
+                spans = {m: (int(o[i]), int(n[i])) for m, (o, n) in self._spans.items() if o[i] >= 0}
+                break
+            offsets, sizes = self._spans[m]
+            spans[m] = (int(offsets[i]), int(sizes[i]))
+        shard = int(self._shard_of[i])
+        return read_record(partial(self._files.pread, shard), self._shard_paths[shard], self.keys[i], spans,
+                           strict=True, expect_label=int(self.labels[i]), parse_meta=parse_meta,
+                           need_label="cls" in members)
+
+    def read(self, i: int) -> bytes:
+        """The JPEG bytes of sample ``i``: one read of that member and its tar header."""
+        return self._read(i, ("jpg",)).jpeg
+
+    def read_record(self, i: int) -> tuple[bytes, SampleRecord]:
+        """``(jpeg, SampleRecord)`` of sample ``i``: one read of all its members, checked against the index."""
+        rec = self._read(i)
+        return rec.jpeg, rec
+
+    def read_scores(self, i: int) -> tuple[bytes, Optional[np.ndarray]]:
+        """`read_record` without parsing the JSON metadata: ``(jpeg, stored scores)``."""
+        rec = self._read(i, parse_meta=False)
+        return rec.jpeg, rec.scores
+
+    def image_size(self, i: int) -> Optional[tuple[int, int]]:
+        return int(self._wh[0][i]), int(self._wh[1][i])
+
+    @property
+    def image_size_setting(self) -> Optional[int]:
+        """The image size the shards were written at (their index's settings)."""
+        size = self.index.settings.get("image_size")
+        return int(size) if size else None
+
+    def stored_scores_usable(self, cfg: APTConfig, transform: ImageTransform) -> bool:
+        """True when ``transform`` outputs the stored image unchanged and the stored score maps are
+        for ``cfg``'s scorer, patch size and scales: layouts for any thresholds come from them."""
+        st, ic = self.index.settings, self.index.config
+        return (ic.scorer == cfg.scorer and ic.patch_size == cfg.patch_size and ic.num_scales == cfg.num_scales
+                and transform.deterministic and st.get("image_size") == transform.size
+                and bool(st.get("crop", True)) == (not transform.keep_aspect) and transform.crop_pct == 1.0
+                and (transform.keep_aspect is False or st.get("multiple", cfg.patch_size) == transform.multiple))
+
+    def exact_token_counts(self, cfg: APTConfig, transform: ImageTransform) -> Optional[np.ndarray]:
+        """Index token counts, when the index was made for this config and transform output."""
+        if self.index.config != cfg or not self.stored_scores_usable(cfg, transform):
+            return None
+        return np.asarray(self.table.column("tokens").to_numpy(), np.int64)
+
+
+def open_shards(source: str, split: Optional[str] = None) -> Optional[IndexSource]:
+    """An `IndexSource` for ``shards/``, ``shards/train.parquet`` or ``shards/train-{0..3}.tar``.
+
+    A folder may name its split as ``shards:val``. Returns None when ``source`` is not shards.
+    """
+    if ":" in source and not os.path.exists(source) and "://" not in source:
+        source, split = source.rsplit(":", 1)
+    p = Path(source)
+    if source.endswith(".parquet"):
+        return IndexSource(read_index(p))
+    if p.is_dir() and list(p.glob("*.parquet")):
+        return IndexSource(read_index(find_index(p, split or "train")))
+    if source.endswith(".tar") or "{" in source or "::" in source:
+        urls = expand_urls(source)
+        first = Path(urls[0])
+        for idx in sorted(first.parent.glob("*.parquet")):
+            index = read_index(idx)
+            have = set(index.table.column("shard").to_pylist())
+            want = {os.path.relpath(os.path.abspath(u), idx.parent.resolve()) for u in urls}
+            if want <= have:
+                return IndexSource(index, shards=urls)
+        raise ValueError(f"{source}: no Parquet index beside these shards covers them; "
+                         "write one with tools/make_shards.py (it plans batches and seeks samples)")
+    return None

@@ -1,0 +1,168 @@
+"""How a loader worker hands a packed batch to the main process: a slot of a shared-memory pool.
+
+A fresh shared-memory segment per batch (what a worker gets from `torch` by default, and what
+``default_collate`` uses) costs more CPU than building the batch: creating it, faulting in every
+page, passing its descriptor, mapping it in the main process, tearing it down. Instead the parent
+maps a `SlotPool` once, before the workers fork; a worker packs into one of its own free slots and
+sends only the `BatchSpec` and the slot number (`WireBatch`); the main process copies the bytes
+out (straight into pinned memory when pinning) and hands the slot back through that worker's pipe.
+A worker with no free slot, or a batch larger than a slot, falls back to a fresh segment.
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import mmap
+import os
+import weakref
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from .batch import PackedBatch
+from .layout import PatchLayout
+from .packing import BatchSpec, fill_batch, new_buffer
+
+__all__ = ["SlotPool", "WireBatch", "host_buffer", "ship_batch", "take_pool"]
+
+_POOLS: "weakref.WeakValueDictionary[int, SlotPool]" = weakref.WeakValueDictionary()
+_POOL_IDS = itertools.count()
+
+
+class SlotPool:
+    """Shared-memory slots that forked DataLoader workers pack batches into, reused batch after batch.
+
+    ``num_workers x slots`` slots of ``slot_bytes`` each, in one anonymous shared mapping; the free
+    slot numbers of each worker travel through a pipe of its own (one byte each).
+    """
+
+    def __init__(self, num_workers: int, slots: int, slot_bytes: int):
+        self.num_workers, self.slots, self.slot_bytes = int(num_workers), int(slots), int(slot_bytes)
+        self.busy = False
+        self._mm = mmap.mmap(-1, self.num_workers * self.slots * self.slot_bytes)  # anonymous, MAP_SHARED
+        self.buf = np.frombuffer(self._mm, np.uint8)
+        self._pipes = [os.pipe() for _ in range(self.num_workers)]  # free slot numbers, one pipe per worker
+        for r, _ in self._pipes:
+            os.set_blocking(r, False)
+        self.id = next(_POOL_IDS)
+        _POOLS[self.id] = self
+        self._owner = os.getpid()
+
+    def reset(self) -> None:
+        """Every slot free (call only while no worker of this pool runs)."""
+        for r, w in self._pipes:
+            try:
+                while os.read(r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            os.write(w, bytes(range(self.slots)))
+
+    def acquire(self, worker: int, nbytes: int) -> Optional[int]:
+        """A free slot of ``worker`` for ``nbytes`` (in the worker), or None."""
+        if nbytes > self.slot_bytes or not 0 <= worker < self.num_workers:
+            return None
+        try:
+            b = os.read(self._pipes[worker][0], 1)
+        except BlockingIOError:
+            return None
+        return b[0] if b else None
+
+    def release(self, worker: int, slot: int) -> None:
+        os.write(self._pipes[worker][1], bytes([slot]))
+
+    def view(self, worker: int, slot: int, nbytes: int) -> np.ndarray:
+        base = (worker * self.slots + slot) * self.slot_bytes
+        return self.buf[base:base + nbytes]
+
+    def __reduce__(self):  # a spawned (not forked) worker cannot share the mapping: it gets no pool
+        return (_no_pool, ())
+
+    def __del__(self):
+        if getattr(self, "_owner", None) == os.getpid():
+            for r, w in getattr(self, "_pipes", ()):
+                for fd in (r, w):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+
+
+def _no_pool() -> None:
+    return None
+
+
+def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """Where the main process copies a batch out of its slot (page-locked when pinning)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
+class WireBatch:
+    """What a worker sends for one batch: its `BatchSpec` and its bytes, in a pool slot or a tensor.
+
+    The main process (or the DataLoader's pin-memory thread, through `pin_memory`) turns it into
+    a `PackedBatch` whose tensors are views of one private (or pinned) buffer.
+    """
+
+    def __init__(self, spec: BatchSpec, pool_id: Optional[int] = None, worker: int = 0, slot: int = 0,
+                 data: Optional[torch.Tensor] = None):
+        self.spec, self.pool_id, self.worker, self.slot, self.data = spec, pool_id, worker, slot, data
+
+    def _bytes(self, pin: bool = False) -> torch.Tensor:
+        if self.data is not None:
+            return self.data.pin_memory() if pin else self.data
+        pool = _POOLS[self.pool_id]
+        out = host_buffer(self.spec.nbytes, pin)
+        # a NumPy copy: one thread (torch would wake its intra-op pool, which then spins on the cores
+        # the workers need)
+        np.copyto(out.numpy(), pool.view(self.worker, self.slot, self.spec.nbytes))
+        pool.release(self.worker, self.slot)
+        self.pool_id, self.data = None, out
+        return out
+
+    def pin_memory(self) -> "WireBatch":
+        return WireBatch(self.spec, data=self._bytes(pin=True))
+
+    def to_batch(self) -> PackedBatch:
+        return self.spec.to_batch(self._bytes())
+
+
+def ship_batch(spec: BatchSpec, images: Sequence[np.ndarray], layouts: Sequence[PatchLayout],
+               labels: Optional[Sequence[int]], pool: Optional[SlotPool] = None) -> Union[PackedBatch, WireBatch]:
+    """Fill a prepared batch where it travels best: a `PackedBatch` in the main process; in a worker,
+    a `WireBatch` in a free slot of ``pool`` (or in a fresh shared segment when there is none)."""
+    info = get_worker_info()
+    if info is None:
+        data = new_buffer(spec.nbytes, shared=False)
+        fill_batch(spec, images, layouts, labels, data.numpy())
+        return spec.to_batch(data)
+    slot = pool.acquire(info.id, spec.nbytes) if pool is not None else None
+    if slot is None:
+        data = new_buffer(spec.nbytes, shared=True)
+        fill_batch(spec, images, layouts, labels, data.numpy())
+        return WireBatch(spec, data=data)
+    try:
+        fill_batch(spec, images, layouts, labels, pool.view(info.id, slot, spec.nbytes))
+    except BaseException:
+        pool.release(info.id, slot)
+        raise
+    return WireBatch(spec, pool.id, info.id, slot)
+
+
+def take_pool(current: Optional[SlotPool], num_workers: int, prefetch_factor: Optional[int],
+              slot_bytes: Optional[int]) -> Optional[SlotPool]:
+    """A reset slot pool for one iteration with forked workers: ``current`` when it is idle and fits,
+    else a new one; None where workers are not forked (a spawned worker cannot share the mapping) or
+    the batch size is unknown (every batch then takes a fresh segment)."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method != "fork" or not slot_bytes:  # (asking this way does not fix the start method)
+        return None
+    slots = min(255, max(2, int(prefetch_factor or 2) + 1))  # slot numbers travel as one byte
+    pool = current
+    if (pool is None or pool.busy or pool.slot_bytes < slot_bytes or pool.num_workers != num_workers
+            or pool.slots != slots):
+        pool = SlotPool(num_workers, slots, slot_bytes)
+    pool.reset()
+    return pool
