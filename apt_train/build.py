@@ -1,22 +1,17 @@
-"""Model and config set-up shared by the tools, with errors a user can act on (no deep tracebacks)."""
+"""Building a run's model (and its transform) from explicit settings, with errors a user can act on (`SetupError`)."""
 from __future__ import annotations
 
-import argparse
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
-from pathlib import Path
-
-from apt_data import APTConfig, add_loader_args, config_from_args
+from apt_data import ImageTransform
 from apt_model import APTViT, from_timm
 from apt_model.convert import load_apt_checkpoint
 
+from .config import SetupError
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class SetupError(ValueError):
-    """A bad flag or input found while setting up: the tools print it and exit with status 2."""
+__all__ = ["SetupError", "build_model", "checkpoint_num_classes", "compile_blocks", "infer_num_classes",
+           "model_image_size", "model_patch_size", "train_transform"]
 
 
 def checkpoint_num_classes(state: dict) -> Optional[int]:
@@ -73,29 +68,44 @@ def model_image_size(model: APTViT) -> int:
     return int(model.grid_size[0]) * int(model.patch_size)
 
 
-def check_config_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Validate the loader flags before any model is built (``--patch-size`` unset: checked as 16)."""
-    ps = args.patch_size
-    if ps is None:
-        args.patch_size = 16
-    try:
-        config_from_args(args, parser)
-    finally:
-        args.patch_size = ps
+def model_patch_size(model: APTViT, patch_size: Optional[int] = None, num_scales: int = 1) -> int:
+    """The base patch size to batch for ``model``: ``patch_size``, or the model's when None. A patch
+    size that is not the model's, or more scales than the model has, raises `SetupError`."""
+    if patch_size is None:
+        patch_size = int(model.patch_size)
+    elif patch_size != model.patch_size:
+        raise SetupError(f"--patch-size {patch_size} but the model's patch size is {model.patch_size}")
+    if num_scales > model.num_scales:
+        raise SetupError(f"--num-scales {num_scales} > the model's {model.num_scales}")
+    return patch_size
 
 
-def config_for_model(args: argparse.Namespace, parser: argparse.ArgumentParser, model: APTViT) -> APTConfig:
-    """`APTConfig` from the flags with ``--patch-size`` defaulting to the model's (a mismatch is an error)."""
-    if args.patch_size is None:
-        args.patch_size = model.patch_size
-    elif args.patch_size != model.patch_size:
-        parser.error(f"--patch-size {args.patch_size} but the model's patch size is {model.patch_size}")
-    if args.num_scales > model.num_scales:
-        parser.error(f"--num-scales {args.num_scales} > the model's {model.num_scales}")
-    return config_from_args(args, parser)
+def train_transform(model: APTViT, image_size: int, *, augment: bool = False, auto_augment: Optional[str] = None,
+                    re_prob: float = 0.0) -> ImageTransform:
+    """The training transform for ``model``: resize only, or (``augment``) RandomResizedCrop + flip +
+    RandAugment ``auto_augment`` (None or "none": off) + random erasing filled with the mean colour
+    (0 after the model's normalisation)."""
+    patch_size = int(model.patch_size)
+    if not augment:
+        return ImageTransform(size=image_size, multiple=patch_size)
+    fill = tuple(int(round(float(v))) for v in model.patch_embed.pixel_mean.flatten())
+    aa = None if auto_augment in (None, "", "none") else auto_augment
+    return ImageTransform(size=image_size, multiple=patch_size, augment=True, auto_augment=aa, re_prob=re_prob,
+                          fill=fill)
 
 
-def infer_num_classes(labels) -> int:
+def compile_blocks(model: APTViT, static_shapes: bool = False) -> None:
+    """``torch.compile`` each block's norms and MLP in place (parameter names unchanged).
+
+    Regional: they see a dense [L, D] tensor (L fixed with ``static_shapes``); compiling the whole
+    model recompiles for every batch layout (its image count and lengths are Python ints).
+    """
+    for blk in model.blocks:
+        for name in ("norm1", "norm2", "mlp"):
+            getattr(blk, name).compile(dynamic=False if static_shapes else None)
+
+
+def infer_num_classes(labels: Sequence[int]) -> int:
     """Classes of a dataset whose labels are 0..C-1."""
     import numpy as np
 
@@ -105,53 +115,3 @@ def infer_num_classes(labels) -> int:
     if labels.min() < 0:
         raise SetupError(f"negative label {labels.min()} in the dataset")
     return int(labels.max()) + 1
-
-
-def add_eval_args(ap: argparse.ArgumentParser) -> None:
-    """Flags shared by tools/evaluate.py and tools/sweep.py."""
-    ap.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (pretrained=False)")
-    ap.add_argument("--checkpoint", default=None,
-                    help="local timm or APT weights: a file, or a training output folder (its newest checkpoint)")
-    ap.add_argument("--num-classes", type=int, default=None,
-                    help="default: the checkpoint's head, else max label of --data + 1")
-    ap.add_argument("--data", default=str(ROOT / "shards") + ":val", help="shards[:split], index or image folder")
-    ap.add_argument("--crop-pct", type=float, default=1.0, help="eval centre-crop fraction (shards are pre-cropped)")
-    ap.add_argument("--attn-backend", default="auto")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: CUDA)")
-    ap.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
-    ap.add_argument("--seed", type=int, default=0, help="model init (no checkpoint) and the random baseline")
-    add_loader_args(ap, max_tokens=4096)
-    ap.set_defaults(patch_size=None)
-
-
-def setup_eval(args: argparse.Namespace, ap: argparse.ArgumentParser):
-    """(model, cfg, source, info, loader keyword arguments), or exit 2 with a message."""
-    import torch
-
-    from apt_data.loader import open_source
-
-    from .dist import init_distributed
-
-    check_config_args(args, ap)
-    if args.checkpoint and os.path.isdir(args.checkpoint):  # a training output folder: its newest checkpoint
-        from .checkpoint import resolve_checkpoint
-
-        try:
-            args.checkpoint = str(resolve_checkpoint(args.checkpoint))
-        except FileNotFoundError as e:
-            ap.error(str(e))
-    info = init_distributed(args.device)
-    torch.manual_seed(args.seed)
-    try:
-        source = open_source(args.data)
-        num_classes = args.num_classes or (None if args.checkpoint else infer_num_classes(source.labels))
-        model = build_model(args.model, checkpoint=args.checkpoint, num_classes=num_classes,
-                            image_size=args.image_size, num_scales=args.num_scales,
-                            attn_backend=args.attn_backend).to(info.device).eval()
-    except (SetupError, ValueError, OSError) as e:
-        ap.error(str(e))
-    cfg = config_for_model(args, ap, model)
-    kw = dict(max_tokens=args.max_tokens, max_images=args.max_images, image_size=model_image_size(model),
-              num_prefix_tokens=model.num_prefix_tokens, num_workers=args.workers, crop_pct=args.crop_pct)
-    return model, cfg, source, info, kw

@@ -3,8 +3,9 @@
 A checkpoint is a dict: ``model`` (the `APTViT` state dict, so `apt_model.from_timm(name,
 checkpoint_path=...)` and timm's ``load_state_dict`` read it), ``optimizer``, ``scheduler``,
 ``epoch``, ``step_in_epoch`` (batches of that epoch already done), ``global_step``, ``rng`` (one
-entry per rank: torch CPU/CUDA, numpy and Python states) and ``args`` (plain values). Everything is
-a tensor or a plain Python value, so it loads with ``torch.load(weights_only=True)``.
+entry per rank: torch CPU/CUDA, numpy and Python states) and ``config`` (the run's `TrainConfig` as
+a plain dict). Everything is a tensor or a plain Python value, so it loads with
+``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -13,22 +14,24 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from apt_data.shards import atomic_write  # the project's one atomic writer
+from apt_data.io import atomic_write  # the project's one atomic writer
 
 PathLike = Union[str, os.PathLike]
 _CKPT = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_checkpoint(path: PathLike, state: dict) -> None:
+    """``torch.save`` ``state`` to ``path`` atomically."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -39,6 +42,7 @@ def load_checkpoint(path: PathLike) -> dict:
 
 
 def resolve_checkpoint(path: PathLike) -> Path:
+    """``path`` itself, or a folder's newest ``checkpoint-*.pt``; FileNotFoundError when there is none."""
     path = Path(path)
     if path.is_dir():
         found = list_checkpoints(path)
@@ -57,6 +61,7 @@ def list_checkpoints(folder: PathLike) -> list[Path]:
 
 
 def checkpoint_path(folder: PathLike, step: int) -> Path:
+    """``folder/checkpoint-<step>.pt`` (7 digits, so names sort by step)."""
     return Path(folder) / f"checkpoint-{step:07d}.pt"
 
 
@@ -81,6 +86,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
@@ -91,6 +97,7 @@ def set_rng_state(state: dict) -> None:
 
 # -------------------------------------------------------------------------------------- metrics
 def read_jsonl(path: PathLike) -> list[dict]:
+    """Every object of a JSONL file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -124,14 +131,3 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._f.close()
-
-
-def plain(value: Any) -> Any:
-    """Args as plain JSON-able values (paths and tuples included) for checkpoints and logs."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

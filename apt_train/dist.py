@@ -63,11 +63,24 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list:
     return out
 
 
+def sum_counts(local: dict[str, dict[str, int]], info: DistInfo) -> dict[str, dict[str, int]]:
+    """Nested counts (``{group: {key: n}}``) summed over ranks; every rank gets the sum."""
+    merged: dict[str, dict[str, int]] = {}
+    for counts_of_rank in all_gather_objects(local, info):
+        for group, counts in counts_of_rank.items():
+            for key, n in counts.items():
+                merged.setdefault(group, {}).setdefault(key, 0)
+                merged[group][key] += n
+    return merged
+
+
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank (a no-op alone)."""
     if info.enabled:
         dist.barrier()
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group (a no-op alone or when it is already gone)."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

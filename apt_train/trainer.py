@@ -1,16 +1,16 @@
-"""The APT trainer behind ``tools/train.py``: fine-tune a timm ViT as an APT model on token-budget batches.
+"""The training loop: fine-tune a timm ViT as an APT model on token-budget batches, from a `TrainConfig`.
 
 One process or ``torchrun`` (DDP: gloo on the CPU, nccl on CUDA). Every step: a packed batch from
 `APTLoader` (variable number of images), cross-entropy mean over the images of the GLOBAL step
 (`apt_train.loss`), AdamW with layer-wise lr decay and a per-step warmup + cosine schedule
 (`apt_train.optim`), optional clipping, bf16 autocast on CUDA. Metrics go to ``OUTPUT/metrics.jsonl``
 (one object per step, plus evaluation records), checkpoints to ``OUTPUT/checkpoint-<step>.pt``
-(atomic), and ``--resume`` continues at the same epoch and step with the same lr and random stream,
-so the resumed steps reproduce the uninterrupted run's losses.
+(atomic), and ``resume`` continues at the same epoch and step with the same lr and random stream,
+so the resumed steps reproduce the uninterrupted run's losses. Bad settings raise `SetupError`;
+the command line (`apt_train.cli`) turns them into exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import math
@@ -18,88 +18,32 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
-from apt_data import ImageTransform, add_loader_args
+from apt_data import PackedBatch
 from apt_data.loader import APTLoader, open_source
 
-from .build import (SetupError, build_model, check_config_args, config_for_model, infer_num_classes,
-                    model_image_size)
-from .checkpoint import (MetricsWriter, checkpoint_path, list_checkpoints, load_checkpoint, plain, prune_checkpoints,
+from .build import (build_model, compile_blocks, infer_num_classes, model_image_size, model_patch_size,
+                    train_transform)
+from .checkpoint import (MetricsWriter, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                          resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from .config import SetupError, TrainConfig, validate
+from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, sum_counts
 from .evaluation import EvalResult, eval_loader, evaluate
 from .loss import scaled_cross_entropy
 from .optim import WarmupCosine, param_groups
-from .recipes import RECIPES, apply_recipe
+from .recipes import apply_recipe
 
 log = logging.getLogger("apt_train")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="train.py", description="Fine-tune a timm ViT as an Adaptive Patch Transformer on token-budget batches. "
-                                     "Recipe flags left unset take the recipe's value (README.md, 'Training and evaluation').")
-    g = ap.add_argument_group("model and data")
-    g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name, created with pretrained=False (default: %(default)s)")
-    g.add_argument("--checkpoint", default=None, help="local timm or APT weights to start from (never downloaded)")
-    g.add_argument("--num-classes", type=int, default=None, help="default: max label of --data + 1")
-    g.add_argument("--data", default=str(ROOT / "shards"), help="train shards / index / image folder (default: the sample shards/)")
-    g.add_argument("--val-data", default=str(ROOT / "shards") + ":val", help="validation source (default: shards/ split val)")
-    g.add_argument("--no-eval", action="store_true", help="skip validation")
-    g.add_argument("--crop-pct", type=float, default=1.0, help="eval centre-crop fraction (default 1: shards are pre-cropped)")
-    g.add_argument("--attn-backend", default="auto")
-    add_loader_args(ap, max_tokens=4096)
-    ap.set_defaults(patch_size=None)  # the model's
-    r = ap.add_argument_group("recipe (flags left unset take the recipe's value)")
-    r.add_argument("--recipe", choices=sorted(RECIPES), default="sample",
-                   help="short: the paper's 1-epoch fine-tune; full: MAE fine-tune; sample: full, 5 epochs (the demo)")
-    r.add_argument("--epochs", type=int, default=None)
-    r.add_argument("--steps", type=int, default=None, help="stop after this many optimiser steps (the schedule spans them)")
-    r.add_argument("--lr", type=float, default=None, help="absolute peak lr (overrides --blr)")
-    r.add_argument("--blr", type=float, default=None, help="base lr per 256 images: lr = blr * images_per_step / 256")
-    r.add_argument("--min-lr", type=float, default=None)
-    r.add_argument("--warmup-epochs", type=float, default=None)
-    r.add_argument("--warmup-steps", type=int, default=None, help="overrides --warmup-epochs")
-    r.add_argument("--weight-decay", type=float, default=None)
-    r.add_argument("--layer-decay", type=float, default=None)
-    r.add_argument("--label-smoothing", type=float, default=None)
-    r.add_argument("--drop-path", type=float, default=None)
-    r.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (default: no clipping)")
-    r.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="RandomResizedCrop + flip (+ --aa, --reprob) before patchify")
-    r.add_argument("--aa", dest="auto_augment", default=None, help="timm RandAugment string, or 'none'")
-    r.add_argument("--reprob", dest="re_prob", type=float, default=None, help="random erasing probability")
-    r.add_argument("--train-new-only", action="store_true", help="freeze the ViT, train only APT's new parameters")
-    o = ap.add_argument_group("run")
-    o.add_argument("--seed", type=int, default=0, help="model init, data order, augmentation (default: 0)")
-    o.add_argument("--output", default="out/train", help="metrics.jsonl and checkpoints go here (default: %(default)s)")
-    o.add_argument("--resume", default=None, help="a checkpoint file, or a folder (its newest checkpoint)")
-    o.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps and at the end (default: %(default)s; 0: only at the end)")
-    o.add_argument("--keep-checkpoints", type=int, default=2, help="newest step checkpoints kept (default: %(default)s; 0: all)")
-    o.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at each epoch end)")
-    o.add_argument("--overfit-batches", type=int, default=0,
-                   help="train on the first N batches of epoch 0 over and over, for --steps steps (debugging: "
-                        "the loss must fall)")
-    o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    o.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on CUDA only)")
-    o.add_argument("--compile", action="store_true",
-                   help="torch.compile each block's norms and MLP (one compile with --static-shapes)")
-    o.add_argument("--grad-checkpointing", action="store_true")
-    o.add_argument("--strict", action="store_true", help="stop at a bad sample instead of skipping it")
-    o.add_argument("--log-every", type=int, default=10, help="print a line every N steps when the progress bar is off (default: %(default)s)")
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
-    o.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds before a stuck collective fails (default: %(default)s)")
-    return ap
 
 
 @dataclass
 class TrainResult:
+    """What `Trainer.fit` returns."""
+
     model: torch.nn.Module
     global_step: int
     epoch: int
@@ -110,153 +54,115 @@ class TrainResult:
     skipped: dict = field(default_factory=dict)
 
 
-def _check_args(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
-    for name in ("epochs", "steps", "warmup_steps", "overfit_batches", "save_every", "eval_every", "log_every"):
-        v = getattr(args, name)
-        if v is not None and v < 0 or (name in ("epochs", "steps") and v is not None and v == 0):
-            ap.error(f"--{name.replace('_', '-')} must be {'positive' if name in ('epochs', 'steps') else '>= 0'}, got {v}")
-    if args.resume is not None:
-        try:
-            resolve_checkpoint(args.resume)
-        except FileNotFoundError as e:
-            ap.error(str(e))
-    if args.recipe == "short" and args.checkpoint is None:
-        log.warning("recipe short fine-tunes a trained model for one epoch at lr 1e-6; without --checkpoint the "
-                    "model starts from random weights")
-    if args.auto_augment in ("none", ""):
-        args.auto_augment = None
-    if args.compile and not args.static_shapes:
-        log.warning("--compile without --static-shapes: compiled for dynamic sequence lengths after the first change")
-
-
-def _train_transform(args, cfg, image_size: int, model) -> ImageTransform:
-    if not args.augment:
-        return ImageTransform(size=image_size, multiple=cfg.patch_size)
-    fill = tuple(int(round(float(v))) for v in model.patch_embed.pixel_mean.flatten())  # mean colour: 0 after norm
-    return ImageTransform(size=image_size, multiple=cfg.patch_size, augment=True, auto_augment=args.auto_augment,
-                          re_prob=args.re_prob, fill=fill)
-
-
-def make_trainer(argv=None) -> "Trainer":
-    """Parse ``argv``, join the process group under torchrun and build the `Trainer` (model, loaders,
-    optimiser, schedule, resumed state). Bad flags exit with status 2 and a message (SystemExit)."""
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    apply_recipe(args)
-    _check_args(args, ap)
-    check_config_args(args, ap)
-    info = init_distributed(args.device, args.dist_timeout)
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
-    try:
-        return Trainer(args, ap, info)
-    except SetupError as e:
-        cleanup(info)
-        ap.error(str(e))
-    except BaseException:
-        cleanup(info)
-        raise
-
-
-def run(argv=None) -> TrainResult:
-    """`make_trainer` then `Trainer.fit`; leaves the process group when done."""
-    trainer = make_trainer(argv)
-    try:
-        return trainer.fit()
-    finally:
-        cleanup(trainer.info)
-
-
-def main(argv=None) -> int:
-    run(argv)
-    return 0
+def every(step: int, interval: int) -> bool:
+    """True at every ``interval``-th step (never for ``interval`` 0)."""
+    return bool(interval) and step % interval == 0
 
 
 class Trainer:
-    """Holds the run's state; `fit` trains. Built from parsed flags (see `build_parser`)."""
+    """Holds the run's state (model, loaders, optimiser, schedule, position); `fit` trains.
 
-    def __init__(self, args: argparse.Namespace, parser: argparse.ArgumentParser, info: DistInfo):
-        self.args, self.parser, self.info = args, parser, info
-        self.device = info.device
-        self.amp = (self.device.type == "cuda") if args.amp is None else bool(args.amp)
-        self.out = Path(args.output)
-        torch.manual_seed(args.seed)
-        np.random.seed(args.seed)
+    ``config`` takes its recipe's values for unset hyper-parameters (`apply_recipe`); ``info``: the
+    process group (None: join it here when started by torchrun, see `init_distributed`). Bad settings
+    raise `SetupError` before any step.
+    """
+
+    def __init__(self, config: TrainConfig, info: Optional[DistInfo] = None):
+        self.config = c = validate(apply_recipe(config))
+        if c.resume is not None:
+            try:
+                resolve_checkpoint(c.resume)
+            except FileNotFoundError as e:
+                raise SetupError(str(e)) from None
+        self.info = info if info is not None else init_distributed(c.device, c.dist_timeout)
+        self.device = self.info.device
+        self.amp = (self.device.type == "cuda") if c.amp is None else bool(c.amp)
+        self.out = Path(c.output)
+        if self.info.is_main:
+            if c.recipe == "short" and c.checkpoint is None:
+                log.warning("recipe short fine-tunes a trained model for one epoch at lr 1e-6; without --checkpoint "
+                            "the model starts from random weights")
+            if c.compile and not c.static_shapes:
+                log.warning("--compile without --static-shapes: compiled for dynamic sequence lengths after the "
+                            "first change")
+        torch.manual_seed(c.seed)
+        np.random.seed(c.seed)
         try:
-            train_source = open_source(args.data)
+            train_source = open_source(c.data)
         except (ValueError, OSError) as e:
-            raise SetupError(f"--data {args.data}: {e}") from None
-        num_classes = args.num_classes or infer_num_classes(train_source.labels)
-        self.model = build_model(args.model, checkpoint=args.checkpoint, num_classes=num_classes,
-                                 image_size=args.image_size, num_scales=args.num_scales, drop_path=args.drop_path,
-                                 attn_backend=args.attn_backend).to(self.device)
+            raise SetupError(f"--data {c.data}: {e}") from None
+        num_classes = c.num_classes or infer_num_classes(train_source.labels)
+        self.model = build_model(c.model, checkpoint=c.checkpoint, num_classes=num_classes, image_size=c.image_size,
+                                 num_scales=c.num_scales, drop_path=c.drop_path,
+                                 attn_backend=c.attn_backend).to(self.device)
         if self.model.num_classes != num_classes:
             raise SetupError(f"the model has {self.model.num_classes} classes, the data {num_classes}")
-        self.cfg = config_for_model(args, parser, self.model)
+        self.cfg = c.apt_config(model_patch_size(self.model, c.patch_size, c.num_scales))
         self.image_size = model_image_size(self.model)
-        if args.grad_checkpointing:
+        if c.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        prefix = self.model.num_prefix_tokens
-        try:
-            self.loader = APTLoader(train_source, self.cfg, max_tokens=args.max_tokens, max_images=args.max_images,
-                                    num_workers=args.workers, shuffle=True, seed=args.seed, train=True,
-                                    transform=_train_transform(args, self.cfg, self.image_size, self.model),
-                                    num_prefix_tokens=prefix, static_shapes=args.static_shapes, strict=args.strict)
-            self.loader.set_epoch(0)
-            plan0 = self.loader.plan(0)
-            self.val_loader = None
-            if not args.no_eval and args.val_data:
-                self.val_loader = eval_loader(args.val_data, self.cfg, max_tokens=args.max_tokens,
-                                              max_images=args.max_images, image_size=self.image_size,
-                                              num_prefix_tokens=prefix, num_workers=args.workers,
-                                              crop_pct=args.crop_pct, strict=args.strict)
-                self.val_loader.plan(0)
-        except (ValueError, OSError) as e:
-            raise SetupError(str(e)) from None
-        # steps and lr: the plan of epoch 0 fixes both for the run
-        self.steps_per_epoch = args.overfit_batches or len(plan0) // info.world_size
-        self.images_per_step = sum(len(b) for b in plan0) / (len(plan0) / info.world_size)
+        self._build_loaders(train_source)
+        # steps and lr: fixed for the run by the loader's epoch length and mean images per batch
+        self.steps_per_epoch = c.overfit_batches or self.loader.steps_per_epoch()
+        self.images_per_step = self.loader.mean_images_per_batch() * self.info.world_size
         if self.steps_per_epoch == 0:
             raise SetupError("the training data gives no batch")
-        self.total_steps = args.epochs * self.steps_per_epoch
-        if args.steps is not None:  # a cap; with --overfit-batches (an "epoch" is N batches) the length
-            self.total_steps = args.steps if args.overfit_batches else min(self.total_steps, args.steps)
-        self.lr = args.lr if args.lr is not None else args.blr * self.images_per_step / 256
-        warmup = (args.warmup_steps if args.warmup_steps is not None
-                  else int(round(args.warmup_epochs * self.steps_per_epoch)))
-        if args.train_new_only:
+        self.total_steps = c.epochs * self.steps_per_epoch
+        if c.steps is not None:  # a cap; with overfit_batches (an "epoch" is N batches) the length
+            self.total_steps = c.steps if c.overfit_batches else min(self.total_steps, c.steps)
+        self.lr = c.lr if c.lr is not None else c.blr * self.images_per_step / 256
+        warmup = c.warmup_steps if c.warmup_steps is not None else int(round(c.warmup_epochs * self.steps_per_epoch))
+        if c.train_new_only:
             new = {id(p) for p in self.model.apt_parameters()}
             if not new:
                 raise SetupError("--train-new-only: the model has no APT parameters (num_scales 1)")
             for p in self.model.parameters():
                 p.requires_grad_(id(p) in new)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = param_groups(self.model, args.weight_decay, args.layer_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-        self.scheduler = WarmupCosine(self.optimizer, self.lr, self.total_steps, warmup, args.min_lr)
+        groups = param_groups(self.model, c.weight_decay, c.layer_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
+        self.scheduler = WarmupCosine(self.optimizer, self.lr, self.total_steps, warmup, c.min_lr)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.resume_state = None
-        if args.resume:
-            self._load(args.resume)
+        if c.resume:
+            self._load(c.resume)
         self.ddp = self.model
-        if info.enabled:
+        if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # batches differ in which scales they hold: APT parameters of an absent scale get no gradient
             self.ddp = DDP(self.model, device_ids=None, find_unused_parameters=True)
-        if args.compile:
-            # regional: each block's norms and MLP see a dense [L, D] tensor (L fixed with --static-shapes);
-            # compiling the whole model recompiles for every batch layout (its image count and lengths)
-            for blk in self.model.blocks:
-                for name in ("norm1", "norm2", "mlp"):
-                    getattr(blk, name).compile(dynamic=False if args.static_shapes else None)
+        if c.compile:
+            compile_blocks(self.model, c.static_shapes)
         self.forward = self.ddp
-        torch.manual_seed(args.seed + info.rank)  # drop path differs per rank
+        torch.manual_seed(c.seed + self.info.rank)  # drop path differs per rank
         self._cached_batches = None
         self._bar = None
+        self._writer: Optional[MetricsWriter] = None
+
+    def _build_loaders(self, train_source) -> None:
+        """The train loader (and the validation loader unless ``val_data`` is None)."""
+        c = self.config
+        prefix = self.model.num_prefix_tokens
+        transform = train_transform(self.model, self.image_size, augment=c.augment, auto_augment=c.auto_augment,
+                                    re_prob=c.re_prob)
+        try:
+            self.loader = APTLoader(train_source, self.cfg, max_tokens=c.max_tokens, max_images=c.max_images,
+                                    num_workers=c.workers, shuffle=True, seed=c.seed, train=True, transform=transform,
+                                    num_prefix_tokens=prefix, static_shapes=c.static_shapes, strict=c.strict)
+            self.loader.set_epoch(0)
+            self.loader.steps_per_epoch()  # budget errors surface here, before the first step
+            self.val_loader = None
+            if c.val_data:
+                self.val_loader = eval_loader(c.val_data, self.cfg, max_tokens=c.max_tokens, max_images=c.max_images,
+                                              image_size=self.image_size, num_prefix_tokens=prefix,
+                                              num_workers=c.workers, crop_pct=c.crop_pct, strict=c.strict)
+                self.val_loader.steps_per_epoch()
+        except (ValueError, OSError) as e:
+            raise SetupError(str(e)) from None
 
     # ------------------------------------------------------------------ checkpoints
-    def _load(self, path) -> None:
+    def _load(self, path: str) -> None:
         path = resolve_checkpoint(path)
         state = load_checkpoint(path)
         self.model.load_state_dict(state["model"])
@@ -271,6 +177,15 @@ class Trainer:
             self.scheduler.total_steps = self.total_steps
             self.scheduler.apply()
         rngs = state.get("rng") or []
+        loaders = state.get("loader") or []
+        if len(loaders) == self.info.world_size and not self.config.overfit_batches:
+            try:
+                self.loader.load_state_dict(loaders[self.info.rank])
+            except ValueError as e:
+                raise SetupError(f"{path}: {e}") from None
+        elif self.loader.packing != "plan":
+            raise SetupError(f"{path}: the checkpoint holds no loader state for {self.info.world_size} rank(s); "
+                             "a streamed loader resumes only with the world size it was saved with")
         if len(rngs) == self.info.world_size:
             self.resume_state = rngs[self.info.rank]
         else:
@@ -281,54 +196,59 @@ class Trainer:
                      self.step_in_epoch, self.global_step, self.scheduler.lr)
 
     def save(self) -> Optional[Path]:
+        """Checkpoint the run (rank 0 writes, every rank's RNG state included); returns the path on rank 0."""
         rngs = all_gather_objects(rng_state(), self.info)  # every rank's stream (drop path differs per rank)
+        loaders = all_gather_objects(self.loader.state_dict(), self.info)  # where every rank's data stands
         path = None
         if self.info.is_main:
-            state = {"format": "apt_train/1", "model": self.model.state_dict(),
+            state = {"format": "apt_train/2", "model": self.model.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                      "images_per_step": self.images_per_step, "world_size": self.info.world_size,
-                     "rng": rngs, "args": plain(vars(self.args))}
+                     "rng": rngs, "loader": loaders, "config": self.config.to_dict()}
             path = checkpoint_path(self.out, self.global_step)
             save_checkpoint(path, state)
-            prune_checkpoints(self.out, self.args.keep_checkpoints)
+            prune_checkpoints(self.out, self.config.keep_checkpoints)
         barrier(self.info)
         return path
 
     # ------------------------------------------------------------------ data
-    def _epoch_batches(self):
+    def _epoch_batches(self) -> tuple[Iterator, int]:
         """(iterator over this epoch's remaining batches, batches in the whole epoch)."""
-        if self.args.overfit_batches:
+        if self.config.overfit_batches:
             if self._cached_batches is None:
                 self.loader.set_epoch(0)
                 with torch.random.fork_rng(devices=[]):
-                    self._cached_batches = list(itertools.islice(iter(self.loader), self.args.overfit_batches))
+                    self._cached_batches = list(itertools.islice(iter(self.loader), self.config.overfit_batches))
             return iter(self._cached_batches[self.step_in_epoch:]), len(self._cached_batches)
-        self.loader.resume(self.epoch, self.step_in_epoch)
+        self.loader.set_epoch(self.epoch)
+        if self.loader.packing == "plan":
+            self.loader.resume(self.epoch, self.step_in_epoch)
         return iter(self.loader), self.step_in_epoch + len(self.loader)
 
     @staticmethod
-    def _next(it):
+    def _next(it: Iterator):
         # the DataLoader draws its worker base seed from the global RNG: keep it out of the model's stream
         with torch.random.fork_rng(devices=[]):
             return next(it, None)
 
     # ------------------------------------------------------------------ steps
-    def train_step(self, batch) -> tuple[float, float, int, int, Optional[float]]:
+    def train_step(self, batch: PackedBatch) -> tuple[float, float, int, int, Optional[float]]:
         """One optimiser step; returns (global mean loss, lr used, global images, global tokens, grad norm)."""
-        info = self.info
+        info, c = self.info, self.config
         b = batch.to(self.device, non_blocking=True)
         local_tokens = b.num_real_tokens - b.num_images * b.num_prefix_tokens
-        counts = all_reduce_sum(torch.tensor([float(b.num_images), float(local_tokens)], device=self.device), info)
+        counts = all_reduce_sum(torch.tensor([float(b.num_images), float(local_tokens), float(b.num_real_tokens)],
+                                             device=self.device), info)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.forward(b)
-        loss = scaled_cross_entropy(logits, b.labels, label_smoothing=self.args.label_smoothing,
+        loss = scaled_cross_entropy(logits, b.labels, label_smoothing=c.label_smoothing,
                                     global_images=counts[0], world_size=info.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = None
-        if self.args.clip_grad:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad)
+        if c.clip_grad:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.clip_grad)
         lr = self.scheduler.lr
         self.optimizer.step()
         self.scheduler.step()
@@ -336,33 +256,42 @@ class Trainer:
         report = all_reduce_sum(loss.detach().float().reshape(1) / info.world_size, info)
         vals = torch.cat([report, counts.float()] + ([grad_norm.float().reshape(1)] if grad_norm is not None else []))
         vals = vals.tolist()  # the step's one host sync
-        return vals[0], lr, int(vals[1]), int(vals[2]), (vals[3] if grad_norm is not None else None)
+        self._fill = vals[3] / (c.max_tokens * info.world_size)  # real tokens, prefix included, / budget
+        return vals[0], lr, int(vals[1]), int(vals[2]), (vals[4] if grad_norm is not None else None)
 
-    def run_eval(self, writer: Optional[MetricsWriter]) -> Optional[EvalResult]:
+    def run_eval(self) -> Optional[EvalResult]:
+        """Evaluate on ``val_data`` (all ranks); rank 0 prints it and, inside `fit`, writes its metrics record."""
         if self.val_loader is None:
             return None
         res = evaluate(self.model, self.val_loader, self.device, amp=self.amp, info=self.info)
         if self.info.is_main:
-            rec = {"split": "val", "step": self.global_step, "epoch": self.epoch, "top1": res.top1, "top5": res.top5,
-                   "loss": res.loss, "images": res.images, "tokens_per_image": res.tokens_per_image,
-                   "token_fraction": res.token_fraction, "images_per_s": res.images_per_s,
-                   "gflops_per_image": res.gflops_per_image}
-            writer.write(rec)
+            if self._writer is not None:
+                self._writer.write({
+                    "split": "val", "step": self.global_step, "epoch": self.epoch, "top1": res.top1, "top5": res.top5,
+                    "loss": res.loss, "images": res.images, "tokens_per_image": res.tokens_per_image,
+                    "token_fraction": res.token_fraction, "images_per_s": res.images_per_s,
+                    "gflops_per_image": res.gflops_per_image})
             self._print(f"eval step {self.global_step} epoch {self.epoch}: top-1 {res.top1:.2%} top-5 {res.top5:.2%} "
                         f"loss {res.loss:.4f} on {res.images} images, {res.tokens_per_image:.1f} tokens/image "
                         f"({res.token_fraction:.1%} of uniform), {res.images_per_s:.1f} images/s")
         return res
 
     def _log_step(self, rec: dict) -> None:
-        bar, args = self._bar, self.args
+        """Every step (rank 0): the metrics line and the progress bar; without the bar, a printed line
+        every ``log_every`` steps (and at the first and last)."""
+        if not self.info.is_main:
+            return
+        c, bar = self.config, self._bar
+        self._writer.write(rec)
         bar.update(1)
         bar.set_postfix_str(f"{rec['images_per_s']:.1f} img/s {rec['tokens_per_s']:.0f} tok/s "
-                            f"{rec['tokens_per_image']:.1f} tok/img loss {rec['loss']:.4f} lr {rec['lr']:.3g}")
+                            f"{rec['tokens_per_image']:.1f} tok/img fill {rec['fill']:.1%} loss {rec['loss']:.4f} "
+                            f"lr {rec['lr']:.3g}")
         step = rec["step"]
-        if bar.disable and not args.quiet and (step % max(args.log_every, 1) == 0 or step in (1, self.total_steps)):
+        if bar.disable and not c.quiet and (every(step, max(c.log_every, 1)) or step in (1, self.total_steps)):
             print(f"step {step}/{self.total_steps} epoch {rec['epoch']} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
                   f"{rec['images_per_s']:.1f} img/s {rec['tokens_per_s']:.0f} tok/s "
-                  f"{rec['tokens_per_image']:.1f} tok/img", flush=True)
+                  f"{rec['tokens_per_image']:.1f} tok/img fill {rec['fill']:.1%}", flush=True)
 
     def _print(self, msg: str) -> None:
         if self.info.is_main:
@@ -371,91 +300,125 @@ class Trainer:
             else:
                 print(msg, flush=True)
 
+    def _eval_due(self, epoch_end: bool) -> bool:
+        """Evaluate every ``eval_every`` steps, or at each epoch end when it is 0."""
+        return every(self.global_step, self.config.eval_every) if self.config.eval_every else epoch_end
+
+    def _save_due(self) -> bool:
+        """Checkpoint every ``save_every`` steps (0: only at the end)."""
+        return every(self.global_step, self.config.save_every)
+
+    def _epoch_summary(self, fills: list) -> None:
+        """Rank 0 writes and prints the epoch's mean fill and the samples carried over to the next epoch."""
+        if not self.info.is_main or not fills:
+            return
+        carried = self.loader.stats.carried_over.get(self.epoch)
+        rec = {"split": "epoch", "step": self.global_step, "epoch": self.epoch, "fill": float(np.mean(fills)),
+               "steps": len(fills)}
+        if carried is not None:
+            rec["carried_over"] = int(carried)
+        self._writer.write(rec)
+        self._print(f"epoch {self.epoch}: mean fill {rec['fill']:.1%} over {len(fills)} steps"
+                    + (f", {carried} sample visits (rank 0) carry over into the next epoch" if carried is not None
+                       else ""))
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+    def _print_header(self) -> None:
+        c, info = self.config, self.info
+        self._print(
+            f"APT train: {c.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params, "
+            f"{len(self.params)} trainable tensors{', APT parameters only' if c.train_new_only else ''}) "
+            f"at {self.image_size} px, {self.cfg}; recipe {c.recipe}; {info.world_size} process(es) on "
+            f"{self.device}{', bf16 autocast' if self.amp else ''}")
+        self._print(
+            f"data {c.data}: {len(self.loader.source)} images, {self.steps_per_epoch} steps/epoch of <= "
+            f"{c.max_tokens} tokens per rank ({self.loader.packing}ed packing), {self.images_per_step:.2f} images "
+            f"per global step ({self.loader.mean_images_source()}); {self.total_steps} steps; peak lr {self.lr:.3g}"
+            f"{'' if c.lr is not None else f' = {c.blr:g} x {self.images_per_step:.2f} / 256'}, "
+            f"warmup {self.scheduler.warmup_steps} steps, layer decay {c.layer_decay}")
+
     def fit(self) -> TrainResult:
+        """Train to ``total_steps``: evaluate at each epoch end (or every ``eval_every`` steps) and at the
+        end, checkpoint every ``save_every`` steps and at the end, log every step."""
         from tqdm import tqdm
 
-        args, info = self.args, self.info
+        c, info = self.config, self.info
         self._bar = None
-        if info.is_main and not args.resume and list_checkpoints(self.out):
+        if info.is_main and not c.resume and list_checkpoints(self.out):
             log.warning("%s already holds checkpoints %s: a later --resume of this folder takes the newest step",
                         self.out, [p.name for p in list_checkpoints(self.out)])
-        writer = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.global_step if args.resume else None) \
-            if info.is_main else None
         if info.is_main:
-            self._print(
-                f"APT train: {args.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params, "
-                f"{len(self.params)} trainable tensors{', APT parameters only' if args.train_new_only else ''}) "
-                f"at {self.image_size} px, {self.cfg}; recipe {args.recipe}; {info.world_size} process(es) on "
-                f"{self.device}{', bf16 autocast' if self.amp else ''}")
-            self._print(
-                f"data {args.data}: {len(self.loader.source)} images, {self.steps_per_epoch} steps/epoch of <= "
-                f"{args.max_tokens} tokens per rank, {self.images_per_step:.2f} images per global step (mean of the "
-                f"plan); {self.total_steps} steps; peak lr {self.lr:.3g}"
-                f"{'' if args.lr is not None else f' = {args.blr:g} x {self.images_per_step:.2f} / 256'}, "
-                f"warmup {self.scheduler.warmup_steps} steps, layer decay {args.layer_decay}")
+            self._writer = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.global_step if c.resume else None)
+            self._print_header()
         self._bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
-                         disable=args.quiet or not info.is_main or not sys.stderr.isatty())
+                         disable=c.quiet or not info.is_main or not sys.stderr.isatty())
         if self.resume_state is not None:
             set_rng_state(self.resume_state)
         self.ddp.train()
         t_start = time.perf_counter()
         totals = np.zeros(3)  # images, tokens, seconds
         final_eval, last_saved, evaluated = None, None, False
+        batches, epoch_len, t_prev, fills, run_fills = None, 0, t_start, [], []
         try:
             while self.global_step < self.total_steps:
-                it, epoch_len = self._epoch_batches()
-                t_prev = time.perf_counter()
-                while self.global_step < self.total_steps:
-                    item = self._next(it)
-                    if item is None:  # not expected: every rank's loader yields the planned batches
-                        log.warning("epoch %d ended after %d of %d batches", self.epoch, self.step_in_epoch, epoch_len)
-                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                        break
-                    loss, lr, images, tokens, gnorm = self.train_step(item[0])
-                    now = time.perf_counter()
-                    dt, t_prev = now - t_prev, now
-                    totals += (images, tokens, dt)
-                    self.global_step += 1
-                    self.step_in_epoch += 1
-                    rec = {"split": "train", "step": self.global_step, "epoch": self.epoch, "loss": loss, "lr": lr,
-                           "images": images, "tokens": tokens, "tokens_per_image": tokens / max(images, 1),
-                           "images_per_s": images / dt, "tokens_per_s": tokens / dt}
-                    if gnorm is not None:
-                        rec["grad_norm"] = gnorm
-                    if info.is_main:
-                        writer.write(rec)
-                        self._log_step(rec)
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss} at step {self.global_step}")
-                    epoch_end = self.step_in_epoch >= epoch_len
-                    if epoch_end:  # checkpoints taken from here on resume at the next epoch's start
-                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                    evaluated = bool(args.eval_every and self.global_step % args.eval_every == 0) or (
-                        epoch_end and not args.eval_every)
-                    if evaluated:
-                        final_eval = self.run_eval(writer)
-                    saving = bool(args.save_every and self.global_step % args.save_every == 0)
-                    if saving:
-                        last_saved = self.save()
-                    if evaluated or saving:  # the next step's speed excludes evaluation and saving
-                        t_prev = time.perf_counter()
-                    if epoch_end:
-                        break
+                if batches is None:  # an epoch starts (or resumes)
+                    batches, epoch_len = self._epoch_batches()
+                    t_prev = time.perf_counter()
+                item = self._next(batches)
+                if item is None:  # not expected: every rank's loader yields the planned batches
+                    log.warning("epoch %d ended after %d of %d batches", self.epoch, self.step_in_epoch, epoch_len)
+                    self._next_epoch()
+                    batches = None
+                    continue
+                loss, lr, images, tokens, gnorm = self.train_step(item[0])
+                now = time.perf_counter()
+                dt, t_prev = now - t_prev, now
+                totals += (images, tokens, dt)
+                self.global_step += 1
+                self.step_in_epoch += 1
+                rec = {"split": "train", "step": self.global_step, "epoch": self.epoch, "loss": loss, "lr": lr,
+                       "images": images, "tokens": tokens, "tokens_per_image": tokens / max(images, 1),
+                       "images_per_s": images / dt, "tokens_per_s": tokens / dt, "fill": self._fill}
+                fills.append(self._fill)
+                run_fills.append(self._fill)
+                if gnorm is not None:
+                    rec["grad_norm"] = gnorm
+                self._log_step(rec)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {self.global_step}")
+                epoch_end = self.step_in_epoch >= epoch_len
+                if epoch_end:  # checkpoints taken from here on resume at the next epoch's start
+                    self._epoch_summary(fills)
+                    fills = []
+                    self._next_epoch()
+                    batches = None
+                evaluated = self._eval_due(epoch_end)
+                if evaluated:
+                    final_eval = self.run_eval()
+                saving = self._save_due()
+                if saving:
+                    last_saved = self.save()
+                if evaluated or saving:  # the next step's speed excludes evaluation and saving
+                    t_prev = time.perf_counter()
             if not evaluated:
-                final_eval = self.run_eval(writer)
-            if not (args.save_every and self.global_step % args.save_every == 0) or last_saved is None:
+                final_eval = self.run_eval()
+            if not self._save_due() or last_saved is None:
                 last_saved = self.save()
         finally:
             self._bar.close()
-            if writer is not None:
-                writer.close()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
         seconds = time.perf_counter() - t_start
         skipped = self._report_skips()
         if info.is_main:
             n, t, s = totals
             self._print(f"done: {self.global_step} steps ({int(n)} images, {int(t)} patch tokens) in {s:.1f} s of "
                         f"steps: {n / max(s, 1e-9):.1f} images/s, {t / max(s, 1e-9):.0f} tokens/s, "
-                        f"{t / max(n, 1):.1f} tokens/image; total {seconds:.1f} s")
+                        f"{t / max(n, 1):.1f} tokens/image, mean fill {np.mean(run_fills or [0]):.1%} of "
+                        f"{self.config.max_tokens} tokens; total {seconds:.1f} s")
             if final_eval is not None:
                 self._print(f"final val: top-1 {final_eval.top1:.2%}, top-5 {final_eval.top5:.2%} on "
                             f"{final_eval.images} images")
@@ -465,19 +428,13 @@ class Trainer:
                            seconds=seconds, skipped=skipped)
 
     def _report_skips(self) -> dict:
+        """The bad samples the loaders skipped, summed over ranks; rank 0 prints them."""
         loaders = {"train": self.loader, "val": self.val_loader}
-        local = {k: dict(l.stats.skipped) for k, l in loaders.items() if l is not None}
-        merged: dict = {}
-        for d in all_gather_objects(local, self.info):
-            for split, counts in d.items():
-                for reason, n in counts.items():
-                    merged.setdefault(split, {}).setdefault(reason, 0)
-                    merged[split][reason] += n
-        if self.info.is_main:
-            if any(merged.values()):
-                self._print("skipped bad samples: " + "; ".join(
-                    f"{split} {sum(c.values())} ({', '.join(f'{r}: {n}' for r, n in c.items())})"
-                    for split, c in merged.items() if c))
-            else:
-                self._print("skipped bad samples: none")
+        merged = sum_counts({k: dict(l.stats.skipped) for k, l in loaders.items() if l is not None}, self.info)
+        if any(merged.values()):
+            self._print("skipped bad samples: " + "; ".join(
+                f"{split} {sum(c.values())} ({', '.join(f'{r}: {n}' for r, n in c.items())})"
+                for split, c in merged.items() if c))
+        else:
+            self._print("skipped bad samples: none")
         return merged

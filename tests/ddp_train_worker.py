@@ -13,7 +13,7 @@ from apt_data import APTConfig
 from apt_data.loader import APTLoader
 from apt_model import from_timm
 from apt_train.loss import scaled_cross_entropy
-from apt_train.trainer import run
+from apt_train.cli import run
 
 
 def gradient_check(data: str) -> dict:

@@ -18,9 +18,11 @@ sys.path.insert(0, str(ROOT))
 from apt_data import read_index  # noqa: E402
 from apt_data.shards import write_index  # noqa: E402
 from apt_train.checkpoint import list_checkpoints, load_checkpoint, read_jsonl  # noqa: E402
-from apt_train.trainer import run  # noqa: E402
+from apt_train import SetupError, TrainConfig, Trainer, apply_recipe  # noqa: E402
+from apt_train.cli import run  # noqa: E402
 
-STEP_FIELDS = {"step", "epoch", "loss", "lr", "images", "tokens", "tokens_per_image", "images_per_s", "tokens_per_s"}
+STEP_FIELDS = {"step", "epoch", "loss", "lr", "images", "tokens", "tokens_per_image", "images_per_s", "tokens_per_s",
+               "fill"}
 
 
 def subset_index(out: Path, split: str = "train", n: int = 20) -> str:
@@ -53,50 +55,57 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """Steps 4-6 of a run resumed from its step-3 checkpoint equal the uninterrupted run's: same data,
-    lr and losses (augmentation, drop path and a worker process on; the run crosses an epoch end)."""
-    train, val = subset_index(tmp_path, "train", 20), subset_index(tmp_path, "val", 20)
-    common = ["--data", train, "--val-data", val, "--recipe", "sample", "--max-tokens", "1024", "--steps", "6",
-              "--save-every", "3", "--keep-checkpoints", "0", "--workers", "1", "--quiet", "--seed", "3"]
+    """Steps 5-7 of a run resumed from its mid-epoch step-4 checkpoint equal the uninterrupted run's: same
+    batches, lr and losses (streamed packing with augmentation, drop path and a worker process on; the
+    run crosses two epoch ends, each carrying samples over)."""
+    train, val = subset_index(tmp_path, "train", 40), subset_index(tmp_path, "val", 20)
+    common = ["--data", train, "--val-data", val, "--recipe", "sample", "--max-tokens", "1024", "--steps", "7",
+              "--save-every", "2", "--keep-checkpoints", "0", "--workers", "1", "--quiet", "--seed", "3"]
     a = tmp_path / "a"
     res_a = run(common + ["--output", str(a)])
-    assert res_a.global_step == 6 and res_a.epoch == 1  # 20 images / 5 per batch: 4 steps per epoch
+    assert res_a.global_step == 7 and res_a.epoch == 2  # 40 images, ~7.5 per batch: 3 streamed steps per epoch
     ckpts = list_checkpoints(a)
-    assert [p.name for p in ckpts] == ["checkpoint-0000003.pt", "checkpoint-0000006.pt"]
+    assert [p.name for p in ckpts] == ["checkpoint-0000002.pt", "checkpoint-0000004.pt", "checkpoint-0000006.pt",
+                                       "checkpoint-0000007.pt"]
     recs_a = read_jsonl(a / "metrics.jsonl")
 
     # metrics: valid JSONL, every field, train records per step and eval records at the epoch end and the end
     train_a = [r for r in recs_a if r["split"] == "train"]
-    assert [r["step"] for r in train_a] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in train_a] == [1, 2, 3, 4, 5, 6, 7]
     for r in train_a:
         assert STEP_FIELDS <= set(r), set(r)
         assert r["images"] > 0 and r["tokens"] > 0 and r["images_per_s"] > 0 and r["tokens_per_s"] > 0
         assert r["tokens_per_image"] == pytest.approx(r["tokens"] / r["images"]) and r["tokens_per_image"] <= 196
-        assert math.isfinite(r["loss"]) and r["lr"] > 0
-    assert [r["epoch"] for r in train_a] == [0, 0, 0, 0, 1, 1]
+        assert math.isfinite(r["loss"]) and r["lr"] > 0 and 0.9 < r["fill"] <= 1
+    assert [r["epoch"] for r in train_a] == [0, 0, 0, 1, 1, 1, 2]
     evals = [r for r in recs_a if r["split"] == "val"]
-    assert [r["step"] for r in evals] == [4, 6] and all(r["images"] == 20 and 0 <= r["top1"] <= 1 for r in evals)
-    assert sum(r["images"] for r in train_a[:4]) == 20  # one whole epoch, every image once
+    assert [r["step"] for r in evals] == [3, 6, 7] and all(r["images"] == 20 and 0 <= r["top1"] <= 1 for r in evals)
+    epochs = [r for r in recs_a if r["split"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1] and all(r["fill"] > 0.9 and r["carried_over"] > 0 for r in epochs)
 
-    # the checkpoint: exact position, loadable with weights_only, and by apt_model.from_timm
-    state = load_checkpoint(ckpts[0])
-    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (3, 0, 3)
+    # the checkpoint: exact position (mid-epoch, with the loader's state), loadable with weights_only,
+    # and by apt_model.from_timm
+    state = load_checkpoint(ckpts[1])
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (4, 1, 1)
+    assert state["loader"][0]["packing"] == "stream" and state["loader"][0]["step"] == 1
     from apt_model import from_timm
 
     m = from_timm("vit_tiny_patch16_224", num_classes=10, checkpoint_path=str(ckpts[-1]))
     for k, v in res_a.model.state_dict().items():
         assert torch.equal(v, m.state_dict()[k]), k
 
-    # resume into a copy of the folder: the metrics past step 3 are dropped, then steps 4-6 rewritten
+    # resume into a copy of the folder: the metrics past step 4 are dropped, then steps 5-7 rewritten
     b = tmp_path / "b"
     shutil.copytree(a, b)
-    res_b = run(common + ["--output", str(b), "--resume", str(b / "checkpoint-0000003.pt")])
-    assert res_b.global_step == 6
+    res_b = run(common + ["--output", str(b), "--resume", str(b / "checkpoint-0000004.pt")])
+    assert res_b.global_step == 7
     recs_b = read_jsonl(b / "metrics.jsonl")
     assert [(r["split"], r["step"]) for r in recs_b] == [(r["split"], r["step"]) for r in recs_a]
     for ra, rb in zip(recs_a, recs_b):
         assert ra["epoch"] == rb["epoch"]
-        if ra["split"] == "train":
+        if ra["split"] == "epoch":  # (a resumed run's epoch fill covers only its own steps)
+            assert ra["carried_over"] == rb["carried_over"]
+        elif ra["split"] == "train":
             assert (ra["images"], ra["tokens"], ra["lr"]) == (rb["images"], rb["tokens"], rb["lr"])
             assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra, rb)
         else:
@@ -113,7 +122,7 @@ def test_resume_from_a_folder_takes_its_newest_checkpoint(tmp_path):
     res = run(common + ["--steps", "2", "--resume", str(tmp_path / "o")])
     assert res.global_step == 2
     recs = read_jsonl(tmp_path / "o" / "metrics.jsonl")
-    assert [r["step"] for r in recs] == [1, 2]
+    assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2]
     json.dumps(recs)
 
 
@@ -136,4 +145,38 @@ def test_bad_samples_are_skipped_counted_and_reported(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipped bad samples: train 1 (ShardDataError: 1)" in out, out
     recs = read_jsonl(tmp_path / "o" / "metrics.jsonl")
-    assert sum(r["images"] for r in recs) == rows.num_rows - 1
+    assert sum(r["images"] for r in recs if r["split"] == "train") == rows.num_rows - 1
+
+
+def test_trainer_runs_from_a_python_config(tmp_path):
+    """No argparse: a frozen TrainConfig, the recipe filling what was left unset, two steps and an
+    evaluation on the sample shards, and the config stored in the checkpoint as a plain dict."""
+    config = TrainConfig(data=ROOT / "shards", val_data=subset_index(tmp_path, "val", 10), recipe="short", lr=1e-4,
+                         steps=2, max_tokens=1024, workers=0, quiet=True, output=tmp_path / "o")
+    assert config.data == str(ROOT / "shards") and config.layer_decay is None
+    with pytest.raises(AttributeError):  # frozen
+        config.steps = 3
+    trainer = Trainer(config)
+    assert trainer.config.layer_decay == 0.99 and trainer.config.lr == 1e-4 and trainer.config.epochs == 1
+    res = trainer.fit()
+    assert res.global_step == 2 and res.final_eval is not None and res.final_eval.images == 10
+    recs = read_jsonl(tmp_path / "o" / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in recs] == [("train", 1), ("train", 2), ("val", 2)]
+    assert all(r["lr"] == pytest.approx(1e-4 * (1 + math.cos(math.pi * (r["step"] - 1) / 2)) / 2)
+               for r in recs if r["split"] == "train")  # cosine from the absolute lr to 0, no warmup
+    state = load_checkpoint(res.checkpoint)
+    assert isinstance(state["config"], dict) and TrainConfig.from_dict(state["config"]) == trainer.config
+    json.dumps(state["config"])
+
+
+def test_recipes_fill_only_unset_fields():
+    base = TrainConfig(data="d", recipe="short")
+    short = apply_recipe(base)
+    assert (short.lr, short.blr, short.epochs, short.augment) == (1e-6, None, 1, False)
+    assert apply_recipe(short) == short and base.lr is None  # idempotent; the input is not changed
+    blr = apply_recipe(TrainConfig(data="d", recipe="short", blr=1e-3))  # an explicit blr beats the recipe's lr
+    assert (blr.lr, blr.blr) == (None, 1e-3) and apply_recipe(blr) == blr
+    mine = apply_recipe(TrainConfig(data="d", recipe="full", epochs=2, lr=3e-4, auto_augment="none"))
+    assert (mine.epochs, mine.lr, mine.auto_augment, mine.layer_decay) == (2, 3e-4, "none", 0.75)
+    with pytest.raises(SetupError, match="recipe"):
+        apply_recipe(TrainConfig(data="d", recipe="nope"))

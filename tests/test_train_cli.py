@@ -9,8 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from apt_train.trainer import main as train_main  # noqa: E402
 from test_evaluate import load_tool  # noqa: E402
+
+train_main = load_tool("train").main  # tools/train.py: the sample shards are its default data
 
 FAST = ["--steps", "1", "--workers", "0", "--no-eval", "--quiet"]
 
@@ -61,6 +62,26 @@ def test_evaluate_rejects_bad_flags(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         load_tool("evaluate").main(["--workers", "0"] + flags)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_config_raises_in_the_library_and_exits_2_on_the_command_line(tmp_path):
+    """The library raises SetupError (a ValueError, never SystemExit); only the CLI turns it into
+    ``train.py: error: ...`` and status 2."""
+    from apt_train import SetupError, TrainConfig, Trainer
+
+    data = str(ROOT / "shards")
+    for config, message in [(TrainConfig(data=data, steps=0), "--steps must be positive, got 0"),
+                            (TrainConfig(), "no training data"),
+                            (TrainConfig(data=data, thresholds=(5.5,)), "one value per scale"),
+                            (TrainConfig(data=data, patch_size=14, workers=0), "but the model's patch size is 16"),
+                            (TrainConfig(data=data, resume=tmp_path / "none.pt"), "does not exist")]:
+        with pytest.raises(SetupError, match=message) as e:
+            Trainer(config)
+        assert isinstance(e.value, ValueError)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), "--steps", "0", "--output", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [l for l in proc.stderr.splitlines() if "error" in l] == ["train.py: error: --steps must be positive, got 0"]
 
 
 def test_script_exit_has_no_traceback(tmp_path):

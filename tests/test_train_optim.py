@@ -18,9 +18,10 @@ from apt_data.loader import APTLoader  # noqa: E402
 from apt_model import from_timm  # noqa: E402
 from apt_train.loss import scaled_cross_entropy  # noqa: E402
 from apt_train.optim import WarmupCosine, layer_id  # noqa: E402
-from apt_train.trainer import make_trainer  # noqa: E402
+from apt_train.cli import make_trainer  # noqa: E402
 
-BASE = ["--max-tokens", "1024", "--no-eval", "--workers", "0", "--quiet", "--recipe", "short"]
+BASE = ["--data", str(ROOT / "shards"), "--max-tokens", "1024", "--no-eval", "--workers", "0", "--quiet",
+        "--recipe", "short"]
 
 
 def group_of(opt, name):

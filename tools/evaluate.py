@@ -20,10 +20,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from apt_train.build import add_eval_args, setup_eval  # noqa: E402
 from apt_train.checkpoint import atomic_write_text  # noqa: E402
+from apt_train.cli import add_eval_args, eval_setup  # noqa: E402
 from apt_train.dist import cleanup  # noqa: E402
 from apt_train.evaluation import evaluate_mode  # noqa: E402
+
+SAMPLE_VAL = f"{ROOT / 'shards'}:val"  # --data defaults to the sample validation split of this checkout
 
 
 def row(name: str, r) -> str:
@@ -37,19 +39,19 @@ HEADER = ("| method | top-1 | top-5 | images/s | tokens/img | uniform tokens/img
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_args(ap)
+    add_eval_args(ap, default_data=SAMPLE_VAL)
     ap.add_argument("--baseline", nargs="+", default=["none"], choices=["none", "resize", "random"],
                     help="methods to run (several allowed)")
     ap.add_argument("--uniform", action="store_true", help="also the plain ViT on the uniform grid")
     ap.add_argument("--json", default=None, help="write the results here (atomic)")
     args = ap.parse_args(argv)
-    model, cfg, source, info, kw = setup_eval(args, ap)
-    amp = info.device.type == "cuda" if args.amp is None else args.amp
+    setup = eval_setup(args, ap)
+    model, cfg, source, info, kw, amp = setup.model, setup.cfg, setup.source, setup.info, setup.loader_kw, setup.amp
     modes = list(dict.fromkeys(args.baseline)) + (["uniform"] if args.uniform else [])
     results, skipped = {}, {}
     try:
         if info.is_main:
-            print(f"evaluate: {args.model}{' from ' + args.checkpoint if args.checkpoint else ' (random init)'} on "
+            print(f"evaluate: {args.model}{' from ' + setup.checkpoint if setup.checkpoint else ' (random init)'} on "
                   f"{args.data} ({len(source)} images) at {kw['image_size']} px, {cfg}, <= {args.max_tokens} "
                   f"tokens per batch, {info.device}{', bf16' if amp else ''}")
             print(HEADER)
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
             bad = {m: s for m, s in skipped.items() if s}
             print(f"skipped bad samples: {bad if bad else 'none'}")
             if args.json:
-                atomic_write_text(args.json, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                flags = {**vars(args), "checkpoint": setup.checkpoint}  # a folder's newest checkpoint: the file read
+                atomic_write_text(args.json, json.dumps({"args": {k: str(v) for k, v in flags.items()},
                                                          "config": str(cfg), "results": results}, indent=1))
     finally:
         cleanup(info)

@@ -21,10 +21,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from apt_train.build import add_eval_args, setup_eval  # noqa: E402
-from apt_train.checkpoint import atomic_write, atomic_write_text  # noqa: E402
+from apt_data.io import atomic_write  # noqa: E402
+from apt_train.checkpoint import atomic_write_text  # noqa: E402
+from apt_train.cli import add_eval_args, eval_setup  # noqa: E402
 from apt_train.dist import cleanup  # noqa: E402
 from apt_train.evaluation import evaluate_mode  # noqa: E402
+
+SAMPLE_VAL = f"{ROOT / 'shards'}:val"  # --data defaults to the sample validation split of this checkout
 
 FIELDS = ["method", "thresholds", "top1", "top5", "images_per_s", "tokens_per_image", "token_fraction",
           "gflops_per_image", "images"]
@@ -76,15 +79,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_args(ap)
+    add_eval_args(ap, default_data=SAMPLE_VAL)
     ap.add_argument("--scales", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.2, 1.5],
                     help="factors on --thresholds (ignored with --grid)")
     ap.add_argument("--grid", nargs="+", default=None, help="thresholds settings, e.g. 5.5,4.0 6,4.5")
     ap.add_argument("--baselines", nargs="*", default=[], choices=["resize", "random"])
     ap.add_argument("--out", default="out/sweep", help="folder for sweep.csv and sweep.png")
     args = ap.parse_args(argv)
-    model, cfg, source, info, kw = setup_eval(args, ap)
-    amp = info.device.type == "cuda" if args.amp is None else args.amp
+    setup = eval_setup(args, ap)
+    model, cfg, source, info, kw, amp = setup.model, setup.cfg, setup.source, setup.info, setup.loader_kw, setup.amp
     n = cfg.num_scales - 1
     settings = parse_grid(args.grid, n, ap) if args.grid else [tuple(s * t for t in cfg.thresholds) for s in args.scales]
     rows = []

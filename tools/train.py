@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune a timm ViT as an Adaptive Patch Transformer (logic: apt_train/trainer.py).
+"""Fine-tune a timm ViT as an Adaptive Patch Transformer (flags: apt_train/cli.py; loop: apt_train/trainer.py).
 
     python tools/train.py                       # the demo: vit_tiny (random init) on shards/, recipe 'sample'
     python tools/train.py --model vit_base_patch16_384 --checkpoint W.pth --data IMAGENET_SHARDS \\
@@ -11,8 +11,16 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from apt_train.trainer import main  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from apt_train import cli  # noqa: E402
+
+SAMPLE_DATA = ROOT / "shards"  # the sample dataset of this checkout: --data and --val-data default to it
+
+
+def main(argv=None) -> int:
+    return cli.main(argv, default_data=str(SAMPLE_DATA), default_val_data=f"{SAMPLE_DATA}:val")
+
 
 if __name__ == "__main__":
     sys.exit(main())

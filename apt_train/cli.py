@@ -1,0 +1,203 @@
+"""The command-line edge of the tools: flags to configs, and `SetupError` to ``prog: error: ...`` with exit 2.
+
+``tools/train.py`` is `main` with the sample data as defaults; ``tools/evaluate.py`` and
+``tools/sweep.py`` use `add_eval_args` and `eval_setup`. The library below never sees argparse.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from apt_data import APTConfig, add_loader_args
+
+from .config import SetupError, TrainConfig, loader_config, validate
+from .dist import DistInfo, cleanup, init_distributed
+from .recipes import RECIPES, apply_recipe
+from .trainer import Trainer, TrainResult
+
+if TYPE_CHECKING:
+    from apt_data.loader import Source
+    from apt_model import APTViT
+
+Argv = Optional[Sequence[str]]
+
+
+def build_parser(default_data: Optional[str] = None, default_val_data: Optional[str] = None) -> argparse.ArgumentParser:
+    """The flags of ``tools/train.py``; ``default_data`` / ``default_val_data``: the tool's datasets."""
+    ap = argparse.ArgumentParser(
+        prog="train.py", description="Fine-tune a timm ViT as an Adaptive Patch Transformer on token-budget batches. "
+                                     "Recipe flags left unset take the recipe's value (README.md, 'Training and evaluation').")
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name, created with pretrained=False (default: %(default)s)")
+    g.add_argument("--checkpoint", default=None, help="local timm or APT weights to start from (never downloaded)")
+    g.add_argument("--num-classes", type=int, default=None, help="default: max label of --data + 1")
+    g.add_argument("--data", default=default_data, help="train shards / index / image folder"
+                   + (" (default: %(default)s)" if default_data else " (required)"))
+    g.add_argument("--val-data", default=default_val_data, help="validation source"
+                   + (" (default: %(default)s)" if default_val_data else " (default: none)"))
+    g.add_argument("--no-eval", action="store_true", help="skip validation")
+    g.add_argument("--crop-pct", type=float, default=1.0, help="eval centre-crop fraction (default 1: shards are pre-cropped)")
+    g.add_argument("--attn-backend", default="auto")
+    add_loader_args(ap, max_tokens=4096)
+    ap.set_defaults(patch_size=None)  # the model's
+    r = ap.add_argument_group("recipe (flags left unset take the recipe's value)")
+    r.add_argument("--recipe", choices=sorted(RECIPES), default="sample",
+                   help="short: the paper's 1-epoch fine-tune; full: MAE fine-tune; sample: full, 8 epochs (the demo)")
+    r.add_argument("--epochs", type=int, default=None)
+    r.add_argument("--steps", type=int, default=None, help="stop after this many optimiser steps (the schedule spans them)")
+    r.add_argument("--lr", type=float, default=None, help="absolute peak lr (overrides --blr)")
+    r.add_argument("--blr", type=float, default=None, help="base lr per 256 images: lr = blr * images_per_step / 256")
+    r.add_argument("--min-lr", type=float, default=None)
+    r.add_argument("--warmup-epochs", type=float, default=None)
+    r.add_argument("--warmup-steps", type=int, default=None, help="overrides --warmup-epochs")
+    r.add_argument("--weight-decay", type=float, default=None)
+    r.add_argument("--layer-decay", type=float, default=None)
+    r.add_argument("--label-smoothing", type=float, default=None)
+    r.add_argument("--drop-path", type=float, default=None)
+    r.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (default: no clipping)")
+    r.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="RandomResizedCrop + flip (+ --aa, --reprob) before patchify")
+    r.add_argument("--aa", dest="auto_augment", default=None, help="timm RandAugment string, or 'none'")
+    r.add_argument("--reprob", dest="re_prob", type=float, default=None, help="random erasing probability")
+    r.add_argument("--train-new-only", action="store_true", help="freeze the ViT, train only APT's new parameters")
+    o = ap.add_argument_group("run")
+    o.add_argument("--seed", type=int, default=0, help="model init, data order, augmentation (default: 0)")
+    o.add_argument("--output", default="out/train", help="metrics.jsonl and checkpoints go here (default: %(default)s)")
+    o.add_argument("--resume", default=None, help="a checkpoint file, or a folder (its newest checkpoint)")
+    o.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps and at the end (default: %(default)s; 0: only at the end)")
+    o.add_argument("--keep-checkpoints", type=int, default=2, help="newest step checkpoints kept (default: %(default)s; 0: all)")
+    o.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at each epoch end)")
+    o.add_argument("--overfit-batches", type=int, default=0,
+                   help="train on the first N batches of epoch 0 over and over, for --steps steps (debugging: "
+                        "the loss must fall)")
+    o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    o.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA only)")
+    o.add_argument("--compile", action="store_true",
+                   help="torch.compile each block's norms and MLP (one compile with --static-shapes)")
+    o.add_argument("--grad-checkpointing", action="store_true")
+    o.add_argument("--strict", action="store_true", help="stop at a bad sample instead of skipping it")
+    o.add_argument("--log-every", type=int, default=10, help="print a line every N steps when the progress bar is off (default: %(default)s)")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds before a stuck collective fails (default: %(default)s)")
+    return ap
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The `TrainConfig` of parsed train flags (``--no-eval``: no ``val_data``)."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if getattr(args, "no_eval", False):
+        values["val_data"] = None
+    return TrainConfig(**values)
+
+
+def _logging(info: DistInfo) -> None:
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def make_trainer(argv: Argv = None, *, default_data: Optional[str] = None,
+                 default_val_data: Optional[str] = None) -> Trainer:
+    """Parse ``argv``, join the process group under torchrun and build the `Trainer`. A bad setting
+    exits with status 2 and ``train.py: error: ...`` (SystemExit), after leaving the process group."""
+    ap = build_parser(default_data, default_val_data)
+    try:
+        config = validate(apply_recipe(train_config(ap.parse_args(argv))))  # before joining the process group
+    except SetupError as e:
+        ap.error(str(e))
+    info = init_distributed(config.device, config.dist_timeout)
+    _logging(info)
+    try:
+        return Trainer(config, info)
+    except SetupError as e:
+        cleanup(info)
+        ap.error(str(e))
+    except BaseException:
+        cleanup(info)
+        raise
+
+
+def run(argv: Argv = None, **defaults: Optional[str]) -> TrainResult:
+    """`make_trainer` then `Trainer.fit`; leaves the process group when done."""
+    trainer = make_trainer(argv, **defaults)
+    try:
+        return trainer.fit()
+    finally:
+        cleanup(trainer.info)
+
+
+def main(argv: Argv = None, **defaults: Optional[str]) -> int:
+    """``tools/train.py``: train, return 0 (bad settings exit 2). ``defaults``: see `make_trainer`."""
+    run(argv, **defaults)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def add_eval_args(ap: argparse.ArgumentParser, default_data: Optional[str] = None) -> None:
+    """Flags shared by tools/evaluate.py and tools/sweep.py; ``default_data``: the tool's dataset."""
+    ap.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (pretrained=False)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="local timm or APT weights: a file, or a training output folder (its newest checkpoint)")
+    ap.add_argument("--num-classes", type=int, default=None,
+                    help="default: the checkpoint's head, else max label of --data + 1")
+    ap.add_argument("--data", default=default_data, required=default_data is None,
+                    help="shards[:split], index or image folder")
+    ap.add_argument("--crop-pct", type=float, default=1.0, help="eval centre-crop fraction (shards are pre-cropped)")
+    ap.add_argument("--attn-backend", default="auto")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: CUDA)")
+    ap.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
+    ap.add_argument("--seed", type=int, default=0, help="model init (no checkpoint) and the random baseline")
+    add_loader_args(ap, max_tokens=4096)
+    ap.set_defaults(patch_size=None)
+
+
+@dataclass
+class EvalSetup:
+    """What `eval_setup` built: the model (eval mode, on the device), its batching config, the data."""
+
+    model: APTViT
+    cfg: APTConfig
+    source: Source
+    info: DistInfo
+    checkpoint: Optional[str]   # the weights file read (a folder's newest checkpoint), or None
+    loader_kw: dict             # eval_loader / evaluate_mode keyword arguments
+    amp: bool
+
+
+def eval_setup(args: argparse.Namespace, ap: argparse.ArgumentParser) -> EvalSetup:
+    """Model, config and data for the flags of `add_eval_args`; a bad setting exits 2 via ``ap.error``."""
+    import torch
+
+    from apt_data.loader import open_source
+
+    from .build import build_model, infer_num_classes, model_image_size, model_patch_size
+    from .checkpoint import resolve_checkpoint
+
+    batching = dict(num_scales=args.num_scales, thresholds=args.thresholds, scorer=args.scorer,
+                    max_tokens=args.max_tokens, max_images=args.max_images)
+    checkpoint = args.checkpoint
+    try:
+        loader_config(patch_size=args.patch_size or 16, **batching)  # before any model is built
+        if checkpoint and os.path.isdir(checkpoint):  # a training output folder: its newest checkpoint
+            checkpoint = str(resolve_checkpoint(checkpoint))
+    except (SetupError, FileNotFoundError) as e:
+        ap.error(str(e))
+    info = init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    try:
+        source = open_source(args.data)
+        num_classes = args.num_classes or (None if checkpoint else infer_num_classes(source.labels))
+        model = build_model(args.model, checkpoint=checkpoint, num_classes=num_classes, image_size=args.image_size,
+                            num_scales=args.num_scales, attn_backend=args.attn_backend).to(info.device).eval()
+        cfg = loader_config(patch_size=model_patch_size(model, args.patch_size, args.num_scales), **batching)
+    except (SetupError, ValueError, OSError) as e:
+        ap.error(str(e))
+    kw = dict(max_tokens=args.max_tokens, max_images=args.max_images, image_size=model_image_size(model),
+              num_prefix_tokens=model.num_prefix_tokens, num_workers=args.workers, crop_pct=args.crop_pct)
+    amp = info.device.type == "cuda" if args.amp is None else bool(args.amp)
+    return EvalSetup(model=model, cfg=cfg, source=source, info=info, checkpoint=checkpoint, loader_kw=kw, amp=amp)
