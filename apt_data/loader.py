@@ -1,295 +1,105 @@
 """`APTLoader`: a drop-in training/eval loader whose worker processes emit ready token-packed batches.
 
-Each epoch is planned up front in every rank's main process, identically on all ranks:
+Two ways to fill a batch of ``max_tokens`` tokens (``packing``):
 
-1. the samples are shuffled with ``(seed, epoch)``;
-2. their token counts (class/prefix tokens included) are packed greedily into bins of at most
-   ``max_tokens`` (`apt_data.binpack.pack_greedy`);
-3. the bins are made a multiple of the world size (`split_for_ranks`) and dealt round-robin to
-   ranks, then to worker processes.
+- **stream** (the default wherever token counts are not known up front: augmented training, image
+  folders, datasets, thresholds other than an index's): every worker packs its own share of the
+  samples by their *real* token counts, after decode, augmentation and patchify
+  (`apt_data.stream`, `apt_data.worker.StreamEpoch`). Training epochs are a fixed number of
+  batches per rank, known before the epoch starts and equal on every rank; no sample appears twice
+  in an epoch, every sample once per pass, and samples not reached carry over into the next epoch.
+  Evaluation (``train=False``) reads every sample exactly once per epoch.
+- **plan** (the default when a shard index holds exact counts for this config and transform):
+  each epoch is planned in every rank's main process from those counts, identically on all ranks
+  (shuffle with ``(seed, epoch)``, `apt_data.binpack.pack_greedy`, `split_for_ranks`). Asked for
+  explicitly without exact counts, it plans from uniform-grid upper bounds (batches then hold
+  only the tokens APT keeps of that bound).
 
-Every sample is therefore read exactly once per epoch across ranks and workers, every rank yields
-the same number of batches (no DDP hang), an epoch is a pure function of ``(seed, epoch)``, and a
-run resumes at any step by dropping the batches already done.
-
-Token counts come from the Parquet index of shards written by ``tools/make_shards.py`` when the
-index was made with the same `APTConfig` and transform (exact: batches are >= 99% full). Otherwise
-(image folders, augmented training, a different config) each image's uniform-grid token count is
-used, an upper bound since APT never adds tokens: batches never overflow, and they then hold the
-real tokens only (or padding with ``static_shapes``).
-
-Worker processes pack each batch into one buffer (`apt_data.packing.BatchSpec`): a slot of a
-shared-memory pool mapped once before the workers fork (`_SlotPool`), from which the main process
-copies it out, so no batch pays for a shared-memory segment of its own.
+Either way a worker runs every sample through `apt_data.pipeline.SamplePipeline` (read -> transform
+-> layout: `patchify`, the stored score maps, or a ``layout_fn``), packs the batch into one buffer and hands
+it over through `apt_data.transport`. ``state_dict()`` / ``load_state_dict()`` resume an epoch
+exactly where it stopped.
 """
 from __future__ import annotations
 
-import itertools
+import copy
 import logging
-import mmap
-import multiprocessing
-import os
-import weakref
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from .binpack import pack_greedy, split_for_ranks
 from .config import APTConfig
-from .layout import layout_from_flat_scores, patchify
+from .layout import PatchLayout
+from .pipeline import LayoutFn, LoaderStats, SamplePipeline, sample_seed
+from .sources import Source, open_source
+from .rank_stream import RankStream
+from .stream import estimate_steps, partition, worker_quotas
 from .transforms import ImageTransform
+from .transport import SlotPool, WireBatch, take_pool
+from .worker import PlannedBins, StreamEpoch
 
 log = logging.getLogger("apt_data.loader")
 
+__all__ = ["APTLoader", "LayoutFn", "LoaderStats", "PACKINGS", "Source", "open_source", "sample_seed"]
 
-# --------------------------------------------------------------------------------------- sources
-class Source:
-    """Random-access samples: ``keys``, int64 ``labels``, ``read(i) -> encoded bytes``."""
-
-    keys: list[str]
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def read(self, i: int) -> bytes:
-        raise NotImplementedError
-
-    def read_record(self, i: int):
-        """``(encoded bytes, record or None)``; a record may carry precomputed score maps."""
-        return self.read(i), None
-
-    def read_scores(self, i: int):
-        """``(encoded bytes, stored flat score maps or None)``: what the loader needs of a sample."""
-        data, record = self.read_record(i)
-        return data, (record.scores if record is not None else None)
-
-    def image_size(self, i: int) -> Optional[tuple[int, int]]:
-        """(width, height) of the stored image when known without decoding, else None."""
-        return None
-
-    def exact_token_counts(self, cfg: APTConfig, transform: ImageTransform) -> Optional[np.ndarray]:
-        """Patch tokens per sample (prefix tokens excluded) if known exactly for this setup."""
-        return None
-
-
-class FolderSource(Source):
-    """An ImageNet-layout folder: one sub-folder per class, classes sorted -> labels 0..C-1."""
-
-    def __init__(self, root: Union[str, os.PathLike]):
-        from .shards import list_image_folder
-
-        self.root = Path(root)
-        items = list_image_folder(self.root)
-        if not items:
-            raise ValueError(f"{root}: no images found (expected ImageNet layout: ROOT/<class>/<image>)")
-        self.paths = [p for p, _, _ in items]
-        self.classes = sorted({c for _, _, c in items})
-        self.keys = [f"{p.parent.name}/{p.name}" for p in self.paths]
-        self.labels = np.asarray([label for _, label, _ in items], np.int64)
-
-    def read(self, i: int) -> bytes:
-        return self.paths[i].read_bytes()
-
-    def image_size(self, i: int) -> Optional[tuple[int, int]]:
-        from PIL import Image
-        try:
-            with Image.open(self.paths[i]) as im:
-                return im.size
-        except Exception:
-            return None
-
-
-def open_source(source: Union[str, os.PathLike, Source]) -> Source:
-    """A `Source` for a shard folder (``shards`` or ``shards:val``), a Parquet index, a shard URL
-    pattern (``shards/train-{000000..000003}.tar``, with an index beside it) or an image folder."""
-    if isinstance(source, Source):
-        return source
-    from . import shard_source  # local import: shards are optional for folder users
-
-    s = str(source)
-    src = shard_source.try_open(s)
-    if src is not None:
-        return src
-    if os.path.isdir(s):
-        return FolderSource(s)
-    raise ValueError(f"{s}: not a shard folder, Parquet index, shard pattern or image folder")
-
-
-# ------------------------------------------------------------------------------------- planning
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Seed of one sample's random augmentation: independent of worker and rank."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
-@dataclass
-class LoaderStats:
-    """What the loader skipped, with reasons (bad files are logged, counted and skipped)."""
-
-    skipped: Counter = field(default_factory=Counter)
-    skipped_keys: list = field(default_factory=list)
-
-    @property
-    def num_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-
-class _PlannedBins(IterableDataset):
-    """Worker side: turns this rank's planned bins into batches (`_WireBatch` in a worker process)."""
-
-    def __init__(self, loader: "APTLoader", bins: list[np.ndarray], epoch: int, exact: Optional[np.ndarray],
-                 pool: Optional["_SlotPool"] = None):
-        self.loader, self.bins, self.epoch, self.exact, self.pool = loader, bins, epoch, exact, pool
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        for b in self.bins[wid::nw]:
-            yield self.loader._build_batch(b, self.epoch, self.exact, pool=self.pool)
-
-
-# ------------------------------------------------------------------------------ batch transport
-_POOLS: "weakref.WeakValueDictionary[int, _SlotPool]" = weakref.WeakValueDictionary()
-_POOL_IDS = itertools.count()
-
-
-class _SlotPool:
-    """Shared-memory slots that forked DataLoader workers pack batches into, reused batch after batch.
-
-    Why: a fresh shared-memory segment per batch (what a worker gets from `torch` by default, and
-    what ``default_collate`` uses) costs more CPU than building the batch: creating it, faulting in
-    every page, passing its descriptor, mapping it in the main process, tearing it down. The parent
-    maps the slots once, before the workers fork; a worker packs into one of its own free slots and
-    sends only the `BatchSpec` and the slot number; the main process copies the bytes out (straight
-    into pinned memory when pinning) and hands the slot back through that worker's pipe. A worker
-    with no free slot, or a batch larger than a slot, falls back to a fresh segment (same result).
-    """
-
-    def __init__(self, num_workers: int, slots: int, slot_bytes: int):
-        self.num_workers, self.slots, self.slot_bytes = int(num_workers), int(slots), int(slot_bytes)
-        self.busy = False
-        self._mm = mmap.mmap(-1, self.num_workers * self.slots * self.slot_bytes)  # anonymous, MAP_SHARED
-        self.buf = np.frombuffer(self._mm, np.uint8)
-        self._pipes = [os.pipe() for _ in range(self.num_workers)]  # free slot numbers, one pipe per worker
-        for r, _ in self._pipes:
-            os.set_blocking(r, False)
-        self.id = next(_POOL_IDS)
-        _POOLS[self.id] = self
-        self._owner = os.getpid()
-
-    def reset(self) -> None:
-        """Every slot free (call only while no worker of this pool runs)."""
-        for r, w in self._pipes:
-            try:
-                while os.read(r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-            os.write(w, bytes(range(self.slots)))
-
-    def acquire(self, worker: int, nbytes: int) -> Optional[int]:
-        """A free slot of ``worker`` for ``nbytes`` (in the worker), or None."""
-        if nbytes > self.slot_bytes or not 0 <= worker < self.num_workers:
-            return None
-        try:
-            b = os.read(self._pipes[worker][0], 1)
-        except BlockingIOError:
-            return None
-        return b[0] if b else None
-
-    def release(self, worker: int, slot: int) -> None:
-        os.write(self._pipes[worker][1], bytes([slot]))
-
-    def view(self, worker: int, slot: int, nbytes: int) -> np.ndarray:
-        base = (worker * self.slots + slot) * self.slot_bytes
-        return self.buf[base:base + nbytes]
-
-    def __reduce__(self):  # a spawned (not forked) worker cannot share the mapping: it gets no pool
-        return (_no_pool, ())
-
-    def __del__(self):
-        if getattr(self, "_owner", None) == os.getpid():
-            for r, w in getattr(self, "_pipes", ()):
-                for fd in (r, w):
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-
-
-def _no_pool():
-    return None
-
-
-def _host_buffer(nbytes: int, pin: bool):
-    """Where the main process copies a batch out of its slot (page-locked when pinning)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-
-
-class _WireBatch:
-    """What a worker sends for one batch: its `BatchSpec` and its bytes, in a pool slot or a tensor.
-
-    The main process (or the DataLoader's pin-memory thread, through `pin_memory`) turns it into
-    a `PackedBatch` whose tensors are views of one private (or pinned) buffer.
-    """
-
-    def __init__(self, spec, pool_id: Optional[int] = None, worker: int = 0, slot: int = 0, data=None):
-        self.spec, self.pool_id, self.worker, self.slot, self.data = spec, pool_id, worker, slot, data
-
-    def _bytes(self, pin: bool = False):
-        if self.data is not None:
-            return self.data.pin_memory() if pin else self.data
-        pool = _POOLS[self.pool_id]
-        out = _host_buffer(self.spec.nbytes, pin)
-        # a NumPy copy: one thread (torch would wake its intra-op pool, which then spins on the cores
-        # the workers need)
-        np.copyto(out.numpy(), pool.view(self.worker, self.slot, self.spec.nbytes))
-        pool.release(self.worker, self.slot)
-        self.pool_id, self.data = None, out
-        return out
-
-    def pin_memory(self) -> "_WireBatch":
-        return _WireBatch(self.spec, data=self._bytes(pin=True))
-
-    def to_batch(self):
-        return self.spec.to_batch(self._bytes())
+PACKINGS = ("auto", "stream", "plan")
+STATE_VERSION = 1
 
 
 class APTLoader:
     """Token-budget batches of APT-patchified images: yields ``(batch, targets)``.
 
     ``source``: a shard folder / ``index.parquet`` written by ``tools/make_shards.py``, webdataset
-    shard URLs (brace notation), or an image folder (ImageNet layout), or a `Source`.
+    shard URLs (brace notation), an image folder (ImageNet layout), a map-style dataset of
+    ``(image, label)`` items (torchvision ``ImageFolder``, a Hugging Face split), or a `Source`.
     ``max_tokens``: tokens per batch, class/prefix tokens included; ``max_images``: optional cap.
+    ``image_size``: default the shards' own size (their index), else 224.
+    ``packing``: ``"stream"``, ``"plan"`` or ``"auto"`` (plan when an index gives exact counts).
+    ``open_bins``: batches filled at once (default 8 when planning, 2 when streaming).
+    ``steps_per_epoch``: batches per rank and epoch when streaming a training set (default: just
+    under one pass, estimated from ``probe_samples`` samples run through the pipeline).
     ``static_shapes``: pad every batch to exactly ``max_tokens`` (torch.compile / CUDA graphs).
     ``rank``/``world_size``: default to torch.distributed's when it is initialised.
     ``strict``: raise on a bad sample instead of logging, counting and skipping it.
+    ``layout_fn``: `LayoutFn` used instead of `patchify` (e.g. a baseline's layouts); with planned
+    packing it must keep at most the image's APT token count (exactly that with an index).
     """
 
-    def __init__(self, source, cfg: Optional[APTConfig] = None, *, max_tokens: int, max_images: Optional[int] = None,
-                 num_workers: int = 2, shuffle: Optional[bool] = None, seed: int = 0, train: bool = True,
-                 transform: Optional[ImageTransform] = None, image_size: int = 224, num_prefix_tokens: int = 1,
-                 static_shapes: bool = False, open_bins: int = 8, strict: bool = False,
-                 pin_memory: Optional[bool] = None, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 prefetch_factor: int = 2, start_step: int = 0):
+    def __init__(self, source: Any, cfg: Optional[APTConfig] = None, *, max_tokens: int,
+                 max_images: Optional[int] = None, num_workers: int = 2, shuffle: Optional[bool] = None,
+                 seed: int = 0, train: bool = True, transform: Optional[ImageTransform] = None,
+                 image_size: Optional[int] = None, num_prefix_tokens: int = 1, static_shapes: bool = False,
+                 open_bins: Optional[int] = None, strict: bool = False, pin_memory: Optional[bool] = None,
+                 rank: Optional[int] = None, world_size: Optional[int] = None, prefetch_factor: int = 2,
+                 start_step: int = 0, layout_fn: Optional[LayoutFn] = None, packing: str = "auto",
+                 steps_per_epoch: Optional[int] = None, probe_samples: int = 256):
         self.cfg = cfg or APTConfig()
-        self.source = open_source(source)
-        self.transform = transform or ImageTransform(size=image_size, multiple=self.cfg.patch_size)
+        self.source: Source = open_source(source)
+        stored = self.source.image_size_setting
+        if transform is None:
+            transform = ImageTransform(size=int(image_size or stored or 224), multiple=self.cfg.patch_size)
+        self.transform = transform
         if self.transform.multiple % self.cfg.patch_size:
             raise ValueError(f"transform rounds sizes to {self.transform.multiple}, not a multiple of "
                              f"patch_size={self.cfg.patch_size}")
+        if stored and not self.transform.augment and self.transform.size != stored:
+            log.warning("%s: the shards hold %d-px images but this loader resizes them to %d px, so it cannot "
+                        "use their exact token counts or stored scores; pass image_size=%d (--img-size %d) "
+                        "to use them", getattr(self.source, "name", "source"), stored, self.transform.size,
+                        stored, stored)
+        if packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
         self.max_tokens, self.max_images = int(max_tokens), max_images
         self.num_workers, self.seed, self.train = int(num_workers), int(seed), bool(train)
         self.shuffle = self.train if shuffle is None else bool(shuffle)
         self.num_prefix_tokens, self.static_shapes = int(num_prefix_tokens), bool(static_shapes)
-        self.open_bins, self.strict = int(open_bins), bool(strict)
+        self.strict = bool(strict)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.prefetch_factor = prefetch_factor
+        self.layout_fn = layout_fn
         if rank is None or world_size is None:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -301,19 +111,42 @@ class APTLoader:
         self.epoch, self.start_step = 0, int(start_step)
         self.stats = LoaderStats()
         self._exact = self.source.exact_token_counts(self.cfg, self.transform)
+        self._scores = self.source.stored_scores_usable(self.cfg, self.transform)
+        self.packing = packing if packing != "auto" else ("plan" if self._exact is not None else "stream")
+        self.open_bins = int(open_bins or (8 if self.packing == "plan" else 2))
+        self._steps = None if steps_per_epoch is None else int(steps_per_epoch)
+        if self._steps is not None and self._steps < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.probe_samples = int(probe_samples)
+        self._mean_tokens: Optional[float] = None
         self._bound: Optional[np.ndarray] = None
-        self._pool: Optional[_SlotPool] = None
+        self._pool: Optional[SlotPool] = None
         self._plan_cache: dict[int, list[np.ndarray]] = {}
+        self._stream = RankStream(self.stream_workers)  # streamed packing: where this rank stands
+        self._live = None  # (DataLoader, StreamEpoch, epoch) whose workers hold the end of that epoch
         smallest = (self.transform.size // self.cfg.max_patch_size) ** 2 if not self.transform.keep_aspect else 1
         if self.max_tokens < self.num_prefix_tokens + max(1, smallest):
             raise ValueError(f"max_tokens={self.max_tokens} cannot hold a single image "
                              f"({self.num_prefix_tokens} prefix + at least {max(1, smallest)} patch tokens)")
 
+    def with_layout_fn(self, layout_fn: Optional[LayoutFn]) -> "APTLoader":
+        """This loader with other layouts: the same samples per epoch, epoch and ``stats`` (skipped
+        samples are counted in both), its own workers."""
+        other = copy.copy(self)
+        other.layout_fn, other._pool, other._plan_cache, other._live = layout_fn, None, dict(self._plan_cache), None
+        other._stream = RankStream.from_dict(self._stream.as_dict())
+        return other
+
     # ---------------------------------------------------------------- plan
     @property
     def exact_counts(self) -> bool:
         """True when batches are planned from exact token counts (the index matches this setup)."""
-        return self._exact is not None
+        return self.packing == "plan" and self._exact is not None
+
+    @property
+    def stream_workers(self) -> int:
+        """Worker roles of a stream (the in-process loader plays one)."""
+        return max(1, self.num_workers)
 
     def token_counts(self) -> np.ndarray:
         """Tokens per sample used for planning (exact, or the uniform-grid upper bound)."""
@@ -339,7 +172,7 @@ class APTLoader:
         return self._bound
 
     def plan(self, epoch: int) -> list[np.ndarray]:
-        """All ranks' bins for ``epoch`` (sample indices), identical on every rank."""
+        """All ranks' bins for ``epoch`` (sample indices), identical on every rank (planned packing)."""
         if epoch not in self._plan_cache:
             counts = self.token_counts()
             order = (np.random.default_rng([self.seed, epoch]).permutation(len(counts)) if self.shuffle
@@ -353,47 +186,153 @@ class APTLoader:
         e = self.epoch if epoch is None else epoch
         return self.plan(e)[self.rank::self.world_size]
 
+    def mean_tokens(self) -> float:
+        """Mean tokens per sample (prefix included) of this loader's pipeline: the index's exact
+        counts, else a deterministic probe of ``probe_samples`` samples (the same on every rank)."""
+        if self._mean_tokens is None:
+            if self._exact is not None:
+                self._mean_tokens = float(self._exact.mean()) + self.num_prefix_tokens
+            else:
+                n = len(self.source)
+                ids = np.random.default_rng([self.seed, 0x960BE]).choice(n, min(n, self.probe_samples), replace=False)
+                self._mean_tokens = self.pipeline.mean_tokens(np.sort(ids))
+        return self._mean_tokens
+
+    def mean_images_per_batch(self) -> float:
+        """Mean images per batch of this rank: planned batches' exact mean, or for streamed packing the
+        budget filled to 99% with the probed mean tokens per sample (capped by ``max_images``)."""
+        if self.packing == "plan":
+            bins = self.rank_bins()
+            return sum(len(b) for b in bins) / max(1, len(bins))
+        per = self.max_tokens * 0.99 / self.mean_tokens()
+        return float(min(per, self.max_images)) if self.max_images else float(per)
+
+    def mean_images_source(self) -> str:
+        """Where `mean_images_per_batch` comes from, for messages."""
+        if self.packing == "plan":
+            return "mean of the epoch's plan"
+        if self._exact is not None:
+            return "99% of the budget at the index's mean tokens per image"
+        return f"99% of the budget at the mean tokens of {min(len(self.source), self.probe_samples)} probed samples"
+
+    def steps_per_epoch(self) -> int:
+        """Batches per rank in a full epoch (streamed training: fixed; otherwise this epoch's)."""
+        if self.packing == "plan":
+            return len(self.rank_bins())
+        if self._steps is None:
+            n, W = len(self.source), self.stream_workers
+            sizes = [len(partition(n, self.seed, r, self.world_size, w, W, self.shuffle))
+                     for r in range(self.world_size) for w in range(W)]
+            if not self.train:  # one pass per worker, its last batch partial: an estimate
+                per = self.max_tokens * 0.99 / self.mean_tokens()
+                if self.max_images:
+                    per = min(per, self.max_images)
+                return sum(int(np.ceil(sizes[self.rank * W + w] / per)) for w in range(W))
+            self._steps = estimate_steps(sizes, self.mean_tokens(), self.max_tokens, self.max_images, W,
+                                         self.open_bins)
+        return self._steps
+
     def __len__(self) -> int:
-        """Batches this rank yields in the current epoch (after ``start_step`` for a resumed run)."""
-        return max(0, len(self.rank_bins()) - self.start_step)
+        """Batches this rank yields in the rest of the current epoch (an estimate for streamed evaluation)."""
+        if self.packing == "plan":
+            return max(0, len(self.rank_bins()) - self.start_step)
+        steps = self.steps_per_epoch()
+        if self.train and self._stream.consumed >= steps:  # done: iterating again starts the next epoch
+            return steps
+        return max(0, steps - self._stream.consumed)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` (a pending `resume` step is kept only for the epoch it was given for)."""
-        if int(epoch) != self.epoch:
+        """Start ``epoch``. A streamed epoch follows on from the one before it (its carried-over
+        samples); an epoch reached otherwise starts its stream afresh at pass ``epoch``."""
+        epoch = int(epoch)
+        if epoch != self.epoch:
             self.start_step = 0
-        self.epoch = int(epoch)
+        self.epoch = epoch
+        if self.packing == "plan" or epoch == self._stream.epoch:
+            return
+        if epoch == self._stream.epoch + 1 and self.train:
+            self._stream.follow()
+        else:
+            self._stream.restart(epoch)
+        if self._live is not None and self._live[2] != epoch - 1:
+            self._drop_live()
 
     def resume(self, epoch: int, step: int) -> None:
-        """Continue ``epoch`` at batch ``step`` (batches already done are not read again)."""
+        """Continue ``epoch`` at batch ``step`` (planned packing; streams resume from `state_dict`)."""
+        if self.packing != "plan" and (int(epoch), int(step)) != (self._stream.epoch, self._stream.consumed):
+            raise ValueError("a streamed loader resumes from its state_dict(), not from (epoch, step)")
         self.epoch, self.start_step = int(epoch), int(step)
 
-    def fill(self, epoch: Optional[int] = None) -> float:
-        """Planned real tokens / budget over this rank's batches (prefix tokens count as real)."""
-        counts = self.token_counts()
-        bins = self.rank_bins(epoch)
-        return float(sum(counts[b].sum() for b in bins) / (len(bins) * self.max_tokens)) if bins else 0.0
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Where this rank's loader stands, for `load_state_dict` (plain types: JSON- and torch.save-able)."""
+        d = {"version": STATE_VERSION, "packing": self.packing, "epoch": self.epoch, "step": int(self.start_step),
+             "seed": self.seed, "world_size": self.world_size, "rank": self.rank, "num_workers": self.num_workers,
+             "num_samples": len(self.source)}
+        if self.packing != "plan":
+            d.update(steps_per_epoch=self._steps, **self._stream.as_dict())
+        return d
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the loader that wrote ``state`` stood (same data, seed, world size,
+        number of workers; raises ValueError naming what differs)."""
+        for k, mine in (("packing", self.packing), ("seed", self.seed), ("world_size", self.world_size),
+                        ("rank", self.rank), ("num_workers", self.num_workers), ("num_samples", len(self.source))):
+            if state.get(k) != mine:
+                raise ValueError(f"loader state is for {k}={state.get(k)!r}, this loader has {k}={mine!r}")
+        self._drop_live()
+        self.epoch = int(state["epoch"])
+        if self.packing == "plan":
+            self.start_step = int(state["step"])
+            return
+        self._steps = state["steps_per_epoch"]
+        self._stream = RankStream.from_dict(state)
+
+    def _drop_live(self) -> None:
+        if self._live is not None:
+            it = self._live[3]
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            if self._live[4] is not None:
+                self._live[4].busy = False
+            self._live = None
+
+    def carried_over(self) -> int:
+        """Sample visits of this rank's passes under way not yet emitted after the batches consumed so far
+        (open batches, deferred, unread rest of the pass): they come in later epochs."""
+        n, W = len(self.source), self.stream_workers
+        return self._stream.carried_over([len(partition(n, self.seed, self.rank, self.world_size, role, W,
+                                                        self.shuffle)) for role in range(W)])
 
     # ---------------------------------------------------------------- iterate
     def __iter__(self) -> Iterator[tuple]:
+        if self.packing == "plan":
+            yield from self._iter_planned()
+        else:
+            yield from self._iter_stream()
+
+    def _iter_planned(self) -> Iterator[tuple]:
         from . import warmup
 
         bins = self.rank_bins()[self.start_step:]
         if self.num_workers == 0:
-            dl = DataLoader(_PlannedBins(self, bins, self.epoch, self._exact), batch_size=None, num_workers=0,
+            dl = DataLoader(PlannedBins(self, bins, self.epoch, self._exact), batch_size=None, num_workers=0,
                             pin_memory=self.pin_memory)
             for batch in dl:
                 yield self._account(batch), batch.labels
             self.start_step = 0  # a resumed epoch continues once; iterating again starts it from 0
             return
         warmup()  # compiled kernels are inherited by forked workers
-        pool = self._take_pool(bins)
-        dl = DataLoader(_PlannedBins(self, bins, self.epoch, self._exact, pool), batch_size=None,
+        per_image = self._uniform_per_image()
+        pool = self._take_pool(None if per_image is None else max(per_image[b].sum() for b in bins) if bins else 0)
+        dl = DataLoader(PlannedBins(self, bins, self.epoch, self._exact, pool), batch_size=None,
                         num_workers=self.num_workers, pin_memory=self.pin_memory,
                         prefetch_factor=self.prefetch_factor, persistent_workers=False)
         it = iter(dl)
         try:
             for item in it:
-                batch = item.to_batch() if isinstance(item, _WireBatch) else item
+                batch = item.to_batch() if isinstance(item, WireBatch) else item
                 yield self._account(batch), batch.labels
             self.start_step = 0
         finally:
@@ -403,99 +342,93 @@ class APTLoader:
                 if pool is not None:
                     pool.busy = False
 
+    def _iter_stream(self) -> Iterator[tuple]:
+        from . import warmup
+
+        W = self.stream_workers
+        quotas = worker_quotas(self.steps_per_epoch(), W) if self.train else None
+        if not self.train and self._stream.consumed == 0:  # evaluation: every epoch is one fresh pass
+            self._stream.restart(self.epoch)
+        if quotas is not None and self._stream.consumed >= sum(quotas):  # this epoch is done: go on to the next
+            self.set_epoch(self.epoch + 1)
+        live = self._live
+        # a kept DataLoader's workers play the roles they were given: reusable when they start at role 0
+        if live is not None and (live[2] != self.epoch - 1 or self._stream.consumed or not self.train
+                                 or live[1].offset):
+            self._drop_live()
+            live = None
+        if live is not None:
+            dl, data, _, _, pool = live
+            self._live = None
+        else:
+            pool = None
+            if self.num_workers > 0:
+                warmup()
+                per_image = self._uniform_per_image()
+                if per_image is not None:
+                    per_batch = self.max_images or int(np.ceil(self.max_tokens / max(1.0, self.mean_tokens() * 0.7)))
+                    pool = self._take_pool(int(per_image.max()) * per_batch)
+            st = self._stream
+            data = StreamEpoch(self, self.epoch, st.starts, st.progress, st.consumed % W, quotas, pool)
+            kw = dict(prefetch_factor=self.prefetch_factor, persistent_workers=self.train) if self.num_workers else {}
+            dl = DataLoader(data, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
+        it = iter(dl)
+        try:
+            for item in it:
+                batch = item.batch.to_batch() if isinstance(item.batch, WireBatch) else item.batch
+                self._stream.record(item.role, item.state)
+                if quotas is not None and self._stream.consumed == sum(quotas):
+                    # the epoch's last batch: its workers (and what they hold) serve the next epoch,
+                    # whether or not the caller asks this iterator for more
+                    self.stats.carried_over[self.epoch] = self.carried_over()
+                    log.debug("epoch %d: %d sample visits of rank %d carry over into the next epoch", self.epoch,
+                             self.stats.carried_over[self.epoch], self.rank)
+                    self._live = (dl, data, self.epoch, it, pool)
+                yield self._account(batch), batch.labels
+            if quotas is None:
+                self._stream.consumed = 0
+        finally:
+            if self._live is None or self._live[3] is not it:  # not kept for the next epoch: stop its workers
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+                if pool is not None:
+                    pool.busy = False
+
     def _account(self, batch):
         for key, reason in zip(batch.skipped, batch.skip_reasons):
             self.stats.skipped[reason] += 1
             self.stats.skipped_keys.append(key)
         return batch
 
-    def _take_pool(self, bins: list[np.ndarray]) -> Optional[_SlotPool]:
-        """The slot pool for an iteration with forked workers (the last one when idle and large enough)."""
-        method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
-        if method != "fork" or not bins:  # (asking this way does not fix the start method)
-            return None
+    def _uniform_per_image(self) -> Optional[np.ndarray]:
+        """Bytes of each sample in a batch buffer at its uniform-grid bound (None: sizes unknown)."""
         try:
             uniform = self._uniform_counts()
         except ValueError:
-            return None  # sizes unknown: every batch gets its own segment
-        p, S = self.cfg.patch_size, self.cfg.num_scales
-        # bytes of a batch: every pixel once (3 bytes), <= one token per base cell (20 bytes of
-        # coordinates and positions), per-image offsets and labels, alignment of 3S + 2 arrays
-        per_image = uniform * (3 * p * p + 20) + 16
-        need = int(max(per_image[b].sum() for b in bins)) + 16 + 64 * (3 * S + 3)
-        slots = min(255, max(2, int(self.prefetch_factor or 2) + 1))  # slot numbers travel as one byte
-        pool = self._pool
-        if (pool is None or pool.busy or pool.slot_bytes < need or pool.num_workers != self.num_workers
-                or pool.slots != slots):
-            pool = _SlotPool(self.num_workers, slots, need)
-            if self._pool is None or not self._pool.busy:
-                self._pool = pool
-        pool.reset()
-        pool.busy = True
+            return None
+        p = self.cfg.patch_size
+        # every pixel once (3 bytes), <= one token per base cell (20 bytes of coordinates and
+        # positions), per-image offsets and labels
+        return uniform * (3 * p * p + 20) + 16
+
+    def _take_pool(self, batch_bytes: Optional[int]) -> Optional[SlotPool]:
+        """The slot pool for an iteration with forked workers (the last one when idle and large enough)."""
+        pool = take_pool(self._pool, self.num_workers, self.prefetch_factor,
+                         batch_bytes and int(batch_bytes) + 16 + 64 * (3 * self.cfg.num_scales + 3))
+        if pool is not None and (self._pool is None or not self._pool.busy):
+            self._pool = pool
+        if pool is not None:
+            pool.busy = True
         return pool
 
-    def _build_batch(self, sample_ids: np.ndarray, epoch: int, exact: Optional[np.ndarray],
-                     pool: Optional[_SlotPool] = None):
-        """Read, decode, patchify and pack one planned bin: a `PackedBatch`, or in a worker process
-        a `_WireBatch` (into a pool slot when one is free)."""
-        from .packing import fill_batch, new_buffer, prepare_batch
+    # ---------------------------------------------------------------- one sample
+    @property
+    def pipeline(self) -> SamplePipeline:
+        """The per-sample pipeline this loader's workers run (`apt_data.pipeline`)."""
+        return SamplePipeline(self.source, self.cfg, self.transform, self.seed, self.layout_fn, self._scores,
+                              self.num_prefix_tokens, self.max_tokens, self.static_shapes, self.strict)
 
-        images, layouts, labels, keys, skipped, reasons = [], [], [], [], [], []
-        for i in sample_ids.tolist():
-            key = self.source.keys[i]
-            try:
-                if exact is not None:
-                    data, scores = self.source.read_scores(i)
-                else:
-                    data, scores = self.source.read(i), None
-                img = self.transform(data, name=key,
-                                     seed=sample_seed(self.seed, epoch, i) if self.transform.augment else 0)
-                if scores is not None:
-                    # deterministic transform of the stored image: reuse the stored score maps
-                    layout = layout_from_flat_scores(scores, img.shape[:2], self.cfg)
-                else:
-                    layout = patchify(img, self.cfg)
-            except (ValueError, OSError) as e:
-                if self.strict:
-                    raise ValueError(f"sample {key}: {e}") from e
-                log.warning("skipping sample %s: %s", key, e)
-                skipped.append(key)
-                reasons.append(type(e).__name__ if not str(e) else _reason(e))
-                continue
-            if exact is not None and len(layout) != exact[i]:
-                raise RuntimeError(f"sample {key}: the index says {exact[i]} tokens but patchify gives "
-                                   f"{len(layout)}; the index was made with a different config or transform")
-            images.append(img)
-            layouts.append(layout)
-            labels.append(int(self.source.labels[i]))
-            keys.append(key)
-        real = sum(len(l) for l in layouts) + self.num_prefix_tokens * len(layouts)
-        if real > self.max_tokens:
-            raise RuntimeError(f"batch of {keys} needs {real} tokens > max_tokens={self.max_tokens} (planning bug)")
-        pad = self.max_tokens - real if self.static_shapes else 0
-        spec, images, layouts, labels = prepare_batch(images, self.cfg, labels, self.num_prefix_tokens, layouts, pad,
-                                                      keys=keys, skipped=skipped, skip_reasons=reasons)
-        info = get_worker_info()
-        if info is None:
-            data = new_buffer(spec.nbytes, shared=False)
-            fill_batch(spec, images, layouts, labels, data.numpy())
-            return spec.to_batch(data)
-        slot = pool.acquire(info.id, spec.nbytes) if pool is not None else None
-        if slot is None:
-            data = new_buffer(spec.nbytes, shared=True)
-            fill_batch(spec, images, layouts, labels, data.numpy())
-            return _WireBatch(spec, data=data)
-        try:
-            fill_batch(spec, images, layouts, labels, pool.view(info.id, slot, spec.nbytes))
-        except BaseException:
-            pool.release(info.id, slot)
-            raise
-        return _WireBatch(spec, pool.id, info.id, slot)
-
-
-def _reason(e: Exception) -> str:
-    msg = str(e)
-    for tag in ("0 bytes", "not an image", "truncated", "cannot decode"):
-        if tag in msg:
-            return tag
-    return type(e).__name__
+    def load_sample(self, i: int, epoch: int) -> tuple[np.ndarray, PatchLayout]:
+        """Sample ``i`` through this loader's pipeline: ``(image, layout)`` (see `SamplePipeline.load`)."""
+        return self.pipeline.load(i, epoch)

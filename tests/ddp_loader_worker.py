@@ -1,4 +1,12 @@
-"""Run by tests/test_loader_ddp.py under torchrun: one epoch of APTLoader per rank (gloo, CPU)."""
+"""Run by tests/test_loader_ddp.py under torchrun: APTLoader epochs on each rank (gloo, CPU).
+
+    ddp_loader_worker.py SOURCE OUT EPOCHS [plan|stream]
+
+``plan``: planned packing of the plain (resize-only) pipeline. ``stream``: streaming packing of the
+augmented training pipeline (RandomResizedCrop + flip + RandAugment + random erasing). Each rank
+writes ``OUT/rank{R}.json``: per epoch its batches (keys), steps, ``len(loader)`` before the epoch,
+and for streams the samples carried over and the loader's ``state_dict()`` after the epoch.
+"""
 import json
 import sys
 from datetime import timedelta
@@ -8,23 +16,39 @@ import torch.distributed as dist
 
 from apt_data import APTConfig
 from apt_data.loader import APTLoader
+from apt_data.transforms import ImageTransform
+
+SEED = 11
+MAX_TOKENS = 700
+WORKERS = 2
+AUGMENT = dict(size=224, augment=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
 
 
-def main(source: str, out: str, epochs: int) -> None:
+def main(source: str, out: str, epochs: int, packing: str = "plan") -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
-    loader = APTLoader(source, APTConfig(), max_tokens=700, num_workers=2, seed=11)
-    result = {"rank": rank, "world": dist.get_world_size(), "epochs": []}
+    kw = dict(transform=ImageTransform(**AUGMENT)) if packing == "stream" else {}
+    loader = APTLoader(source, APTConfig(), max_tokens=MAX_TOKENS, num_workers=WORKERS, seed=SEED, packing=packing,
+                       pin_memory=False, **kw)
+    assert loader.packing == packing
+    result = {"rank": rank, "world": dist.get_world_size(), "keys": list(loader.source.keys),
+              "steps_per_epoch": loader.steps_per_epoch(), "epochs": []}
     for epoch in range(epochs):
         loader.set_epoch(epoch)
-        keys, steps = [], 0
+        expected = len(loader)
+        batches, steps = [], 0
         for batch, targets in loader:
-            keys.extend(batch.keys)
+            assert batch.num_real_tokens <= MAX_TOKENS and len(targets) == len(batch.keys)
+            batches.append(list(batch.keys))
             # a collective every step, as DDP does: unequal batch counts would hang here
             t = torch.tensor([float(len(batch.keys))])
             dist.all_reduce(t)
             steps += 1
-        result["epochs"].append({"keys": keys, "steps": steps, "len": len(loader)})
+        ep = {"keys": [k for b in batches for k in b], "batches": batches, "steps": steps, "len": expected}
+        if packing == "stream":
+            ep["carried_over"] = loader.stats.carried_over.get(epoch)
+            ep["state"] = loader.state_dict()
+        result["epochs"].append(ep)
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(result, f)
     dist.barrier()
@@ -32,4 +56,4 @@ def main(source: str, out: str, epochs: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])

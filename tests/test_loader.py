@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from apt_data import APTConfig, patchify
-from apt_data.loader import APTLoader, FolderSource, _SlotPool, open_source
+from apt_data.loader import APTLoader
 from apt_data.packing import pack_images
+from apt_data.sources import FolderSource, open_source
 from apt_data.transforms import ImageTransform
+from apt_data.transport import SlotPool, WireBatch
 from conftest import IMAGE_PATHS
 
 SHARDS = Path(__file__).resolve().parents[1] / "shards"
@@ -36,11 +38,16 @@ def keys_of_epoch(loader):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_every_sample_exactly_once_per_epoch(folder, workers):
+@pytest.mark.parametrize("packing", ["plan", "stream"])
+def test_every_sample_exactly_once_per_epoch(folder, workers, packing):
     src = FolderSource(folder)
-    loader = APTLoader(src, APTConfig(), max_tokens=1200, num_workers=workers, image_size=224, seed=1)
+    # planned epochs read every sample once; so does a streamed evaluation pass
+    loader = APTLoader(src, APTConfig(), max_tokens=1200, num_workers=workers, image_size=224, seed=1,
+                       packing=packing, train=packing == "plan")
+    n = len(loader)
     batches = keys_of_epoch(loader)
-    assert len(batches) == len(loader)
+    if packing == "plan":
+        assert len(batches) == n
     flat = [k for b in batches for k in b]
     assert sorted(flat) == sorted(src.keys)
     # labels follow the class folders
@@ -50,7 +57,8 @@ def test_every_sample_exactly_once_per_epoch(folder, workers):
 
 
 def test_epochs_are_deterministic_and_resumable(folder):
-    mk = lambda: APTLoader(FolderSource(folder), APTConfig(), max_tokens=1000, num_workers=0, seed=7)  # noqa: E731
+    mk = lambda: APTLoader(FolderSource(folder), APTConfig(), max_tokens=1000, num_workers=0, seed=7,  # noqa: E731
+                           packing="plan")  # noqa: E731
     a, b = mk(), mk()
     ea, eb = keys_of_epoch(a), keys_of_epoch(b)
     assert ea == eb
@@ -67,7 +75,7 @@ def test_batches_equal_per_image_packing(folder):
     cfg = APTConfig()
     tr = ImageTransform(size=224)
     src = FolderSource(folder)
-    loader = APTLoader(src, cfg, max_tokens=1500, num_workers=0, transform=tr, num_prefix_tokens=1)
+    loader = APTLoader(src, cfg, max_tokens=1500, num_workers=0, transform=tr, num_prefix_tokens=1, train=False)
     seen = 0
     for batch, _ in loader:
         for b, key in enumerate(batch.keys):
@@ -97,7 +105,7 @@ def test_bad_files_are_logged_counted_and_skipped(folder, tmp_path, caplog):
     (bad / "class1" / "text.jpg").write_text("not an image at all")
     (bad / "class2" / "cut.jpg").write_bytes(IMAGE_PATHS[0].read_bytes()[:3000])
     src = FolderSource(bad)
-    loader = APTLoader(src, APTConfig(), max_tokens=1200, num_workers=0)
+    loader = APTLoader(src, APTConfig(), max_tokens=1200, num_workers=0, train=False)
     flat = [k for b in keys_of_epoch(loader) for k in b]
     assert sorted(flat) == sorted(k for k in src.keys if Path(k).stem not in ("zero", "text", "cut"))
     assert loader.stats.num_skipped == 3
@@ -111,16 +119,20 @@ def test_bad_files_are_logged_counted_and_skipped(folder, tmp_path, caplog):
 def test_budget_errors(folder):
     with pytest.raises(ValueError, match="cannot hold a single image"):
         APTLoader(FolderSource(folder), APTConfig(), max_tokens=3, num_workers=0)
-    loader = APTLoader(FolderSource(folder), APTConfig(), max_tokens=150, num_workers=0)
+    loader = APTLoader(FolderSource(folder), APTConfig(), max_tokens=150, num_workers=0, packing="plan")
     with pytest.raises(ValueError, match=r"needs 197 tokens, more than the batch budget max_tokens=150"):
-        len(loader)
+        len(loader)  # planned from the uniform-grid bound
+    loader = APTLoader(FolderSource(folder), APTConfig(), max_tokens=150, num_workers=0)
+    with pytest.raises(ValueError, match=r"sample class0/\S+ needs \d+ tokens, more than the batch budget max_tokens=150"):
+        len(loader)  # streamed: the real count of a probed sample
 
 
 def test_ranks_split_the_epoch(folder):
     src = FolderSource(folder)
     per_rank = []
     for r in range(3):
-        loader = APTLoader(src, APTConfig(), max_tokens=700, num_workers=0, rank=r, world_size=3, seed=3)
+        loader = APTLoader(src, APTConfig(), max_tokens=700, num_workers=0, rank=r, world_size=3, seed=3,
+                           packing="plan")
         per_rank.append(keys_of_epoch(loader))
     assert len({len(b) for b in per_rank}) == 1
     flat = [k for rank in per_rank for b in rank for k in b]
@@ -129,8 +141,10 @@ def test_ranks_split_the_epoch(folder):
 
 def test_augmented_training_is_seeded_per_sample(folder):
     tr = ImageTransform(size=224, augment=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
-    a = APTLoader(FolderSource(folder), APTConfig(), max_tokens=1200, num_workers=2, transform=tr, seed=5)
-    b = APTLoader(FolderSource(folder), APTConfig(), max_tokens=1200, num_workers=0, transform=tr, seed=5)
+    a = APTLoader(FolderSource(folder), APTConfig(), max_tokens=1200, num_workers=2, transform=tr, seed=5,
+                  packing="plan")
+    b = APTLoader(FolderSource(folder), APTConfig(), max_tokens=1200, num_workers=0, transform=tr, seed=5,
+                  packing="plan")
     for (ba, _), (bb, _) in zip(a, b):
         assert ba.keys == bb.keys
         for s in range(3):
@@ -138,7 +152,7 @@ def test_augmented_training_is_seeded_per_sample(folder):
 
 
 def batch_arrays(batch):
-    return [*batch.pixels, *batch.coords, *batch.seq_index, batch.cu_seqlens, batch.labels]
+    return [*batch.pixels, *batch.coords, *batch.seq_index, batch.labels]  # seqlens: compared as ints
 
 
 def assert_same_batches(got, want):
@@ -162,30 +176,31 @@ def test_worker_batches_equal_in_process_batches_and_stay_intact(folder, source,
     """Forked workers pack into reused shared-memory slots that the main process copies out of:
     batches held over two epochs (every slot reused many times meanwhile) equal in-process ones."""
     released = []
-    release = _SlotPool.release
-    monkeypatch.setattr(_SlotPool, "release", lambda self, w, k: (released.append(k), release(self, w, k)))
+    release = SlotPool.release
+    monkeypatch.setattr(SlotPool, "release", lambda self, w, k: (released.append(k), release(self, w, k)))
     src = FolderSource(folder) if source == "folder" else open_source(f"{SHARDS}:val")
-    a = APTLoader(src, APTConfig(), max_tokens=1200, num_workers=2, seed=3, prefetch_factor=1)
-    b = APTLoader(src, APTConfig(), max_tokens=1200, num_workers=0, seed=3)
+    a = APTLoader(src, APTConfig(), max_tokens=1200, num_workers=2, seed=3, prefetch_factor=1, packing="plan")
+    b = APTLoader(src, APTConfig(), max_tokens=1200, num_workers=0, seed=3, packing="plan")
     got = two_epochs(a)
     assert len(released) == len(got)  # every batch came through a slot (2 per worker, reused)
     assert_same_batches(got, two_epochs(b))
 
 
 def test_batches_without_a_free_slot_take_a_fresh_segment(folder, monkeypatch):
-    monkeypatch.setattr(_SlotPool, "acquire", lambda self, worker, nbytes: None)
+    monkeypatch.setattr(SlotPool, "acquire", lambda self, worker, nbytes: None)
     src = FolderSource(folder)
-    got = [b for b, _ in APTLoader(src, APTConfig(), max_tokens=1000, num_workers=2, seed=4)]
-    assert_same_batches(got, [b for b, _ in APTLoader(src, APTConfig(), max_tokens=1000, num_workers=0, seed=4)])
+    got = [b for b, _ in APTLoader(src, APTConfig(), max_tokens=1000, num_workers=2, seed=4, packing="plan")]
+    assert_same_batches(got, [b for b, _ in APTLoader(src, APTConfig(), max_tokens=1000, num_workers=0, seed=4,
+                                                      packing="plan")])
 
 
 def test_an_abandoned_iteration_does_not_disturb_the_next(folder):
     src = FolderSource(folder)
-    loader = APTLoader(src, APTConfig(), max_tokens=1000, num_workers=2, seed=6)
+    loader = APTLoader(src, APTConfig(), max_tokens=1000, num_workers=2, seed=6, packing="plan")
     it = iter(loader)
     first = next(it)[0]
     got = [b for b, _ in loader]  # while `it` (and its workers) are still alive
-    want = [b for b, _ in APTLoader(src, APTConfig(), max_tokens=1000, num_workers=0, seed=6)]
+    want = [b for b, _ in APTLoader(src, APTConfig(), max_tokens=1000, num_workers=0, seed=6, packing="plan")]
     assert_same_batches(got, want)
     assert_same_batches([first], want[:1])
     it.close()
@@ -219,7 +234,7 @@ def test_index_source_fast_reads_equal_read_sample_and_fall_back_on_a_stale_shar
     src = open_source(f"{SHARDS}:val")
     for i in range(len(src)):
         jpeg, rec = src.read_record(i)
-        want = read_sample(src._rows[i], src.index.root, strict=True)
+        want = read_sample(src.row(i), src.index.root, strict=True)
         assert jpeg == want.jpeg == src.read(i) and rec.key == want.key and rec.label == want.label
         assert rec.meta == want.meta and rec.shard == want.shard and np.array_equal(rec.scores, want.scores)
         assert rec.scores.flags.writeable
@@ -228,7 +243,7 @@ def test_index_source_fast_reads_equal_read_sample_and_fall_back_on_a_stale_shar
     # a shard rewritten since the index was made: the fast path notices, read_sample names the problem
     shutil.copy(SHARDS / "val.parquet", tmp_path / "val.parquet")
     tar = bytearray((SHARDS / "val-000000.tar").read_bytes())
-    row = src._rows[0]
+    row = src.row(0)
     for member in ("jpg", "npy"):
         at = row[f"{member}_offset"] - 512
         tar[at:at + 3] = b"zzz"  # the member's name in its tar header
@@ -241,21 +256,21 @@ def test_index_source_fast_reads_equal_read_sample_and_fall_back_on_a_stale_shar
 
 
 def test_pinning_copies_a_slot_once_into_page_locked_memory(folder, monkeypatch):
-    """The DataLoader's pin-memory thread calls `_WireBatch.pin_memory`: one copy, slot -> pinned
+    """The DataLoader's pin-memory thread calls `WireBatch.pin_memory`: one copy, slot -> pinned
     buffer (on a machine without CUDA, a stand-in records the request)."""
-    import apt_data.loader as L
+    import apt_data.transport as T
     from apt_data.packing import fill_batch, prepare_batch
 
     if not torch.cuda.is_available():
         asked = []
-        monkeypatch.setattr(L, "_host_buffer", lambda n, pin: (asked.append(pin), torch.empty(n, dtype=torch.uint8))[1])
+        monkeypatch.setattr(T, "host_buffer", lambda n, pin: (asked.append(pin), torch.empty(n, dtype=torch.uint8))[1])
     images = [np.asarray(ImageTransform(size=224)(p.read_bytes())) for p in IMAGE_PATHS[:3]]
     spec, images, layouts, labels = prepare_batch(images, APTConfig(), [0, 1, 2], 1, None, 0, keys=["a", "b", "c"])
-    pool = _SlotPool(1, 2, spec.nbytes)
+    pool = SlotPool(1, 2, spec.nbytes)
     pool.reset()
     slot = pool.acquire(0, spec.nbytes)
     fill_batch(spec, images, layouts, labels, pool.view(0, slot, spec.nbytes))
-    pinned = L._WireBatch(spec, pool.id, 0, slot).pin_memory()
+    pinned = WireBatch(spec, pool.id, 0, slot).pin_memory()
     assert pool.acquire(0, spec.nbytes) is not None and pool.acquire(0, spec.nbytes) is not None  # slot handed back
     pool.view(0, slot, spec.nbytes)[:] = 0  # the slot is reused: the batch must not change
     got = pinned.to_batch()
@@ -286,7 +301,7 @@ print({k: (before.get(k, 0), v) for k, v in after.items() if v != before.get(k, 
 
 def test_warmup_covers_the_kernel_versions_a_worker_uses():
     """Workers fork after `warmup()`: packing decoded (read-only) photos must not load or compile
-    another version of any kernel in the worker (each took ~14 ms per kernel, every epoch)."""
+    another version of any kernel in the worker (each would be loaded again in every worker, every epoch)."""
     import subprocess
     import sys
 
@@ -294,3 +309,100 @@ def test_warmup_covers_the_kernel_versions_a_worker_uses():
     out = subprocess.run([sys.executable, "-c", _WARMUP_CHECK, *map(str, IMAGE_PATHS[:2])], cwd=root,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "{}", f"kernels given a new version after warmup (before, after): {out.stdout}"
+
+
+# ------------------------------------------------------------------------------ streamed packing
+AUGMENT = ImageTransform(size=224, augment=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory) -> Path:
+    """96 photos (the 32 real test photos, 3 copies each under other names), 3 classes."""
+    root = tmp_path_factory.mktemp("big")
+    for c in range(3):
+        for k, p in enumerate(IMAGE_PATHS):
+            d = root / f"class{k % 3}"
+            d.mkdir(exist_ok=True)
+            shutil.copy(p, d / f"{c}_{p.name}")
+    return root
+
+
+def stream_loader(folder, workers=2, **kw):
+    return APTLoader(FolderSource(folder), APTConfig(), max_tokens=1200, num_workers=workers, transform=AUGMENT,
+                     seed=9, packing="stream", **kw)
+
+
+def epoch_batches(loader, epoch, limit=None):
+    """(keys, real tokens) of ``epoch``'s batches (the first ``limit``)."""
+    loader.set_epoch(epoch)
+    out = []
+    for batch, targets in loader:
+        assert torch.equal(targets, batch.labels) and batch.num_images > 0
+        out.append((batch.keys, batch.num_real_tokens))
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def test_streamed_training_fills_batches_without_repeats_within_an_epoch(big_folder):
+    loader = stream_loader(big_folder)
+    steps = len(loader)
+    assert steps == loader.steps_per_epoch() and steps % 2 == 0  # dealt evenly to the 2 workers
+    seen = []
+    for epoch in range(3):
+        assert len(loader) == steps
+        batches = epoch_batches(loader, epoch)
+        keys = [k for b, _ in batches for k in b]
+        assert len(batches) == steps and len(keys) == len(set(keys))  # no sample twice in an epoch
+        fills = [t / 1200 for _, t in batches]
+        assert np.mean(fills) > 0.95 and min(fills) > 0.85, fills
+        assert loader.stats.carried_over[epoch] > 0
+        seen.extend(keys)
+    # about one pass per epoch: after 3 epochs every photo was trained on, none more than 3 times
+    counts = {k: seen.count(k) for k in set(seen)}
+    assert set(counts) == set(loader.source.keys) and max(counts.values()) <= 3
+    # the upper-bound plan of the same augmented epoch fills far less
+    plan = APTLoader(FolderSource(big_folder), APTConfig(), max_tokens=1200, num_workers=0, transform=AUGMENT,
+                     seed=9, packing="plan")
+    assert np.mean([b.num_real_tokens / 1200 for b, _ in plan]) < 0.9
+
+
+def test_streamed_epochs_are_deterministic(big_folder):
+    a, b = stream_loader(big_folder), stream_loader(big_folder)
+    assert [epoch_batches(a, e) for e in range(2)] == [epoch_batches(b, e) for e in range(2)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_state_dict_resumes_mid_epoch(big_folder, tmp_path, workers):
+    folder = big_folder
+    want = stream_loader(folder, workers)
+    want_batches = [epoch_batches(want, e) for e in range(3)]
+    run = stream_loader(folder, workers)
+    assert epoch_batches(run, 0) == want_batches[0]
+    assert epoch_batches(run, 1, limit=3) == want_batches[1][:3]  # killed after 3 batches of epoch 1
+    torch.save(run.state_dict(), tmp_path / "loader.pt")
+    resumed = stream_loader(folder, workers)
+    resumed.load_state_dict(torch.load(tmp_path / "loader.pt", weights_only=True))
+    assert len(resumed) == len(want_batches[1]) - 3
+    assert epoch_batches(resumed, 1) == want_batches[1][3:]
+    assert epoch_batches(resumed, 2) == want_batches[2]
+    with pytest.raises(ValueError, match="num_workers"):
+        stream_loader(folder, workers + 1).load_state_dict(run.state_dict())
+
+
+def test_streamed_eval_reads_every_sample_once_with_thresholds_other_than_the_index(caplog):
+    cfg = APTConfig(thresholds=(6.0, 4.5))
+    loader = APTLoader(str(SHARDS) + ":val", cfg, max_tokens=2048, num_workers=2, train=False)
+    assert loader.transform.size == 224 and loader.packing == "stream" and loader._scores  # the index's size
+    batches = [b for b, _ in loader]
+    keys = [k for b in batches for k in b.keys]
+    assert sorted(keys) == sorted(loader.source.keys)
+    assert np.mean([b.num_real_tokens / 2048 for b in batches[:-2]]) > 0.97  # all but the workers' last
+    src = loader.source
+    for b in batches[:2]:  # layouts from the stored score maps equal rescoring at these thresholds
+        for k, n in zip(b.keys, b.seqlens):
+            img = ImageTransform(size=224)(src.read(src.keys.index(k)), k)
+            assert len(patchify(img, cfg)) + 1 == n
+    with caplog.at_level("WARNING"):
+        APTLoader(str(SHARDS) + ":val", cfg, max_tokens=2048, num_workers=0, train=False, image_size=256)
+    assert "pass image_size=224" in caplog.text

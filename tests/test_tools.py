@@ -40,3 +40,15 @@ def test_demo_runs_the_loader_on_the_sample_shards(tmp_path):
     total = [l for l in out.splitlines() if l.startswith("total:")][0]
     assert "400 images" in total and "of the uniform grid" in total
     assert (tmp_path / "layouts.png").is_file()
+
+
+def test_bench_fill_quick_streams_fuller_batches_than_upper_bound_plans():
+    out = run(ROOT / "tools/bench_loader.py", "--fill", "--quick", "--epochs", "1")
+    assert out.startswith("# command: ") and "bench_loader.py --fill --quick --epochs 1" in out.splitlines()[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    shards = rows["sample `shards/`, 224 px, 4,096 tokens, augmented training"]
+    stream_fill, plan_fill = float(shards[4].strip("*%")), float(shards[7].split("%")[0])
+    assert stream_fill > 97 and plan_fill < 80  # real token counts against uniform-grid upper bounds
+    assert int(shards[6]) > 0  # the epoch ended mid-pass: samples carry over
+    evaluation = next(v for k, v in rows.items() if k.startswith("eval `shards/:val`"))
+    assert evaluation[2] == "100" and "every sample once per epoch" in evaluation[-1]

@@ -1,21 +1,36 @@
 #!/usr/bin/env python
-"""Benchmark: APTLoader against a plain decode + resize + collate loader, same data, same workers.
+"""Benchmark: APTLoader against a plain decode + transform + collate loader, same data, same workers.
 
     python tools/bench_loader.py [--source shards] [--max-tokens 4096] [--workers 2] [--epochs 5]
+    python tools/bench_loader.py --fill [bench_fill.py's options]   # = python tools/bench_fill.py
 
-Prints the packing fill (real tokens / budget; prefix tokens count as real) and images/s of both
-loaders in the same run. The plain loader is what a timm user runs today: a torch DataLoader over
-the same samples (read with the same one-seek source, JPEG bytes only), each decoded and resized
-by the same `ImageTransform`, default-collated into fixed-size uint8 batches of the APT loader's
-mean images per batch. The loaders alternate, ``--epochs`` timed passes each (after one warm-up
-pass each), and the medians are reported, with the CPU time per image of the main process and
-its workers (steadier than images/s when other jobs share the cores). Targets (issue 4):
-fill >= 99%, APT images/s >= 0.95x the plain loader's.
+Prints the packing fill (real tokens / budget; prefix tokens count as real) and images/s of the
+loaders in the same run, for two pipelines:
+
+- resize only (the eval transform): APTLoader (planned from the index's exact token counts when
+  the source has them) against the plain loader;
+- augmented training (the transform `apt_train.build.train_transform` builds for the ``full`` and
+  ``sample`` recipes: RandomResizedCrop + flip + RandAugment ``rand-m9-mstd0.5-inc1`` + random
+  erasing 0.25): APTLoader planning from uniform-grid upper bounds (``packing="plan"``, the old
+  way), APTLoader streaming by real token counts (``packing="stream"``), and the plain loader.
+
+The plain loader is what a timm user runs today: a torch DataLoader over the same samples (read
+with the same one-seek source, JPEG bytes only), each decoded and transformed by the same
+`ImageTransform`, default-collated into fixed-size uint8 batches of the APT loader's mean images
+per batch. Every loader first runs one warm-up pass (``--repeat`` epochs), whose batches give the
+fill: the mean over every batch, and without at most one partial batch per worker and epoch (its
+last: see tools/bench_fill.py). Then the loaders alternate, ``--epochs`` timed passes each, and the
+medians are reported, with the CPU time per image of the main process and its workers (steadier
+than images/s when other jobs share the cores). A streamed training epoch is a fixed number of
+batches (under one pass: the rest carries over), so images/s, not time per epoch, compares them.
+Targets (issue 4): fill >= 99%, APT images/s >= 0.95x the plain loader's.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,8 +41,10 @@ from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_fill
 from apt_data import APTConfig, warmup  # noqa: E402
-from apt_data.loader import APTLoader, open_source  # noqa: E402
+from apt_data.loader import APTLoader  # noqa: E402
+from apt_data.sources import open_source  # noqa: E402
 from apt_data.transforms import ImageTransform  # noqa: E402
 
 
@@ -39,22 +56,68 @@ class PlainDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int):
-        img = self.transform(self.source.read(i), self.source.keys[i])
+        seed = int(np.random.SeedSequence([i, torch.initial_seed() % 2**32]).generate_state(1)[0])
+        img = self.transform(self.source.read(i), self.source.keys[i], seed=seed)  # (ignored without augment)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1), int(self.source.labels[i])
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the loaders' worker processes)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+def _live_children() -> dict[int, float]:
+    """CPU seconds (user + system) of this process's live child processes, by pid (Linux /proc)."""
+    me, tick, out = os.getpid(), os.sysconf("SC_CLK_TCK"), {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:  # fields[0] is the state; then ppid, ...; utime, stime are fields 14, 15 of stat
+            out[int(d)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+class CpuClock:
+    """CPU time of this process and its children (the loaders' workers) between `start` and `stop`:
+    finished children through getrusage, live ones (persistent workers) through /proc."""
+
+    @staticmethod
+    def _own() -> tuple[float, float]:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+    def start(self) -> None:
+        self.me, self.reaped = self._own()
+        self.live = _live_children()
+
+    def stop(self) -> float:
+        me, reaped = self._own()
+        live = _live_children()
+        # a child alive at start and reaped since counts in `reaped` with its CPU before `start` too
+        gone = sum(c for pid, c in self.live.items() if pid not in live)
+        return (me - self.me) + (reaped - self.reaped - gone) + sum(c - self.live.get(pid, 0.0)
+                                                                     for pid, c in live.items())
 
 
 def timed_pass(make_iter) -> tuple[float, float]:
     """(images/s, CPU microseconds per image: main process + workers) of one pass over ``make_iter()``."""
-    c0, t0, n = cpu_seconds(), time.perf_counter(), 0
+    clock = CpuClock()
+    clock.start()
+    t0, n = time.perf_counter(), 0
     for batch in make_iter():
         n += batch
-    return n / (time.perf_counter() - t0), (cpu_seconds() - c0) / n * 1e6
+    return n / (time.perf_counter() - t0), clock.stop() / n * 1e6
+
+
+def fill_text(eps: list, budget: int) -> str:
+    """Mean fill over every batch of ``eps`` (`bench_fill.EpochFill`), without each worker's last batch, lowest."""
+    fills = [f for ep in eps for f in ep.fills]
+    kept = [f for ep in eps for f in ep.without_partials()]
+    total = sum(fills) * budget / len(eps)  # real tokens of an epoch
+    best = int(np.ceil(total / budget - 1e-9))
+    return (f"{np.mean(fills):.2%} (all {len(fills)} batches of {len(eps)} epoch(s)); {np.mean(kept):.2%} without "
+            f"<= 1 partial per worker; lowest {min(fills):.2%}; the fewest batches for an epoch's tokens: {best}, "
+            f"at most {total / (best * budget):.2%}")
 
 
 def main(argv=None) -> int:
@@ -64,9 +127,20 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=5, help="timed passes per loader (alternating)")
     ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--repeat", type=int, default=4, help="passes over the source per timed epoch")
-    args = ap.parse_args(argv)
+    ap.add_argument("--repeat", type=int, default=4, help="epochs per timed pass")
+    ap.add_argument("--no-train", action="store_true", help="skip the augmented training loaders")
+    ap.add_argument("--no-eval", action="store_true", help="skip the resize-only (eval transform) loaders")
+    ap.add_argument("--fill", action="store_true",
+                    help="print tools/bench_fill.py's fill table instead (remaining arguments go to it)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--fill" in argv:  # every other argument is bench_fill.py's
+        from bench_fill import main as fill_main
 
+        return fill_main([a for a in argv if a != "--fill"])
+    args = ap.parse_args(argv)
+    from bench_fill import augmented_transform, epoch_fills
+
+    print("# command: " + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]))
     warmup()
     cfg = APTConfig()
     src_path = Path(args.source)
@@ -80,53 +154,87 @@ def main(argv=None) -> int:
                 (tmp / p.name).symlink_to(p.resolve())
         args.source = str(tmp.parent)
     source = open_source(args.source)
-    tr = ImageTransform(size=args.image_size, multiple=cfg.patch_size)
-    apt = APTLoader(source, cfg, max_tokens=args.max_tokens, num_workers=args.workers, transform=tr, seed=0,
-                    pin_memory=False)
-    fills, imgs_per_batch = [], []
-    for batch, _ in apt:
-        fills.append(batch.num_real_tokens / args.max_tokens)
-        imgs_per_batch.append(batch.num_images)
-    bs = max(1, round(float(np.mean(imgs_per_batch))))
+    kw = dict(max_tokens=args.max_tokens, num_workers=args.workers, seed=0, pin_memory=False)
+    runs = {}  # name -> (make_iter, row label, images/batch, fill text)
+    epoch_of = {}
 
-    def apt_iter():
-        for e in range(args.repeat):
-            apt.set_epoch(e)
-            for batch, _ in apt:
-                yield batch.num_images
+    def apt_iter(loader, name):
+        def it():
+            for _ in range(args.repeat):
+                loader.set_epoch(epoch_of[name])
+                epoch_of[name] += 1
+                for batch, _ in loader:
+                    yield batch.num_images
+        return it
 
-    plain = DataLoader(PlainDataset(source, tr), batch_size=bs, shuffle=True, num_workers=args.workers,
-                       persistent_workers=False, drop_last=False)
+    def plain_iter(loader):
+        def it():
+            for _ in range(args.repeat):
+                for x, _ in loader:
+                    yield x.shape[0]
+        return it
 
-    def plain_iter():
-        for _ in range(args.repeat):
-            for x, _ in plain:
-                yield x.shape[0]
+    def add_apt(name, label, loader):
+        eps = epoch_fills(loader, args.repeat)  # the warm-up pass, fills measured
+        epoch_of[name] = args.repeat
+        per_batch = sum(ep.images for ep in eps) / sum(len(ep.fills) for ep in eps)
+        runs[name] = (apt_iter(loader, name), label, per_batch, fill_text(eps, args.max_tokens))
+        return per_batch
 
-    # alternate the two loaders, so that the other processes of a shared machine slow both alike
-    timed_pass(apt_iter), timed_pass(plain_iter)  # warm-up: page cache, code
-    apt_runs, plain_runs = [], []
+    def add_plain(name, label, transform, per_batch):
+        bs = max(1, round(per_batch))
+        dl = DataLoader(PlainDataset(source, transform), batch_size=bs, shuffle=True, num_workers=args.workers,
+                        persistent_workers=False, drop_last=False)
+        for _ in plain_iter(dl)():  # warm-up pass
+            pass
+        runs[name] = (plain_iter(dl), label, bs, "-")
+
+    header = []
+    if not args.no_eval:
+        tr = ImageTransform(size=args.image_size, multiple=cfg.patch_size)
+        apt = APTLoader(source, cfg, transform=tr, **kw)
+        how = ("planned from exact index token counts" if apt.exact_counts else
+               "planned from uniform-grid upper bounds" if apt.packing == "plan" else "streamed")
+        per_batch = add_apt("eval_apt", f"APTLoader ({how})", apt)
+        add_plain("eval_plain", "plain decode+resize+collate", tr, per_batch)
+        header.append(f"resize only: APTLoader {how}")
+    if not args.no_train:
+        aug = augmented_transform(args.image_size, cfg.patch_size)
+        stream = APTLoader(source, cfg, transform=aug, packing="stream", **kw)
+        plan = APTLoader(source, cfg, transform=aug, packing="plan", **kw)
+        add_apt("train_plan", "APTLoader, `packing=\"plan\"` (uniform-grid upper bounds)", plan)
+        per_batch = add_apt("train_stream", "APTLoader, `packing=\"stream\"` (real token counts)", stream)
+        add_plain("train_plain", "plain decode+augment+collate", aug, per_batch)
+        header.append(f"augmented training (RandomResizedCrop + flip + RandAugment {aug.auto_augment} + random "
+                      f"erasing {aug.re_prob}): {stream.steps_per_epoch()} streamed vs {plan.steps_per_epoch()} "
+                      "planned batches per epoch")
+
+    # alternate the loaders, so that the other processes of a shared machine slow all alike
+    timed = {name: [] for name in runs}
     for _ in range(args.epochs):
-        apt_runs.append(timed_pass(apt_iter))
-        plain_runs.append(timed_pass(plain_iter))
-    (apt_ips, apt_cpu), (plain_ips, plain_cpu) = np.median(apt_runs, 0), np.median(plain_runs, 0)
-    ratios = np.array([a[0] / p[0] for a, p in zip(apt_runs, plain_runs)])
-    total = sum(f * args.max_tokens for f in fills)  # real tokens of an epoch
-    best_batches = int(np.ceil(total / args.max_tokens - 1e-9))
-    best_fill = total / (best_batches * args.max_tokens)  # the fill of the fewest batches that can hold them
-    print(f"# bench_loader: {len(source)} samples from {args.source} x{args.repeat} per timed pass, "
-          f"{args.workers} workers, "
-          f"{args.image_size}px, max_tokens {args.max_tokens}, planning from "
-          f"{'exact index token counts' if apt.exact_counts else 'uniform-grid upper bounds'}; "
-          f"{args.epochs} alternating timed passes per loader, medians")
-    print("| loader | images/s | CPU us/image (main + workers) | images/batch | fill (real tokens / budget) |")
-    print("|---|---|---|---|---|")
-    print(f"| plain decode+resize+collate | {plain_ips:.0f} | {plain_cpu:.0f} | {bs} | - |")
-    print(f"| APTLoader | {apt_ips:.0f} | {apt_cpu:.0f} | {np.mean(imgs_per_batch):.1f} | {np.mean(fills):.2%} "
-          f"(all batches; {np.mean(fills[:-1]) if len(fills) > 1 else np.mean(fills):.2%} without the last; "
-          f"lowest {min(fills):.2%}; {len(fills)} batches, {best_batches} at least, so at most {best_fill:.2%}) |")
-    print(f"APT / plain images/s: {apt_ips / plain_ips:.3f}x (per pass: {', '.join(f'{r:.3f}' for r in ratios)}; "
-          f"median {np.median(ratios):.3f}x); plain / APT CPU per image: {plain_cpu / apt_cpu:.3f}x")
+        for name, (make_iter, *_) in runs.items():
+            timed[name].append(timed_pass(make_iter))
+    med = {name: np.median(v, 0) for name, v in timed.items()}
+    print(f"# bench_loader: {len(source)} samples from {args.source}, {args.repeat} epochs per timed pass, "
+          f"{args.workers} workers, {args.image_size}px, max_tokens {args.max_tokens}; {args.epochs} alternating "
+          f"timed passes per loader, medians (after one warm-up pass each, whose batches give the fill); "
+          + "; ".join(header))
+    print("| pipeline | loader | images/s | CPU us/image (main + workers) | images/batch | fill (real tokens / budget) |")
+    print("|---|---|---|---|---|---|")
+    for name, (_, label, per_batch, fill) in runs.items():
+        ips, cpu = med[name]
+        pipeline = "resize only (eval transform)" if name.startswith("eval") else "augmented training"
+        print(f"| {pipeline} | {label} | {ips:.0f} | {cpu:.0f} | {per_batch:.1f} | {fill} |")
+
+    def ratio(a, b, what):
+        if a in timed and b in timed:
+            r = np.array([x[0] / y[0] for x, y in zip(timed[a], timed[b])])
+            print(f"{what} images/s: {med[a][0] / med[b][0]:.3f}x (per pass: {', '.join(f'{v:.3f}' for v in r)}; "
+                  f"median {np.median(r):.3f}x); CPU per image {med[a][1] / med[b][1]:.3f}x")
+
+    ratio("eval_apt", "eval_plain", "resize only, APT / plain")
+    ratio("train_stream", "train_plan", "augmented training, stream / plan")
+    ratio("train_stream", "train_plain", "augmented training, stream / plain")
     return 0
 
 

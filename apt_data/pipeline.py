@@ -1,0 +1,154 @@
+"""One sample, one batch: the per-sample pipeline a loader worker runs, and the packing of its output.
+
+`SamplePipeline.load` is sample ``i``'s whole path: read -> transform (seeded per sample) -> layout
+(`patchify`, the stored score maps, or a ``layout_fn`` such as a baseline's). `SamplePipeline.ship`
+packs loaded samples into one batch buffer and hands it to `apt_data.transport`. Both loaders'
+modes (planned bins, streamed packing) and every baseline go through these two functions, so a
+sample is read, augmented and laid out the same way everywhere.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from .config import APTConfig
+from .layout import PatchLayout, layout_from_flat_scores, patchify
+from .packing import prepare_batch
+from .sources import Source
+from .transforms import ImageTransform
+from .transport import SlotPool, ship_batch
+
+log = logging.getLogger("apt_data.loader")
+
+#: ``layout_fn(image, cfg, index) -> PatchLayout``: the layout of a transformed image (uint8 HxWx3),
+#: given the loader's config and the sample's index in the source; replaces `patchify`.
+LayoutFn = Callable[[np.ndarray, APTConfig, int], PatchLayout]
+
+__all__ = ["LayoutFn", "LoaderStats", "SamplePipeline", "sample_seed", "skip_reason"]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one sample's random augmentation: independent of worker and rank."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def skip_reason(e: Exception) -> str:
+    """A short reason under which a skipped sample is counted."""
+    msg = str(e)
+    for tag in ("0 bytes", "not an image", "truncated", "cannot decode"):
+        if tag in msg:
+            return tag
+    return type(e).__name__
+
+
+@dataclass
+class LoaderStats:
+    """What the loader skipped, with reasons (bad files are logged, counted and skipped)."""
+
+    skipped: Counter = field(default_factory=Counter)
+    skipped_keys: list = field(default_factory=list)
+    carried_over: dict = field(default_factory=dict)  # epoch -> samples of this rank left for later epochs
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
+@dataclass(frozen=True)
+class SamplePipeline:
+    """Read, transform and lay out one sample; pack loaded samples into a batch.
+
+    ``use_scores``: the source's stored score maps fit ``cfg`` and ``transform`` (layouts for any
+    thresholds come from them instead of rescoring). ``strict``: a bad sample raises instead of
+    being skipped.
+    """
+
+    source: Source
+    cfg: APTConfig
+    transform: ImageTransform
+    seed: int = 0
+    layout_fn: Optional[LayoutFn] = None
+    use_scores: bool = False
+    num_prefix_tokens: int = 1
+    max_tokens: int = 4096
+    static_shapes: bool = False
+    strict: bool = False
+
+    def load(self, i: int, epoch: int) -> tuple[np.ndarray, PatchLayout]:
+        """Sample ``i``: read -> transform (seeded by ``(seed, epoch, i)``) -> layout. Raises ValueError
+        or OSError for a bad sample."""
+        key = self.source.keys[i]
+        if self.use_scores and self.layout_fn is None:
+            data, scores = self.source.read_scores(i)
+        else:
+            data, scores = self.source.read(i), None
+        img = self.transform(data, name=key, seed=sample_seed(self.seed, epoch, i) if self.transform.augment else 0)
+        if self.layout_fn is not None:
+            return img, self.layout_fn(img, self.cfg, i)
+        if scores is not None:  # deterministic transform of the stored image: reuse the stored score maps
+            return img, layout_from_flat_scores(scores, img.shape[:2], self.cfg)
+        return img, patchify(img, self.cfg)
+
+    def try_load(self, i: int, epoch: int, skipped: list) -> Optional[tuple[np.ndarray, PatchLayout]]:
+        """`load`, with a bad sample logged and appended to ``skipped`` as ``(key, reason)`` (strict: raised)."""
+        try:
+            return self.load(i, epoch)
+        except (ValueError, OSError) as e:
+            key = self.source.keys[i]
+            if self.strict:
+                raise ValueError(f"sample {key}: {e}") from e
+            log.warning("skipping sample %s: %s", key, e)
+            skipped.append((key, skip_reason(e)))
+            return None
+
+    def build(self, sample_ids: np.ndarray, epoch: int, exact: Optional[np.ndarray] = None,
+              pool: Optional[SlotPool] = None):
+        """Load and pack one planned bin (``exact``: the index's counts, checked)."""
+        images, layouts, labels, keys, skipped = [], [], [], [], []
+        for i in sample_ids.tolist():
+            loaded = self.try_load(i, epoch, skipped)
+            if loaded is None:
+                continue
+            img, layout = loaded
+            key = self.source.keys[i]
+            if exact is not None and len(layout) != exact[i]:
+                raise RuntimeError(f"sample {key}: the index says {exact[i]} tokens but the layout has "
+                                   f"{len(layout)}; the index was made with a different config or transform")
+            images.append(img)
+            layouts.append(layout)
+            labels.append(int(self.source.labels[i]))
+            keys.append(key)
+        return self.ship(images, layouts, labels, keys, skipped, pool)
+
+    def ship(self, images: list, layouts: list, labels: list, keys: list, skipped: list,
+             pool: Optional[SlotPool] = None):
+        """Pack loaded samples into one batch: a `PackedBatch`, or in a worker process a `WireBatch`."""
+        real = sum(len(lay) for lay in layouts) + self.num_prefix_tokens * len(layouts)
+        if real > self.max_tokens:
+            raise RuntimeError(f"batch of {keys} needs {real} tokens > max_tokens={self.max_tokens} (packing bug)")
+        pad = self.max_tokens - real if self.static_shapes else 0
+        spec, images, layouts, labels = prepare_batch(images, self.cfg, labels, self.num_prefix_tokens, layouts, pad,
+                                                      keys=keys, skipped=[k for k, _ in skipped],
+                                                      skip_reasons=[r for _, r in skipped])
+        return ship_batch(spec, images, layouts, labels, pool)
+
+    def mean_tokens(self, ids: np.ndarray) -> float:
+        """Mean tokens per sample (prefix included) over samples ``ids`` run through the pipeline (pass 0's
+        augmentation): the probe that sizes streamed epochs. Unreadable samples are left out; a sample
+        over the budget is an error."""
+        counts = []
+        for i in ids.tolist():
+            try:
+                counts.append(len(self.load(i, 0)[1]) + self.num_prefix_tokens)
+            except (ValueError, OSError):
+                continue
+            if counts[-1] > self.max_tokens:
+                raise ValueError(f"sample {self.source.keys[i]} needs {counts[-1]} tokens, more than the batch "
+                                 f"budget max_tokens={self.max_tokens}; raise --max-tokens or lower the image size")
+        if not counts:
+            raise ValueError(f"none of the {len(ids)} probed samples could be read: {self.source.keys[int(ids[0])]}, ...")
+        return float(np.mean(counts))

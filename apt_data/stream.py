@@ -1,0 +1,319 @@
+"""Streaming token-budget packing: every loader worker packs its own samples by their real token counts.
+
+Token counts after augmentation are known only once a sample is decoded, augmented and patchified,
+so an epoch of augmented training cannot be planned up front. Instead each worker process owns a
+fixed share of the samples (its *partition*: the samples shuffled once with ``seed``, dealt to ranks,
+then to workers) and walks it as an endless stream, reshuffled every *pass*. It packs the samples
+it has processed into ``open_bins`` open batches (first fit, the fullest batch leaves when nothing
+fits, as `apt_data.binpack`), so batches are full to within a fraction of one image.
+
+An epoch is a fixed number of batches per rank (``steps_per_epoch``), dealt to workers as the
+DataLoader reads them (batch ``k`` comes from worker ``k % num_workers``), known before it starts
+and the same on every rank. Samples a worker drew but has not yet emitted when its share of the
+epoch is done (its open batches), and the rest of the current pass, carry over into the next epoch.
+Within an epoch no sample is emitted twice: a sample met again in the next pass while it was
+already drawn this epoch is deferred to the next epoch (`SampleStream`); a worker that has drawn
+its whole partition in one epoch stops drawing and empties its open batches.
+
+Everything here is plain data (no decoding): `SampleStream` says which sample comes next,
+`StreamPacker` groups processed samples into batches, and `WorkerState` is the small picklable
+record from which a worker continues, exactly, after a restart (resume) or a new epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+Ref = tuple[int, int]  # (pass, sample index): a sample's identity in the stream (its augmentation seed)
+
+
+def partition(num_samples: int, seed: int, rank: int, world_size: int, worker: int, num_workers: int,
+              shuffle: bool = True) -> np.ndarray:
+    """The samples one worker of one rank owns: shuffled once with ``seed``, dealt to ranks, then to workers.
+
+    Partitions of all (rank, worker) pairs are disjoint and cover every sample once.
+    """
+    order = np.random.default_rng([seed, 0x5EED]).permutation(num_samples) if shuffle else np.arange(num_samples)
+    return order[rank::world_size][worker::num_workers].astype(np.int64)
+
+
+def estimate_steps(partition_sizes: list[int], mean_tokens: float, max_tokens: int, max_images: Optional[int],
+                   num_workers: int, open_bins: int = 2, margin: float = 0.03, fill: float = 0.99) -> int:
+    """Batches per rank and epoch such that every worker fills its share from under one pass of its
+    partition: ``margin`` below it (for the error of ``mean_tokens``), less the samples its
+    ``open_bins`` open batches hold at the epoch's end (drawn in this epoch, emitted in the next).
+    The same on every rank, since ``partition_sizes`` are all ranks' and workers' partition sizes
+    and ``mean_tokens`` comes from a deterministic probe."""
+    per_batch = max_tokens * fill / max(float(mean_tokens), 1.0)
+    if max_images:
+        per_batch = min(per_batch, float(max_images))
+    per_worker = (min(partition_sizes) * (1.0 - margin) - (open_bins - 0.5) * per_batch) / per_batch
+    w = max(1, num_workers)
+    if per_worker >= 1:
+        return w * int(per_worker)
+    return max(1, int(w * per_worker))
+
+
+def worker_quotas(steps: int, num_workers: int) -> list[int]:
+    """Batches each worker emits when the DataLoader reads batch ``k`` from worker ``k % num_workers``."""
+    w = max(1, num_workers)
+    return [steps // w + (i < steps % w) for i in range(w)]
+
+
+@dataclass
+class WorkerState:
+    """Where one worker's stream stands: enough to continue it exactly in a fresh process.
+
+    ``pass_``/``index``: the next position in the stream; ``deferred``: samples met again while
+    already drawn this epoch; ``bins``: the samples drawn but not yet emitted, as (pass, sample,
+    tokens) per open batch, in the packer's order; ``draws``: samples drawn since the epoch began
+    (replaying them from the epoch's first state rebuilds the set of samples drawn this epoch);
+    ``emitted``: batches emitted this epoch; ``ready``: how many of ``bins`` are complete batches
+    waiting to be emitted; ``resets``: the draw counts at which an over-long epoch had to start
+    drawing its partition again (see `SampleStream.reset`).
+    """
+
+    pass_: int = 0
+    index: int = 0
+    deferred: list = field(default_factory=list)
+    bins: list = field(default_factory=list)
+    draws: int = 0
+    emitted: int = 0
+    ready: int = 0
+    resets: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"pass": self.pass_, "index": self.index, "deferred": [list(r) for r in self.deferred],
+                "bins": [[list(t) for t in b] for b in self.bins], "draws": self.draws, "emitted": self.emitted,
+                "ready": self.ready, "resets": list(self.resets)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WorkerState":
+        return cls(int(d["pass"]), int(d["index"]), [tuple(int(v) for v in r) for r in d["deferred"]],
+                   [[tuple(int(v) for v in t) for t in b] for b in d["bins"]], int(d["draws"]), int(d["emitted"]),
+                   int(d.get("ready", 0)), [int(v) for v in d.get("resets", [])])
+
+    def pending(self) -> list[Ref]:
+        """Samples drawn but not emitted, in bin order."""
+        return [(p, s) for b in self.bins for p, s, _ in b]
+
+    def next_epoch(self) -> "WorkerState":
+        """This state (taken at the end of an epoch) as the first state of the next epoch."""
+        return WorkerState(self.pass_, self.index, list(self.deferred), [list(b) for b in self.bins], 0, 0,
+                           self.ready, [])
+
+
+class SampleStream:
+    """One worker's endless order of samples: its partition reshuffled every pass, no repeat in an epoch.
+
+    `draw` returns the next ``(pass, sample)`` not yet drawn in this epoch (deferred samples
+    first), or None once every sample of the partition has been drawn in this epoch. Drawing never
+    depends on the samples' contents, so a stream is rebuilt exactly by replaying its draws.
+    """
+
+    def __init__(self, samples: np.ndarray, seed: int, key: int, shuffle: bool = True,
+                 state: Optional[WorkerState] = None):
+        self.samples = np.asarray(samples, np.int64)
+        self.seed, self.key, self.shuffle = int(seed), int(key), bool(shuffle)
+        self._orders: dict[int, np.ndarray] = {}
+        self.start(state or WorkerState())
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def start(self, state: WorkerState) -> None:
+        """Begin an epoch at ``state`` (its pending samples count as drawn in this epoch)."""
+        self.pass_, self.index = state.pass_, state.index
+        self.deferred = list(state.deferred)
+        self.seen = {s for _, s in state.pending()}
+        self.draws = 0
+        self.resets: list[int] = []
+
+    def order(self, pass_: int) -> np.ndarray:
+        if pass_ not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+            perm = (np.random.default_rng([self.seed, 0x9A55, pass_, self.key]).permutation(len(self.samples))
+                    if self.shuffle else np.arange(len(self.samples)))
+            self._orders[pass_] = self.samples[perm]
+        return self._orders[pass_]
+
+    def exhausted(self) -> bool:
+        """True when every sample of the partition has been drawn in this epoch."""
+        return len(self.seen) >= len(self.samples)
+
+    def draw(self) -> Optional[Ref]:
+        if len(self.samples) == 0 or self.exhausted():
+            return None
+        for k, (p, s) in enumerate(self.deferred):
+            if s not in self.seen:
+                del self.deferred[k]
+                return self._take(p, s)
+        while True:
+            p, s = self.pass_, int(self.order(self.pass_)[self.index])
+            self.index += 1
+            if self.index == len(self.samples):
+                self.pass_, self.index = self.pass_ + 1, 0
+            if s in self.seen:
+                self.deferred.append((p, s))
+                continue
+            return self._take(p, s)
+
+    def _take(self, p: int, s: int) -> Ref:
+        self.seen.add(s)
+        self.draws += 1
+        return p, s
+
+    def reset(self) -> None:
+        """Allow this epoch to draw its samples again: only when an epoch asks for more batches than
+        one pass over the partition can fill (e.g. most samples were skipped as bad)."""
+        self.resets.append(self.draws)
+        self.seen = set()
+
+    def replay(self, draws: int, resets: Optional[list] = None) -> None:
+        """Redo ``draws`` draws (after `start`), with the `reset` calls made at draw counts
+        ``resets``: the stream then stands where the original did."""
+        resets = list(resets or [])
+        for k in range(draws + 1):
+            while resets and resets[0] == k:
+                self.reset()
+                resets.pop(0)
+            if k < draws and self.draw() is None:
+                raise ValueError(f"cannot replay {draws} draws: the partition has {len(self.samples)} samples")
+
+    def state(self, packer: "StreamPacker", emitted: int) -> WorkerState:
+        """The worker's state now, with ``packer``'s content as the pending samples."""
+        return WorkerState(self.pass_, self.index, list(self.deferred), packer.snapshot(), self.draws, emitted,
+                           len(packer.ready), list(self.resets))
+
+
+@dataclass
+class Item:
+    """One processed sample in a bin: its stream identity, token count (prefix included) and payload."""
+
+    ref: Ref
+    tokens: int
+    payload: Any = None
+
+
+class StreamPacker:
+    """Online first fit over ``open_bins`` open batches of at most ``max_tokens`` tokens and ``max_images``.
+
+    `add` puts an item into the first open batch with room; when none has room and all are open,
+    the fullest leaves first. A batch leaves at once when it is exactly full. Left batches wait in
+    ``ready`` until taken with `pop`.
+    """
+
+    def __init__(self, max_tokens: int, max_images: Optional[int] = None, open_bins: int = 2):
+        if open_bins < 1:
+            raise ValueError(f"open_bins must be >= 1, got {open_bins}")
+        self.max_tokens, self.open_bins = int(max_tokens), int(open_bins)
+        self.max_images = int(max_images) if max_images else None
+        self.bins: list[list[Item]] = []
+        self.used: list[int] = []
+        self.ready: list[list[Item]] = []
+
+    def _full(self, k: int) -> bool:
+        return self.used[k] == self.max_tokens or (self.max_images is not None and len(self.bins[k]) >= self.max_images)
+
+    def _fits(self, k: int, tokens: int) -> bool:
+        return self.used[k] + tokens <= self.max_tokens and (self.max_images is None or len(self.bins[k]) < self.max_images)
+
+    def _close(self, k: int) -> None:
+        self.ready.append(self.bins.pop(k))
+        self.used.pop(k)
+
+    def add(self, item: Item) -> None:
+        if item.tokens > self.max_tokens:
+            raise ValueError(f"needs {item.tokens} tokens, more than the batch budget max_tokens={self.max_tokens}; "
+                             "raise --max-tokens or lower the image size")
+        slot = next((k for k in range(len(self.bins)) if self._fits(k, item.tokens)), -1)
+        if slot < 0:
+            if len(self.bins) == self.open_bins:
+                self._close(int(np.argmax(self.used)))  # the first of the fullest
+            self.bins.append([])
+            self.used.append(0)
+            slot = len(self.bins) - 1
+        self.bins[slot].append(item)
+        self.used[slot] += item.tokens
+        if self._full(slot):
+            self._close(slot)
+
+    def pop(self) -> Optional[list[Item]]:
+        """The oldest batch that left, or None."""
+        return self.ready.pop(0) if self.ready else None
+
+    def flush(self, count: Optional[int] = None) -> None:
+        """Let ``count`` open batches leave now (all when None): repacked first-fit decreasing so the
+        fewest, fullest batches leave; with ``count`` larger than that, the batches with most images
+        are halved until there are ``count`` (fewer when there are not enough items)."""
+        items = sorted((it for b in self.bins for it in b), key=lambda it: -it.tokens)
+        self.bins, self.used = [], []
+        saved_open, self.open_bins = self.open_bins, max(1, len(items))
+        for it in items:  # first fit decreasing, nothing leaves early
+            slot = next((k for k in range(len(self.bins)) if self._fits(k, it.tokens)), -1)
+            if slot < 0:
+                self.bins.append([])
+                self.used.append(0)
+                slot = len(self.bins) - 1
+            self.bins[slot].append(it)
+            self.used[slot] += it.tokens
+        self.open_bins = saved_open
+        if count is not None:
+            while len(self.bins) < count:
+                k = max(range(len(self.bins)), key=lambda j: (len(self.bins[j]), -j), default=-1)
+                if k < 0 or len(self.bins[k]) < 2:
+                    break
+                b = self.bins[k]
+                half = len(b) // 2
+                self.bins[k:k + 1] = [b[:half], b[half:]]
+                self.used[k:k + 1] = [sum(it.tokens for it in b[:half]), sum(it.tokens for it in b[half:])]
+        order = sorted(range(len(self.bins)), key=lambda k: -self.used[k])
+        leave = order if count is None else order[:count]
+        left = [self.bins[k] for k in leave]
+        keep = [k for k in range(len(self.bins)) if k not in set(leave)]
+        self.bins, self.used = [self.bins[k] for k in keep], [self.used[k] for k in keep]
+        self.ready.extend(left)
+
+    def snapshot(self) -> list[list[tuple[int, int, int]]]:
+        """Ready then open batches as (pass, sample, tokens) lists: the packer's whole content."""
+        return [[(it.ref[0], it.ref[1], it.tokens) for it in b] for b in self.ready + self.bins]
+
+    def restore(self, bins: list[list[Item]], num_ready: int) -> None:
+        self.ready = [list(b) for b in bins[:num_ready]]
+        self.bins = [list(b) for b in bins[num_ready:]]
+        self.used = [sum(it.tokens for it in b) for b in self.bins]
+
+
+def epoch_batches(stream: SampleStream, packer: StreamPacker, quota: Optional[int], process,
+                  emitted: int = 0, on_reset=None):
+    """Yield ``(batch items, state after it)`` for one worker's share of an epoch.
+
+    ``process(ref) -> Item | None`` reads, transforms and patchifies one sample (None: skipped as
+    bad). ``quota``: batches to emit in this epoch (training); None: one pass, then every open batch
+    leaves (evaluation: each sample exactly once). ``emitted``: batches already emitted (resume).
+    When the partition is drawn out before the quota is met, the open batches leave, halved if
+    needed; only if even that cannot meet the quota does the stream `reset` (``on_reset`` is told).
+    """
+    while quota is None or emitted < quota:
+        items = packer.pop()
+        if items is not None:
+            emitted += 1
+            yield items, stream.state(packer, emitted)
+            continue
+        ref = stream.draw()
+        if ref is None:
+            if not packer.bins:
+                if quota is None:
+                    return
+                if on_reset is not None:
+                    on_reset(quota - emitted)
+                stream.reset()
+                continue
+            packer.flush(None if quota is None else quota - emitted)
+            continue
+        item = process(ref)
+        if item is not None:
+            packer.add(item)
