@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""The default job until the trainer lands: APT on the embedded sample dataset ``shards/``.
+"""The data side alone: `APTLoader` batches of the embedded sample dataset ``shards/``, no model.
 
     python tools/demo.py [--source shards] [--max-tokens 4096] [--workers 2] [--out out/]
 
 Runs `APTLoader` over the sample shards (token-budget batches planned from the index, built by
 worker processes), prints per-batch and total token counts against the uniform ViT grid, and
-writes a mosaic of patch layouts to ``OUT/layouts.png``.
+writes a mosaic of patch layouts to ``OUT/layouts.png``. The main job (training the model on
+these batches, with evaluation) is ``tools/train.py``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from apt_data import APTConfig, add_loader_args, config_from_args, patchify  # noqa: E402
+from apt_data import add_loader_args, config_from_args, patchify  # noqa: E402
 from apt_data.loader import APTLoader  # noqa: E402
 from apt_data.visualize import draw_layout  # noqa: E402
 
