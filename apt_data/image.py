@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 from typing import Optional, Union
 
 import numpy as np
@@ -79,8 +80,14 @@ def load_image(path: PathLike) -> np.ndarray:
     return decode_image(path)
 
 
+#: What PIL raises on hostile or corrupt input besides OSError (found by fuzzing, tests/test_fuzz.py, and
+#: named in PIL's own plugins): each is re-raised by `decode_image` as a ValueError naming the file.
+_PIL_DATA_ERRORS = (SyntaxError, struct.error, EOFError, IndexError, ZeroDivisionError, OverflowError)
+
+
 def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, crop: bool = True,
-                 multiple: int = 16, name: Optional[str] = None, crop_pct: float = 1.0) -> np.ndarray:
+                 multiple: int = 16, name: Optional[str] = None, crop_pct: float = 1.0,
+                 exif_transpose: bool = False) -> np.ndarray:
     """Decode (and optionally resize) an image to uint8 HxWx3 RGB.
 
     - ``size=None``: the image at its own size.
@@ -92,8 +99,17 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
     JPEGs much larger than the target are decoded at a reduced scale (libjpeg draft mode), which is
     much faster and still at least twice the target size before the final bicubic resize.
     ``source`` is a path or the encoded bytes (``name`` then labels errors).
+
+    ``exif_transpose``: apply the EXIF orientation tag (``PIL.ImageOps.exif_transpose``) before
+    resizing. Off by default, as in timm and torchvision (ImageNet is read without it).
+
+    Every failure to decode is a ``ValueError`` naming the file and what is wrong: empty, not an
+    image, truncated or corrupt (whatever PIL raised: OSError, SyntaxError, struct.error, ...),
+    a decompression bomb (more than ``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels; between 1x and 2x
+    PIL only warns, ``DecompressionBombWarning``, and the image is decoded) or too large to fit in
+    memory.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     label = name or (f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source))
     if not 0.0 < crop_pct <= 1.0:
@@ -115,6 +131,8 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
                 scale = size / crop_pct / min(w, h)
                 im.draft("RGB", (max(1, int(w * scale * 2)), max(1, int(h * scale * 2))))
             im.load()
+            if exif_transpose:
+                im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = to_rgb_uint8(np.asarray(im).astype(np.uint16))
                 if size is None:
@@ -141,5 +159,13 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
             return np.ascontiguousarray(np.asarray(im))
     except UnidentifiedImageError:
         raise ValueError(f"{label}: not an image PIL can decode") from None
-    except OSError as e:
-        raise ValueError(f"{label}: cannot decode image ({e})") from None
+    except ValueError as e:  # ours, labelled already, or PIL's own (e.g. "Truncated IHDR chunk")
+        if str(e).startswith(f"{label}: "):
+            raise
+        raise ValueError(f"{label}: cannot decode image (ValueError: {e})") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{label}: cannot decode image (decompression bomb: {e})") from None
+    except MemoryError:
+        raise ValueError(f"{label}: cannot decode image (out of memory: image too large)") from None
+    except (OSError,) + _PIL_DATA_ERRORS as e:
+        raise ValueError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from None

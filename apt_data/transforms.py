@@ -30,6 +30,12 @@ class ImageTransform:
     (``scale``, ``ratio``) to ``size x size``, horizontal flip with ``hflip``, optional timm
     RandAugment (``auto_augment``, e.g. ``"rand-m9-mstd0.5-inc1"``) and random erasing with
     probability ``re_prob`` filled with ``fill`` (the model's mean colour: zero after normalisation).
+    ``exif_transpose``: apply encoded images' EXIF orientation when decoding; off by default, as in
+    timm and torchvision.
+
+    Errors: input that cannot be decoded raises ``ValueError`` (bad data: a loader skips the sample);
+    a failure of the augmentation of a decoded image raises `AugmentationError`, a ``RuntimeError``
+    (a bug, not bad data: a loader does not skip it).
     """
 
     size: int = 224
@@ -43,6 +49,7 @@ class ImageTransform:
     auto_augment: Optional[str] = None
     re_prob: float = 0.0
     fill: tuple[int, int, int] = (128, 128, 128)
+    exif_transpose: bool = False
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % self.multiple:
@@ -68,11 +75,19 @@ class ImageTransform:
         """``data``: encoded bytes or a path, a PIL image, or a uint8 HxW / HxWx3 (/ HxWx4) array."""
         if not self.augment:
             return decode_image(_encoded(data, name), self.size, crop=not self.keep_aspect, multiple=self.multiple,
-                                name=name or None, crop_pct=self.crop_pct)
+                                name=name or None, crop_pct=self.crop_pct, exif_transpose=self.exif_transpose)
+        pixels = _decoded(data, name, self.exif_transpose)  # ValueError: bad data
+        try:
+            return self._augment(pixels, seed)
+        except Exception as e:  # our code or timm's on a valid image: a bug, never a skipped sample
+            raise AugmentationError(f"{name or 'image'}: augmentation failed on a decoded {pixels.shape} image "
+                                    f"(seed {seed}): {type(e).__name__}: {e}") from e
+
+    def _augment(self, pixels: np.ndarray, seed: int) -> np.ndarray:
         from PIL import Image
 
         rng = np.random.default_rng(seed)
-        img = Image.fromarray(_decoded(data, name))
+        img = Image.fromarray(pixels)
         top, left, h, w = self._crop_box(img.height, img.width, rng)
         img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
         if rng.random() < self.hflip:
@@ -120,10 +135,15 @@ class ImageTransform:
                 return
 
 
-def _decoded(data: Any, name: str = "") -> np.ndarray:
+class AugmentationError(RuntimeError):
+    """An augmentation failed on a decoded image: a bug in the transform, not bad data. A
+    ``RuntimeError``, so loaders raise it instead of skipping the sample as they do ``ValueError``."""
+
+
+def _decoded(data: Any, name: str = "", exif_transpose: bool = False) -> np.ndarray:
     """``data`` as a uint8 HxWx3 RGB array at its own size."""
     if isinstance(data, (bytes, bytearray, str, os.PathLike)):
-        return decode_image(data, name=name or None)
+        return decode_image(data, name=name or None, exif_transpose=exif_transpose)
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8:
             raise ValueError(f"{name or 'image'}: expected a uint8 image array, got {data.dtype} "
@@ -159,6 +179,7 @@ def _rand_augment(config: str, fill: tuple[int, int, int]):
         from timm.data.auto_augment import rand_augment_transform
 
         ra = rand_augment_transform(config, {"translate_const": 100, "img_mean": tuple(fill)})
+        _fix_ops(ra.ops)
 
         def apply(img, seed: int, _ra=ra):
             state, np_state = random.getstate(), np.random.get_state()
@@ -172,6 +193,29 @@ def _rand_augment(config: str, fill: tuple[int, int, int]):
 
         _RA_CACHE[key] = apply
     return _RA_CACHE[key]
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's ``posterize`` for every level it can draw: PosterizeIncreasing asks for 0 bits at
+    magnitude 10, which Pillow >= 11 rejects ("bits must be between or equal to 1 and 8"); keeping
+    0 bits is a black image, as Pillow < 11 and the TensorFlow reference give."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * (256 * len(img.getbands())))
+    from PIL import ImageOps
+
+    return ImageOps.posterize(img, int(bits_to_keep))
+
+
+def _fix_ops(ops: list) -> list:
+    """Make timm ``AugmentOp`` s valid for every magnitude they draw (in place): only posterize changes."""
+    from timm.data import auto_augment as aa
+
+    for op in ops:
+        if op.aug_fn is aa.posterize:
+            op.aug_fn = _posterize
+    return ops
 
 
 def transform_from_data_config(data_config: dict, augment: bool = False, multiple: int = 16, **kw) -> ImageTransform:

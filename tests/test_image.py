@@ -128,3 +128,50 @@ def test_decode_image_resizes_and_crops_like_timm_eval():
         decode_image(b"", 224, name="sample-7")
     with pytest.raises(ValueError, match="sample-8.*not an image"):
         decode_image(b"hello", 224, name="sample-8")
+
+
+def test_exif_orientation_is_applied_only_on_request(tmp_path):
+    from apt_data.transforms import ImageTransform, _decoded
+
+    with Image.open(IMAGE_PATHS[2]) as im:
+        small = im.convert("RGB").resize((64, 48), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 64x48, shown rotated 90 degrees clockwise (48 wide, 64 high)
+    path = tmp_path / "rotated.jpg"
+    small.save(path, quality=95, exif=exif.tobytes())
+    stored = decode_image(path)
+    assert stored.shape == (48, 64, 3)  # the default (as timm and torchvision) ignores the tag
+    upright = decode_image(path, exif_transpose=True)
+    np.testing.assert_array_equal(upright, np.rot90(stored, k=-1))
+    data = path.read_bytes()
+    assert decode_image(data, 32, crop=False, name="r.jpg").shape == (32, 48, 3)
+    assert decode_image(data, 32, crop=False, name="r.jpg", exif_transpose=True).shape == (48, 32, 3)
+    # passed through by ImageTransform, eval and train
+    assert ImageTransform(size=32, keep_aspect=True)(data).shape == (32, 48, 3)
+    assert ImageTransform(size=32, keep_aspect=True, exif_transpose=True)(data).shape == (48, 32, 3)
+    assert _decoded(data, "r.jpg", exif_transpose=True).shape == (64, 48, 3)
+    assert ImageTransform(size=32, augment=True, exif_transpose=True)(data, seed=1).shape == (32, 32, 3)
+
+
+def test_pil_errors_become_value_errors_naming_the_file(tmp_path):
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(load_resized(IMAGE_PATHS[0], 16)).save(buf, "PNG")
+    png = bytearray(buf.getvalue())
+    png[8:12] = (12).to_bytes(4, "big")  # IHDR length 12 < 13: PIL raises its own, unlabelled ValueError
+    with pytest.raises(ValueError, match="ihdr.png: cannot decode.*Truncated IHDR"):
+        decode_image(bytes(png), name="ihdr.png")
+    png = bytearray(buf.getvalue())
+    png[12:16] = b"IHDq"  # a broken chunk type: PIL raises SyntaxError while loading
+    with pytest.raises(ValueError, match="chunk.png: "):
+        decode_image(bytes(png), 16, name="chunk.png")
+    import struct
+    import zlib
+
+    bomb = bytearray(buf.getvalue())
+    bomb[16:24] = struct.pack(">II", 30000, 30000)  # the IHDR size field edited: 900 Mpixel (CRC fixed)
+    bomb[29:33] = struct.pack(">I", zlib.crc32(bytes(bomb[12:29])))
+    (tmp_path / "bomb.png").write_bytes(bytes(bomb))
+    with pytest.raises(ValueError, match="bomb.png.*decompression bomb"):
+        load_image(tmp_path / "bomb.png")
