@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from .binpack import pack_greedy, split_for_ranks
 from .config import APTConfig
 from .layout import PatchLayout
-from .pipeline import LayoutFn, LoaderStats, SamplePipeline, sample_seed
+from .pipeline import LayoutFn, LoaderStats, SamplePipeline, SkippedOnly, TooManySkipped, sample_seed
 from .sources import Source, open_source
 from .rank_stream import RankStream
 from .stream import estimate_steps, partition, worker_quotas
@@ -43,7 +43,7 @@ from .worker import PlannedBins, StreamEpoch
 
 log = logging.getLogger("apt_data.loader")
 
-__all__ = ["APTLoader", "LayoutFn", "LoaderStats", "PACKINGS", "Source", "open_source", "sample_seed"]
+__all__ = ["APTLoader", "LayoutFn", "LoaderStats", "PACKINGS", "Source", "TooManySkipped", "open_source", "sample_seed"]
 
 PACKINGS = ("auto", "stream", "plan")
 STATE_VERSION = 1
@@ -64,6 +64,8 @@ class APTLoader:
     ``static_shapes``: pad every batch to exactly ``max_tokens`` (torch.compile / CUDA graphs).
     ``rank``/``world_size``: default to torch.distributed's when it is initialised.
     ``strict``: raise on a bad sample instead of logging, counting and skipping it.
+    ``max_skip_fraction``: more bad samples in an epoch than this share of the rank's samples (and
+    more than 10) stop the epoch with `TooManySkipped`.
     ``layout_fn``: `LayoutFn` used instead of `patchify` (e.g. a baseline's layouts); with planned
     packing it must keep at most the image's APT token count (exactly that with an index).
     """
@@ -75,7 +77,7 @@ class APTLoader:
                  open_bins: Optional[int] = None, strict: bool = False, pin_memory: Optional[bool] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None, prefetch_factor: int = 2,
                  start_step: int = 0, layout_fn: Optional[LayoutFn] = None, packing: str = "auto",
-                 steps_per_epoch: Optional[int] = None, probe_samples: int = 256):
+                 steps_per_epoch: Optional[int] = None, probe_samples: int = 256, max_skip_fraction: float = 0.01):
         self.cfg = cfg or APTConfig()
         self.source: Source = open_source(source)
         stored = self.source.image_size_setting
@@ -118,6 +120,8 @@ class APTLoader:
         if self._steps is not None and self._steps < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.probe_samples = int(probe_samples)
+        self.max_skip_fraction = float(max_skip_fraction)
+        self._epoch_skips: dict[int, int] = {}
         self._mean_tokens: Optional[float] = None
         self._bound: Optional[np.ndarray] = None
         self._pool: Optional[SlotPool] = None
@@ -320,7 +324,8 @@ class APTLoader:
             dl = DataLoader(PlannedBins(self, bins, self.epoch, self._exact), batch_size=None, num_workers=0,
                             pin_memory=self.pin_memory)
             for batch in dl:
-                yield self._account(batch), batch.labels
+                if not isinstance(self._account(batch), SkippedOnly):
+                    yield batch, batch.labels
             self.start_step = 0  # a resumed epoch continues once; iterating again starts it from 0
             return
         warmup()  # compiled kernels are inherited by forked workers
@@ -333,7 +338,8 @@ class APTLoader:
         try:
             for item in it:
                 batch = item.to_batch() if isinstance(item, WireBatch) else item
-                yield self._account(batch), batch.labels
+                if not isinstance(self._account(batch), SkippedOnly):  # a bin of bad samples only
+                    yield batch, batch.labels
             self.start_step = 0
         finally:
             shutdown = getattr(it, "_shutdown_workers", None)
@@ -399,6 +405,15 @@ class APTLoader:
         for key, reason in zip(batch.skipped, batch.skip_reasons):
             self.stats.skipped[reason] += 1
             self.stats.skipped_keys.append(key)
+        if batch.skipped:
+            n = self._epoch_skips[self.epoch] = self._epoch_skips.get(self.epoch, 0) + len(batch.skipped)
+            share = len(self.source) / self.world_size
+            if n > max(10, self.max_skip_fraction * share):
+                raise TooManySkipped(
+                    f"{n} bad samples skipped in epoch {self.epoch} of rank {self.rank}, more than "
+                    f"{self.max_skip_fraction:.1%} of its {share:.0f} samples (reasons so far: "
+                    f"{dict(self.stats.skipped)}; last: {batch.skipped[-1]}); fix the data, or raise "
+                    "max_skip_fraction (--max-skip-fraction)")
         return batch
 
     def _uniform_per_image(self) -> Optional[np.ndarray]:

@@ -28,7 +28,7 @@ log = logging.getLogger("apt_data.loader")
 #: given the loader's config and the sample's index in the source; replaces `patchify`.
 LayoutFn = Callable[[np.ndarray, APTConfig, int], PatchLayout]
 
-__all__ = ["LayoutFn", "LoaderStats", "SamplePipeline", "sample_seed", "skip_reason"]
+__all__ = ["LayoutFn", "LoaderStats", "SamplePipeline", "SkippedOnly", "TooManySkipped", "sample_seed", "skip_reason"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -36,8 +36,26 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
+class TooManySkipped(ValueError):
+    """More samples of an epoch were bad than the loader's ``max_skip_fraction`` allows."""
+
+
+class ScoresMismatch(ValueError):
+    """A sample's stored score maps are unusable (not finite, or not the index's token count)."""
+
+
+class SkippedOnly:
+    """What a planned bin whose samples were all bad yields instead of an empty batch: its skips."""
+
+    def __init__(self, skipped: list):
+        self.skipped = tuple(k for k, _ in skipped)
+        self.skip_reasons = tuple(r for _, r in skipped)
+
+
 def skip_reason(e: Exception) -> str:
     """A short reason under which a skipped sample is counted."""
+    if isinstance(e, ScoresMismatch):
+        return "bad score maps"
     msg = str(e)
     for tag in ("0 bytes", "not an image", "truncated", "cannot decode"):
         if tag in msg:
@@ -90,13 +108,22 @@ class SamplePipeline:
         if self.layout_fn is not None:
             return img, self.layout_fn(img, self.cfg, i)
         if scores is not None:  # deterministic transform of the stored image: reuse the stored score maps
+            if not np.isfinite(scores).all():
+                raise ScoresMismatch(f"{key}: its stored score maps hold NaN or inf (a corrupt .npy member)")
             return img, layout_from_flat_scores(scores, img.shape[:2], self.cfg)
         return img, patchify(img, self.cfg)
 
-    def try_load(self, i: int, epoch: int, skipped: list) -> Optional[tuple[np.ndarray, PatchLayout]]:
-        """`load`, with a bad sample logged and appended to ``skipped`` as ``(key, reason)`` (strict: raised)."""
+    def try_load(self, i: int, epoch: int, skipped: list,
+                 exact: Optional[np.ndarray] = None) -> Optional[tuple[np.ndarray, PatchLayout]]:
+        """`load`, with a bad sample logged and appended to ``skipped`` as ``(key, reason)`` (strict: raised).
+        ``exact``: the index's token counts, which the layout must match."""
         try:
-            return self.load(i, epoch)
+            img, layout = self.load(i, epoch)
+            if exact is not None and len(layout) != exact[i]:
+                raise ScoresMismatch(f"{self.source.keys[i]}: its stored score maps give {len(layout)} tokens, the "
+                                     f"index {exact[i]} (a corrupt .npy member, or an index made with another "
+                                     "config)")
+            return img, layout
         except (ValueError, OSError) as e:
             key = self.source.keys[i]
             if self.strict:
@@ -110,18 +137,16 @@ class SamplePipeline:
         """Load and pack one planned bin (``exact``: the index's counts, checked)."""
         images, layouts, labels, keys, skipped = [], [], [], [], []
         for i in sample_ids.tolist():
-            loaded = self.try_load(i, epoch, skipped)
+            loaded = self.try_load(i, epoch, skipped, exact)
             if loaded is None:
                 continue
             img, layout = loaded
-            key = self.source.keys[i]
-            if exact is not None and len(layout) != exact[i]:
-                raise RuntimeError(f"sample {key}: the index says {exact[i]} tokens but the layout has "
-                                   f"{len(layout)}; the index was made with a different config or transform")
             images.append(img)
             layouts.append(layout)
             labels.append(int(self.source.labels[i]))
-            keys.append(key)
+            keys.append(self.source.keys[i])
+        if not images:  # never an empty batch: the skips alone travel to the main process
+            return SkippedOnly(skipped)
         return self.ship(images, layouts, labels, keys, skipped, pool)
 
     def ship(self, images: list, layouts: list, labels: list, keys: list, skipped: list,

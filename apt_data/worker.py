@@ -82,7 +82,7 @@ class StreamEpoch(IterableDataset):
     def _process(self, ref) -> Optional[Item]:
         """One sample through the pipeline: an `Item`, or None when it is skipped as bad."""
         p, i = ref
-        loaded = self._pipeline.try_load(i, p, self._skipped)
+        loaded = self._pipeline.try_load(i, p, self._skipped, self._exact)
         if loaded is None:
             return None
         img, layout = loaded
@@ -114,6 +114,7 @@ class StreamEpoch(IterableDataset):
         wid, nw = _worker()
         self._skipped = getattr(self, "_skipped", [])
         self._pipeline = loader.pipeline
+        self._exact = loader._exact  # the index's counts for this setup, checked against every layout
         if self._live is None:
             role = (wid + self.offset) % nw
             start = self.starts[role]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from apt_data import APTConfig, add_loader_args
+from apt_data.loader import TooManySkipped
 
 from .config import SetupError, TrainConfig, loader_config, validate
 from .dist import DistInfo, cleanup, init_distributed
@@ -81,6 +82,9 @@ def build_parser(default_data: Optional[str] = None, default_val_data: Optional[
                    help="torch.compile each block's norms and MLP (one compile with --static-shapes)")
     o.add_argument("--grad-checkpointing", action="store_true")
     o.add_argument("--strict", action="store_true", help="stop at a bad sample instead of skipping it")
+    o.add_argument("--max-skip-fraction", type=float, default=0.01,
+                   help="stop when more bad samples than this share of an epoch (and more than 10) were "
+                        "skipped (default: %(default)s)")
     o.add_argument("--log-every", type=int, default=10, help="print a line every N steps when the progress bar is off (default: %(default)s)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds before a stuck collective fails (default: %(default)s)")
@@ -131,8 +135,13 @@ def run(argv: Argv = None, **defaults: Optional[str]) -> TrainResult:
 
 
 def main(argv: Argv = None, **defaults: Optional[str]) -> int:
-    """``tools/train.py``: train, return 0 (bad settings exit 2). ``defaults``: see `make_trainer`."""
-    run(argv, **defaults)
+    """``tools/train.py``: train, return 0 (bad settings, or too much bad data, exit 2). ``defaults``: see
+    `make_trainer`."""
+    try:
+        run(argv, **defaults)
+    except TooManySkipped as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -81,6 +81,7 @@ class TrainConfig:
     compile: bool = False
     grad_checkpointing: bool = False
     strict: bool = False
+    max_skip_fraction: float = 0.01      # more bad samples in an epoch stop the run
     log_every: int = 10
     quiet: bool = False
     dist_timeout: float = 1800.0

@@ -149,7 +149,8 @@ class Trainer:
         try:
             self.loader = APTLoader(train_source, self.cfg, max_tokens=c.max_tokens, max_images=c.max_images,
                                     num_workers=c.workers, shuffle=True, seed=c.seed, train=True, transform=transform,
-                                    num_prefix_tokens=prefix, static_shapes=c.static_shapes, strict=c.strict)
+                                    num_prefix_tokens=prefix, static_shapes=c.static_shapes, strict=c.strict,
+                                    max_skip_fraction=c.max_skip_fraction)
             self.loader.set_epoch(0)
             self.loader.steps_per_epoch()  # budget errors surface here, before the first step
             self.val_loader = None

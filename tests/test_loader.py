@@ -406,3 +406,71 @@ def test_streamed_eval_reads_every_sample_once_with_thresholds_other_than_the_in
     with caplog.at_level("WARNING"):
         APTLoader(str(SHARDS) + ":val", cfg, max_tokens=2048, num_workers=0, train=False, image_size=256)
     assert "pass image_size=224" in caplog.text
+
+
+def test_an_epoch_of_mostly_bad_samples_stops_with_a_clear_error(folder, tmp_path):
+    from apt_data.loader import TooManySkipped
+
+    bad = tmp_path / "mostly_bad"
+    for k in range(14):  # 14 unreadable files next to 2 photos
+        d = bad / f"class{k % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"bad{k}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    for k, p in enumerate(IMAGE_PATHS[:2]):
+        shutil.copy(p, bad / f"class{k}" / p.name)
+    for packing in ("plan", "stream"):
+        loader = APTLoader(FolderSource(bad), APTConfig(), max_tokens=1200, num_workers=0, train=False,
+                           packing=packing)
+        with pytest.raises(TooManySkipped, match=r"bad samples skipped in epoch 0 .*max_skip_fraction"):
+            keys_of_epoch(loader)
+    relaxed = APTLoader(FolderSource(bad), APTConfig(), max_tokens=1200, num_workers=0, train=False,
+                        max_skip_fraction=1.0)
+    assert sorted(k for b in keys_of_epoch(relaxed) for k in b) == sorted(f"class{k}/{p.name}"
+                                                                         for k, p in enumerate(IMAGE_PATHS[:2]))
+    assert relaxed.stats.num_skipped == 14
+
+
+def test_a_bin_of_bad_samples_only_is_never_an_empty_batch(folder, tmp_path):
+    bad = tmp_path / "bad_bins"
+    shutil.copytree(folder, bad)
+    (bad / "class0" / "zero.jpg").write_bytes(b"")
+    (bad / "class1" / "text.jpg").write_text("not an image at all")
+    for packing in ("plan", "stream"):  # one image per batch: each bad file is a bin of its own
+        loader = APTLoader(FolderSource(bad), APTConfig(), max_tokens=1200, max_images=1, num_workers=2,
+                           train=False, packing=packing)
+        batches = [b for b, _ in loader]
+        assert all(b.num_images == 1 for b in batches) and len(batches) == len(loader.source) - 2
+        assert loader.stats.num_skipped == 2
+
+
+@pytest.mark.parametrize("damage", ["nan", "noise"])
+def test_corrupt_score_maps_are_a_counted_skip(tmp_path, damage):
+    """A shard sample whose .npy member was overwritten (NaN, or random finite scores that change its
+    token count) is skipped with a reason, not fatal; every other sample comes once."""
+    import pyarrow as pa
+    import pyarrow.compute  # noqa: F401
+
+    from apt_data import read_index
+    from apt_data.shards import write_index
+
+    index = read_index(SHARDS, "train")
+    rows = index.table.filter(pa.compute.equal(index.table.column("shard"), "train-000000.tar")).slice(0, 16)
+    data = bytearray((index.root / "train-000000.tar").read_bytes())
+    bad = rows.slice(5, 1).to_pylist()[0]
+    end = bad["npy_offset"] + bad["npy_size"]
+    n = 64  # float32 score values at the end of the member's data
+    rng = np.random.default_rng(0)
+    values = np.full(n, np.nan, np.float32) if damage == "nan" else rng.uniform(0, 9, n).astype(np.float32)
+    data[end - 4 * n:end] = values.tobytes()
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(bytes(data))
+    rows = rows.set_column(rows.column_names.index("shard"), "shard", pa.array([str(shard)] * rows.num_rows))
+    keep = [c for c in rows.column_names if not c.endswith("_checksum")]  # this test targets the scores path
+    write_index(tmp_path / "bad.parquet", rows.select(keep), index.config,
+                {k: v for k, v in index.settings.items() if k != "shards"})
+    for packing in ("plan", "stream"):
+        loader = APTLoader(str(tmp_path / "bad.parquet"), APTConfig(), max_tokens=2048, num_workers=0, train=False,
+                           packing=packing)
+        keys = [k for b, _ in loader for k in b.keys]
+        assert loader.stats.skipped_keys == [bad["key"]], loader.stats.skipped
+        assert sorted(keys) == sorted(k for k in rows.column("key").to_pylist() if k != bad["key"])
