@@ -166,8 +166,9 @@ class APTLoader:
                 bound = np.empty(len(self.source), np.int64)
                 for i in range(len(self.source)):
                     wh = self.source.image_size(i)
-                    if wh is None:
-                        raise ValueError(f"{self.source.keys[i]}: cannot read the image size to plan batches")
+                    if wh is None:  # unreadable: planned as one token; loading it then counts the skip
+                        bound[i] = 1
+                        continue
                     h, w = self.transform.output_size(*wh)
                     bound[i] = (h // p) * (w // p)
             else:

@@ -474,3 +474,16 @@ def test_corrupt_score_maps_are_a_counted_skip(tmp_path, damage):
         keys = [k for b, _ in loader for k in b.keys]
         assert loader.stats.skipped_keys == [bad["key"]], loader.stats.skipped
         assert sorted(keys) == sorted(k for k in rows.column("key").to_pylist() if k != bad["key"])
+
+
+def test_keep_aspect_planning_skips_an_unreadable_file(folder, tmp_path):
+    bad = tmp_path / "aspect"
+    shutil.copytree(folder, bad)
+    (bad / "class2" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    tr = ImageTransform(size=224, keep_aspect=True)
+    for packing in ("plan", "stream"):
+        loader = APTLoader(FolderSource(bad), APTConfig(), max_tokens=2000, num_workers=0, train=False,
+                           transform=tr, packing=packing)
+        keys = [k for b in keys_of_epoch(loader) for k in b]
+        assert sorted(keys) == sorted(k for k in loader.source.keys if "broken" not in k)
+        assert loader.stats.skipped_keys == ["class2/broken.jpg"]
