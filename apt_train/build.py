@@ -20,6 +20,31 @@ def checkpoint_num_classes(state: dict) -> Optional[int]:
     return int(w.shape[0]) if w is not None and w.ndim == 2 else None
 
 
+def _read_weights(checkpoint: str) -> dict:
+    """The state dict of a local weights file, picked as timm's ``load_state_dict`` picks it; a trainer
+    checkpoint's tensor checksums are verified. Any failure is one line (`SetupError`)."""
+    from timm.models import load_state_dict
+    from timm.models._helpers import clean_state_dict
+
+    from .checkpoint import read_checkpoint_file, verify_checkpoint
+
+    if checkpoint.endswith(".safetensors"):
+        try:
+            return load_state_dict(checkpoint)
+        except Exception as e:
+            msg = (str(e).strip().splitlines() or [""])[0][:200]
+            raise SetupError(f"checkpoint {checkpoint} cannot be read: {type(e).__name__}: {msg}") from None
+    raw = read_checkpoint_file(checkpoint)  # CheckpointError (a SetupError): one line, naming the file
+    verify_checkpoint(checkpoint, raw)
+    if not isinstance(raw, dict):
+        raise SetupError(f"checkpoint {checkpoint} holds a {type(raw).__name__}, not a state dict")
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm's order (use_ema=True)
+        if raw.get(key) is not None:
+            raw = raw[key]
+            break
+    return clean_state_dict(raw)
+
+
 def build_model(name: str, *, checkpoint: Optional[str] = None, num_classes: Optional[int] = None,
                 image_size: Optional[int] = None, num_scales: int = 3, drop_path: float = 0.0,
                 attn_backend: str = "auto") -> APTViT:
@@ -36,12 +61,7 @@ def build_model(name: str, *, checkpoint: Optional[str] = None, num_classes: Opt
         raise SetupError(f"checkpoint {checkpoint} does not exist")
     state = None
     if checkpoint is not None:
-        from timm.models import load_state_dict
-
-        try:
-            state = load_state_dict(checkpoint)  # read once: the head size here, the weights below
-        except Exception as e:
-            raise SetupError(f"checkpoint {checkpoint} cannot be read: {e}") from None
+        state = _read_weights(checkpoint)  # read once: the head size here, the weights below
         ckpt_classes = checkpoint_num_classes(state)
         if num_classes is None:
             num_classes = ckpt_classes

@@ -6,6 +6,11 @@ checkpoint_path=...)` and timm's ``load_state_dict`` read it), ``optimizer``, ``
 entry per rank: torch CPU/CUDA, numpy and Python states) and ``config`` (the run's `TrainConfig` as
 a plain dict). Everything is a tensor or a plain Python value, so it loads with
 ``torch.load(weights_only=True)``.
+
+`save_checkpoint` adds ``integrity``: the CRC32C of every tensor's bytes, by its path in the state
+(``model/blocks.0.attn.qkv.weight``, ``optimizer/state/3/exp_avg``, ...); `load_checkpoint` verifies
+them and raises `CheckpointError` (a `SetupError`, so a ValueError) naming the file and the first
+bad tensor, or, for a file that cannot be read at all, what is wrong with it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ import torch
 
 from apt_data.io import atomic_write  # the project's one atomic writer
 
+from .config import SetupError
+
 PathLike = Union[str, os.PathLike]
 _CKPT = re.compile(r"^checkpoint-(\d+)\.pt$")
 
@@ -30,15 +37,105 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+INTEGRITY_KEY = "integrity"
+
+
+class CheckpointError(SetupError):
+    """A checkpoint that cannot be read, or whose tensors do not match their checksums (names the file)."""
+
+
+def _tensors(obj, prefix: str = ""):
+    """``(path, tensor)`` of every tensor in nested dicts / lists / tuples, in a stable order."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            if not (prefix == "" and k == INTEGRITY_KEY):
+                yield from _tensors(obj[k], f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}" if prefix else str(i))
+
+
+def tensor_checksum(t: torch.Tensor) -> int:
+    """CRC32C of a tensor's bytes (any dtype or device; row-major)."""
+    from crc32c import crc32c
+
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return crc32c(t.view(torch.uint8).numpy() if t.numel() else b"")
+
+
+def tensor_checksums(state: dict) -> dict[str, int]:
+    """``{path: CRC32C}`` of every tensor of ``state`` (what `save_checkpoint` stores)."""
+    return {p: tensor_checksum(t) for p, t in _tensors(state)}
+
+
 def save_checkpoint(path: PathLike, state: dict) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically."""
+    """``torch.save`` ``state`` to ``path`` atomically, with the checksum of every tensor."""
+    state = {**state, INTEGRITY_KEY: {"algorithm": "crc32c", "tensors": tensor_checksums(state)}}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _unreadable(path: Path, e: BaseException) -> str:
+    """One line: what is wrong with a checkpoint file ``torch.load`` failed on."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as oe:
+        return f"checkpoint {path} cannot be read: {oe.strerror or oe}"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    if size == 0:
+        what = "empty file (0 bytes)"
+    elif head.startswith(b"PK\x03\x04"):
+        what = f"truncated or corrupt PyTorch archive of {size} bytes ({type(e).__name__}: {first})"
+    elif head[:1] == b"\x80":
+        what = f"truncated or corrupt pickle of {size} bytes ({type(e).__name__}: {first})"
+    else:
+        what = f"not a PyTorch checkpoint ({size} bytes starting {head!r})"
+    return f"checkpoint {path} cannot be read: {what}"
+
+
+def read_checkpoint_file(path: PathLike) -> object:
+    """``torch.load(weights_only=True)`` of one file on the CPU, any failure as one-line `CheckpointError`."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # EOFError, RuntimeError (zip), UnpicklingError, ... : say which file and what
+        raise CheckpointError(_unreadable(path, e)) from None
+
+
+def verify_checkpoint(path: PathLike, state: object) -> None:
+    """Check the tensors of a loaded checkpoint against its stored checksums (none stored: nothing to check)."""
+    stored = state.get(INTEGRITY_KEY) if isinstance(state, dict) else None
+    if not isinstance(stored, dict):
+        return
+    want = stored.get("tensors") or {}
+    have = dict(_tensors(state))
+    for name, crc in want.items():
+        t = have.get(name)
+        if t is None:
+            raise CheckpointError(f"checkpoint {path} is corrupt: tensor {name!r} is missing")
+        got = tensor_checksum(t)
+        if got != int(crc):
+            raise CheckpointError(f"checkpoint {path} is corrupt: checksum mismatch in tensor {name!r} "
+                                  f"(stored crc32c {int(crc):08x}, read {got:08x})")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise CheckpointError(f"checkpoint {path} is corrupt: tensor {extra[0]!r} has no checksum")
+
+
 def load_checkpoint(path: PathLike) -> dict:
-    """A trainer checkpoint (a file, or the newest ``checkpoint-*.pt`` of a folder), on the CPU."""
+    """A trainer checkpoint (a file, or the newest ``checkpoint-*.pt`` of a folder), on the CPU,
+    its tensors verified (`CheckpointError`: unreadable, corrupt, or not a checkpoint dict)."""
     path = resolve_checkpoint(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint: it holds a {type(state).__name__}")
+    verify_checkpoint(path, state)
+    if "model" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a training checkpoint (no 'model' entry)")
+    return state
 
 
 def resolve_checkpoint(path: PathLike) -> Path:

@@ -4,7 +4,7 @@ A shard is a plain tar that `webdataset.WebDataset` reads as is: each sample is 
 ``<key>.cls``, ``<key>.jpg``, ``<key>.json`` and ``<key>.npy`` (`format`). The index
 (``<prefix>.parquet``, `index`) has one row per sample with its label, sizes, token counts and
 the byte offset and size of every member, so a loader plans batches without opening a shard and
-reads any sample with one seek (`reader`). Nothing is ever pickled, and shards and index are
+reads any sample with one seek (`reader`), verifying the CRC32C of every member the index records. Nothing is ever pickled, and shards and index are
 written atomically (`writer`, `apt_data.io`). `build` makes a shard set from images.
 
 Modules: `errors` (ShardDataError, ShardStats), `format` (members, validation), `reader`,
@@ -15,17 +15,17 @@ from ..io import atomic_write, atomic_write_bytes, fsync_dir
 from ..listing import IMAGE_EXTENSIONS, list_image_folder, read_file_list
 from .encode import EncodedSample, SourceError, encode_sample, sample_meta
 from .errors import ShardDataError, ShardStats, Skipped
-from .format import FORMAT_VERSION, INDEX_METADATA_KEY, MEMBERS, SampleRecord, split_scores
+from .format import CHECKSUM, FORMAT_VERSION, INDEX_METADATA_KEY, MEMBERS, SampleRecord, split_scores
 from .index import (ShardIndex, config_dict, find_index, index_columns, index_row, index_table, read_index,
                     write_index)
-from .reader import ShardFiles, iter_shard, iter_shards, read_record, read_sample
+from .reader import ShardFiles, iter_shard, iter_shards, read_record, read_sample, row_checksums
 from .urls import expand_urls
 from .writer import ShardWriter
 
 __all__ = [
-    "EncodedSample", "FORMAT_VERSION", "IMAGE_EXTENSIONS", "INDEX_METADATA_KEY", "MEMBERS", "SampleRecord",
+    "CHECKSUM", "EncodedSample", "FORMAT_VERSION", "IMAGE_EXTENSIONS", "INDEX_METADATA_KEY", "MEMBERS", "SampleRecord",
     "ShardDataError", "ShardFiles", "ShardIndex", "ShardStats", "ShardWriter", "Skipped", "SourceError",
     "atomic_write", "atomic_write_bytes", "config_dict", "encode_sample", "expand_urls", "find_index",
     "fsync_dir", "index_columns", "index_row", "index_table", "iter_shard", "iter_shards", "list_image_folder",
-    "read_file_list", "read_index", "read_record", "read_sample", "sample_meta", "split_scores", "write_index",
+    "read_file_list", "read_index", "read_record", "read_sample", "row_checksums", "sample_meta", "split_scores", "write_index",
 ]

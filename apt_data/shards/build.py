@@ -167,7 +167,7 @@ def build_shard(task: ShardTask) -> int:
             meta = sample_meta(key, enc, task.cfg, label=label, source=name, crop=task.crop,
                                quality=task.quality, extra=extra)
             offsets = writer.write_sample(key, enc.jpeg, label, meta, enc.scores)
-            rows.append(index_row(key, path.name, meta, offsets))
+            rows.append(index_row(key, path.name, meta, offsets, writer.checksums[key]))
         size = writer.commit()
     except BaseException:
         writer.abort()

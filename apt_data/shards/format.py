@@ -13,20 +13,24 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from crc32c import crc32c as member_checksum  # member_checksum(bytes) -> int in [0, 2**32)
 
 from ..image import decode_image
 from .errors import ShardStats, report_bad
 
 __all__ = [
-    "BLOCK", "FORMAT_VERSION", "INDEX_METADATA_KEY", "JPEG_EOI", "JPEG_SOI", "KEY_RE", "MEMBERS", "TAR_MODE",
-    "TAR_MTIME", "SampleRecord", "json_bytes", "load_scores", "npy_bytes", "record_from_members", "split_key",
-    "split_scores",
+    "BLOCK", "CHECKSUM", "FORMAT_VERSION", "INDEX_METADATA_KEY", "JPEG_EOI", "JPEG_SOI", "KEY_RE", "MEMBERS", "TAR_MODE",
+    "TAR_MTIME", "SampleRecord", "json_bytes", "load_scores", "npy_bytes", "member_checksum", "record_from_members",
+    "split_key", "split_scores",
 ]
 
 #: Bumped when the meaning of a member or index column changes.
 FORMAT_VERSION = 1
 #: Members of one sample, in the order they are written (sorted by extension).
 MEMBERS = ("cls", "jpg", "json", "npy")
+#: The member checksum of the index (column ``<member>_crc32c``): CRC32C, hardware-accelerated by the
+#: ``crc32c`` package (about 20 GB/s, 0.5 us for a 10 KB JPEG), so every read can afford to verify it.
+CHECKSUM = "crc32c"
 #: Schema-metadata key of the Parquet index.
 INDEX_METADATA_KEY = b"apt.shards"
 #: Every tar member gets these, so the same samples give byte-identical shards.

@@ -16,7 +16,7 @@ import numpy as np
 from ..config import APTConfig
 from ..io import atomic_write_bytes
 from .errors import ShardStats
-from .format import FORMAT_VERSION, INDEX_METADATA_KEY, MEMBERS, SampleRecord, json_bytes
+from .format import CHECKSUM, FORMAT_VERSION, INDEX_METADATA_KEY, MEMBERS, SampleRecord, json_bytes
 from .reader import read_sample
 
 PathLike = Union[str, os.PathLike]
@@ -35,11 +35,14 @@ def index_columns(num_scales: int) -> list[str]:
     """Index columns in order (see docs/shards.md)."""
     return (["key", "shard", "label", "source", "orig_width", "orig_height", "width", "height"]
             + [f"tokens_s{s}" for s in range(num_scales)] + ["tokens"]
-            + [f"{m}_{what}" for m in MEMBERS for what in ("offset", "size")])
+            + [f"{m}_{what}" for m in MEMBERS for what in ("offset", "size")]
+            + [f"{m}_{CHECKSUM}" for m in MEMBERS])
 
 
-def index_row(key: str, shard: str, meta: Mapping[str, Any], offsets: Mapping[str, tuple[int, int]]) -> dict:
-    """One index row from a sample's metadata and its member offsets (``-1`` for a missing member)."""
+def index_row(key: str, shard: str, meta: Mapping[str, Any], offsets: Mapping[str, tuple[int, int]],
+              checksums: Optional[Mapping[str, int]] = None) -> dict:
+    """One index row from a sample's metadata, its member offsets (``-1`` for a missing member) and
+    the CRC32C of every member (`ShardWriter.checksums`; ``-1``: none, not verified on read)."""
     row = {"key": key, "shard": shard, "label": int(meta["label"]), "source": str(meta.get("source", "")),
            "orig_width": int(meta["orig_width"]), "orig_height": int(meta["orig_height"]),
            "width": int(meta["width"]), "height": int(meta["height"])}
@@ -49,16 +52,20 @@ def index_row(key: str, shard: str, meta: Mapping[str, Any], offsets: Mapping[st
     for m in MEMBERS:
         off, size = offsets.get(m, (-1, -1))
         row[f"{m}_offset"], row[f"{m}_size"] = int(off), int(size)
+        row[f"{m}_{CHECKSUM}"] = int((checksums or {}).get(m, -1)) if off >= 0 else -1
     return row
 
 
 def index_table(rows: Sequence[Mapping[str, Any]], num_scales: int):
-    """Index rows (`index_row` dicts) as a pyarrow Table with the index column types."""
+    """Index rows (`index_row` dicts) as a pyarrow Table with the index column types.
+
+    Rows without checksums (a sidecar of an older build) get ``-1`` there: read without verification."""
     import pyarrow as pa
 
     types = {"key": pa.string(), "shard": pa.string(), "source": pa.string(), "label": pa.int64()}
-    return pa.table({c: pa.array([r[c] for r in rows], type=types.get(
-        c, pa.int64() if c.endswith(("_offset", "_size")) else pa.int32())) for c in index_columns(num_scales)})
+    crc = (f"_{CHECKSUM}",)
+    return pa.table({c: pa.array([r.get(c, -1) if c.endswith(crc) else r[c] for r in rows], type=types.get(
+        c, pa.int64() if c.endswith(("_offset", "_size") + crc) else pa.int32())) for c in index_columns(num_scales)})
 
 
 def write_index(path: PathLike, rows: Union[Sequence[Mapping[str, Any]], Any], cfg: APTConfig,

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 from .errors import ShardStats, report_bad
-from .format import BLOCK, MEMBERS, SampleRecord, record_from_members, split_key
+from .format import BLOCK, CHECKSUM, MEMBERS, SampleRecord, member_checksum, record_from_members, split_key
 from .urls import expand_urls, open_url
 
 PathLike = Union[str, os.PathLike]
 Spans = Mapping[str, tuple[int, int]]  # member extension -> (data offset, size) in its shard
 
-__all__ = ["ShardFiles", "iter_shard", "iter_shards", "read_record", "read_sample", "row_spans"]
+__all__ = ["ShardFiles", "iter_shard", "iter_shards", "read_record", "read_sample",
+           "row_checksums", "row_spans"]
 
 
 class _TarTruncated(Exception):
@@ -182,14 +183,34 @@ def _members_at(span: bytes, start: int, key: str, spans: Spans) -> dict[str, by
     return members
 
 
+# ------------------------------------------------------------------------------ member checksums
+def row_checksums(row: Mapping[str, Any]) -> dict[str, int]:
+    """The member checksums of an index row (none for an index of an older build)."""
+    return {m: int(row[f"{m}_{CHECKSUM}"]) for m in MEMBERS if row.get(f"{m}_{CHECKSUM}") is not None}
+
+
+def _check_members(members: Mapping[str, bytes], checksums: Mapping[str, int]) -> Optional[str]:
+    """What is wrong with ``members`` by their ``checksums`` (``-1``: not known), or None."""
+    for ext, want in checksums.items():
+        data = members.get(ext)
+        if data is not None and want >= 0:
+            got = member_checksum(data)
+            if got != want:
+                return f"checksum mismatch in the .{ext} member: the index has {CHECKSUM} {want:08x}, read {got:08x}"
+    return None
+
+
 def read_record(fetch: Callable[[int, int], bytes], shard: str, key: str, spans: Spans, *,
                 strict: bool = False, stats: Optional[ShardStats] = None, validate: bool = False,
                 expect_label: Optional[int] = None, parse_meta: bool = True,
-                need_label: bool = True) -> Optional[SampleRecord]:
+                need_label: bool = True, checksums: Optional[Mapping[str, int]] = None) -> Optional[SampleRecord]:
     """Read and check the members ``spans`` of sample ``key`` with one ``fetch(offset, n)`` of ``shard``.
 
     A shard rewritten since the index was made (other names, offsets or label) is reported as
-    ``index_mismatch``, never misread. Returns None for a bad sample when not ``strict``.
+    ``index_mismatch``, never misread. Every member is verified against its CRC32C in the index
+    (``checksums``: extension -> CRC32C, ``-1`` or absent for an older index): a mismatch is
+    ``checksum_mismatch``, naming the member.
+    Returns None for a bad sample when not ``strict``.
     ``parse_meta`` and ``need_label``: see `record_from_members`.
     """
     if not spans:
@@ -209,6 +230,10 @@ def read_record(fetch: Callable[[int, int], bytes], shard: str, key: str, spans:
         members = _members_at(span, start, key, spans)
     except (_TarCorrupt, _TarTruncated) as e:
         return report_bad(shard, key, "index_mismatch", f"the shard does not match the index: {e}", strict, stats)
+    if checksums:
+        wrong = _check_members(members, checksums)
+        if wrong is not None:
+            return report_bad(shard, key, "checksum_mismatch", wrong, strict, stats)
     return record_from_members(shard, key, members, strict=strict, stats=stats, validate=validate,
                                expect_label=expect_label, parse_meta=parse_meta, need_label=need_label)
 
@@ -222,7 +247,8 @@ def row_spans(row: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
 def read_sample(row: Mapping[str, Any], root: Optional[PathLike] = None, *, strict: bool = False,
                 stats: Optional[ShardStats] = None, validate: bool = False) -> Optional[SampleRecord]:
     """Read one sample with a single seek + read, from an index row (or any mapping with ``shard``,
-    ``key`` and ``<member>_offset`` / ``<member>_size``); no tar scan. `read_record` of the row.
+    ``key`` and ``<member>_offset`` / ``<member>_size``, and ``<member>_crc32c`` when the index has
+    them: verified); no tar scan. `read_record` of the row.
 
     Returns None for a bad sample when ``strict=False`` (logged and counted in ``stats``).
     """
@@ -236,7 +262,8 @@ def read_sample(row: Mapping[str, Any], root: Optional[PathLike] = None, *, stri
             return _read_exact(f, n)
 
     return read_record(fetch, str(shard), str(row["key"]), row_spans(row), strict=strict, stats=stats,
-                       validate=validate, expect_label=int(row["label"]) if "label" in row else None)
+                       validate=validate, expect_label=int(row["label"]) if "label" in row else None,
+                       checksums=row_checksums(row))
 
 
 class ShardFiles:

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from ..io import fsync_dir
-from .format import BLOCK, KEY_RE, TAR_MODE, TAR_MTIME, json_bytes, npy_bytes
+from .format import BLOCK, KEY_RE, TAR_MODE, TAR_MTIME, json_bytes, member_checksum, npy_bytes
 
 PathLike = Union[str, os.PathLike]
 
@@ -31,14 +31,17 @@ class ShardWriter:
         self._file = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.keys: list[str] = []
+        #: key -> {extension: CRC32C of the member's bytes}, for the index (`index_row`)
+        self.checksums: dict[str, dict[str, int]] = {}
 
     def write(self, key: str, members: Mapping[str, bytes]) -> dict[str, tuple[int, int]]:
         """Add one sample's members (extension -> bytes) in sorted order -> {ext: (offset, size)}."""
         if not KEY_RE.match(key):
             raise ValueError(f"{self.path}: invalid sample key {key!r} (letters, digits, '_' and '-' only, <= 95 chars)")
-        offsets = {}
+        offsets, checksums = {}, {}
         for ext in sorted(members):
             data = bytes(members[ext])
+            checksums[ext] = member_checksum(data)
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), TAR_MTIME, TAR_MODE
             info.uid = info.gid = 0
@@ -48,6 +51,7 @@ class ShardWriter:
             assert self._tar.offset == start + BLOCK + -(-len(data) // BLOCK) * BLOCK
             offsets[ext] = (start + BLOCK, len(data))
         self.keys.append(key)
+        self.checksums[key] = checksums
         return offsets
 
     def write_sample(self, key: str, jpeg: bytes, label: int, meta: Mapping[str, Any],

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import APTConfig
-from ..shards.format import MEMBERS, SampleRecord
+from ..shards.format import CHECKSUM, MEMBERS, SampleRecord
 from ..shards.index import ShardIndex, find_index, read_index
 from ..shards.reader import ShardFiles, read_record
 from ..shards.urls import expand_urls
@@ -51,6 +51,9 @@ class IndexSource(Source):
         self._shard_of = np.array([number[n] for n in shard_names], np.int64)
         self._spans = {m: (table.column(f"{m}_offset").to_numpy(), table.column(f"{m}_size").to_numpy())
                        for m in MEMBERS if f"{m}_offset" in table.column_names}
+        # member checksums (an index of an older build has none: its reads are not verified)
+        self._crc = {m: table.column(f"{m}_{CHECKSUM}").to_numpy() for m in MEMBERS
+                     if f"{m}_{CHECKSUM}" in table.column_names}
         self._wh = (table.column("width").to_numpy(), table.column("height").to_numpy())
         self._shard_paths = [str(index.root / n) for n in self._shard_names]
         self._files = ShardFiles(self._shard_paths)
@@ -69,9 +72,10 @@ class IndexSource(Source):
             offsets, sizes = self._spans[m]
             spans[m] = (int(offsets[i]), int(sizes[i]))
         shard = int(self._shard_of[i])
+        checksums = {m: int(self._crc[m][i]) for m in spans if m in self._crc}
         return read_record(partial(self._files.pread, shard), self._shard_paths[shard], self.keys[i], spans,
                            strict=True, expect_label=int(self.labels[i]), parse_meta=parse_meta,
-                           need_label="cls" in members)
+                           need_label="cls" in members, checksums=checksums)
 
     def read(self, i: int) -> bytes:
         """The JPEG bytes of sample ``i``: one read of that member and its tar header."""
