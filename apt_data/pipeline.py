@@ -53,9 +53,12 @@ class SkippedOnly:
 
 
 def skip_reason(e: Exception) -> str:
-    """A short reason under which a skipped sample is counted."""
+    """A short reason under which a skipped sample is counted: the error's own structured ``reason``
+    (the shard reader's `ShardDataError` has one), else the kind of decoding failure."""
     if isinstance(e, ScoresMismatch):
         return "bad score maps"
+    if isinstance(getattr(e, "reason", None), str):
+        return e.reason
     msg = str(e)
     for tag in ("0 bytes", "not an image", "truncated", "cannot decode"):
         if tag in msg:

@@ -143,7 +143,7 @@ def test_bad_samples_are_skipped_counted_and_reported(tmp_path, capsys):
                "--workers", "0", "--quiet", "--output", str(tmp_path / "o")])
     assert sum(res.skipped["train"].values()) == 1
     out = capsys.readouterr().out
-    assert "skipped bad samples: train 1 (ShardDataError: 1)" in out, out
+    assert "skipped bad samples: train 1 (checksum_mismatch: 1)" in out, out  # the reader's structured reason
     recs = read_jsonl(tmp_path / "o" / "metrics.jsonl")
     assert sum(r["images"] for r in recs if r["split"] == "train") == rows.num_rows - 1
 
