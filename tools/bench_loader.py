@@ -130,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=4, help="epochs per timed pass")
     ap.add_argument("--no-train", action="store_true", help="skip the augmented training loaders")
     ap.add_argument("--no-eval", action="store_true", help="skip the resize-only (eval transform) loaders")
+    ap.add_argument("--checksums", action="store_true",
+                    help="also time the APT loaders over shards with member checksum verification off")
     ap.add_argument("--fill", action="store_true",
                     help="print tools/bench_fill.py's fill table instead (remaining arguments go to it)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -155,6 +157,14 @@ def main(argv=None) -> int:
         args.source = str(tmp.parent)
     source = open_source(args.source)
     kw = dict(max_tokens=args.max_tokens, num_workers=args.workers, seed=0, pin_memory=False)
+    if args.checksums and not getattr(source, "_crc", None):
+        ap.error("--checksums: the source is not a shard set whose index has member checksums")
+
+    def unverified():
+        """The same shards, read without verifying member checksums (the index's columns dropped)."""
+        other = open_source(args.source)
+        other._crc = {}
+        return other
     runs = {}  # name -> (make_iter, row label, images/batch, fill text)
     epoch_of = {}
 
@@ -196,6 +206,9 @@ def main(argv=None) -> int:
         how = ("planned from exact index token counts" if apt.exact_counts else
                "planned from uniform-grid upper bounds" if apt.packing == "plan" else "streamed")
         per_batch = add_apt("eval_apt", f"APTLoader ({how})", apt)
+        if args.checksums:
+            add_apt("eval_apt_nocrc", f"APTLoader ({how}), checksums not verified", APTLoader(unverified(), cfg,
+                                                                                              transform=tr, **kw))
         add_plain("eval_plain", "plain decode+resize+collate", tr, per_batch)
         header.append(f"resize only: APTLoader {how}")
     if not args.no_train:
@@ -204,6 +217,9 @@ def main(argv=None) -> int:
         plan = APTLoader(source, cfg, transform=aug, packing="plan", **kw)
         add_apt("train_plan", "APTLoader, `packing=\"plan\"` (uniform-grid upper bounds)", plan)
         per_batch = add_apt("train_stream", "APTLoader, `packing=\"stream\"` (real token counts)", stream)
+        if args.checksums:
+            add_apt("train_stream_nocrc", "APTLoader, `packing=\"stream\"`, checksums not verified",
+                    APTLoader(unverified(), cfg, transform=aug, packing="stream", **kw))
         add_plain("train_plain", "plain decode+augment+collate", aug, per_batch)
         header.append(f"augmented training (RandomResizedCrop + flip + RandAugment {aug.auto_augment} + random "
                       f"erasing {aug.re_prob}): {stream.steps_per_epoch()} streamed vs {plan.steps_per_epoch()} "
@@ -235,6 +251,8 @@ def main(argv=None) -> int:
     ratio("eval_apt", "eval_plain", "resize only, APT / plain")
     ratio("train_stream", "train_plan", "augmented training, stream / plan")
     ratio("train_stream", "train_plain", "augmented training, stream / plain")
+    ratio("eval_apt", "eval_apt_nocrc", "resize only, checksums on / off")
+    ratio("train_stream", "train_stream_nocrc", "augmented training, checksums on / off")
     return 0
 
 
