@@ -46,7 +46,10 @@ class PlannedBins(IterableDataset):
     def __iter__(self):
         wid, nw = _worker()
         pipeline = self.loader.pipeline
-        for b in self.bins[wid::nw]:
+        mine = self.bins[wid::nw]
+        if mine:
+            pipeline.source.read_order(np.concatenate(mine))
+        for b in mine:
             yield pipeline.build(b, self.epoch, self.exact, pool=self.pool)
 
 
@@ -135,6 +138,10 @@ class StreamEpoch(IterableDataset):
             emitted = 0
         quota = None if self.quotas is None else self.quotas[role]
         state = stream.state(packer, emitted)
+        # the samples this worker will draw next (deferred first, then its passes), for read-ahead
+        upcoming = [np.asarray([s for _, s in stream.deferred], np.int64), stream.order(stream.pass_)[stream.index:],
+                    stream.order(stream.pass_ + 1)]
+        loader.source.read_order(np.concatenate(upcoming))
 
         def on_reset(missing: int) -> None:
             log.warning("epoch %d, rank %d, worker %d: one pass over its %d samples cannot fill %d more batches; "

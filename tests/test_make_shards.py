@@ -249,3 +249,38 @@ def test_file_list_source_with_keep_aspect(tmp_path):
         rec = read_sample(idx.row(i), idx.root, strict=True)
         assert rec.meta["class"] == f"thing{i}" and decode_image(rec.jpeg).shape == (sh, sw, 3)
         assert idx.token_counts()[i].tolist() == patchify(rec.image(), idx.config).counts().tolist()
+
+
+def test_three_parts_then_merge_equal_one_build(built, src, tmp_path):
+    """--part K --num-parts 3 on three "machines" (separate folders), copied together, then --merge:
+    byte-identical to the one-machine build; merging with a part missing names the missing shards."""
+    ref, _ = built
+    parts = [ms.build_shards(src, tmp_path / f"m{k}", workers=1, part=k, num_parts=3, **ARGS) for k in (2, 0, 1)]
+    assert [p.num_shards for p in parts] == [2, 3, 2] and sum(p.num_samples for p in parts) == 32
+    assert all(p.index_path is None and "merge the parts" in p.summary() for p in parts)
+    names = [sorted(f.name for f in (tmp_path / f"m{k}").glob("*.tar")) for k in range(3)]
+    assert names[0] == ["train-000000.tar", "train-000003.tar", "train-000006.tar"]
+    assert not set(names[0]) & set(names[1]) and not set(names[1]) & set(names[2])  # disjoint
+    out = tmp_path / "merged"
+    out.mkdir()
+    for k in (0, 1):
+        for f in (tmp_path / f"m{k}").iterdir():
+            shutil.copy2(f, out / f.name)
+    with pytest.raises(ValueError, match=r"2 of 7 shards are missing .*train-000002.tar, train-000005.tar"):
+        ms.build_shards(src, out, workers=1, merge=True, **ARGS)
+    for f in (tmp_path / "m2").iterdir():
+        shutil.copy2(f, out / f.name)
+    res = ms.build_shards(src, out, workers=1, merge=True, **ARGS)
+    assert (res.built, res.resumed, res.num_samples) == (0, 7, 32)
+    assert files(out) == files(ref)
+
+
+def test_cli_help_shows_defaults_and_a_part_run_summarises_once(src, tmp_path):
+    out = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "(default: 100)" in out.stdout and "--num-parts" in out.stdout
+    run = subprocess.run([sys.executable, str(TOOL), str(src), str(tmp_path / "o"), "--shard-size", "5",
+                          "--workers", "1", "--part", "1", "--num-parts", "3"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("samples in 2 shards") == 1 and "samples in" not in run.stderr  # summary once
+    assert "img/s" not in run.stderr and "|" not in run.stderr  # no progress bar outside a terminal
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.tar")) == ["train-000001.tar", "train-000004.tar"]

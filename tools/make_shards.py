@@ -5,12 +5,19 @@
         [--patch-size 16 --num-scales 3 --thresholds 5.5 4.0 --scorer entropy] [--workers N]
         [--limit-per-class K] [--skip-per-class N] [--prefix train] [--seed 0] [--no-shuffle]
         [--classes imagenet-classes.tsv] [--validate] [--strict] [--remove-sidecars]
+        [--part K --num-parts N | --merge]
 
 SRC is an ImageNet-layout folder (one sub-folder per class) or a text/TSV list
 (``path<TAB>label[<TAB>class]``). Writes ``OUT/{prefix}-000000.tar, ...``, ``OUT/{prefix}.parquet``
 and ``OUT/classes.tsv``, atomically and resumably: a killed run leaves no partial .tar and a rerun
 redoes only what is missing. The command line of `apt_data.shards.build.build_shards`; see
 docs/shards.md.
+
+On many machines (docs/scale-out.md): run ``--part K --num-parts N`` for K = 0..N-1 (any machine,
+any order: a Slurm array, a Kubernetes indexed job), each with the same SRC, OUT (shared, or copied
+together afterwards) and options; each builds shards K, K+N, ... Then the same command with
+``--merge`` checks that every shard is there and writes the index: byte-identical to one machine's
+build. To index existing webdataset tars without rewriting them: tools/index_shards.py.
 """
 from __future__ import annotations
 
@@ -29,8 +36,12 @@ from apt_data.shards.build import build_shards  # noqa: E402
 log = logging.getLogger("make_shards")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module doc as written, and every option's default in --help."""
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
     ap.add_argument("src", help="ImageNet-layout folder, or a text/TSV list: path<TAB>label[<TAB>class]")
     ap.add_argument("out", help="output folder")
     ap.add_argument("--image-size", type=int, default=224, help="stored size (crop: side; keep-aspect: short side)")
@@ -55,8 +66,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--strict", action="store_true", help="stop at the first unreadable source instead of skipping it")
     ap.add_argument("--remove-sidecars", dest="keep_sidecars", action="store_false",
                     help="delete the per-shard .idx.json files once the index is written (a rerun then rebuilds)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    return ap.parse_args(argv)
+    ap.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    ap.add_argument("--part", type=int, default=None, help="build only part K (0-based) of --num-parts: shards K, K+N, ...")
+    ap.add_argument("--num-parts", type=int, default=1, help="N, the number of parts of a split build")
+    ap.add_argument("--merge", action="store_true", help="after all parts: check every shard is there, write the index")
+    a = ap.parse_args(argv)
+    if a.part is None and a.num_parts != 1:
+        ap.error("--num-parts needs --part K")
+    if a.part is not None and not 0 <= a.part < a.num_parts:
+        ap.error(f"--part {a.part} outside 0..{a.num_parts - 1}")
+    if a.part is not None and a.merge:
+        ap.error("--merge is a separate run, after every --part")
+    return a
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -69,7 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            workers=a.workers, limit_per_class=a.limit_per_class, skip_per_class=a.skip_per_class,
                            prefix=a.prefix, seed=a.seed, shuffle=a.shuffle, quality=a.quality, multiple=a.multiple,
                            classes_tsv=a.classes, validate=a.validate, strict=a.strict, progress=not a.quiet,
-                           keep_sidecars=a.keep_sidecars)
+                           keep_sidecars=a.keep_sidecars, part=a.part, num_parts=a.num_parts,
+                           merge=a.merge)
     except (ValueError, RuntimeError, OSError) as e:
         log.error("make_shards: error: %s", e)
         return 2

@@ -37,7 +37,7 @@ PathLike = Union[str, os.PathLike]
 SIDECAR = ".idx.json"
 
 __all__ = ["BuildResult", "SIDECAR", "ShardTask", "build_shard", "build_shards", "load_class_table", "make_key",
-           "plan_samples"]
+           "part_tasks", "plan_samples"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class BuildResult:
     """What a run did: totals, shards built vs. reused, skipped sources (``stats``)."""
 
     out: Path
-    index_path: Path
+    index_path: Optional[Path]  # None for one part of a split build
     num_samples: int
     num_shards: int
     built: int
@@ -71,9 +71,11 @@ class BuildResult:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        """``N samples in S shards (B built, R already complete); kept ..., skipped ...; index PATH``."""
+        """``N samples in S shards (B built, R already complete); kept ..., skipped ...; index PATH``
+        (a part of a split build: ``...; no index: merge the parts``)."""
+        where = f"index {self.index_path}" if self.index_path is not None else "no index: merge the parts (--merge)"
         return (f"{self.num_samples} samples in {self.num_shards} shards ({self.built} built, {self.resumed} "
-                f"already complete); {self.stats.summary()}; index {self.index_path}")
+                f"already complete); {self.stats.summary()}; {where}")
 
 
 def _digest(*parts: str) -> str:
@@ -183,17 +185,26 @@ def build_shard(task: ShardTask) -> int:
     return task.index
 
 
-def _lock(out: Path) -> int:
-    """An exclusive lock on the output folder (held until the descriptor is closed)."""
+def _lock(out: Path, part: Optional[str] = None) -> int:
+    """An exclusive lock on the output folder (held until the descriptor is closed); for one part of
+    a split build (``part``), on that part's lock file only, so the other parts can write meanwhile."""
     import fcntl
 
-    fd = os.open(out, os.O_RDONLY)
+    fd = os.open(out / f".{part}.lock", os.O_RDONLY | os.O_CREAT, 0o644) if part else os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RuntimeError(f"{out}: another shard build is writing here") from None
+        raise RuntimeError(f"{out}: another shard build is writing {'this part ' if part else ''}here") from None
     return fd
+
+
+def part_tasks(num_tasks: int, part: int, num_parts: int) -> list[int]:
+    """The shard numbers part ``part`` of ``num_parts`` builds: every ``num_parts``-th from ``part``
+    (disjoint, together all of them, balanced within one shard)."""
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part {part} outside 0..{num_parts - 1} (--part K --num-parts N: 0 <= K < N)")
+    return list(range(part, num_tasks, num_parts))
 
 
 def _write_classes(out: Path, classes: dict[int, str], table: dict[str, tuple[int, str]]) -> list[dict]:
@@ -235,14 +246,16 @@ def _plan_tasks(samples: list, class_info: list[dict], out: Path, prefix: str, c
 
 
 def _run_tasks(tasks: list[ShardTask], pending: list[ShardTask], done: set, workers: int, progress: bool,
-               label: str) -> None:
-    """Build ``pending`` (in a fork pool when ``workers > 1``), adding each finished index to ``done``."""
+               label: str, scope: Optional[set] = None) -> None:
+    """Build ``pending`` (in a fork pool when ``workers > 1``), adding each finished index to ``done``.
+    ``scope``: the task numbers this run is for (a part of a split build; default all)."""
     from tqdm import tqdm
 
     from .. import warmup
 
-    bar = tqdm(total=sum(len(t.samples) for t in tasks), initial=sum(len(tasks[i].samples) for i in done),
-               unit="img", desc=label, disable=not progress, file=sys.stderr)
+    scope = set(range(len(tasks))) if scope is None else scope
+    bar = tqdm(total=sum(len(tasks[i].samples) for i in scope), initial=sum(len(tasks[i].samples) for i in done & scope),
+               unit="img", desc=label, disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
     pool = None
     try:
         if workers == 1:
@@ -266,11 +279,17 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
                  limit_per_class: Optional[int] = None, skip_per_class: int = 0, prefix: str = "train",
                  seed: int = 0, shuffle: bool = True, quality: int = 95, multiple: Optional[int] = None,
                  classes_tsv: Optional[PathLike] = None, validate: bool = False, strict: bool = False,
-                 progress: bool = True, keep_sidecars: bool = True) -> BuildResult:
+                 progress: bool = True, keep_sidecars: bool = True, part: Optional[int] = None,
+                 num_parts: int = 1, merge: bool = False) -> BuildResult:
     """Build (or finish building) ``OUT/{prefix}-*.tar`` and ``OUT/{prefix}.parquet``; see the module doc.
 
     Raises `ShardDataError` at the first unreadable source with ``strict``; otherwise such sources
     are skipped, logged and counted in the result's ``stats``.
+
+    Split over machines: ``part=K, num_parts=N`` builds only shards ``K, K+N, K+2N, ...`` (with
+    their sidecars, no index; any machine, any order, the same options everywhere), then
+    ``merge=True`` (same options) checks that every shard of the plan is complete and writes the
+    index, byte-identical to a one-machine build; a missing shard is an error naming it.
     """
     import pyarrow as pa
 
@@ -287,25 +306,49 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
     if not samples:
         raise ValueError(f"{src}: no samples selected")
     class_table = load_class_table(classes_tsv)
+    if part is not None and merge:
+        raise ValueError("a part build (--part) and the merge (--merge) are separate runs")
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
+    lock = _lock(out, None if part is None else f"{prefix}.part-{part}-of-{num_parts}")
     try:
         class_info = _write_classes(out, classes, class_table)
         settings = {"image_size": image_size, "crop": crop, "multiple": multiple, "jpeg_quality": quality}
         tasks = _plan_tasks(samples, class_info, out, prefix, cfg, shard_size, settings, strict, validate)
-        # leftovers: .tmp files of a killed run, and shards of an earlier, larger plan
+        mine = set(range(len(tasks)) if part is None else part_tasks(len(tasks), part, num_parts))
+        # leftovers: .tmp files of a killed run, and shards of an earlier, larger plan (a part
+        # removes only its own: the other parts may be writing theirs)
         for f in out.glob(f"{prefix}-*"):
             m = re.fullmatch(re.escape(prefix) + r"-(\d{6})\.tar(\.idx\.json)?(\.tmp)?", f.name)
-            if m and (m.group(3) or int(m.group(1)) >= len(tasks)):
+            if m and (int(m.group(1)) in mine if m.group(3) else (part is None and int(m.group(1)) >= len(tasks))):
                 log.info("removing leftover %s", f)
                 f.unlink()
         done = {t.index for t in tasks if _load_done(t) is not None}
-        pending = [t for t in tasks if t.index not in done]
-        resumed = len(done)
+        pending = [t for t in tasks if t.index not in done and t.index in mine]
+        if merge and pending:
+            raise ValueError(f"{out}: cannot merge, {len(pending)} of {len(tasks)} shards are missing or incomplete "
+                             f"({', '.join(Path(t.path).name for t in pending[:5])}{', ...' if len(pending) > 5 else ''}); "
+                             "build their parts (--part K --num-parts N) with the same options, into this folder")
+        resumed = len(done & mine)
         if resumed:
-            log.info("%d of %d shards already complete; building %d", resumed, len(tasks), len(pending))
+            log.info("%d of %d shards already complete; building %d", resumed, len(mine), len(pending))
         workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(pending) or 1))
-        _run_tasks(tasks, pending, done, workers, progress, f"make_shards {prefix}")
+        _run_tasks(tasks, pending, done, workers, progress, f"make_shards {prefix}", mine)
+        if part is not None:
+            stats = ShardStats()
+            num = 0
+            for i in sorted(mine):
+                side = _load_done(tasks[i])
+                if side is None:
+                    raise RuntimeError(f"{tasks[i].path}: shard or sidecar changed while this run was writing")
+                num += len(side["rows"])
+                for s in side["skipped"]:
+                    stats.skip(side["shard"], s["key"], s["reason"], f"{s['source']}: {s['detail']}")
+            stats.samples = num
+            res = BuildResult(out=out, index_path=None, num_samples=num, num_shards=len(mine), built=len(pending),
+                              resumed=resumed, stats=stats, seconds=time.perf_counter() - t0)
+            log.debug("build_shards: %s: %s", out, res.summary())
+            (out / f".{prefix}.part-{part}-of-{num_parts}.lock").unlink(missing_ok=True)
+            return res
         stats = ShardStats()
         tables = []
         for t in tasks:  # one sidecar in memory at a time: the index of a large set stays columnar
@@ -330,5 +373,5 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
         os.close(lock)
     res = BuildResult(out=out, index_path=index_path, num_samples=table.num_rows, num_shards=len(tasks),
                       built=len(pending), resumed=resumed, stats=stats, seconds=time.perf_counter() - t0)
-    log.info("build_shards: %s: %s", out, res.summary())
+    log.debug("build_shards: %s: %s", out, res.summary())  # the caller prints it (tools/make_shards.py)
     return res

@@ -19,7 +19,7 @@ from ..image import decode_image
 from .errors import ShardStats, report_bad
 
 __all__ = [
-    "BLOCK", "CHECKSUM", "FORMAT_VERSION", "INDEX_METADATA_KEY", "JPEG_EOI", "JPEG_SOI", "KEY_RE", "MEMBERS", "TAR_MODE",
+    "BLOCK", "CHECKSUM", "FORMAT_VERSION", "IMAGE_EXTS", "INDEX_METADATA_KEY", "INPLACE_FORMAT", "JPEG_EOI", "JPEG_SOI", "KEY_RE", "MEMBERS", "TAR_MODE",
     "TAR_MTIME", "SampleRecord", "json_bytes", "load_scores", "npy_bytes", "member_checksum", "record_from_members",
     "split_key", "split_scores",
 ]
@@ -28,6 +28,12 @@ __all__ = [
 FORMAT_VERSION = 1
 #: Members of one sample, in the order they are written (sorted by extension).
 MEMBERS = ("cls", "jpg", "json", "npy")
+#: Image member extensions of plain webdataset shards indexed in place (`apt_data.shards.inplace`);
+#: their index keeps the image's span in the ``jpg_*`` columns and its extension in ``image_ext``.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+#: The ``format`` setting of an index of plain webdataset shards indexed in place.
+INPLACE_FORMAT = "webdataset tar, indexed in place"
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
 #: The member checksum of the index (column ``<member>_crc32c``): CRC32C, hardware-accelerated by the
 #: ``crc32c`` package (about 20 GB/s, 0.5 us for a 10 KB JPEG), so every read can afford to verify it.
 CHECKSUM = "crc32c"
@@ -130,15 +136,27 @@ def record_from_members(shard: str, key: str, members: Mapping[str, bytes], *, s
     def bad(reason: str, detail: str) -> None:
         return report_bad(shard, key, reason, detail, strict, stats)
 
-    jpeg = members.get("jpg", members.get("jpeg"))
-    if jpeg is None:
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if ext is None:
         return bad("missing_image", f"members: {sorted(members)}")
+    jpeg = members[ext]
     if len(jpeg) == 0:
-        return bad("empty_image", "0-byte .jpg member")
-    if not jpeg.startswith(JPEG_SOI):
-        return bad("not_jpeg", f".jpg member starts with {jpeg[:8]!r}")
-    if not jpeg.rstrip(b"\0").endswith(JPEG_EOI):
-        return bad("corrupt_jpeg", "no end-of-image marker (truncated JPEG)")
+        return bad("empty_image", f"0-byte .{ext} member")
+    if ext == "png":  # only in shards indexed in place
+        if not jpeg.startswith(PNG_SIG):
+            return bad("not_png", f".png member starts with {jpeg[:8]!r}")
+        if b"IEND" not in jpeg[-16:]:
+            return bad("corrupt_png", "no IEND chunk (truncated PNG)")
+    elif ext == "webp":
+        if not (jpeg[:4] == b"RIFF" and jpeg[8:12] == b"WEBP"):
+            return bad("not_webp", f".webp member starts with {jpeg[:12]!r}")
+        if len(jpeg) < int.from_bytes(jpeg[4:8], "little") + 8:
+            return bad("corrupt_webp", "shorter than its RIFF size (truncated WebP)")
+    else:
+        if not jpeg.startswith(JPEG_SOI):
+            return bad("not_jpeg", f".{ext} member starts with {jpeg[:8]!r}")
+        if not jpeg.rstrip(b"\0").endswith(JPEG_EOI):
+            return bad("corrupt_jpeg", "no end-of-image marker (truncated JPEG)")
     if "cls" in members:
         try:
             label = int(members["cls"].decode("ascii").strip())

@@ -186,7 +186,8 @@ def _members_at(span: bytes, start: int, key: str, spans: Spans) -> dict[str, by
 # ------------------------------------------------------------------------------ member checksums
 def row_checksums(row: Mapping[str, Any]) -> dict[str, int]:
     """The member checksums of an index row (none for an index of an older build)."""
-    return {m: int(row[f"{m}_{CHECKSUM}"]) for m in MEMBERS if row.get(f"{m}_{CHECKSUM}") is not None}
+    return image_ext_spans({m: int(row[f"{m}_{CHECKSUM}"]) for m in MEMBERS if row.get(f"{m}_{CHECKSUM}") is not None},
+                           row.get("image_ext"))
 
 
 def _check_members(members: Mapping[str, bytes], checksums: Mapping[str, int]) -> Optional[str]:
@@ -239,9 +240,18 @@ def read_record(fetch: Callable[[int, int], bytes], shard: str, key: str, spans:
 
 
 def row_spans(row: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-    """The member spans of an index row (members with offset ``-1`` are absent)."""
-    return {m: (int(row[f"{m}_offset"]), int(row[f"{m}_size"])) for m in MEMBERS
-            if f"{m}_offset" in row and int(row[f"{m}_offset"]) >= 0}
+    """The member spans of an index row (members with offset ``-1`` are absent; the image under its
+    ``image_ext`` when an index of shards indexed in place names one)."""
+    spans = {m: (int(row[f"{m}_offset"]), int(row[f"{m}_size"])) for m in MEMBERS
+             if f"{m}_offset" in row and int(row[f"{m}_offset"]) >= 0}
+    return image_ext_spans(spans, row.get("image_ext"))
+
+
+def image_ext_spans(spans: dict, ext: Optional[str]) -> dict:
+    """``spans`` with the ``jpg`` entry renamed to the image member's real extension ``ext``."""
+    if ext and ext != "jpg" and "jpg" in spans:
+        spans = {(ext if m == "jpg" else m): v for m, v in spans.items()}
+    return spans
 
 
 def read_sample(row: Mapping[str, Any], root: Optional[PathLike] = None, *, strict: bool = False,
@@ -261,9 +271,12 @@ def read_sample(row: Mapping[str, Any], root: Optional[PathLike] = None, *, stri
             f.seek(offset)
             return _read_exact(f, n)
 
-    return read_record(fetch, str(shard), str(row["key"]), row_spans(row), strict=strict, stats=stats,
+    spans = row_spans(row)
+    # shards indexed in place (an ``image_ext`` column) may take labels from a JSON field: no .cls
+    need_label = "cls" in spans or "image_ext" not in row or "label" not in row
+    return read_record(fetch, str(shard), str(row["key"]), spans, strict=strict, stats=stats,
                        validate=validate, expect_label=int(row["label"]) if "label" in row else None,
-                       checksums=row_checksums(row))
+                       checksums=row_checksums(row), need_label=need_label)
 
 
 class ShardFiles:

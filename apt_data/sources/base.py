@@ -6,7 +6,7 @@ bytes (shards, image files), a PIL image or a uint8 HxWx3 array (in-memory datas
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -42,6 +42,10 @@ class Source:
     def read_record(self, i: int) -> tuple[ImageData, Optional[Any]]:
         """``(image, record or None)``; a record (`apt_data.shards.SampleRecord`) may carry score maps."""
         return self.read(i), None
+
+    def read_order(self, ids: Sequence[int]) -> None:
+        """A hint: the samples this process will read next, in order (a remote source reads ahead
+        along it). Local sources ignore it."""
 
     def read_scores(self, i: int) -> tuple[ImageData, Optional[np.ndarray]]:
         """``(image, stored flat score maps or None)``: what the loader needs of a sample."""

@@ -14,9 +14,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import APTConfig
-from ..shards.format import CHECKSUM, MEMBERS, SampleRecord
+from ..shards.format import CHECKSUM, INPLACE_FORMAT, MEMBERS, SampleRecord
 from ..shards.index import ShardIndex, find_index, read_index
-from ..shards.reader import ShardFiles, read_record
+from ..shards.reader import ShardFiles, image_ext_spans, read_record
 from ..shards.urls import expand_urls
 from ..transforms import ImageTransform
 from .base import Source
@@ -55,6 +55,10 @@ class IndexSource(Source):
         self._crc = {m: table.column(f"{m}_{CHECKSUM}").to_numpy() for m in MEMBERS
                      if f"{m}_{CHECKSUM}" in table.column_names}
         self._wh = (table.column("width").to_numpy(), table.column("height").to_numpy())
+        # an index of plain webdataset shards (`apt_data.shards.inplace`): images other than .jpg, and
+        # labels from a JSON field (no .cls member: the index's label is the label)
+        self._image_ext = (table.column("image_ext").to_pylist() if "image_ext" in table.column_names else None)
+        self._labels_in_index = index.settings.get("format") == INPLACE_FORMAT
         self._shard_paths = [str(index.root / n) for n in self._shard_names]
         self._files = ShardFiles(self._shard_paths)
 
@@ -73,9 +77,17 @@ class IndexSource(Source):
             spans[m] = (int(offsets[i]), int(sizes[i]))
         shard = int(self._shard_of[i])
         checksums = {m: int(self._crc[m][i]) for m in spans if m in self._crc}
-        return read_record(partial(self._files.pread, shard), self._shard_paths[shard], self.keys[i], spans,
+        need_label = "cls" in members and ("cls" in spans or not self._labels_in_index)
+        if self._image_ext is not None:  # shards indexed in place: .jpeg, .png, .webp images
+            spans = image_ext_spans(spans, self._image_ext[i])
+            checksums = image_ext_spans(checksums, self._image_ext[i])
+        return read_record(self._fetcher(i, shard), self._shard_paths[shard], self.keys[i], spans,
                            strict=True, expect_label=int(self.labels[i]), parse_meta=parse_meta,
-                           need_label="cls" in members, checksums=checksums)
+                           need_label=need_label, checksums=checksums)
+
+    def _fetcher(self, i: int, shard: int):
+        """``fetch(offset, n)`` of sample ``i`` in shard number ``shard`` (a subclass reads elsewhere)."""
+        return partial(self._files.pread, shard)
 
     def read(self, i: int) -> bytes:
         """The JPEG bytes of sample ``i``: one read of that member and its tar header."""

@@ -8,18 +8,22 @@ from .base import Source
 from .dataset import DatasetSource, is_map_dataset
 from .folder import FolderSource
 from .index import open_shards
+from .remote import is_remote_url, open_remote
 
 __all__ = ["open_source"]
 
 
 def open_source(source: Union[str, os.PathLike, Source, Any]) -> Source:
     """A `Source` for a shard folder (``shards`` or ``shards:val``), a Parquet index, a shard URL
-    pattern (``shards/train-{000000..000003}.tar``, with an index beside it), an image folder, or
+    pattern (``shards/train-{000000..000003}.tar``, with an index beside it), any of these as an
+    fsspec URL (``https://``, ``s3://``, ``file://``: `open_remote`), an image folder, or
     a map-style dataset object of ``(image, label)`` items (`DatasetSource`); a `Source` as is."""
     if isinstance(source, Source):
         return source
     if isinstance(source, (str, os.PathLike)):
         s = os.fspath(source)
+        if is_remote_url(s):  # http(s)://, file://, s3://, gs://, ...: ranged reads through fsspec
+            return open_remote(s)
         src = open_shards(s)
         if src is not None:
             return src

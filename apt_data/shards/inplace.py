@@ -1,0 +1,198 @@
+"""Index plain webdataset shards in place: a Parquet index for tars someone else wrote, images untouched.
+
+`index_webdataset(tars, index_path)` scans each tar once (``.jpg``/``.jpeg``/``.png``/``.webp``
+images, labels from ``.cls`` or a JSON field, other members such as ``.txt`` left alone), decodes
+every image through the loader's eval transform at ``image_size`` and writes one index row per
+sample: member offsets, sizes and CRC32C checksums, the label, the original and transformed size,
+and APT token counts for ``cfg`` at that transform's output. `APTLoader` then plans exact batches
+from the index and reads each sample from the original tar with one ranged read. Score maps are
+not stored (the loader scores the decoded image); the counts are exact for the loader's default
+transform at ``image_size`` (resize + centre crop, or ``crop=False``: short side, sides rounded to
+``multiple``).
+
+Command line: ``tools/index_shards.py``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from ..config import APTConfig
+from .errors import ShardStats, report_bad
+from .format import CHECKSUM, IMAGE_EXTS, INPLACE_FORMAT, MEMBERS, member_checksum, split_key
+from .index import index_table, write_index
+from .reader import _scan_tar, _TarCorrupt, _TarTruncated
+from .urls import expand_urls
+
+PathLike = Union[str, os.PathLike]
+log = logging.getLogger("apt_data.shards.inplace")
+
+__all__ = ["IndexResult", "index_webdataset", "scan_webdataset_shard"]
+
+
+@dataclass
+class IndexResult:
+    """What `index_webdataset` wrote: ``index_path``, ``num_samples``, ``num_shards``, ``stats``."""
+
+    index_path: Path
+    num_samples: int
+    num_shards: int
+    stats: ShardStats = field(default_factory=ShardStats)
+
+    def summary(self) -> str:
+        return (f"{self.num_samples} samples in {self.num_shards} shards indexed in place; {self.stats.summary()}; "
+                f"index {self.index_path}")
+
+
+def _label(members: dict, label_field: Optional[str]) -> int:
+    """The label from ``.cls``, else from the JSON member's ``label_field``; ValueError if neither."""
+    if "cls" in members and label_field is None:
+        return int(members["cls"][1].decode("ascii").strip())
+    if label_field is not None:
+        for ext in ("json",):
+            if ext in members:
+                value = json.loads(members[ext][1])
+                for part in label_field.split("."):
+                    value = value[part]
+                return int(value)
+        raise ValueError(f"no .json member with the label field {label_field!r}")
+    raise ValueError(f"no .cls member (members: {sorted(members)}); name a JSON label field")
+
+
+def scan_webdataset_shard(job: tuple) -> tuple[list[dict], list[tuple]]:
+    """One shard (run in a worker): ``(index rows, [(key, reason, detail) skipped])``."""
+    path, rel, cfg, image_size, crop, multiple, label_field, strict = job
+    from PIL import Image
+
+    from ..layout import patchify
+    from ..transforms import ImageTransform
+
+    transform = ImageTransform(size=image_size, keep_aspect=not crop, multiple=multiple)
+    rows: list[dict] = []
+    skipped: list[tuple] = []
+    stats = ShardStats()
+
+    def bad(key: Optional[str], reason: str, detail: str) -> None:
+        report_bad(path, key, reason, detail, strict, stats)
+        skipped.append((key, reason, detail))
+
+    def finish(key: str, members: dict) -> None:
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
+            return bad(key, "missing_image", f"members: {sorted(members)}")
+        off, data = members[ext]
+        try:
+            label = _label(members, label_field)
+            if label < 0:
+                raise ValueError(f"negative label {label}")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            return bad(key, "bad_label", str(e)[:200])
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                ow, oh = im.size
+            img = transform(data, name=f"{path}:{key}")
+        except (ValueError, OSError) as e:
+            return bad(key, "corrupt_image", str(e)[:200])
+        counts = patchify(img, cfg).counts()
+        row = {"key": key, "shard": rel, "label": label, "source": f"{key}.{ext}", "orig_width": int(ow),
+               "orig_height": int(oh), "width": int(img.shape[1]), "height": int(img.shape[0])}
+        for s, t in enumerate(counts):
+            row[f"tokens_s{s}"] = int(t)
+        row["tokens"] = int(sum(counts))
+        spans = {"jpg": members[ext], **{m: members[m] for m in MEMBERS if m != "jpg" and m in members}}
+        if label_field is not None:
+            spans.pop("cls", None)  # the label is the index's; a .cls of another meaning is not checked
+        for m in MEMBERS:
+            o, d = spans.get(m, (-1, None))
+            row[f"{m}_offset"], row[f"{m}_size"] = int(o), (len(d) if d is not None else -1)
+            row[f"{m}_{CHECKSUM}"] = int(member_checksum(d)) if d is not None else -1
+        row["image_ext"] = ext
+        rows.append(row)
+
+    key: Optional[str] = None
+    members: dict = {}
+    try:
+        with open(path, "rb") as f:
+            for name, off, data in _scan_tar(f):
+                k, ext = split_key(name)
+                if k != key and key is not None:
+                    finish(key, members)
+                    members = {}
+                key = k
+                members[ext] = (off, data)
+    except (_TarCorrupt, _TarTruncated, OSError) as e:
+        bad(key, "corrupt_tar", f"{type(e).__name__}: {e}; the rest of the shard is skipped")
+        return rows, skipped
+    if key is not None:
+        finish(key, members)
+    return rows, skipped
+
+
+def index_webdataset(tars: Union[PathLike, Sequence[PathLike]], index_path: PathLike, *,
+                     cfg: Optional[APTConfig] = None, image_size: int = 224, crop: bool = True,
+                     multiple: Optional[int] = None, label_field: Optional[str] = None,
+                     workers: Optional[int] = None, strict: bool = False, progress: bool = False) -> IndexResult:
+    """Write ``index_path`` (``<prefix>.parquet``) for the plain webdataset shards ``tars`` (paths or
+    a brace pattern); shard names in it are relative to the index's folder. Bad samples are logged,
+    counted and left out (``strict``: raise `ShardDataError`)."""
+    cfg = cfg or APTConfig()
+    multiple = multiple or cfg.patch_size
+    index_path = Path(index_path)
+    paths = [Path(p) for p in expand_urls(tars)]
+    if not paths:
+        raise ValueError(f"{tars}: no shards")
+    root = index_path.parent.resolve()
+    jobs = [(str(p), os.path.relpath(p.resolve(), root), cfg, image_size, crop, multiple, label_field, strict)
+            for p in paths]
+    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(jobs)))
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), unit="shard", desc="index_shards", file=sys.stderr,
+               disable=not (progress and sys.stderr.isatty()))
+    results: list[Any] = [None] * len(jobs)
+    if workers == 1:
+        for k, job in enumerate(jobs):
+            results[k] = scan_webdataset_shard(job)
+            bar.update()
+    else:
+        from .. import warmup
+
+        warmup()
+        with mp.get_context("fork").Pool(workers) as pool:
+            for k, res in enumerate(pool.imap(scan_webdataset_shard, jobs, chunksize=1)):
+                results[k] = res
+                bar.update()
+    bar.close()
+    stats = ShardStats()
+    rows = []
+    for (path, *_), (r, skipped) in zip(jobs, results):
+        rows += r
+        for key, reason, detail in skipped:
+            stats.skip(path, key, reason, detail)
+    if not rows:
+        raise ValueError(f"{tars}: no readable samples ({stats.summary()})")
+    keys = [r["key"] for r in rows]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise ValueError(f"sample keys repeat across the shards (e.g. {dup}); the index needs unique keys")
+    stats.samples = len(rows)
+    import pyarrow as pa
+
+    table = index_table(rows, cfg.num_scales)
+    table = table.append_column("image_ext", pa.array([r["image_ext"] for r in rows], pa.string()))
+    labels = sorted({r["label"] for r in rows})
+    settings = {"image_size": image_size, "crop": crop, "multiple": multiple, "jpeg_quality": None,
+                "prefix": index_path.stem, "shards": [j[1] for j in jobs], "num_samples": len(rows),
+                "classes": [{"label": int(v), "class": str(v), "name": "", "imagenet_index": None} for v in labels],
+                "seed": None, "shuffle": False, "format": INPLACE_FORMAT, "label_field": label_field}
+    write_index(index_path, table, cfg, settings)
+    res = IndexResult(index_path, len(rows), len(jobs), stats)
+    return res
+

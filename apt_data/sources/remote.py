@@ -1,0 +1,380 @@
+"""`RemoteIndexSource`: shards on object storage or HTTP (any fsspec URL), one ranged read per sample.
+
+The Parquet index already holds every member's byte offset and size, so a sample is one ranged GET
+of its members (`apt_data.shards.reader.read_record` checks what comes back against the index and
+its checksums, exactly as for local files). No tar streaming and no shuffle buffer.
+
+- **Addresses**: ``https://host/shards`` (the folder: ``train.parquet`` in it; ``URL:val`` for another
+  split), ``https://host/shards/val.parquet``, ``https://host/shards/train-{000000..000003}.tar``
+  (the index ``train.parquet`` beside them), or any of these with ``index=`` given apart (a local
+  path or a URL). Schemes: ``http(s)://``, ``file://``, and whatever fsspec back-end is installed
+  (``s3://`` needs ``s3fs``, ``gs://`` needs ``gcsfs``).
+- **Per process**: the fsspec filesystem and the read-ahead threads are made lazily in the process
+  that reads (after the loader's workers fork; never pickled), and reused for all its reads, so
+  HTTP connections are kept alive.
+- **Retries**: a transient error (5xx, a reset or timed-out connection, any other OSError) is
+  retried ``retries`` times with exponential backoff from ``backoff`` seconds; a permanent one
+  (404, 403, a missing file) is not. A read that still fails raises `OSError`, which the shard
+  reader reports as ``unreadable_shard`` (a `ShardDataError`, a ValueError): the loader logs, counts
+  and skips the sample, or raises with ``strict=True``. `RemoteIndexSource.io_stats` counts
+  requests, retries and failures over all processes (shared counters made before the fork).
+- **Throughput**: inside an `APTLoader` worker of a planned epoch the source knows the order in
+  which the worker will read its samples (its bins) and keeps ``inflight`` (16) requests running ahead
+  of the reader (``readahead`` samples); reads of samples lying next to each other in one shard are
+  merged into one request. `prefetch(ids)` does the same for any order a caller knows.
+
+fsspec (and aiohttp for http) is the optional extra ``apt[remote]``; it is imported only here, and
+only when a remote source is opened.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from ..shards.format import MEMBERS, SampleRecord
+from ..shards.index import ShardIndex
+from ..shards.reader import BLOCK
+from ..shards.urls import expand_urls
+from .index import IndexSource
+
+log = logging.getLogger("apt_data.sources")
+
+__all__ = ["RemoteFiles", "RemoteIndexSource", "is_remote_url", "open_remote", "read_remote_index"]
+
+#: URL schemes handled here (anything with ``scheme://``, except plain local paths)
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+#: the counters of `RemoteIndexSource.io_stats`
+COUNTERS = ("requests", "retries", "failed", "bytes", "merged")
+
+
+def is_remote_url(source: Any) -> bool:
+    """Is ``source`` an fsspec URL (``http://``, ``s3://``, ``file://``, ...)?"""
+    return isinstance(source, str) and bool(_URL.match(source))
+
+
+def _fsspec():
+    try:
+        import fsspec
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading shards from a URL needs fsspec (and aiohttp for http): "
+                          "pip install 'apt[remote]' (plus s3fs for s3://, gcsfs for gs://)") from e
+    return fsspec
+
+
+def _filesystem(url: str, storage_options: Optional[dict] = None):
+    """A fresh fsspec filesystem for ``url`` (not the instance cache: one per process)."""
+    fs, _ = _fsspec().core.url_to_fs(url, skip_instance_cache=True, **(storage_options or {}))
+    return fs
+
+
+def _is_permanent(e: BaseException) -> bool:
+    """A missing or forbidden object: retrying will not help."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    status = getattr(e, "status", None) or getattr(e, "code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 425, 429)
+
+
+def _retrying(fn: Callable[[], Any], what: str, retries: int, backoff: float,
+              count: Optional[Callable[[str], None]] = None) -> Any:
+    """``fn()``, retried ``retries`` times with exponential backoff on transient errors; a permanent
+    one, or the last, is logged and raised as an OSError (``count``: "retries" / "failed" counters)."""
+    delay = backoff
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - every back-end has its own error types
+            permanent = _is_permanent(e)
+            if permanent or attempt == retries:
+                if count is not None:
+                    count("failed")
+                why = f"{type(e).__name__}: {e}" + ("" if permanent else f" (failed after {retries} retries)")
+                log.warning("%s: %s", what, why)
+                if isinstance(e, OSError):
+                    raise
+                raise OSError(why) from e
+            if count is not None:
+                count("retries")
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+def read_remote_index(url: str, storage_options: Optional[dict] = None, retries: int = 5, backoff: float = 0.05):
+    """The Parquet index at ``url`` (or a local path) as a `ShardIndex` (``root``: the local folder, or
+    for a URL the folder URL as a string-like path; the source resolves shard names against it)."""
+    from ..shards.index import read_index
+
+    if not is_remote_url(url) or url.startswith("file://"):
+        return read_index(url[len("file://"):] if url.startswith("file://") else url)
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+
+    from ..config import APTConfig
+    from ..shards.format import FORMAT_VERSION, INDEX_METADATA_KEY
+
+    fs = _filesystem(url, storage_options)
+    try:
+        data = _retrying(lambda: fs.cat_file(url), f"reading {url}", retries, backoff)
+    except FileNotFoundError as e:
+        raise ValueError(f"{url}: no shard index there") from e
+    table = pq.read_table(io.BytesIO(data))
+    raw = (table.schema.metadata or {}).get(INDEX_METADATA_KEY)
+    if raw is None:
+        raise ValueError(f"{url}: not an apt shard index (no {INDEX_METADATA_KEY.decode()} schema metadata)")
+    meta = json.loads(raw)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{url}: index format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
+    cfg = APTConfig(**meta.pop("config"))
+    from pathlib import PurePosixPath
+
+    return ShardIndex(table=table, config=cfg, settings=meta, root=PurePosixPath("/"))
+
+
+class RemoteFiles:
+    """Ranged reads of a fixed list of shard URLs, by number: ``pread(shard, offset, n)``.
+
+    Like `apt_data.shards.reader.ShardFiles`, but over fsspec, with retries, shared counters and a
+    read-ahead of whole sample spans (``schedule``) by a small thread pool. Process-local state (the
+    filesystem, the pool, the pending reads) is made lazily in the reading process.
+    """
+
+    def __init__(self, urls: Sequence[str], *, storage_options: Optional[dict] = None, retries: int = 5,
+                 backoff: float = 0.05, inflight: int = 16, merge_gap: int = 4 * BLOCK):
+        self.urls = list(urls)
+        self.storage_options = dict(storage_options or {})
+        self.retries, self.backoff = int(retries), float(backoff)
+        self.inflight, self.merge_gap = max(0, int(inflight)), int(merge_gap)
+        # shared by the loader's forked workers: made here, in the process that opens the source
+        self._counters = mp.RawArray("q", len(COUNTERS))
+        self._counter_lock = mp.Lock()
+        self._local: Optional[dict] = None
+
+    # -------------------------------------------------------------- process-local state
+    def _state(self) -> dict:
+        st = self._local
+        if st is None or st["pid"] != os.getpid():
+            st = self._local = {"pid": os.getpid(), "fs": None, "pool": None, "pending": {},
+                                "lock": threading.Lock()}
+        return st
+
+    def _fs(self):
+        st = self._state()
+        if st["fs"] is None:
+            with st["lock"]:  # the read-ahead threads share one filesystem (one connection pool)
+                if st["fs"] is None:
+                    st["fs"] = _filesystem(self.urls[0], self.storage_options)
+        return st["fs"]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_local"] = None
+        from multiprocessing.context import get_spawning_popen
+
+        if get_spawning_popen() is None:  # a plain pickle: the counters go as values, not shared
+            state["_counters"], state["_counter_lock"] = list(self._counters), None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if isinstance(self._counters, list):
+            self._counters, self._counter_lock = mp.RawArray("q", self._counters), mp.Lock()
+
+    def close(self) -> None:
+        st = self._local
+        if st is not None and st["pid"] == os.getpid() and st["pool"] is not None:
+            st["pool"].shutdown(wait=False, cancel_futures=True)
+            st["pool"] = None
+
+    # -------------------------------------------------------------- counters
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self._counters[COUNTERS.index(name)] += n
+
+    def stats(self) -> dict:
+        """Requests, retries, failed reads (after all retries), bytes read, merged sample reads."""
+        with self._counter_lock:
+            return dict(zip(COUNTERS, list(self._counters)))
+
+    # -------------------------------------------------------------- reads
+    def fetch(self, shard: int, offset: int, n: int) -> bytes:
+        """``n`` bytes at ``offset`` of shard ``shard`` (fewer at its end): one ranged read, retried."""
+        url = self.urls[shard]
+
+        def once() -> bytes:
+            self._count("requests")
+            data = self._fs().cat_file(url, start=offset, end=offset + n)
+            if len(data) > n:  # a server that ignored the Range header sent the whole object
+                data = data[offset:offset + n]
+            self._count("bytes", len(data))
+            return bytes(data)
+
+        return _retrying(once, f"ranged read of {url} bytes {offset}-{offset + n}", self.retries, self.backoff,
+                         self._count)
+
+    def schedule(self, spans: Sequence[tuple[Any, int, int, int]]) -> None:
+        """Start reading ahead: ``(tag, shard, start, end)`` per sample (tags name the samples in
+        `pread`'s ``tag``). Spans of one shard at most ``merge_gap`` bytes apart share one request."""
+        if not self.inflight:
+            return
+        st = self._state()
+        pending = st["pending"]
+        todo = sorted((s for s in spans if s[0] not in pending), key=lambda s: (s[1], s[2]))
+        if not todo:
+            return
+        if st["pool"] is None:
+            st["pool"] = ThreadPoolExecutor(self.inflight, thread_name_prefix="apt-remote")
+        groups: list[list] = []
+        for s in todo:
+            g = groups[-1] if groups else None
+            if g is not None and g[-1][1] == s[1] and s[2] - max(x[3] for x in g) <= self.merge_gap:
+                g.append(s)
+            else:
+                groups.append([s])
+        first = {s[0]: k for k, s in enumerate(spans)}
+        groups.sort(key=lambda g: min(first[x[0]] for x in g))  # submitted in the order they are needed
+        for g in groups:
+            shard, start, end = g[0][1], g[0][2], max(x[3] for x in g)
+            fut: Future = st["pool"].submit(self.fetch, shard, start, end - start)
+            if len(g) > 1:
+                self._count("merged", len(g) - 1)
+            for tag, _, _, _ in g:
+                pending[tag] = (shard, start, end, fut)
+
+    def pread(self, shard: int, offset: int, n: int, tag: Any = None) -> bytes:
+        """``n`` bytes at ``offset`` of shard ``shard``: from the read-ahead of sample ``tag`` when it
+        covers them, else one ranged read now."""
+        st = self._local
+        ahead = None
+        if st is not None and tag is not None and st["pid"] == os.getpid():
+            ahead = st["pending"].pop(tag, None)
+        if ahead is not None:
+            a_shard, a_start, a_end, fut = ahead
+            if a_shard == shard and a_start <= offset and offset + n <= a_end:
+                data = fut.result()  # raises the read's OSError after its retries
+                return data[offset - a_start:offset - a_start + n]
+        return self.fetch(shard, offset, n)
+
+    def forget(self, keep: Callable[[Any], bool]) -> None:
+        """Drop read-aheads whose tag ``keep`` rejects (a new epoch's order)."""
+        st = self._local
+        if st is not None and st["pid"] == os.getpid():
+            for tag in [t for t in st["pending"] if not keep(t)]:
+                st["pending"].pop(tag)[3].cancel()
+
+
+class RemoteIndexSource(IndexSource):
+    """`IndexSource` over shards at fsspec URLs: the same samples, checks and skips, read by byte range.
+
+    ``index``: a `ShardIndex` (`read_remote_index`); ``base``: the URL of the folder its shard
+    names are relative to; ``shards``: keep only these shard names (relative to ``base``).
+    ``retries``, ``backoff``: see the module doc; ``inflight``: read-ahead threads per process
+    (0: none); ``readahead``: samples read ahead (default ``2 * inflight``).
+    """
+
+    def __init__(self, index: ShardIndex, base: str, shards: Optional[Sequence[str]] = None, *,
+                 storage_options: Optional[dict] = None, retries: int = 5, backoff: float = 0.05,
+                 inflight: int = 16, readahead: Optional[int] = None, name: Optional[str] = None):
+        if shards is not None:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            table = index.table
+            missing = set(shards) - set(table.column("shard").to_pylist())
+            if missing:
+                raise ValueError(f"{base}: the index has no rows for shards {sorted(missing)}")
+            index = replace(index, table=table.filter(pc.is_in(table.column("shard"), value_set=pa.array(list(shards)))))
+        super().__init__(index)
+        self.name = name or base
+        self.base = base.rstrip("/")
+        self._shard_paths = [f"{self.base}/{n}" for n in self._shard_names]
+        self._files = RemoteFiles(self._shard_paths, storage_options=storage_options, retries=retries,
+                                  backoff=backoff, inflight=inflight)
+        self.readahead = 2 * int(inflight) if readahead is None else int(readahead)
+        self._order: Optional[tuple] = None  # (process, {sample: position}, order): see read_order
+        starts = [o for m, (o, _) in self._spans.items()]
+        ends = [np.where(o >= 0, o + n, -1) for o, n in self._spans.values()]
+        present = [np.where(o >= 0, o, np.iinfo(np.int64).max) for o in starts]
+        self._span_start = np.min(np.stack(present), axis=0) - BLOCK
+        end = np.max(np.stack(ends), axis=0)
+        self._span_end = self._span_start + -(-(end - self._span_start) // BLOCK) * BLOCK
+
+    def io_stats(self) -> dict:
+        """``requests``, ``retries``, ``failed`` (reads given up), ``bytes``, ``merged`` over all processes."""
+        return self._files.stats()
+
+    # -------------------------------------------------------------- read-ahead
+    def prefetch(self, ids: Sequence[int]) -> None:
+        """Start reading samples ``ids`` (their whole spans) in the background."""
+        self._files.schedule([(int(i), int(self._shard_of[i]), int(self._span_start[i]), int(self._span_end[i]))
+                              for i in ids])
+
+    def read_order(self, ids: Sequence[int]) -> None:
+        """The samples this process will read next, in order: each read then starts the reads of the
+        next ``readahead`` samples along it (the loader's workers call this with their bins or stream)."""
+        order = np.asarray(ids, np.int64).reshape(-1)
+        where: dict[int, int] = {}
+        for k, s in enumerate(order.tolist()):
+            where.setdefault(int(s), k)
+        self._files.forget(where.__contains__)
+        self._order = (os.getpid(), where, order)
+
+    def _read(self, i: int, members: Sequence[str] = MEMBERS, parse_meta: bool = True) -> SampleRecord:
+        if self.readahead > 0 and self._files.inflight > 0 and self._order is not None \
+                and self._order[0] == os.getpid():
+            _, where, order = self._order
+            k = where.get(int(i))
+            if k is not None:
+                self.prefetch(order[k:k + 1 + self.readahead].tolist())
+        return super()._read(i, members, parse_meta)
+
+    def _fetcher(self, i: int, shard: int):
+        files, tag = self._files, int(i)
+        return lambda offset, n: files.pread(shard, offset, n, tag=tag)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_order"] = None
+        return state
+
+
+def _split_suffix(url: str) -> tuple[str, Optional[str]]:
+    """``URL:val`` -> (URL, "val"); a port (digits only) is not a split."""
+    m = re.match(r"^(.*://.*):([A-Za-z0-9_-]+)$", url)
+    if m and not m.group(2).isdigit():
+        return m.group(1), m.group(2)
+    return url, None
+
+
+def open_remote(source: str, index: Optional[str] = None, split: Optional[str] = None, *,
+                storage_options: Optional[dict] = None, **kw) -> RemoteIndexSource:
+    """A `RemoteIndexSource` for a shard folder URL, an index URL or a shard URL pattern (see the
+    module doc). ``index``: the index elsewhere (a local path or URL); ``kw``: `RemoteIndexSource`'s."""
+    source, named = _split_suffix(source)
+    split = split or named or "train"
+    shards: Optional[list[str]] = None
+    if source.endswith(".tar") or "{" in source or "::" in source:
+        urls = expand_urls(source)
+        base = urls[0].rsplit("/", 1)[0]
+        if any(u.rsplit("/", 1)[0] != base for u in urls):
+            raise ValueError(f"{source}: shards in several folders; give them one folder each")
+        shards = [u.rsplit("/", 1)[1] for u in urls]
+        index_url = index or f"{base}/{shards[0].rsplit('-', 1)[0]}.parquet"
+    elif source.endswith(".parquet"):
+        index_url, base = index or source, source.rsplit("/", 1)[0]
+    else:
+        base = source.rstrip("/")
+        index_url = index or f"{base}/{split}.parquet"
+    idx = read_remote_index(index_url, storage_options)
+    return RemoteIndexSource(idx, base, shards, storage_options=storage_options, name=source, **kw)
