@@ -284,3 +284,32 @@ def test_cli_help_shows_defaults_and_a_part_run_summarises_once(src, tmp_path):
     assert run.stdout.count("samples in 2 shards") == 1 and "samples in" not in run.stderr  # summary once
     assert "img/s" not in run.stderr and "|" not in run.stderr  # no progress bar outside a terminal
     assert sorted(p.name for p in (tmp_path / "o").glob("*.tar")) == ["train-000001.tar", "train-000004.tar"]
+
+
+def test_exif_orientation_is_applied_by_the_build_only_on_request(tmp_path):
+    """``build_shards(..., exif_transpose=True)`` (``--exif-transpose``) stores photos upright; the
+    default stores them as encoded, as timm reads them."""
+    from PIL import Image
+
+    from apt_data import decode_image, read_index
+    from apt_data.shards import read_sample
+    from apt_data.shards.build import build_shards
+    from conftest import IMAGE_PATHS
+
+    src = tmp_path / "src" / "c0"
+    src.mkdir(parents=True)
+    with Image.open(IMAGE_PATHS[2]) as im:
+        small = im.convert("RGB").resize((96, 64), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 64 wide, 96 high
+    small.save(src / "rotated.jpg", quality=95, exif=exif.tobytes())
+    shapes = {}
+    for flag in (False, True):
+        out = tmp_path / f"out{flag}"
+        build_shards(tmp_path / "src", out, image_size=32, crop=False, workers=1, progress=False,
+                     exif_transpose=flag)
+        index = read_index(out)
+        rec = read_sample(index.table.to_pylist()[0], out)
+        shapes[flag] = decode_image(rec.jpeg).shape
+        assert index.settings.get("exif_transpose", False) is flag
+    assert shapes == {False: (32, 48, 3), True: (48, 32, 3)}

@@ -51,10 +51,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--keep-aspect", dest="crop", action="store_false", help="short side = image size, sides multiples of --multiple")
     ap.add_argument("--patch-size", type=int, default=16)
     ap.add_argument("--num-scales", type=int, default=3)
-    ap.add_argument("--thresholds", type=float, nargs="*", default=None, help="default: APTConfig's (5.5 4.0)")
+    ap.add_argument("--thresholds", type=float, nargs="*", default=None, help="default: the scorer's own (entropy: 5.5 4.0)")
     ap.add_argument("--scorer", default="entropy")
     ap.add_argument("--multiple", type=int, default=None, help="--keep-aspect side rounding (default: patch size)")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    ap.add_argument("--exif-transpose", action="store_true",
+                    help="apply each photo's EXIF orientation before resizing (default: ignored, as timm does)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     ap.add_argument("--limit-per-class", type=int, default=None, help="take K images per class")
     ap.add_argument("--skip-per-class", type=int, default=0, help="after skipping N per class (disjoint splits)")
@@ -91,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            prefix=a.prefix, seed=a.seed, shuffle=a.shuffle, quality=a.quality, multiple=a.multiple,
                            classes_tsv=a.classes, validate=a.validate, strict=a.strict, progress=not a.quiet,
                            keep_sidecars=a.keep_sidecars, part=a.part, num_parts=a.num_parts,
-                           merge=a.merge)
+                           merge=a.merge, exif_transpose=a.exif_transpose)
     except (ValueError, RuntimeError, OSError) as e:
         log.error("make_shards: error: %s", e)
         return 2

@@ -55,6 +55,7 @@ class ShardTask:
     quality: int
     strict: bool
     validate: bool
+    exif_transpose: bool = False
 
 
 @dataclass
@@ -160,7 +161,8 @@ def build_shard(task: ShardTask) -> int:
         for src_path, name, key, label, extra in task.samples:
             try:
                 enc = encode_sample(src_path, task.cfg, task.image_size, crop=task.crop,
-                                    multiple=task.multiple, quality=task.quality, name=name)
+                                    multiple=task.multiple, quality=task.quality, name=name,
+                                    exif_transpose=task.exif_transpose)
             except SourceError as e:
                 if task.strict:
                     raise ShardDataError(name, key, e.reason, e.detail) from None
@@ -241,7 +243,8 @@ def _plan_tasks(samples: list, class_info: list[dict], out: Path, prefix: str, c
         fp = _digest(plan_head, json.dumps(chunk, sort_keys=True), *sizes)
         tasks.append(ShardTask(len(tasks), str(out / f"{prefix}-{len(tasks):06d}.tar"), fp, chunk, cfg,
                                settings["image_size"], settings["crop"], settings["multiple"],
-                               settings["jpeg_quality"], strict, validate))
+                               settings["jpeg_quality"], strict, validate,
+                               bool(settings.get("exif_transpose", False))))
     return tasks
 
 
@@ -280,7 +283,7 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
                  seed: int = 0, shuffle: bool = True, quality: int = 95, multiple: Optional[int] = None,
                  classes_tsv: Optional[PathLike] = None, validate: bool = False, strict: bool = False,
                  progress: bool = True, keep_sidecars: bool = True, part: Optional[int] = None,
-                 num_parts: int = 1, merge: bool = False) -> BuildResult:
+                 num_parts: int = 1, merge: bool = False, exif_transpose: bool = False) -> BuildResult:
     """Build (or finish building) ``OUT/{prefix}-*.tar`` and ``OUT/{prefix}.parquet``; see the module doc.
 
     Raises `ShardDataError` at the first unreadable source with ``strict``; otherwise such sources
@@ -313,6 +316,8 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
     try:
         class_info = _write_classes(out, classes, class_table)
         settings = {"image_size": image_size, "crop": crop, "multiple": multiple, "jpeg_quality": quality}
+        if exif_transpose:  # recorded only when on, so that earlier builds' plans and indexes stay the same
+            settings["exif_transpose"] = True
         tasks = _plan_tasks(samples, class_info, out, prefix, cfg, shard_size, settings, strict, validate)
         mine = set(range(len(tasks)) if part is None else part_tasks(len(tasks), part, num_parts))
         # leftovers: .tmp files of a killed run, and shards of an earlier, larger plan (a part

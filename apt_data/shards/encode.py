@@ -46,13 +46,14 @@ class EncodedSample:
 
 def encode_sample(source: Union[PathLike, bytes], cfg: APTConfig, image_size: Optional[int], *,
                   crop: bool = True, multiple: Optional[int] = None, quality: int = 95,
-                  name: Optional[str] = None) -> EncodedSample:
+                  name: Optional[str] = None, exif_transpose: bool = False) -> EncodedSample:
     """Resize a source image for storage and compute its score maps and token counts.
 
     The image is resized with `decode_image` (``size=image_size``, ``crop``) and re-encoded as
     JPEG (``quality``, 4:2:0, optimised Huffman tables), unless the source already is a JPEG at
     exactly the stored size, whose bytes are then kept (no second generation loss). Scores and
     counts are computed on the *decoded stored bytes*, so they equal what a loader recomputes.
+    ``exif_transpose``: apply the source's EXIF orientation first (off by default, as timm does).
     Raises `SourceError` (a ValueError) with a reason for unreadable sources.
     """
     from PIL import Image, UnidentifiedImageError
@@ -77,7 +78,8 @@ def encode_sample(source: Union[PathLike, bytes], cfg: APTConfig, image_size: Op
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SourceError(label, "corrupt_image", str(e)) from None
     try:
-        resized = decode_image(raw, image_size, crop=crop, multiple=multiple, name=label)
+        resized = decode_image(raw, image_size, crop=crop, multiple=multiple, name=label,
+                               exif_transpose=exif_transpose)
         jpeg, reencoded = raw, True
         if fmt == "JPEG" and resized.shape[:2] == orig_size[::-1] and raw.rstrip(b"\0").endswith(JPEG_EOI):
             stored = decode_image(raw, name=label)
