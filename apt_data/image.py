@@ -85,16 +85,27 @@ def load_image(path: PathLike) -> np.ndarray:
 _PIL_DATA_ERRORS = (SyntaxError, struct.error, EOFError, IndexError, ZeroDivisionError, OverflowError)
 
 
+def _crop_to_multiple(arr: np.ndarray, multiple: int, label: str) -> np.ndarray:
+    """The centre of ``arr`` whose sides are multiples of ``multiple`` (ValueError when a side is shorter)."""
+    h, w = arr.shape[:2]
+    nh, nw = h - h % multiple, w - w % multiple
+    if multiple <= 0 or not nh or not nw:
+        raise ValueError(f"{label}: a {w}x{h} image has no {multiple}-pixel multiple to crop to")
+    top, left = (h - nh) // 2, (w - nw) // 2
+    return np.ascontiguousarray(arr[top:top + nh, left:left + nw])
+
+
 def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, crop: bool = True,
-                 multiple: int = 16, name: Optional[str] = None, crop_pct: float = 1.0,
+                 multiple: Optional[int] = None, name: Optional[str] = None, crop_pct: float = 1.0,
                  exif_transpose: bool = False) -> np.ndarray:
     """Decode (and optionally resize) an image to uint8 HxWx3 RGB.
 
-    - ``size=None``: the image at its own size.
+    - ``size=None``: the image at its own size; with ``multiple`` given, centre-cropped down to
+      multiples of it (what `patchify` takes).
     - ``crop=True``: resize the short side to ``floor(size / crop_pct)`` and centre-crop
       ``size x size`` (timm's eval transform); ``size`` must be a multiple of ``multiple``.
     - ``crop=False``: keep the aspect ratio: short side ``size``, long side rounded to the nearest
-      multiple of ``multiple`` (a distortion below ``multiple / 2`` pixels).
+      multiple of ``multiple`` (a distortion below ``multiple / 2`` pixels). ``multiple`` defaults to 16.
 
     JPEGs much larger than the target are decoded at a reduced scale (libjpeg draft mode), which is
     much faster and still at least twice the target size before the final bicubic resize.
@@ -112,6 +123,10 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     label = name or (f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source))
+    if size is None and multiple is not None:
+        return _crop_to_multiple(decode_image(source, name=label, crop_pct=crop_pct, exif_transpose=exif_transpose),
+                                 multiple, label)
+    multiple = 16 if multiple is None else multiple
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"{label}: crop_pct must be in (0, 1], got {crop_pct}")
     if size is not None and (size <= 0 or (crop and size % multiple)):

@@ -116,9 +116,11 @@ def from_timm(model_or_name: Union[str, nn.Module], num_scales: int = 3, checkpo
     """Wrap a timm model as an APT model sharing its modules (and weights).
 
     ``model_or_name``: a timm model instance, used with whatever weights it has; or a model name,
-    created with ``pretrained=False`` and ``**timm_kwargs`` (e.g. ``img_size``, ``num_classes``,
+    created by ``timm.create_model(name, **timm_kwargs)`` (e.g. ``img_size``, ``num_classes``,
     ``drop_path_rate``), then loaded from the local ``checkpoint_path`` (a timm or an APT checkpoint)
-    if given. Nothing is ever downloaded.
+    if given. ``pretrained`` defaults to False; ``pretrained=True`` is timm's: it downloads the
+    weights (timm's error without a network), or reads a local file given as
+    ``pretrained_cfg_overlay=dict(file=PATH)``; a ``num_classes`` other than the weights' gets a new head.
 
     The APT class comes from the model's family (`FAMILIES`): a ``VisionTransformer`` gives an
     `APTViT`; a ``VisionTransformerSAM`` (``samvit_*``: the SAM image encoder, windowed and global
@@ -130,8 +132,7 @@ def from_timm(model_or_name: Union[str, nn.Module], num_scales: int = 3, checkpo
     if isinstance(model_or_name, str):
         if checkpoint_path is not None and not os.path.isfile(checkpoint_path):
             raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
-        timm_kwargs.pop("pretrained", None)
-        model = timm.create_model(model_or_name, pretrained=False, **timm_kwargs)
+        model = timm.create_model(model_or_name, **{"pretrained": False, **timm_kwargs})
     else:
         if checkpoint_path is not None or timm_kwargs:
             raise ValueError("checkpoint_path and timm keyword arguments are for model names; "

@@ -1,6 +1,7 @@
 """Building a run's model (and its transform) from explicit settings, with errors a user can act on (`SetupError`)."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -9,6 +10,8 @@ from apt_model import APTViT, from_timm
 from apt_model.convert import load_apt_checkpoint
 
 from .config import SetupError
+
+log = logging.getLogger("apt_train")
 
 __all__ = ["SetupError", "build_model", "checkpoint_num_classes", "compile_blocks", "infer_num_classes",
            "model_image_size", "model_patch_size", "train_transform"]
@@ -47,11 +50,17 @@ def _read_weights(checkpoint: str) -> dict:
 
 def build_model(name: str, *, checkpoint: Optional[str] = None, num_classes: Optional[int] = None,
                 image_size: Optional[int] = None, num_scales: int = 3, drop_path: float = 0.0,
-                attn_backend: str = "auto") -> APTViT:
-    """`from_timm` (never downloads) with checks turned into `SetupError` messages.
+                attn_backend: str = "auto", pretrained: bool = False, reset_head: bool = False,
+                explicit_classes: bool = False) -> APTViT:
+    """`from_timm` with checks turned into `SetupError` messages.
 
     ``num_classes=None``: the checkpoint's head size, else the timm default. ``image_size=None``: the
-    model's own.
+    model's own. ``pretrained``: timm's pretrained weights for ``name`` (downloaded by timm; a head of
+    another size is re-initialised by timm), then ``checkpoint`` (a local file, never downloaded) on top,
+    as timm's ``--pretrained`` / ``--initial-checkpoint``. ``reset_head``: a checkpoint whose head has
+    another size than ``num_classes`` loads without its head (a new one is trained, as timm's train.py
+    does); otherwise that is a `SetupError` (``explicit_classes``: its message names ``--num-classes``
+    rather than the data as where ``num_classes`` came from). A checkpoint with no head at all loads into a new head.
     """
     import timm
 
@@ -66,17 +75,38 @@ def build_model(name: str, *, checkpoint: Optional[str] = None, num_classes: Opt
         if num_classes is None:
             num_classes = ckpt_classes
         elif ckpt_classes is not None and ckpt_classes != num_classes:
-            raise SetupError(f"checkpoint {checkpoint} has a {ckpt_classes}-class head but the data has "
-                             f"{num_classes} classes; pass --num-classes {ckpt_classes} if the labels are the "
-                             f"checkpoint's classes")
+            if not reset_head and explicit_classes:
+                raise SetupError(f"checkpoint {checkpoint} has a {ckpt_classes}-class head but --num-classes is "
+                                 f"{num_classes}; leave --num-classes out to use the checkpoint's head")
+            if not reset_head:
+                raise SetupError(f"checkpoint {checkpoint} has a {ckpt_classes}-class head but the data has "
+                                 f"{num_classes} classes; pass --num-classes {num_classes} to drop the checkpoint's "
+                                 f"head and train a new one, or --num-classes {ckpt_classes} if the labels are the "
+                                 f"checkpoint's classes")
+            log.info("checkpoint %s: its %d-class head is dropped, a new %d-class head is trained", checkpoint,
+                     ckpt_classes, num_classes)
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
     kw = {"drop_path_rate": drop_path}
     if num_classes is not None:
         kw["num_classes"] = int(num_classes)
     if image_size is not None:
         kw["img_size"] = int(image_size)
+    if pretrained:
+        try:
+            model = timm.create_model(name, pretrained=True, **kw)
+        except Exception as e:  # no network, no weights for this name, ...: timm's error in one line
+            msg = (str(e).strip().splitlines() or [""])[0][:300]
+            raise SetupError(f"--pretrained {name}: timm could not load its pretrained weights "
+                             f"({type(e).__name__}: {msg}); pass --initial-checkpoint FILE for local weights") from None
     try:
-        apt = from_timm(name, num_scales=num_scales, attn_backend=attn_backend, **kw)
+        apt = from_timm(model if pretrained else name, num_scales=num_scales, attn_backend=attn_backend,
+                        **({} if pretrained else kw))
         if checkpoint is not None:
+            own = apt.state_dict()
+            state = dict(state)
+            for key in ("head.weight", "head.bias"):  # no head in the file (or dropped): the new head's init
+                if key not in state and key in own:
+                    state[key] = own[key]
             load_apt_checkpoint(apt, checkpoint, state=state)
         return apt
     except (TypeError, ValueError, RuntimeError, FileNotFoundError) as e:

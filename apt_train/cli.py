@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from apt_data import APTConfig, add_loader_args
 from apt_data.loader import TooManySkipped
 
-from .config import SetupError, TrainConfig, loader_config, validate
+from .config import SetupError, TrainConfig, check_device, loader_config, validate
+from .data import AUTO, open_data
 from .dist import DistInfo, cleanup, init_distributed
 from .recipes import RECIPES, apply_recipe
 from .trainer import Trainer, TrainResult
@@ -33,18 +34,24 @@ def build_parser(default_data: Optional[str] = None, default_val_data: Optional[
         prog="train.py", description="Fine-tune a timm ViT as an Adaptive Patch Transformer on token-budget batches. "
                                      "Recipe flags left unset take the recipe's value (README.md, 'Training and evaluation').")
     g = ap.add_argument_group("model and data")
-    g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name, created with pretrained=False (default: %(default)s)")
-    g.add_argument("--checkpoint", default=None, help="local timm or APT weights to start from (never downloaded)")
-    g.add_argument("--num-classes", type=int, default=None, help="default: max label of --data + 1")
+    g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (default: %(default)s)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="start from timm's pretrained weights for --model (timm downloads them; default: random init)")
+    g.add_argument("--initial-checkpoint", "--checkpoint", dest="checkpoint", default=None,
+                   help="local timm or APT weights to start from (never downloaded); with --num-classes N, a head "
+                        "of another size is dropped and re-initialised")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the head (default: the checkpoint's head, else max label of --data + 1)")
     g.add_argument("--data", default=default_data, help="train shards / index / image folder"
                    + (" (default: %(default)s)" if default_data else " (required)"))
-    g.add_argument("--val-data", default=default_val_data, help="validation source"
-                   + (" (default: %(default)s)" if default_val_data else " (default: none)"))
+    g.add_argument("--val-data", default=default_val_data or AUTO,
+                   help="validation source (default: --data's own val split: DIR:val for shards, a val.parquet "
+                        "beside train.parquet, a folder val beside an image folder .../train; else none)")
     g.add_argument("--no-eval", action="store_true", help="skip validation")
     g.add_argument("--crop-pct", type=float, default=1.0, help="eval centre-crop fraction (default 1: shards are pre-cropped)")
     g.add_argument("--attn-backend", default="auto")
     add_loader_args(ap, max_tokens=4096)
-    ap.set_defaults(patch_size=None)  # the model's
+    _model_defaults(ap)
     r = ap.add_argument_group("recipe (flags left unset take the recipe's value)")
     r.add_argument("--recipe", choices=sorted(RECIPES), default="sample",
                    help="short: the paper's 1-epoch fine-tune; full: MAE fine-tune; sample: full, 8 epochs (the demo)")
@@ -57,7 +64,8 @@ def build_parser(default_data: Optional[str] = None, default_val_data: Optional[
     r.add_argument("--warmup-steps", type=int, default=None, help="overrides --warmup-epochs")
     r.add_argument("--weight-decay", type=float, default=None)
     r.add_argument("--layer-decay", type=float, default=None)
-    r.add_argument("--label-smoothing", type=float, default=None)
+    r.add_argument("--smoothing", "--label-smoothing", dest="label_smoothing", type=float, default=None,
+                   help="label smoothing")
     r.add_argument("--drop-path", type=float, default=None)
     r.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (default: no clipping)")
     r.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
@@ -67,7 +75,7 @@ def build_parser(default_data: Optional[str] = None, default_val_data: Optional[
     r.add_argument("--train-new-only", action="store_true", help="freeze the ViT, train only APT's new parameters")
     o = ap.add_argument_group("run")
     o.add_argument("--seed", type=int, default=0, help="model init, data order, augmentation (default: 0)")
-    o.add_argument("--output", default="out/train", help="metrics.jsonl and checkpoints go here (default: %(default)s)")
+    o.add_argument("--output", default="out/train", help="metrics.jsonl, curves.png and checkpoints go here (default: %(default)s)")
     o.add_argument("--resume", default=None, help="a checkpoint file, or a folder (its newest checkpoint)")
     o.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps and at the end (default: %(default)s; 0: only at the end)")
     o.add_argument("--keep-checkpoints", type=int, default=2, help="newest step checkpoints kept (default: %(default)s; 0: all)")
@@ -85,10 +93,55 @@ def build_parser(default_data: Optional[str] = None, default_val_data: Optional[
     o.add_argument("--max-skip-fraction", type=float, default=0.01,
                    help="stop when more bad samples than this share of an epoch (and more than 10) were "
                         "skipped (default: %(default)s)")
-    o.add_argument("--log-every", type=int, default=10, help="print a line every N steps when the progress bar is off (default: %(default)s)")
+    o.add_argument("--log-interval", "--log-every", dest="log_every", type=int, default=10,
+                   help="print a line every N steps when the progress bar is off (default: %(default)s)")
+    o.add_argument("--log-tensorboard", action="store_true",
+                   help="also log to OUTPUT/tensorboard (needs the tensorboard package)")
+    o.add_argument("-c", "--config", default=None, metavar="YAML",
+                   help="flag values from a YAML file (keys: flag names, e.g. lr: 0.001); flags given beat it")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds before a stuck collective fails (default: %(default)s)")
     return ap
+
+
+def _model_defaults(ap: argparse.ArgumentParser) -> None:
+    """``--patch-size`` / ``--image-size`` default to the model's; ``--img-size``: timm's name."""
+    ap.set_defaults(patch_size=None)
+    for action in ap._actions:
+        if action.dest == "patch_size":
+            action.help = "base patch size in pixels (default: the model's)"
+        if action.dest == "image_size" and "--img-size" not in action.option_strings:
+            action.option_strings.insert(0, "--img-size")
+            ap._option_string_actions["--img-size"] = action
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: Argv = None) -> argparse.Namespace:
+    """``ap.parse_args`` after ``-c/--config YAML`` (timm's train.py style: its keys, flag names with
+    ``-`` or ``_``, become defaults, so flags on the command line beat it). A bad file exits 2."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        import yaml
+
+        try:
+            with open(known.config) as f:
+                values = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            ap.error(f"--config {known.config}: {e}")
+        if not isinstance(values, dict):
+            ap.error(f"--config {known.config}: expected a mapping of flag names to values")
+        dests = {a.dest: a for a in ap._actions}
+        for opt, a in ap._option_string_actions.items():
+            dests.setdefault(opt.lstrip("-").replace("-", "_"), a)
+        defaults = {}
+        for key, value in values.items():
+            action = dests.get(str(key).replace("-", "_"))
+            if action is None or action.dest in ("help", "config"):
+                ap.error(f"--config {known.config}: unknown flag {key!r}")
+            defaults[action.dest] = value
+        ap.set_defaults(**defaults)
+    return ap.parse_args(argv)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -110,7 +163,7 @@ def make_trainer(argv: Argv = None, *, default_data: Optional[str] = None,
     exits with status 2 and ``train.py: error: ...`` (SystemExit), after leaving the process group."""
     ap = build_parser(default_data, default_val_data)
     try:
-        config = validate(apply_recipe(train_config(ap.parse_args(argv))))  # before joining the process group
+        config = validate(apply_recipe(train_config(parse_args(ap, argv))))  # before joining the process group
     except SetupError as e:
         ap.error(str(e))
     info = init_distributed(config.device, config.dist_timeout)
@@ -149,7 +202,7 @@ def main(argv: Argv = None, **defaults: Optional[str]) -> int:
 def add_eval_args(ap: argparse.ArgumentParser, default_data: Optional[str] = None) -> None:
     """Flags shared by tools/evaluate.py and tools/sweep.py; ``default_data``: the tool's dataset."""
     ap.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (pretrained=False)")
-    ap.add_argument("--checkpoint", default=None,
+    ap.add_argument("--checkpoint", "--initial-checkpoint", dest="checkpoint", default=None,
                     help="local timm or APT weights: a file, or a training output folder (its newest checkpoint)")
     ap.add_argument("--num-classes", type=int, default=None,
                     help="default: the checkpoint's head, else max label of --data + 1")
@@ -162,7 +215,7 @@ def add_eval_args(ap: argparse.ArgumentParser, default_data: Optional[str] = Non
     ap.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
     ap.add_argument("--seed", type=int, default=0, help="model init (no checkpoint) and the random baseline")
     add_loader_args(ap, max_tokens=4096)
-    ap.set_defaults(patch_size=None)
+    _model_defaults(ap)
 
 
 @dataclass
@@ -182,8 +235,6 @@ def eval_setup(args: argparse.Namespace, ap: argparse.ArgumentParser) -> EvalSet
     """Model, config and data for the flags of `add_eval_args`; a bad setting exits 2 via ``ap.error``."""
     import torch
 
-    from apt_data.loader import open_source
-
     from .build import build_model, infer_num_classes, model_image_size, model_patch_size
     from .checkpoint import resolve_checkpoint
 
@@ -194,15 +245,17 @@ def eval_setup(args: argparse.Namespace, ap: argparse.ArgumentParser) -> EvalSet
         loader_config(patch_size=args.patch_size or 16, **batching)  # before any model is built
         if checkpoint and os.path.isdir(checkpoint):  # a training output folder: its newest checkpoint
             checkpoint = str(resolve_checkpoint(checkpoint))
+        check_device(args.device)
     except (SetupError, FileNotFoundError) as e:
         ap.error(str(e))
     info = init_distributed(args.device)
     torch.manual_seed(args.seed)
     try:
-        source = open_source(args.data)
+        source = open_data(args.data)
         num_classes = args.num_classes or (None if checkpoint else infer_num_classes(source.labels))
         model = build_model(args.model, checkpoint=checkpoint, num_classes=num_classes, image_size=args.image_size,
-                            num_scales=args.num_scales, attn_backend=args.attn_backend).to(info.device).eval()
+                            num_scales=args.num_scales, attn_backend=args.attn_backend,
+                            explicit_classes=args.num_classes is not None).to(info.device).eval()
         cfg = loader_config(patch_size=model_patch_size(model, args.patch_size, args.num_scales), **batching)
     except (SetupError, ValueError, OSError) as e:
         ap.error(str(e))

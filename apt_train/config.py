@@ -25,7 +25,8 @@ class SetupError(ValueError):
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of one training run; field ``x_y`` is the flag ``--x-y`` of ``tools/train.py`` (but
-    ``auto_augment``: ``--aa``, ``re_prob``: ``--reprob``, and ``--no-eval`` sets ``val_data=None``).
+    ``auto_augment``: ``--aa``, ``re_prob``: ``--reprob``, ``checkpoint``: ``--initial-checkpoint``, and
+    ``--no-eval`` sets ``val_data=None``).
 
     ``data`` is required (no default dataset); ``val_data=None`` skips evaluation. Path-like values
     are stored as strings and ``thresholds`` as a tuple, so the config is hashable and `to_dict`
@@ -34,10 +35,11 @@ class TrainConfig:
 
     # model and data
     model: str = "vit_tiny_patch16_224"
-    checkpoint: Optional[str] = None        # local timm / APT / trainer weights to start from
+    pretrained: bool = False                # timm's pretrained weights for `model` (timm downloads them)
+    checkpoint: Optional[str] = None        # --initial-checkpoint: local timm / APT / trainer weights to start from
     num_classes: Optional[int] = None       # None: the checkpoint's head, else max label of `data` + 1
     data: Optional[str] = None              # anything APTLoader reads
-    val_data: Optional[str] = None          # None: no evaluation
+    val_data: Optional[str] = None          # None: no evaluation; "auto": the val split beside `data`, if any
     crop_pct: float = 1.0                   # eval centre-crop fraction
     attn_backend: str = "auto"
     # batching (the flags of apt_data.add_loader_args)
@@ -83,6 +85,7 @@ class TrainConfig:
     strict: bool = False
     max_skip_fraction: float = 0.01      # more bad samples in an epoch stop the run
     log_every: int = 10
+    log_tensorboard: bool = False           # also log to OUTPUT/tensorboard (needs the tensorboard package)
     quiet: bool = False
     dist_timeout: float = 1800.0
 
@@ -139,4 +142,15 @@ def validate(config: TrainConfig) -> TrainConfig:
         if v is not None and v < 0:
             raise SetupError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     config.apt_config()
+    check_device(config.device)
     return config
+
+
+def check_device(device: str) -> None:
+    """``--device cuda`` on a machine without CUDA is a `SetupError` (one line, not a CUDA traceback)."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SetupError("--device cuda but CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use --device cpu or --device auto")

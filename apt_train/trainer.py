@@ -16,7 +16,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -24,13 +24,15 @@ import numpy as np
 import torch
 
 from apt_data import PackedBatch
-from apt_data.loader import APTLoader, open_source
+from apt_data.loader import APTLoader
 
 from .build import (build_model, compile_blocks, infer_num_classes, model_image_size, model_patch_size,
                     train_transform)
 from .checkpoint import (MetricsWriter, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                          resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .config import SetupError, TrainConfig, validate
+from .curves import TensorBoardLogger, Tee, write_curves
+from .data import AUTO, check_classes, class_count, default_val_data, open_data
 from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, sum_counts
 from .evaluation import EvalResult, eval_loader, evaluate
 from .loss import scaled_cross_entropy
@@ -87,14 +89,15 @@ class Trainer:
                             "first change")
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
-        try:
-            train_source = open_source(c.data)
-        except (ValueError, OSError) as e:
-            raise SetupError(f"--data {c.data}: {e}") from None
+        train_source = open_data(c.data, "--data")
+        self._val_note = None
+        if c.val_data == AUTO:  # the training source's own val split, else none (said in the header)
+            val_data, self._val_note = default_val_data(c.data)
+            self.config = c = replace(c, val_data=val_data)
         num_classes = c.num_classes or infer_num_classes(train_source.labels)
         self.model = build_model(c.model, checkpoint=c.checkpoint, num_classes=num_classes, image_size=c.image_size,
-                                 num_scales=c.num_scales, drop_path=c.drop_path,
-                                 attn_backend=c.attn_backend).to(self.device)
+                                 num_scales=c.num_scales, drop_path=c.drop_path, attn_backend=c.attn_backend,
+                                 pretrained=c.pretrained, reset_head=c.num_classes is not None).to(self.device)
         if self.model.num_classes != num_classes:
             raise SetupError(f"the model has {self.model.num_classes} classes, the data {num_classes}")
         self.cfg = c.apt_config(model_patch_size(self.model, c.patch_size, c.num_scales))
@@ -102,6 +105,8 @@ class Trainer:
         if c.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self._build_loaders(train_source)
+        check_classes(num_classes, train_source, self.val_loader.source if self.val_loader is not None else None,
+                      train_name=c.data, val_name=c.val_data or "")
         # steps and lr: fixed for the run by the loader's epoch length and mean images per batch
         self.steps_per_epoch = c.overfit_batches or self.loader.steps_per_epoch()
         self.images_per_step = self.loader.mean_images_per_batch() * self.info.world_size
@@ -112,6 +117,9 @@ class Trainer:
             self.total_steps = c.steps if c.overfit_batches else min(self.total_steps, c.steps)
         self.lr = c.lr if c.lr is not None else c.blr * self.images_per_step / 256
         warmup = c.warmup_steps if c.warmup_steps is not None else int(round(c.warmup_epochs * self.steps_per_epoch))
+        if warmup >= self.total_steps > 0 and self.info.is_main:
+            log.warning("warmup of %d steps >= the run's %d steps: the lr never reaches its peak %.3g (set "
+                        "--warmup-steps or --warmup-epochs lower, or train longer)", warmup, self.total_steps, self.lr)
         if c.train_new_only:
             new = {id(p) for p in self.model.apt_parameters()}
             if not new:
@@ -155,7 +163,8 @@ class Trainer:
             self.loader.steps_per_epoch()  # budget errors surface here, before the first step
             self.val_loader = None
             if c.val_data:
-                self.val_loader = eval_loader(c.val_data, self.cfg, max_tokens=c.max_tokens, max_images=c.max_images,
+                self.val_loader = eval_loader(open_data(c.val_data, "--val-data"), self.cfg, max_tokens=c.max_tokens,
+                                              max_images=c.max_images,
                                               image_size=self.image_size, num_prefix_tokens=prefix,
                                               num_workers=c.workers, crop_pct=c.crop_pct, strict=c.strict)
                 self.val_loader.steps_per_epoch()
@@ -272,10 +281,25 @@ class Trainer:
                     "loss": res.loss, "images": res.images, "tokens_per_image": res.tokens_per_image,
                     "token_fraction": res.token_fraction, "images_per_s": res.images_per_s,
                     "gflops_per_image": res.gflops_per_image})
+            if self._writer is not None:
+                try:
+                    write_curves(self.out / "metrics.jsonl")
+                except Exception as e:  # a plot is never worth the run
+                    log.warning("curves.png not written: %s: %s", type(e).__name__, e)
             self._print(f"eval step {self.global_step} epoch {self.epoch}: top-1 {res.top1:.2%} top-5 {res.top5:.2%} "
                         f"loss {res.loss:.4f} on {res.images} images, {res.tokens_per_image:.1f} tokens/image "
                         f"({res.token_fraction:.1%} of uniform), {res.images_per_s:.1f} images/s")
         return res
+
+    def _eval_saved(self, saved: Optional[Path]) -> Optional[EvalResult]:
+        """`run_eval`; if it fails, the step is checkpointed first (one process: DDP ranks may be stuck)."""
+        try:
+            return self.run_eval()
+        except Exception:
+            if saved is None and not self.info.enabled:
+                saved = self.save()
+            log.error("evaluation failed at step %d; the run's checkpoint: %s", self.global_step, saved)
+            raise
 
     def _log_step(self, rec: dict) -> None:
         """Every step (rank 0): the metrics line and the progress bar; without the bar, a printed line
@@ -333,6 +357,13 @@ class Trainer:
             f"{len(self.params)} trainable tensors{', APT parameters only' if c.train_new_only else ''}) "
             f"at {self.image_size} px, {self.cfg}; recipe {c.recipe}; {info.world_size} process(es) on "
             f"{self.device}{', bf16 autocast' if self.amp else ''}")
+        val = self.val_loader
+        self._print(f"train data {c.data}: {len(self.loader.source)} images, {class_count(self.loader.source)} classes; "
+                    + (f"val data {c.val_data}: {len(val.source)} images, {class_count(val.source)} classes; "
+                       if val is not None else "val data: none; ")
+                    + f"head: {self.model.num_classes} classes")
+        if self._val_note:
+            self._print(self._val_note)
         self._print(
             f"data {c.data}: {len(self.loader.source)} images, {self.steps_per_epoch} steps/epoch of <= "
             f"{c.max_tokens} tokens per rank ({self.loader.packing}ed packing), {self.images_per_step:.2f} images "
@@ -352,6 +383,9 @@ class Trainer:
                         self.out, [p.name for p in list_checkpoints(self.out)])
         if info.is_main:
             self._writer = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.global_step if c.resume else None)
+            tb = TensorBoardLogger.create(self.out) if c.log_tensorboard else None
+            if tb is not None:
+                self._writer = Tee(self._writer, tb)
             self._print_header()
         self._bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
                          disable=c.quiet or not info.is_main or not sys.stderr.isatty())
@@ -395,18 +429,18 @@ class Trainer:
                     fills = []
                     self._next_epoch()
                     batches = None
-                evaluated = self._eval_due(epoch_end)
-                if evaluated:
-                    final_eval = self.run_eval()
-                saving = self._save_due()
+                saving = self._save_due()  # saved before evaluating: a failing evaluation never loses it
                 if saving:
                     last_saved = self.save()
+                evaluated = self._eval_due(epoch_end)
+                if evaluated:
+                    final_eval = self._eval_saved(last_saved if saving else None)
                 if evaluated or saving:  # the next step's speed excludes evaluation and saving
                     t_prev = time.perf_counter()
-            if not evaluated:
-                final_eval = self.run_eval()
             if not self._save_due() or last_saved is None:
                 last_saved = self.save()
+            if not evaluated:
+                final_eval = self._eval_saved(last_saved)
         finally:
             self._bar.close()
             if self._writer is not None:

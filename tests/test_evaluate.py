@@ -25,10 +25,20 @@ def load_tool(name: str):
     return mod
 
 
+def test_evaluate_json_keeps_numbers_as_numbers_and_old_flag_names(tmp_path):
+    out = tmp_path / "r.json"  # --json and --baselines: the old names of --output and --baseline
+    assert load_tool("evaluate").main(["--baselines", "none", "--max-batches", "1", "--workers", "0",
+                                       "--thresholds", "5.5", "4", "--json", str(out)]) == 0
+    args = json.loads(out.read_text())["args"]
+    assert args["seed"] == 0 and args["max_tokens"] == 4096 and args["max_batches"] == 1
+    assert args["thresholds"] == [5.5, 4.0] and args["uniform"] is False and args["baseline"] == ["none"]
+    assert args["checkpoint"] is None and args["output"] == str(out)
+
+
 def test_evaluate_baselines_report_their_token_counts(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert load_tool("evaluate").main(["--baseline", "none", "resize", "random", "--uniform", "--workers", "1",
-                                       "--json", str(out)]) == 0
+                                       "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     for name in ("| APT |", "| resize |", "| random |", "| uniform |"):
         assert name in printed

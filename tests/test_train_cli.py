@@ -26,7 +26,7 @@ FAST = ["--steps", "1", "--workers", "0", "--no-eval", "--quiet"]
     (["--model", "vit_not_a_model"], "unknown timm model 'vit_not_a_model'"),
     (["--model", "resnet18"], "supports timm VisionTransformer"),
     (["--patch-size", "14"], "--patch-size 14 but the model's patch size is 16"),
-    (["--data", "/nonexistent/shards"], "not a shard folder"),
+    (["--data", "/nonexistent/shards"], "--data /nonexistent/shards: /nonexistent/shards does not exist"),
     (["--resume", "/nonexistent/ckpt.pt"], "does not exist"),
     (["--steps", "0"], "--steps must be positive"),
 ])
@@ -57,6 +57,7 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path, capsys):
     (["--thresholds", "1", "2", "3"], "one value per scale"),
     (["--model", "nope_vit"], "unknown timm model"),
     (["--max-tokens", "100"], "more than the batch budget max_tokens=100"),
+    (["--data", "/nonexistent/x:val"], "--data /nonexistent/x:val: /nonexistent/x does not exist"),
 ])
 def test_evaluate_rejects_bad_flags(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -74,7 +75,9 @@ def test_bad_config_raises_in_the_library_and_exits_2_on_the_command_line(tmp_pa
                             (TrainConfig(), "no training data"),
                             (TrainConfig(data=data, thresholds=(5.5,)), "one value per scale"),
                             (TrainConfig(data=data, patch_size=14, workers=0), "but the model's patch size is 16"),
-                            (TrainConfig(data=data, resume=tmp_path / "none.pt"), "does not exist")]:
+                            (TrainConfig(data=data, resume=tmp_path / "none.pt"), "does not exist"),
+                            (TrainConfig(data=data, val_data="/nonexistent/v:val", workers=0, max_tokens=2048),
+                             "--val-data /nonexistent/v:val: /nonexistent/v does not exist")]:
         with pytest.raises(SetupError, match=message) as e:
             Trainer(config)
         assert isinstance(e.value, ValueError)
@@ -89,3 +92,176 @@ def test_script_exit_has_no_traceback(tmp_path):
                            "--output", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ your own data, your own checkpoint (issue 15)
+def image_folder(root: Path, val_classes: int = 3) -> Path:
+    """``root/photos/{train,val}/<class>/``: 3 training classes of 4 images, val ``val_classes`` of 2."""
+    import shutil
+
+    images = sorted((ROOT / "tests/data/images").glob("*.JPEG"))
+    names = ["cat", "dog", "fish", "zebra"]
+    for c in range(max(3, val_classes)):
+        for i, img in enumerate(images[6 * c:6 * c + 6]):
+            split = "val" if i >= 4 else "train"
+            if split == "train" and c >= 3 or split == "val" and c >= val_classes:
+                continue
+            d = root / "photos" / split / names[c]
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copy(img, d / img.name)
+    return root / "photos" / "train"
+
+
+TINY = ["--steps", "1", "--workers", "0", "--quiet", "--max-tokens", "2048"]
+
+
+def test_own_image_folder_trains_and_evaluates_on_the_val_folder_beside_it(tmp_path, capsys):
+    train = image_folder(tmp_path)
+    out = tmp_path / "out"
+    assert train_main(TINY + ["--data", str(train), "--output", str(out), "--log-tensorboard"]) == 0
+    printed = capsys.readouterr().out
+    assert f"validation data: {tmp_path / 'photos' / 'val'} (the val split beside --data" in printed
+    assert f"train data {train}: 12 images, 3 classes; val data {tmp_path / 'photos' / 'val'}: 6 images, 3 classes; " \
+           "head: 3 classes" in printed
+    assert "final val: top-1" in printed
+    assert (out / "checkpoint-0000001.pt").is_file() and (out / "curves.png").stat().st_size > 1000
+    import json
+
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in recs if r["split"] == "val"] == [6]
+    try:  # --log-tensorboard: event files where the package is installed; else a warning and the run goes on
+        import tensorboard  # noqa: F401
+        assert list((out / "tensorboard").iterdir())
+    except ImportError:
+        assert not (out / "tensorboard").exists()
+
+
+def test_a_failing_evaluation_keeps_the_checkpoint(tmp_path):
+    from apt_train import TrainConfig, Trainer
+
+    train = image_folder(tmp_path)
+    out = tmp_path / "out"
+    trainer = Trainer(TrainConfig(data=str(train), val_data="auto", steps=2, eval_every=1, save_every=0, workers=0,
+                                  max_tokens=2048, quiet=True, output=str(out)))
+    assert trainer.config.val_data == str(tmp_path / "photos" / "val")
+
+    def broken():
+        raise IndexError("Target 7 is out of bounds")
+
+    trainer.run_eval = broken
+    with pytest.raises(IndexError):
+        trainer.fit()
+    assert [p.name for p in out.glob("checkpoint-*.pt")] == ["checkpoint-0000001.pt"]
+
+
+def test_curves_png_from_a_metrics_file(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from apt_train.curves import write_curves
+
+    recs = [{"split": "train", "step": s, "loss": 2.0 / s, "lr": 1e-3 * s} for s in range(1, 6)]
+    recs += [{"split": "val", "step": 5, "top1": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"cut')
+    png = write_curves(tmp_path / "metrics.jsonl")
+    assert png == tmp_path / "curves.png" and not list(tmp_path.glob("*.tmp"))
+    with Image.open(png) as im:
+        assert im.width > 600
+
+
+def test_sweep_and_evaluate_share_the_baseline_and_output_flags(tmp_path):
+    out = tmp_path / "sweep"
+    assert load_tool("sweep").main(["--grid", "5.5,4", "--baseline", "random", "--max-batches", "1", "--workers", "0",
+                                    "--output", str(out)]) == 0
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["uniform", "APT", "random"] and (out / "sweep.png").is_file()
+
+
+def test_val_labels_beyond_the_head_stop_before_the_first_step(tmp_path, capsys):
+    train = image_folder(tmp_path, val_classes=4)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train_main(TINY + ["--data", str(train), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--val-data " in err and "label 3 does not fit the model's 3-class head (--val-data has 4 classes); " \
+                                    "pass --num-classes 4" in err
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_default_val_data_is_the_split_beside_the_training_data(tmp_path):
+    from apt_train.data import default_val_data
+
+    shards = ROOT / "shards"
+    assert default_val_data(str(shards))[0] == f"{shards}:val"
+    assert default_val_data(f"{shards}:train")[0] == f"{shards}:val"
+    assert default_val_data(str(shards / "train.parquet"))[0] == str(shards / "val.parquet")
+    assert default_val_data(f"{shards}:val")[0] is None
+    train = image_folder(tmp_path)
+    assert default_val_data(str(train))[0] == str(tmp_path / "photos" / "val")
+    val, line = default_val_data(str(tmp_path / "photos" / "val"))
+    assert val is None and "validation data: none" in line and "--val-data" in line
+
+
+def test_finetune_a_1000_class_checkpoint_on_10_classes(tmp_path, capsys):
+    import timm
+    import torch
+
+    path = tmp_path / "in1k.pth"
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=1000)
+    torch.save(vit.state_dict(), path)
+    with pytest.raises(SystemExit) as e:  # the head size from the data: say what to pass
+        train_main(FAST + ["--output", str(tmp_path), "--initial-checkpoint", str(path)])
+    assert e.value.code == 2
+    assert "1000-class head but the data has 10 classes; pass --num-classes 10 to drop" in capsys.readouterr().err
+    result = load_tool("train").cli.run(FAST + ["--data", str(ROOT / "shards"), "--max-tokens", "2048", "--output", str(tmp_path / "out"),
+                                                "--initial-checkpoint", str(path), "--num-classes", "10"])
+    model = result.model
+    assert model.num_classes == 10 and result.global_step == 1
+    # the checkpoint's body was loaded (the embedding is frozen by nothing but moved by one tiny step)
+    assert torch.allclose(model.pos_embed.detach(), vit.pos_embed.detach(), atol=1e-3)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("tool", ["train", "evaluate"])
+def test_device_cuda_without_cuda_is_one_line_and_status_2(tool, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / f"tools/{tool}.py"), "--device", "cuda", "--workers", "0"]
+                          + (["--output", str(tmp_path)] if tool == "train" else []),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [l for l in proc.stderr.splitlines() if "error" in l] == \
+        [f"{tool}.py: error: --device cuda but CUDA is not available on this machine "
+         f"(torch {__import__('torch').__version__}); use --device cpu or --device auto"]
+
+
+def test_a_warmup_longer_than_the_run_warns(tmp_path, caplog):
+    from apt_train import cli
+
+    train = image_folder(tmp_path)
+    with caplog.at_level("WARNING", logger="apt_train"):
+        trainer = cli.make_trainer(TINY + ["--steps", "10", "--epochs", "20", "--warmup-steps", "15", "--data", str(train),
+                                           "--no-eval", "--output", str(tmp_path / "out")])
+    assert trainer.total_steps == 10
+    assert "warmup of 15 steps >= the run's 10 steps: the lr never reaches its peak" in caplog.text
+
+
+def test_timm_flag_names_and_yaml_config(tmp_path):
+    from apt_train.cli import build_parser, parse_args
+
+    ap = build_parser("shards")
+    text = " ".join(ap.format_help().split())
+    assert "--patch-size PATCH_SIZE base patch size in pixels (default: the model's)" in text
+    for flag in ("--img-size", "--smoothing", "--log-interval", "--pretrained", "--initial-checkpoint", "-c YAML"):
+        assert flag in text
+    args = parse_args(ap, ["--img-size", "192", "--smoothing", "0.2", "--log-interval", "3", "--checkpoint", "w.pth"])
+    assert (args.image_size, args.label_smoothing, args.log_every, args.checkpoint) == (192, 0.2, 3, "w.pth")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: 0.001\nwarmup-steps: 2\nsmoothing: 0.3\nimg_size: 160\npretrained: true\n")
+    args = parse_args(build_parser("shards"), ["-c", str(cfg), "--lr", "0.002"])
+    assert (args.lr, args.warmup_steps, args.label_smoothing, args.image_size, args.pretrained) == \
+        (0.002, 2, 0.3, 160, True)  # the command line beats the file
+    cfg.write_text("no_such_flag: 1\n")
+    with pytest.raises(SystemExit) as e:
+        parse_args(build_parser("shards"), ["--config", str(cfg)])
+    assert e.value.code == 2

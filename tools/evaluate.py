@@ -3,7 +3,7 @@
 
     python tools/evaluate.py [--model vit_tiny_patch16_224] [--checkpoint out/train/checkpoint-0000100.pt]
         [--data shards:val] [--baseline none resize random] [--uniform] [--thresholds 5.5 4.0]
-        [--max-tokens 4096] [--json results.json]
+        [--max-tokens 4096] [--output results.json]
 
 Per method: top-1 / top-5, images/s of the model forward (data loading and the first batch
 excluded), patch tokens per image against the uniform ViT grid, and analytic encoder GFLOPs per
@@ -37,13 +37,22 @@ HEADER = ("| method | top-1 | top-5 | images/s | tokens/img | uniform tokens/img
           "|---|---|---|---|---|---|---|---|")
 
 
+def plain(value):
+    """A flag's value as JSON: numbers, booleans, null, strings and lists as they are; anything else as text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return str(value)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(ap, default_data=SAMPLE_VAL)
-    ap.add_argument("--baseline", nargs="+", default=["none"], choices=["none", "resize", "random"],
-                    help="methods to run (several allowed)")
+    ap.add_argument("--baseline", "--baselines", dest="baseline", nargs="+", default=["none"],
+                    choices=["none", "resize", "random"], help="methods to run (several allowed; default: none)")
     ap.add_argument("--uniform", action="store_true", help="also the plain ViT on the uniform grid")
-    ap.add_argument("--json", default=None, help="write the results here (atomic)")
+    ap.add_argument("--output", "--json", dest="output", default=None, help="write the results here as JSON (atomic)")
     args = ap.parse_args(argv)
     setup = eval_setup(args, ap)
     model, cfg, source, info, kw, amp = setup.model, setup.cfg, setup.source, setup.info, setup.loader_kw, setup.amp
@@ -69,10 +78,10 @@ def main(argv=None) -> int:
         if info.is_main:
             bad = {m: s for m, s in skipped.items() if s}
             print(f"skipped bad samples: {bad if bad else 'none'}")
-            if args.json:
+            if args.output:
                 flags = {**vars(args), "checkpoint": setup.checkpoint}  # a folder's newest checkpoint: the file read
-                atomic_write_text(args.json, json.dumps({"args": {k: str(v) for k, v in flags.items()},
-                                                         "config": str(cfg), "results": results}, indent=1))
+                atomic_write_text(args.output, json.dumps({"args": {k: plain(v) for k, v in flags.items()},
+                                                           "config": str(cfg), "results": results}, indent=1))
     finally:
         cleanup(info)
     return 0

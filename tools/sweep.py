@@ -2,13 +2,13 @@
 """Speed-accuracy sweep over APT thresholds: a CSV and a plot (logic: apt_train/evaluation.py).
 
     python tools/sweep.py [--model ... --checkpoint ...] [--data shards:val]
-        [--scales 0.6 0.8 1.0 1.2 1.5] [--grid 5.5,4.0 6.0,4.5 ...] [--baselines resize random]
-        [--out out/sweep]
+        [--scales 0.6 0.8 1.0 1.2 1.5] [--grid 5.5,4.0 6.0,4.5 ...] [--baseline resize random]
+        [--output out/sweep]
 
 Evaluates APT at every thresholds setting (``--grid`` pairs, or ``--scales`` factors on
 ``--thresholds``, default the paper's 5.5 4.0), optionally the ``resize`` / ``random`` baselines at
-each setting, and the uniform ViT once as the reference; writes ``OUT/sweep.csv`` and
-``OUT/sweep.png`` (top-1 against model images/s and against GFLOPs per image), both atomically.
+each setting, and the uniform ViT once as the reference; writes ``OUTPUT/sweep.csv`` and
+``OUTPUT/sweep.png`` (top-1 against model images/s and against GFLOPs per image), both atomically.
 """
 from __future__ import annotations
 
@@ -83,8 +83,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scales", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.2, 1.5],
                     help="factors on --thresholds (ignored with --grid)")
     ap.add_argument("--grid", nargs="+", default=None, help="thresholds settings, e.g. 5.5,4.0 6,4.5")
-    ap.add_argument("--baselines", nargs="*", default=[], choices=["resize", "random"])
-    ap.add_argument("--out", default="out/sweep", help="folder for sweep.csv and sweep.png")
+    ap.add_argument("--baseline", "--baselines", dest="baseline", nargs="*", default=[],
+                    choices=["none", "resize", "random"],
+                    help="baselines to run at each setting besides APT (none: APT is always run)")
+    ap.add_argument("--output", "--out", dest="output", default="out/sweep",
+                    help="folder for sweep.csv and sweep.png (default: %(default)s)")
     args = ap.parse_args(argv)
     setup = eval_setup(args, ap)
     model, cfg, source, info, kw, amp = setup.model, setup.cfg, setup.source, setup.info, setup.loader_kw, setup.amp
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
     rows = []
     try:
         todo = [("uniform", cfg)] + [(m, replace(cfg, thresholds=t)) for t in settings
-                                     for m in ["none"] + list(dict.fromkeys(args.baselines))]
+                                     for m in list(dict.fromkeys(["none"] + args.baseline))]
         for mode, c in todo:
             res, _ = evaluate_mode(model, source, c, mode, device=info.device, amp=amp, info=info, seed=args.seed,
                                    max_batches=args.max_batches, **kw)
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
                       f"{r['images_per_s']:.1f} images/s {r['tokens_per_image']:.1f} tokens/image "
                       f"({r['token_fraction']:.1%}) {r['gflops_per_image']:.3f} GFLOPs/image", flush=True)
         if info.is_main:
-            out = Path(args.out)
+            out = Path(args.output)
             buf = io.StringIO()
             w = csv.DictWriter(buf, fieldnames=FIELDS)
             w.writeheader()

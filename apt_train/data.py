@@ -1,0 +1,99 @@
+"""A run's data sources: opening them with errors a user can act on, the default validation split,
+and the class-count checks between train data, val data and the model's head (`SetupError`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from .config import SetupError
+
+AUTO = "auto"  # --val-data's default: the training source's own val split, if it has one
+
+__all__ = ["AUTO", "check_classes", "class_count", "default_val_data", "open_data"]
+
+
+def _path_part(source: str) -> str:
+    """The file-system path of a source string (``shards:val`` -> ``shards``)."""
+    if ":" in source and not os.path.exists(source) and "://" not in source:
+        head = source.rsplit(":", 1)[0]
+        if head:
+            return head
+    return source
+
+
+def open_data(source: str, flag: str = "--data"):
+    """`apt_data.loader.open_source` for ``flag``'s value; a missing path or an unreadable source is a
+    `SetupError` naming the flag and the path."""
+    from apt_data.loader import open_source
+
+    path = _path_part(source)
+    if not any(m in source for m in ("://", "{", "::")) and not os.path.exists(path):
+        raise SetupError(f"{flag} {source}: {path} does not exist")
+    try:
+        return open_source(source)
+    except (ValueError, OSError) as e:
+        msg = str(e)
+        raise SetupError(msg if msg.startswith(f"{flag} ") else f"{flag} {source}: {msg}") from None
+
+
+def default_val_data(data: str) -> tuple[Optional[str], str]:
+    """The validation source beside the training source ``data`` and a line saying what was chosen:
+    ``X:val`` for a shard folder ``X`` (or ``X:train``) with a ``val.parquet``; ``X/val.parquet`` for
+    ``X/train.parquet``; a folder ``.../val`` beside an image folder ``.../train``. None when there is
+    none (the run then does not evaluate)."""
+    s = str(data)
+    split = None
+    base = s
+    if ":" in s and not os.path.exists(s) and "://" not in s:
+        base, split = s.rsplit(":", 1)
+    p = Path(base)
+    found = None
+    if p.is_dir() and list(p.glob("*.parquet")):  # a shard folder
+        if (split or "train") != "val" and (p / "val.parquet").is_file():
+            found = f"{base}:val"
+    elif base.endswith(".parquet") and p.name != "val.parquet" and (p.parent / "val.parquet").is_file():
+        found = str(p.parent / "val.parquet")
+    elif p.is_dir() and p.name == "train" and (p.parent / "val").is_dir():
+        found = str(p.parent / "val")
+    if found is not None:
+        return found, f"validation data: {found} (the val split beside --data; --val-data to change, --no-eval to skip)"
+    return None, (f"validation data: none (--data {s} has no val split beside it: no `val.parquet` or `val` "
+                  f"folder); pass --val-data to evaluate")
+
+
+def class_count(source) -> int:
+    """Classes of a source: its class list when it has one, else max label + 1 (0 when empty)."""
+    classes = getattr(source, "classes", None)
+    labels = source.labels
+    n = int(max(labels)) + 1 if len(labels) else 0
+    if classes:
+        n = max(n, len(classes))
+    return n
+
+
+def check_classes(num_classes: int, train, val=None, *, train_name: str = "", val_name: str = "") -> None:
+    """Every label of ``train`` and ``val`` must fit the model's ``num_classes``-class head, and two
+    image folders must name the same classes; a `SetupError` says what to pass."""
+    import numpy as np
+
+    for flag, src, name in (("--data", train, train_name), ("--val-data", val, val_name)):
+        if src is None or len(src.labels) == 0:
+            continue
+        labels = np.asarray(src.labels)
+        top = int(labels.max())
+        if top >= num_classes or int(labels.min()) < 0:
+            bad = top if top >= num_classes else int(labels.min())
+            raise SetupError(
+                f"{flag} {name}: label {bad} does not fit the model's {num_classes}-class head ({flag} has "
+                f"{class_count(src)} classes); pass --num-classes {class_count(src)}"
+                + (", or a --val-data with the training classes (--no-eval to skip evaluation)" if flag == "--val-data"
+                   else ""))
+    tc, vc = getattr(train, "classes", None), getattr(val, "classes", None) if val is not None else None
+    if tc and vc and list(tc) != list(vc):
+        extra = sorted(set(vc) - set(tc))
+        missing = sorted(set(tc) - set(vc))
+        raise SetupError(f"--val-data {val_name}: its classes are not --data's (labels would not match): "
+                         f"{'not in --data: ' + str(extra[:5]) + '; ' if extra else ''}"
+                         f"{'missing: ' + str(missing[:5]) if missing else 'another order'}; "
+                         f"give val a sub-folder (with images) per training class, or --no-eval")
