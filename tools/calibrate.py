@@ -2,7 +2,7 @@
 """Pick APT thresholds that keep a target fraction of the uniform grid's tokens (logic: apt_train/calibrate.py).
 
     python tools/calibrate.py --target-fraction 0.7 [--data shards] [--samples 500] [--image-size 224]
-        [--patch-size 16 --num-scales 3 --scorer entropy] [--base-thresholds 5.5 4.0] [--json OUT]
+        [--patch-size 16 --num-scales 3 --scorer entropy] [--base-thresholds 5.5 4.0] [--output OUT]
 
 Scores a random sample of the dataset once (the shard index's stored score maps when they fit the
 patch size, scales, scorer and image size; else decode + score), then bisects a scale factor
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                          "required for other scorers or scales)")
     ap.add_argument("--tol", type=float, default=1e-3, help="stop when |fraction - target| <= tol")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="write the result here (atomic)")
+    ap.add_argument("--output", "--json", dest="json", default=None, help="write the result here as JSON (atomic)")
     args = ap.parse_args(argv)
     base = args.base_thresholds
     if base is None:
