@@ -21,10 +21,12 @@ def _blocks_flops(seqlens, D: int, hidden: int, depth: int, attention: bool = Tr
 
 
 def timm_vit_flops(model, n_images: int, patch_tokens: int, attention: bool = True) -> float:
-    """The same count for a plain timm ViT: ``n_images`` images of ``patch_tokens`` uniform patches each."""
+    """The same count for a plain timm ViT (or an `APTViT` on the uniform grid): ``n_images`` images of
+    ``patch_tokens`` uniform patches each."""
     D = model.embed_dim
     hidden = model.blocks[0].mlp.fc1.out_features
-    p = model.patch_embed.patch_size[0]
+    p = model.patch_embed.patch_size
+    p = p[0] if isinstance(p, (tuple, list)) else int(p)  # timm: (p, p); an APTViT's embedding: p
     n = patch_tokens + model.num_prefix_tokens
     per = _blocks_flops([n], D, hidden, len(model.blocks), attention) + patch_tokens * 2 * 3 * p * p * D
     return float(n_images * per)

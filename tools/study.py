@@ -1,0 +1,484 @@
+#!/usr/bin/env python
+"""APT on a real pretrained ViT (DINOv2 ViT-S/14) against vanilla and the honest baselines (issue 14).
+
+    python tools/study.py [--weights ../shared/models/vit_small_patch14_dinov2.imgfocus.fp16.safetensors]
+        [--data ../shared/data/imagenette-224-train] [--output docs/results] [--cache out/study]
+        [--val 1000] [--head-train 2000] [--finetune 1000] [--grid 5.5,4.0 6.0,4.5 6.5,5.0 7.0,5.5]
+        [--ft-grid 6.0,4.5 6.5,5.0] [--extra-lr 1e-5] [--quick]
+
+Stages (fixed seed; every figure printed and written by this command):
+
+1. **Starting classifier.** A stratified, seeded split of the image folder into val (``--val``) and
+   train; a linear head (multinomial logistic regression, LBFGS) fitted on the frozen vanilla
+   backbone's final class-token features of ``--head-train`` train images (features cached in
+   ``--cache``). Backbone + head is saved as a timm checkpoint (``vit_small_patch14_dinov2``,
+   ``num_classes=10``, ``img_size=224``): ``CACHE/start-classifier.pth``, read back through
+   ``apt_train.build.build_model`` (the path of ``tools/train.py`` / ``tools/evaluate.py
+   --checkpoint``; those need ``--model vit_small_patch14_dinov2 --image-size 224``).
+2. **Zero-shot at equal tokens**, for each threshold pair of ``--grid``: vanilla (uniform grid); APT
+   (entropy); APT with the Laplacian and upsample scorers, thresholds calibrated
+   (`apt_train.calibrate`) on the val images to entropy APT's token fraction; random base-cell
+   dropping at APT's count per image (`random_base_layout`); lower resolution (the whole image
+   resized to the multiple of 14 px whose uniform grid is closest to APT's mean token count;
+   positions resampled as timm's ``dynamic_img_size``); resize-only (APT's layouts without the
+   detail path: APT at init would be this plus the zero-initialised path, i.e. identical).
+3. **After fine-tuning**: the paper's 1-epoch recipe (``recipe="short"``, lr 1e-6) with
+   `apt_train.Trainer` from the starting classifier on ``--finetune`` train images, at each pair of
+   ``--ft-grid``, and the control (the same recipe on the uniform grid). ``--extra-lr`` adds the same
+   runs at a larger lr (labelled).
+4. **Speed**: every row's images/s of the model forward (packing excluded, first batch excluded),
+   measured in this run on this machine, its ratio to vanilla's, and the analytic FLOP ratio
+   (`apt_train.flops.vit_flops` / `timm_vit_flops` of the 224-px uniform grid).
+
+Every accuracy is given with its binomial standard error ``sqrt(p (1 - p) / n)``, n = val images.
+Writes ``OUTPUT/study.md`` (command, settings, table), ``OUTPUT/study.png`` (top-1 against tokens
+kept) and ``OUTPUT/study.json``. ``--quick``: a few images and one or two steps of every stage (the
+test).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from apt_data import APTConfig, decode_image, list_image_folder, pack_images, patchify, score_maps  # noqa: E402
+from apt_train.calibrate import ScoredImage, calibrate  # noqa: E402
+from apt_train.evaluation import random_base_layout  # noqa: E402
+from apt_train.flops import timm_vit_flops, vit_flops  # noqa: E402
+
+MODEL = "vit_small_patch14_dinov2"
+PATCH = 14
+SIZE = 224
+DEFAULT_WEIGHTS = ROOT.parent / "shared" / "models" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224-train"
+SCORER_BASE = {"laplacian": (4.4, 1.2), "upsample": (6.8, 0.7)}  # the scorers' default thresholds: search directions
+NEG = (float("-inf"), float("-inf"))
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+# --------------------------------------------------------------------------------------- data
+def stratified_split(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class a seeded shuffle, then the classes interleaved round-robin: the first ``n_val`` of that
+    order are val (equal per class, +-1), the rest train, in the same interleaved order (so any prefix
+    of train is stratified too)."""
+    rng = np.random.default_rng(seed)
+    per = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = []
+    for k in range(max(len(p) for p in per)):
+        order.extend(int(p[k]) for p in per if k < len(p))
+    order = np.asarray(order)
+    return order[:n_val], order[n_val:]
+
+
+def load_images(paths, size: int = SIZE) -> list[np.ndarray]:
+    return [np.ascontiguousarray(decode_image(str(p), size, multiple=PATCH)) for p in paths]
+
+
+# ------------------------------------------------------------------------------ model and head
+def backbone(weights: Path, num_classes: int = 0):
+    import timm
+    from safetensors.torch import load_file
+
+    m = timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=num_classes)
+    missing, unexpected = m.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()}, strict=False)
+    assert not unexpected and set(missing) <= {"head.weight", "head.bias"}, (missing, unexpected)
+    return m.eval()
+
+
+@torch.no_grad()
+def cls_features(model, images: list[np.ndarray], bs: int) -> np.ndarray:
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    out = []
+    for i in range(0, len(images), bs):
+        x = torch.from_numpy(np.stack(images[i:i + bs])).permute(0, 3, 1, 2).float() / 255
+        out.append(model((x - mean) / std).numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, classes: int, wd: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression (LBFGS, L2 ``wd``) on raw features: the head applies as is."""
+    torch.manual_seed(0)
+    X, Y = torch.from_numpy(x).double(), torch.from_numpy(y).long()
+    W = torch.zeros(classes, X.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(X @ W.T + b, Y) + wd * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach().float(), b.detach().float()
+
+
+# ------------------------------------------------------------------------------------ evaluation
+SPEED = dict(images=None, reps=2, n=16)  # set in main: the vanilla images paired with every row's timing
+
+
+def paired_speed(model, images, cfg: APTConfig, layouts, resize_only: bool) -> dict:
+    """Forward time of the row's batch of the first ``SPEED['n']`` images against the vanilla 224-px batch of
+    the same images, alternated ``SPEED['reps']`` times; the minimum of each (robust to other jobs' load)."""
+    n, reps = SPEED["n"], SPEED["reps"]
+    uni = APTConfig(patch_size=PATCH, num_scales=3, thresholds=NEG)
+    vb = pack_images(SPEED["images"][:n], uni, num_prefix_tokens=model.num_prefix_tokens)
+    mb = pack_images(images[:n], cfg, num_prefix_tokens=model.num_prefix_tokens,
+                     layouts=layouts[:n] if layouts is not None else None)
+    tv, tm = [], []
+    with torch.no_grad():
+        for _ in range(reps):
+            for b, ro, ts in ((vb, False, tv), (mb, resize_only, tm)):
+                model.resize_only = ro
+                t0 = time.perf_counter()
+                model(b)
+                ts.append(time.perf_counter() - t0)
+    model.resize_only = False
+    return dict(images_per_s=mb.num_images / min(tm), vanilla_images_per_s=vb.num_images / min(tv),
+                speedup=min(tv) / min(tm))
+
+
+def eval_rows(model, images, labels, cfg: APTConfig, *, layouts=None, resize_only=False, bs=32) -> dict:
+    """Top-1, tokens, FLOPs and forward images/s of ``model`` (an `APTViT`) on in-memory images."""
+    model.eval()
+    model.resize_only = resize_only
+    correct = tokens = 0
+    flops, times = 0.0, []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), bs):
+                imgs = images[i:i + bs]
+                lays = layouts[i:i + bs] if layouts is not None else [patchify(im, cfg) for im in imgs]
+                batch = pack_images(imgs, cfg, labels=labels[i:i + bs], num_prefix_tokens=model.num_prefix_tokens,
+                                    layouts=lays)
+                t0 = time.perf_counter()
+                logits = model(batch)
+                times.append((time.perf_counter() - t0, len(imgs)))
+                correct += int((logits.argmax(1) == batch.labels).sum())
+                tokens += batch.num_real_tokens - batch.num_images * batch.num_prefix_tokens
+                flops += vit_flops(batch, model)
+    finally:
+        model.resize_only = False
+    n = len(images)
+    timed = times[1:] if len(times) > 1 else times
+    # timm_vit_flops reads a timm model's patch_embed.patch_size tuple; the APTViT holds an int there
+    shim = SimpleNamespace(embed_dim=model.embed_dim, blocks=model.blocks, num_prefix_tokens=model.num_prefix_tokens,
+                           patch_embed=SimpleNamespace(patch_size=(PATCH, PATCH)))
+    ref = timm_vit_flops(shim, n, (SIZE // PATCH) ** 2)
+    p = correct / n
+    return dict(top1=p, se=se(p, n), n=n, tokens_per_image=tokens / n, fraction=tokens / (n * (SIZE // PATCH) ** 2),
+                flop_ratio=flops / ref, eval_images_per_s=sum(k for _, k in timed) / sum(t for t, _ in timed),
+                **paired_speed(model, images, cfg, layouts, resize_only))
+
+
+def scored(images, scorer: str) -> list[ScoredImage]:
+    out = []
+    for im in images:
+        maps = score_maps(im, PATCH, 3, scorer)
+        out.append(ScoredImage(np.concatenate([m.ravel() for m in maps]), im.shape[:2]))
+    return out
+
+
+def lowres_size(tokens_per_image: float) -> int:
+    """The multiple of 14 px (< 224) whose uniform grid is closest to ``tokens_per_image``."""
+    g = max(1, min(SIZE // PATCH - 1, int(round(math.sqrt(tokens_per_image)))))
+    return g * PATCH
+
+
+# ------------------------------------------------------------------------------------ fine-tuning
+def subset_folder(root: Path, entries, dest: Path) -> Path:
+    """An ImageNet-layout folder of symlinks to ``entries`` ((path, label, class)); every class of
+    ``root`` gets its folder (so labels keep their indices)."""
+    import shutil
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    for d in sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        (dest / d).mkdir(parents=True)
+    for path, _, cls in entries:
+        os.symlink(os.path.abspath(path), dest / cls / Path(path).name)
+    return dest
+
+
+def finetune(start: Path, data: Path, thresholds, out: Path, *, lr=None, steps=None, max_tokens=4096):
+    from apt_train.config import TrainConfig
+    from apt_train.trainer import Trainer
+
+    cfg = TrainConfig(model=MODEL, checkpoint=str(start), data=str(data), val_data=None, image_size=SIZE,
+                      patch_size=PATCH, thresholds=tuple(thresholds), recipe="short", lr=lr, steps=steps,
+                      max_tokens=max_tokens, workers=0, output=str(out), device="cpu", save_every=0,
+                      keep_checkpoints=1, quiet=True, log_every=10 ** 6, seed=0)
+    t0 = time.perf_counter()
+    res = Trainer(cfg).fit()
+    model = res.model
+    model = getattr(model, "module", model)
+    return model, time.perf_counter() - t0, res.global_step
+
+
+# ------------------------------------------------------------------------------------ reporting
+HEADER = ("| stage | method | setting | tokens kept (per image) | top-1 ± SE | images/s (vanilla, paired) | "
+          "speed vs vanilla | FLOPs vs vanilla |\n|---|---|---|---|---|---|---|---|")
+
+
+def fmt_row(r: dict) -> str:
+    return (f"| {r['stage']} | {r['method']} | {r['setting']} | {r['fraction']:.1%} ({r['tokens_per_image']:.0f}) | "
+            f"{r['top1']:.1%} ± {r['se']:.1%} | {r['images_per_s']:.2f} ({r['vanilla_images_per_s']:.2f}) | "
+            f"{r['speedup']:.2f}x | "
+            f"{r['flop_ratio']:.2f} |")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    styles = {"APT entropy": "o-", "APT laplacian": "s--", "APT upsample": "^--", "random drop": "x:",
+              "lower resolution": "D-", "resize-only": "v:"}
+    zs = [r for r in rows if r["stage"] == "zero-shot"]
+    for m, st in styles.items():
+        pts = sorted((r for r in zs if r["method"] == m), key=lambda r: r["fraction"])
+        if pts:
+            ax.errorbar([r["fraction"] * 100 for r in pts], [r["top1"] * 100 for r in pts],
+                        yerr=[r["se"] * 100 for r in pts], fmt=st, capsize=3, label=f"{m} (zero-shot)", alpha=0.85)
+    for r in rows:
+        if r["method"] == "vanilla" and r["stage"] == "zero-shot":
+            ax.errorbar([100], [r["top1"] * 100], yerr=[r["se"] * 100], fmt="k*", ms=12, capsize=3, label="vanilla 224 px")
+    ft = [r for r in rows if r["stage"].startswith("fine-tuned")]
+    for r in ft:
+        mk = "P" if r["method"].startswith("APT") else "X"
+        ax.errorbar([r["fraction"] * 100], [r["top1"] * 100], yerr=[r["se"] * 100], fmt=mk, ms=10, capsize=3,
+                    label=f"{r['stage']}: {r['method']} {r['setting']}")
+    ax.set_xlabel("patch tokens kept (% of the 224-px uniform grid)")
+    ax.set_ylabel("top-1 (%), ± binomial SE")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ main
+def parse_pair(s: str) -> tuple[float, float]:
+    a, b = s.split(",")
+    return float(a), float(b)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="ImageNet-layout folder of 224-px images")
+    ap.add_argument("--output", default=str(ROOT / "docs" / "results"))
+    ap.add_argument("--cache", default=str(ROOT / "out" / "study"), help="features, checkpoints, fine-tune runs")
+    ap.add_argument("--val", type=int, default=1000)
+    ap.add_argument("--eval-images", type=int, default=None,
+                    help="evaluate on the first N val images only (a stratified prefix; the split is unchanged)")
+    ap.add_argument("--head-train", type=int, default=2000)
+    ap.add_argument("--finetune", type=int, default=1000, help="train images of the 1-epoch fine-tunes (0: skip)")
+    ap.add_argument("--grid", nargs="+", type=parse_pair, default=[(5.5, 4.0), (6.0, 4.5), (6.5, 5.0), (7.0, 5.5)])
+    ap.add_argument("--ft-grid", nargs="*", type=parse_pair, default=[(6.0, 4.5), (6.5, 5.0)])
+    ap.add_argument("--extra-lr", type=float, default=None, help="also fine-tune at this lr (labelled extra)")
+    ap.add_argument("--ft-lr", type=float, default=None, help="lr of the main fine-tunes (default: the short recipe's 1e-6)")
+    ap.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=True,
+                    help="the zero-shot sweep (--no-zero-shot: vanilla and the fine-tunes only)")
+    ap.add_argument("--scorers", nargs="*", default=["laplacian", "upsample"])
+    ap.add_argument("--head-wd", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=32, help="images per forward")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speed-images", type=int, default=16, help="images of each row's paired speed measurement")
+    ap.add_argument("--speed-reps", type=int, default=2, help="alternations of vanilla and the row (minimum kept)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a few images, one step per fine-tune (the test)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.val, args.head_train, args.finetune = 6, 10, 10
+        args.grid, args.ft_grid, args.batch = args.grid[:1], args.ft_grid[:1], 6
+        args.scorers = args.scorers[:1]
+        args.speed_images, args.speed_reps = 6, 1
+    torch.set_num_threads(args.threads)
+    weights, data, out, cache = Path(args.weights), Path(args.data), Path(args.output), Path(args.cache)
+    if not weights.is_file():
+        ap.error(f"weights {weights} not found")
+    out.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    command = "python tools/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    t_all = time.perf_counter()
+    timings = {}
+
+    # ---- 1. split, features, head, checkpoint
+    entries = list_image_folder(data)
+    labels_all = np.array([e[1] for e in entries])
+    classes = int(labels_all.max()) + 1
+    val_idx, train_idx = stratified_split(labels_all, args.val, args.seed)
+    head_idx, ft_idx = train_idx[:args.head_train], train_idx[:args.finetune]
+    log(f"study: {MODEL} from {weights.name}; {data}: {len(entries)} images, {classes} classes; val {len(val_idx)}, "
+        f"head-train {len(head_idx)}, fine-tune {len(ft_idx)} (stratified, seed {args.seed}); "
+        f"{torch.get_num_threads()} threads")
+    t0 = time.perf_counter()
+    val_images = load_images([entries[i][0] for i in val_idx])
+    val_labels = labels_all[val_idx].tolist()
+    vit = backbone(weights)
+    key = f"feat-{len(entries)}-v{len(val_idx)}-h{len(head_idx)}-s{args.seed}.npz"
+    fpath = cache / key
+    if fpath.is_file():
+        z = np.load(fpath)
+        ftrain, fval = z["train"], z["val"]
+        log(f"features: read {fpath}")
+    else:
+        ftrain = cls_features(vit, load_images([entries[i][0] for i in head_idx]), args.batch)
+        fval = cls_features(vit, val_images, args.batch)
+        np.savez(fpath.with_suffix(".tmp.npz"), train=ftrain, val=fval)
+        os.replace(fpath.with_suffix(".tmp.npz"), fpath)
+        log(f"features: {len(head_idx) + len(val_idx)} images in {time.perf_counter() - t0:.0f} s -> {fpath}")
+    if args.eval_images and args.eval_images < len(val_idx):  # evaluate on a (still stratified) prefix of val
+        val_idx, fval, val_images = val_idx[:args.eval_images], fval[:args.eval_images], val_images[:args.eval_images]
+        val_labels = val_labels[:args.eval_images]
+    W, b = fit_head(ftrain, labels_all[head_idx], classes, args.head_wd, 300)
+    train_acc = float(((torch.from_numpy(ftrain) @ W.T + b).argmax(1).numpy() == labels_all[head_idx]).mean())
+    feat_val_acc = float(((torch.from_numpy(fval) @ W.T + b).argmax(1).numpy() == np.array(val_labels)).mean())
+    clf = backbone(weights, num_classes=classes)
+    clf.head.weight.data.copy_(W)
+    clf.head.bias.data.copy_(b)
+    start = cache / "start-classifier.pth"
+    torch.save(clf.state_dict(), start.with_suffix(".tmp"))
+    os.replace(start.with_suffix(".tmp"), start)
+    del clf, vit
+    from apt_train.build import build_model
+
+    model = build_model(MODEL, checkpoint=str(start), image_size=SIZE)  # the path of train.py / evaluate.py
+    timings["classifier"] = time.perf_counter() - t0
+    log(f"head: train top-1 {train_acc:.1%}, val top-1 on cached features {feat_val_acc:.1%}; saved {start} "
+        f"({timings['classifier']:.0f} s)")
+
+    # ---- 2. zero-shot
+    t0 = time.perf_counter()
+    rows = []
+
+    def add(stage, method, setting, r):
+        r.update(stage=stage, method=method, setting=setting)
+        rows.append(r)
+        log(fmt_row(r))
+
+    uni = APTConfig(patch_size=PATCH, num_scales=3, thresholds=NEG)
+    SPEED.update(images=val_images, reps=args.speed_reps, n=args.speed_images)
+    log(HEADER)
+    add("zero-shot", "vanilla", "224 px", eval_rows(model, val_images, val_labels, uni, bs=args.batch))
+    vanilla = rows[0]
+    if abs(vanilla["top1"] - feat_val_acc) > 1.5 / len(val_idx):
+        log(f"WARNING: vanilla APT top-1 {vanilla['top1']:.4f} != timm features + head {feat_val_acc:.4f}")
+    scores = {s: scored(val_images, s) for s in (args.scorers if args.zero_shot else [])}
+    for th in (args.grid if args.zero_shot else []):
+        cfg = APTConfig(patch_size=PATCH, num_scales=3, thresholds=th)
+        lays = [patchify(im, cfg) for im in val_images]
+        r = eval_rows(model, val_images, val_labels, cfg, layouts=lays, bs=args.batch)
+        add("zero-shot", "APT entropy", f"({th[0]:g}, {th[1]:g})", r)
+        frac, tpi = r["fraction"], r["tokens_per_image"]
+        for s in args.scorers:
+            c = calibrate(scores[s], APTConfig(patch_size=PATCH, num_scales=3, thresholds=SCORER_BASE[s], scorer=s),
+                          frac, SCORER_BASE[s])
+            cs = APTConfig(patch_size=PATCH, num_scales=3, thresholds=c.thresholds, scorer=s)
+            add("zero-shot", f"APT {s}", f"({c.thresholds[0]:.3g}, {c.thresholds[1]:.3g})",
+                eval_rows(model, val_images, val_labels, cs, bs=args.batch))
+        rnd = [random_base_layout(im.shape[:2], cfg, len(l), np.random.default_rng([args.seed, k]))
+               for k, (im, l) in enumerate(zip(val_images, lays))]
+        add("zero-shot", "random drop", f"APT's count, ({th[0]:g}, {th[1]:g})",
+            eval_rows(model, val_images, val_labels, cfg, layouts=rnd, bs=args.batch))
+        px = lowres_size(tpi)
+        small = load_images([entries[i][0] for i in val_idx], px)
+        add("zero-shot", "lower resolution", f"{px} px", eval_rows(model, small, val_labels, uni, bs=args.batch))
+        add("zero-shot", "resize-only", f"({th[0]:g}, {th[1]:g})",
+            eval_rows(model, val_images, val_labels, cfg, layouts=lays, resize_only=True, bs=args.batch))
+    timings["zero-shot"] = time.perf_counter() - t0
+
+    # ---- 3. fine-tune
+    ft_info = []
+    if args.finetune and args.ft_grid:
+        t0 = time.perf_counter()
+        ftdir = subset_folder(data, [entries[i] for i in ft_idx], cache / "finetune-data")
+        steps = 1 if args.quick else None
+        max_tokens = 600 if args.quick else 4096
+        lrs = [(args.ft_lr, f"fine-tuned (short, lr {args.ft_lr or 1e-6:g})")]
+        if args.extra_lr:
+            lrs.append((args.extra_lr, f"EXTRA fine-tuned (short, lr {args.extra_lr:g})"))
+        for lr, stage in lrs:
+            for th in [NEG] + list(args.ft_grid):
+                tag = "uniform" if th == NEG else f"{th[0]:g}-{th[1]:g}"
+                ftm, secs, nsteps = finetune(start, ftdir, th, cache / f"ft-{tag}-lr{lr or 'short'}", lr=lr,
+                                             steps=steps, max_tokens=max_tokens)
+                ft_info.append(dict(stage=stage, thresholds=tag, seconds=secs, steps=nsteps))
+                log(f"fine-tune {stage} {tag}: {nsteps} steps in {secs:.0f} s")
+                if th == NEG:
+                    add(stage, "vanilla control", "224 px", eval_rows(ftm, val_images, val_labels, uni, bs=args.batch))
+                else:
+                    cfg = APTConfig(patch_size=PATCH, num_scales=3, thresholds=th)
+                    add(stage, "APT entropy", f"({th[0]:g}, {th[1]:g})",
+                        eval_rows(ftm, val_images, val_labels, cfg, bs=args.batch))
+                del ftm
+        timings["fine-tune"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_all
+
+    # ---- 4. report
+    table = "\n".join([HEADER] + [fmt_row(r) for r in rows])
+    title = (f"DINOv2 ViT-S/14 + linear head, Imagenette val ({len(val_idx)} images), zero-shot and after 1 epoch")
+    plot(rows, out / "study.png", title)
+    settings = (f"- model: `{MODEL}` (DINOv2 ViT-S/14, `{weights.name}`), 224 px (16x16 grid of 14-px patches, 256 "
+                f"patch tokens), APT scales 14/28/56 px\n"
+                f"- data: `{data.name}`, {len(entries)} images, {classes} classes; stratified seeded split "
+                f"(seed {args.seed}): {len(val_idx)} val, linear head fitted on {len(head_idx)} train images "
+                f"(LBFGS, L2 {args.head_wd:g}; train top-1 {train_acc:.1%}), fine-tunes on the first "
+                f"{len(ft_idx)} of those (1 epoch)\n"
+                f"- laplacian/upsample thresholds: calibrated on the val images' score maps to entropy APT's "
+                f"token fraction (search directions {SCORER_BASE})\n"
+                f"- lower resolution: the image resized (bicubic) to the multiple of 14 px whose grid is closest to "
+                f"APT's mean token count; positions resampled (bicubic) as timm's `dynamic_img_size`\n"
+                f"- speed: model forward only (packing excluded), {torch.get_num_threads()} CPU threads, the first "
+                f"{args.speed_images} val images of each row alternated with the vanilla 224-px batch of the same "
+                f"images {args.speed_reps} times, the fastest of each kept (a shared 2-core machine with other jobs "
+                f"running: pairing and the minimum reduce, but do not remove, their noise); speed vs vanilla = vanilla "
+                f"time / row time; FLOPs vs vanilla = `vit_flops` / `timm_vit_flops` of the 224-px grid (analytic)\n"
+                f"- SE: binomial, sqrt(p(1-p)/n), n = {len(val_idx)}\n"
+                f"- run times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "\n")
+    md = (f"# APT on a real pretrained ViT: the study (generated by `tools/study.py`)\n\n"
+          f"Command (from the repository root, with `../shared` present):\n\n```bash\n.venv/bin/{command}\n```\n\n"
+          f"{settings}\n{table}\n\n![top-1 against tokens kept](study.png)\n")
+    write_text(out / "study.md", md)
+    write_text(out / "study.json", json.dumps(dict(command=command, args={k: str(v) for k, v in vars(args).items()},
+                                                   rows=rows, finetune=ft_info, timings=timings,
+                                                   head=dict(train_top1=train_acc, val_top1=feat_val_acc)), indent=1))
+    log("\n" + table)
+    log(f"wrote {out / 'study.md'}, {out / 'study.png'}, {out / 'study.json'}; total {timings['total']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
