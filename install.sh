@@ -39,9 +39,16 @@ else
   fi
   SIMD_CC="cc"
   grep -qw avx2 /proc/cpuinfo 2>/dev/null && SIMD_CC="cc -mavx2"
+  # the wheel is built once and kept in the venv, so a rerun (whose `pip install -e .` brings plain
+  # Pillow back) swaps it in again in seconds instead of rebuilding
+  WHEELS=".venv/wheelhouse"
+  if ! ls "$WHEELS"/pillow_simd-*.whl >/dev/null 2>&1; then
+    CC="$SIMD_CC" $VPIP wheel -q --no-deps --no-cache-dir -w "$WHEELS" pillow-simd >/dev/null 2>&1 \
+      && echo "install.sh: Pillow-SIMD wheel built with CC='$SIMD_CC'"
+  fi
   $VPIP uninstall -q -y pillow pillow-simd >/dev/null 2>&1 || true
-  if CC="$SIMD_CC" $VPIP install -q --no-deps --no-cache-dir pillow-simd; then
-    echo "install.sh: Pillow-SIMD built with CC='$SIMD_CC'"
+  if ls "$WHEELS"/pillow_simd-*.whl >/dev/null 2>&1 && $VPIP install -q --no-deps "$WHEELS"/pillow_simd-*.whl; then
+    echo "install.sh: Pillow-SIMD installed"
   else
     echo "install.sh: WARNING: could not build Pillow-SIMD (needs a C compiler plus libjpeg and zlib" \
          "headers: Debian packages libjpeg62-turbo-dev zlib1g-dev); falling back to plain Pillow," \
