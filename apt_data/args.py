@@ -43,16 +43,19 @@ def _defaults_help() -> str:
     return "; ".join(parts).replace("%", "%%")
 
 
-def config_from_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> APTConfig:
-    """`APTConfig` from the flags; a bad combination exits with the parser's usage message.
-
-    Without ``--thresholds`` the scorer's registered defaults for ``--num-scales`` are used (an
-    error names the flag when the scorer has none for that many scales).
-    """
+def apt_config_from_flags(args: argparse.Namespace) -> APTConfig:
+    """`APTConfig` from ``--patch-size``, ``--num-scales``, ``--thresholds`` (None: the scorer's
+    registered defaults for ``--num-scales``) and ``--scorer``; ValueError when they do not fit."""
     thresholds = None if args.thresholds is None else tuple(args.thresholds)
+    return APTConfig(patch_size=args.patch_size, num_scales=args.num_scales, thresholds=thresholds,
+                     scorer=args.scorer)
+
+
+def config_from_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> APTConfig:
+    """`APTConfig` from the flags (`apt_config_from_flags`) and checked budget flags; a bad
+    combination exits with the parser's usage message."""
     try:
-        cfg = APTConfig(patch_size=args.patch_size, num_scales=args.num_scales, thresholds=thresholds,
-                        scorer=args.scorer)
+        cfg = apt_config_from_flags(args)
     except ValueError as e:
         if parser:
             parser.error(str(e).replace("APTConfig.thresholds", "--thresholds").replace("APTConfig.", "--"))

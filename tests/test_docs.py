@@ -24,15 +24,15 @@ HTML_LINK = re.compile(r"""<(?:a|img)\b[^>]*?\b(?:href|src)\s*=\s*["']([^"']+)["
 INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1")
 
 
-def prose_lines(path: Path) -> list[tuple[int, str]]:
-    """Lines outside fenced code blocks, with inline code spans blanked out."""
+def prose_lines(path: Path, blank_code: bool = True) -> list[tuple[int, str]]:
+    """Lines outside fenced code blocks, with inline code spans blanked out (``blank_code``)."""
     out, fenced = [], False
     for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if FENCE.match(line.lstrip()):
             fenced = not fenced
             continue
         if not fenced:
-            out.append((no, INLINE_CODE.sub("``", line)))
+            out.append((no, INLINE_CODE.sub("``", line) if blank_code else line))
     return out
 
 
@@ -81,14 +81,7 @@ def anchors(path: Path) -> set[str]:
 
 def prose_lines_raw(path: Path) -> list[tuple[int, str]]:
     """Lines outside fenced code blocks, unchanged (headings keep their inline code for the slug)."""
-    out, fenced = [], False
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if FENCE.match(line.lstrip()):
-            fenced = not fenced
-            continue
-        if not fenced:
-            out.append((no, line))
-    return out
+    return prose_lines(path, blank_code=False)
 
 
 def links(path: Path) -> list[tuple[int, str]]:

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from apt_data import APTConfig  # noqa: E402
+from apt_data.args import apt_config_from_flags  # noqa: E402
 from apt_data.shards.inplace import index_webdataset  # noqa: E402
 
 log = logging.getLogger("index_shards")
@@ -44,7 +44,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--multiple", type=int, default=None, help="--keep-aspect side rounding (default: patch size)")
     ap.add_argument("--patch-size", type=int, default=16)
     ap.add_argument("--num-scales", type=int, default=3)
-    ap.add_argument("--thresholds", type=float, nargs="*", default=None, help="default: APTConfig's")
+    ap.add_argument("--thresholds", type=float, nargs="*", default=None, help="default: the scorer's own (entropy: 5.5 4.0)")
     ap.add_argument("--scorer", default="entropy")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     ap.add_argument("--strict", action="store_true", help="stop at the first bad sample")
@@ -55,9 +55,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    kw = {} if a.thresholds is None else {"thresholds": tuple(a.thresholds)}
     try:
-        cfg = APTConfig(patch_size=a.patch_size, num_scales=a.num_scales, scorer=a.scorer, **kw)
+        cfg = apt_config_from_flags(a)
         res = index_webdataset(a.tars, a.out, cfg=cfg, image_size=a.image_size, crop=a.crop, multiple=a.multiple,
                                label_field=a.label_field, workers=a.workers, strict=a.strict, progress=not a.quiet)
     except (ValueError, RuntimeError, OSError) as e:

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from apt_data import APTConfig  # noqa: E402
+from apt_data.args import apt_config_from_flags  # noqa: E402
 from apt_data.shards.build import build_shards  # noqa: E402
 
 log = logging.getLogger("make_shards")
@@ -85,9 +85,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    kw = {} if a.thresholds is None else {"thresholds": tuple(a.thresholds)}
     try:
-        cfg = APTConfig(patch_size=a.patch_size, num_scales=a.num_scales, scorer=a.scorer, **kw)
+        cfg = apt_config_from_flags(a)
         res = build_shards(a.src, a.out, image_size=a.image_size, shard_size=a.shard_size, crop=a.crop, cfg=cfg,
                            workers=a.workers, limit_per_class=a.limit_per_class, skip_per_class=a.skip_per_class,
                            prefix=a.prefix, seed=a.seed, shuffle=a.shuffle, quality=a.quality, multiple=a.multiple,

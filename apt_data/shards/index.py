@@ -142,12 +142,18 @@ def read_index(path: PathLike, split: str = "train") -> ShardIndex:
     import pyarrow.parquet as pq
 
     path = find_index(path, split)
-    table = pq.read_table(path)
+    return index_from_table(pq.read_table(path), path, path.parent)
+
+
+def index_from_table(table: Any, where: Any, root: Any) -> ShardIndex:
+    """The `ShardIndex` of a Parquet ``table`` read from ``where`` (named in errors), its shard paths
+    relative to ``root``: checks the format metadata and reads the config and settings from it."""
     raw = (table.schema.metadata or {}).get(INDEX_METADATA_KEY)
     if raw is None:
-        raise ValueError(f"{path}: not an apt shard index (no {INDEX_METADATA_KEY.decode()} schema metadata)")
+        raise ValueError(f"{where}: not an apt shard index (no {INDEX_METADATA_KEY.decode()} schema metadata)")
     meta = json.loads(raw)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: index format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
+        raise ValueError(f"{where}: index format version {meta.get('format_version')}, this code reads "
+                         f"{FORMAT_VERSION}")
     cfg = APTConfig(**meta.pop("config"))
-    return ShardIndex(table=table, config=cfg, settings=meta, root=path.parent)
+    return ShardIndex(table=table, config=cfg, settings=meta, root=root)

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..shards.format import MEMBERS, SampleRecord
-from ..shards.index import ShardIndex
+from ..shards.index import ShardIndex, index_from_table
 from ..shards.reader import BLOCK
 from ..shards.urls import expand_urls
 from .index import IndexSource
@@ -117,29 +117,18 @@ def read_remote_index(url: str, storage_options: Optional[dict] = None, retries:
     if not is_remote_url(url) or url.startswith("file://"):
         return read_index(url[len("file://"):] if url.startswith("file://") else url)
     import io
-    import json
 
     import pyarrow.parquet as pq
 
-    from ..config import APTConfig
-    from ..shards.format import FORMAT_VERSION, INDEX_METADATA_KEY
 
     fs = _filesystem(url, storage_options)
     try:
         data = _retrying(lambda: fs.cat_file(url), f"reading {url}", retries, backoff)
     except FileNotFoundError as e:
         raise ValueError(f"{url}: no shard index there") from e
-    table = pq.read_table(io.BytesIO(data))
-    raw = (table.schema.metadata or {}).get(INDEX_METADATA_KEY)
-    if raw is None:
-        raise ValueError(f"{url}: not an apt shard index (no {INDEX_METADATA_KEY.decode()} schema metadata)")
-    meta = json.loads(raw)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{url}: index format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
-    cfg = APTConfig(**meta.pop("config"))
     from pathlib import PurePosixPath
 
-    return ShardIndex(table=table, config=cfg, settings=meta, root=PurePosixPath("/"))
+    return index_from_table(pq.read_table(io.BytesIO(data)), url, PurePosixPath("/"))
 
 
 class RemoteFiles:
