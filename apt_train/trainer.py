@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,16 +27,17 @@ from apt_data.loader import APTLoader
 
 from .build import (build_model, compile_blocks, infer_num_classes, model_image_size, model_patch_size,
                     train_transform)
-from .checkpoint import (MetricsWriter, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
+from .checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                          resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .config import SetupError, TrainConfig, validate
-from .curves import TensorBoardLogger, Tee, write_curves
+from .curves import write_curves
 from .data import AUTO, check_classes, class_count, default_val_data, open_data
 from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, sum_counts
 from .evaluation import EvalResult, eval_loader, evaluate
 from .loss import scaled_cross_entropy
 from .optim import WarmupCosine, param_groups
 from .recipes import apply_recipe
+from .run_log import RunLog, every, skip_line
 
 log = logging.getLogger("apt_train")
 
@@ -54,11 +54,6 @@ class TrainResult:
     final_eval: Optional[EvalResult]
     seconds: float
     skipped: dict = field(default_factory=dict)
-
-
-def every(step: int, interval: int) -> bool:
-    """True at every ``interval``-th step (never for ``interval`` 0)."""
-    return bool(interval) and step % interval == 0
 
 
 class Trainer:
@@ -145,8 +140,7 @@ class Trainer:
         self.forward = self.ddp
         torch.manual_seed(c.seed + self.info.rank)  # drop path differs per rank
         self._cached_batches = None
-        self._bar = None
-        self._writer: Optional[MetricsWriter] = None
+        self._log = RunLog(self.info.is_main, c.quiet, c.log_every)
 
     def _build_loaders(self, train_source) -> None:
         """The train loader (and the validation loader unless ``val_data`` is None)."""
@@ -275,18 +269,16 @@ class Trainer:
             return None
         res = evaluate(self.model, self.val_loader, self.device, amp=self.amp, info=self.info)
         if self.info.is_main:
-            if self._writer is not None:
-                self._writer.write({
+            if self._log.record({
                     "split": "val", "step": self.global_step, "epoch": self.epoch, "top1": res.top1, "top5": res.top5,
                     "loss": res.loss, "images": res.images, "tokens_per_image": res.tokens_per_image,
                     "token_fraction": res.token_fraction, "images_per_s": res.images_per_s,
-                    "gflops_per_image": res.gflops_per_image})
-            if self._writer is not None:
+                    "gflops_per_image": res.gflops_per_image}):
                 try:
                     write_curves(self.out / "metrics.jsonl")
                 except Exception as e:  # a plot is never worth the run
                     log.warning("curves.png not written: %s: %s", type(e).__name__, e)
-            self._print(f"eval step {self.global_step} epoch {self.epoch}: top-1 {res.top1:.2%} top-5 {res.top5:.2%} "
+            self._log.print(f"eval step {self.global_step} epoch {self.epoch}: top-1 {res.top1:.2%} top-5 {res.top5:.2%} "
                         f"loss {res.loss:.4f} on {res.images} images, {res.tokens_per_image:.1f} tokens/image "
                         f"({res.token_fraction:.1%} of uniform), {res.images_per_s:.1f} images/s")
         return res
@@ -300,30 +292,6 @@ class Trainer:
                 saved = self.save()
             log.error("evaluation failed at step %d; the run's checkpoint: %s", self.global_step, saved)
             raise
-
-    def _log_step(self, rec: dict) -> None:
-        """Every step (rank 0): the metrics line and the progress bar; without the bar, a printed line
-        every ``log_every`` steps (and at the first and last)."""
-        if not self.info.is_main:
-            return
-        c, bar = self.config, self._bar
-        self._writer.write(rec)
-        bar.update(1)
-        bar.set_postfix_str(f"{rec['images_per_s']:.1f} img/s {rec['tokens_per_s']:.0f} tok/s "
-                            f"{rec['tokens_per_image']:.1f} tok/img fill {rec['fill']:.1%} loss {rec['loss']:.4f} "
-                            f"lr {rec['lr']:.3g}")
-        step = rec["step"]
-        if bar.disable and not c.quiet and (every(step, max(c.log_every, 1)) or step in (1, self.total_steps)):
-            print(f"step {step}/{self.total_steps} epoch {rec['epoch']} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
-                  f"{rec['images_per_s']:.1f} img/s {rec['tokens_per_s']:.0f} tok/s "
-                  f"{rec['tokens_per_image']:.1f} tok/img fill {rec['fill']:.1%}", flush=True)
-
-    def _print(self, msg: str) -> None:
-        if self.info.is_main:
-            if self._bar is not None and not self._bar.disable:
-                self._bar.write(msg)
-            else:
-                print(msg, flush=True)
 
     def _eval_due(self, epoch_end: bool) -> bool:
         """Evaluate every ``eval_every`` steps, or at each epoch end when it is 0."""
@@ -342,8 +310,8 @@ class Trainer:
                "steps": len(fills)}
         if carried is not None:
             rec["carried_over"] = int(carried)
-        self._writer.write(rec)
-        self._print(f"epoch {self.epoch}: mean fill {rec['fill']:.1%} over {len(fills)} steps"
+        self._log.record(rec)
+        self._log.print(f"epoch {self.epoch}: mean fill {rec['fill']:.1%} over {len(fills)} steps"
                     + (f", {carried} sample visits (rank 0) carry over into the next epoch" if carried is not None
                        else ""))
 
@@ -352,19 +320,19 @@ class Trainer:
 
     def _print_header(self) -> None:
         c, info = self.config, self.info
-        self._print(
+        self._log.print(
             f"APT train: {c.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params, "
             f"{len(self.params)} trainable tensors{', APT parameters only' if c.train_new_only else ''}) "
             f"at {self.image_size} px, {self.cfg}; recipe {c.recipe}; {info.world_size} process(es) on "
             f"{self.device}{', bf16 autocast' if self.amp else ''}")
         val = self.val_loader
-        self._print(f"train data {c.data}: {len(self.loader.source)} images, {class_count(self.loader.source)} classes; "
+        self._log.print(f"train data {c.data}: {len(self.loader.source)} images, {class_count(self.loader.source)} classes; "
                     + (f"val data {c.val_data}: {len(val.source)} images, {class_count(val.source)} classes; "
                        if val is not None else "val data: none; ")
                     + f"head: {self.model.num_classes} classes")
         if self._val_note:
-            self._print(self._val_note)
-        self._print(
+            self._log.print(self._val_note)
+        self._log.print(
             f"data {c.data}: {len(self.loader.source)} images, {self.steps_per_epoch} steps/epoch of <= "
             f"{c.max_tokens} tokens per rank ({self.loader.packing}ed packing), {self.images_per_step:.2f} images "
             f"per global step ({self.loader.mean_images_source()}); {self.total_steps} steps; peak lr {self.lr:.3g}"
@@ -374,21 +342,13 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to ``total_steps``: evaluate at each epoch end (or every ``eval_every`` steps) and at the
         end, checkpoint every ``save_every`` steps and at the end, log every step."""
-        from tqdm import tqdm
-
         c, info = self.config, self.info
-        self._bar = None
         if info.is_main and not c.resume and list_checkpoints(self.out):
             log.warning("%s already holds checkpoints %s: a later --resume of this folder takes the newest step",
                         self.out, [p.name for p in list_checkpoints(self.out)])
+        self._log.open(self.out, self.total_steps, self.global_step, bool(c.resume), c.log_tensorboard)
         if info.is_main:
-            self._writer = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.global_step if c.resume else None)
-            tb = TensorBoardLogger.create(self.out) if c.log_tensorboard else None
-            if tb is not None:
-                self._writer = Tee(self._writer, tb)
             self._print_header()
-        self._bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
-                         disable=c.quiet or not info.is_main or not sys.stderr.isatty())
         if self.resume_state is not None:
             set_rng_state(self.resume_state)
         self.ddp.train()
@@ -420,7 +380,7 @@ class Trainer:
                 run_fills.append(self._fill)
                 if gnorm is not None:
                     rec["grad_norm"] = gnorm
-                self._log_step(rec)
+                self._log.step(rec)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {self.global_step}")
                 epoch_end = self.step_in_epoch >= epoch_len
@@ -442,22 +402,19 @@ class Trainer:
             if not evaluated:
                 final_eval = self._eval_saved(last_saved)
         finally:
-            self._bar.close()
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+            self._log.close()
         seconds = time.perf_counter() - t_start
         skipped = self._report_skips()
         if info.is_main:
             n, t, s = totals
-            self._print(f"done: {self.global_step} steps ({int(n)} images, {int(t)} patch tokens) in {s:.1f} s of "
+            self._log.print(f"done: {self.global_step} steps ({int(n)} images, {int(t)} patch tokens) in {s:.1f} s of "
                         f"steps: {n / max(s, 1e-9):.1f} images/s, {t / max(s, 1e-9):.0f} tokens/s, "
                         f"{t / max(n, 1):.1f} tokens/image, mean fill {np.mean(run_fills or [0]):.1%} of "
                         f"{self.config.max_tokens} tokens; total {seconds:.1f} s")
             if final_eval is not None:
-                self._print(f"final val: top-1 {final_eval.top1:.2%}, top-5 {final_eval.top5:.2%} on "
+                self._log.print(f"final val: top-1 {final_eval.top1:.2%}, top-5 {final_eval.top5:.2%} on "
                             f"{final_eval.images} images")
-            self._print(f"checkpoint: {last_saved}; metrics: {self.out / 'metrics.jsonl'}")
+            self._log.print(f"checkpoint: {last_saved}; metrics: {self.out / 'metrics.jsonl'}")
         return TrainResult(model=self.model, global_step=self.global_step, epoch=self.epoch,
                            metrics_path=self.out / "metrics.jsonl", checkpoint=last_saved, final_eval=final_eval,
                            seconds=seconds, skipped=skipped)
@@ -466,10 +423,5 @@ class Trainer:
         """The bad samples the loaders skipped, summed over ranks; rank 0 prints them."""
         loaders = {"train": self.loader, "val": self.val_loader}
         merged = sum_counts({k: dict(l.stats.skipped) for k, l in loaders.items() if l is not None}, self.info)
-        if any(merged.values()):
-            self._print("skipped bad samples: " + "; ".join(
-                f"{split} {sum(c.values())} ({', '.join(f'{r}: {n}' for r, n in c.items())})"
-                for split, c in merged.items() if c))
-        else:
-            self._print("skipped bad samples: none")
+        self._log.print(skip_line(merged))
         return merged
