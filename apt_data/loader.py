@@ -371,7 +371,8 @@ class APTLoader:
             pool = None
             if self.num_workers > 0:
                 warmup()
-                per_image = self._uniform_per_image()
+                # keep-aspect sizes would need every file's header read here: those batches take fresh segments
+                per_image = None if self.transform.keep_aspect else self._uniform_per_image()
                 if per_image is not None:
                     per_batch = self.max_images or int(np.ceil(self.max_tokens / max(1.0, self.mean_tokens() * 0.7)))
                     pool = self._take_pool(int(per_image.max()) * per_batch)
