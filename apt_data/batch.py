@@ -24,6 +24,10 @@ Fields (S = ``num_scales``, p = ``patch_size``, T_s = tokens of scale s in the w
   they form their own trailing segment that no image attends to. ``seq_len`` includes them.
 - ``image_sizes``: tuple of (H, W) pixel sizes, one per image (Python ints).
 - ``labels``: int64 ``[B]`` or None.
+- ``mix_labels`` / ``mix_lam``: int64 / float32 ``[B]`` where the loader mixed images (Mixup /
+  CutMix, `apt_data.mixing`), else None: image b's target is ``mix_lam[b]`` of ``labels[b]`` and
+  ``1 - mix_lam[b]`` of ``mix_labels[b]`` (an unmixed image: its own label, ``lam = 1``).
+  `soft_targets` turns them into timm's soft target rows.
 - ``keys``: sample keys of the B images (may be empty); ``skipped`` / ``skip_reasons``: keys of
   samples planned for this batch that were bad and skipped (logged and counted by the loader).
 - ``num_prefix_tokens``, ``patch_size``, ``num_scales``: Python ints.
@@ -53,6 +57,8 @@ class PackedBatch:
     keys: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
     skip_reasons: tuple[str, ...] = ()
+    mix_labels: Optional[torch.Tensor] = None
+    mix_lam: Optional[torch.Tensor] = None
 
     @property
     def num_images(self) -> int:
@@ -68,23 +74,34 @@ class PackedBatch:
         """Tokens that belong to images (prefix tokens included), i.e. ``sum(seqlens)``."""
         return sum(self.seqlens)
 
-    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
-        """Move the tensors (not the CPU metadata) to ``device``."""
-        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+    @property
+    def mixed(self) -> bool:
+        """True when the loader mixed this batch's images (its targets are soft: `soft_targets`)."""
+        return self.mix_lam is not None
+
+    def soft_targets(self, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+        """float32 ``[B, num_classes]`` target rows summing to 1, as timm's ``Mixup`` gives them:
+        label smoothing, then the mix of ``labels`` and ``mix_labels`` by ``mix_lam`` (if any)."""
+        from .mixing import soft_targets
+
+        if self.labels is None:
+            raise ValueError("this batch has no labels")
+        return soft_targets(self.labels, num_classes, smoothing, self.mix_labels, self.mix_lam)
+
+    def _map(self, fn) -> "PackedBatch":
+        """This batch with ``fn`` applied to every tensor (not to the CPU metadata)."""
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
         return replace(
             self,
-            pixels=tuple(mv(t) for t in self.pixels),
-            coords=tuple(mv(t) for t in self.coords),
-            seq_index=tuple(mv(t) for t in self.seq_index),
-            labels=None if self.labels is None else mv(self.labels),
+            pixels=tuple(fn(t) for t in self.pixels),
+            coords=tuple(fn(t) for t in self.coords),
+            seq_index=tuple(fn(t) for t in self.seq_index),
+            labels=opt(self.labels), mix_labels=opt(self.mix_labels), mix_lam=opt(self.mix_lam),
         )
 
+    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
+        """Move the tensors (not the CPU metadata) to ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
     def pin_memory(self) -> "PackedBatch":
-        pin = lambda t: t.pin_memory()  # noqa: E731
-        return replace(
-            self,
-            pixels=tuple(pin(t) for t in self.pixels),
-            coords=tuple(pin(t) for t in self.coords),
-            seq_index=tuple(pin(t) for t in self.seq_index),
-            labels=None if self.labels is None else pin(self.labels),
-        )
+        return self._map(lambda t: t.pin_memory())

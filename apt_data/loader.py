@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from .binpack import pack_greedy, split_for_ranks
 from .config import APTConfig
 from .layout import PatchLayout
+from .mixing import MixConfig
 from .pipeline import LayoutFn, LoaderStats, SamplePipeline, SkippedOnly, TooManySkipped, sample_seed
 from .sources import Source, open_source
 from .rank_stream import RankStream
@@ -68,6 +69,8 @@ class APTLoader:
     more than 10) stop the epoch with `TooManySkipped`.
     ``layout_fn``: `LayoutFn` used instead of `patchify` (e.g. a baseline's layouts); with planned
     packing it must keep at most the image's APT token count (exactly that with an index).
+    ``mix``: Mixup / CutMix (`apt_data.mixing.MixConfig`) of training samples, before patchify; the
+    loader then yields timm's soft targets ``[B, num_classes]`` instead of labels.
     """
 
     def __init__(self, source: Any, cfg: Optional[APTConfig] = None, *, max_tokens: int,
@@ -77,7 +80,8 @@ class APTLoader:
                  open_bins: Optional[int] = None, strict: bool = False, pin_memory: Optional[bool] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None, prefetch_factor: int = 2,
                  start_step: int = 0, layout_fn: Optional[LayoutFn] = None, packing: str = "auto",
-                 steps_per_epoch: Optional[int] = None, probe_samples: int = 256, max_skip_fraction: float = 0.01):
+                 steps_per_epoch: Optional[int] = None, probe_samples: int = 256, max_skip_fraction: float = 0.01,
+                 mix: Optional[MixConfig] = None):
         self.cfg = cfg or APTConfig()
         self.source: Source = open_source(source)
         stored = self.source.image_size_setting
@@ -102,6 +106,9 @@ class APTLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.prefetch_factor = prefetch_factor
         self.layout_fn = layout_fn
+        self.mix = mix if mix is not None and mix.active else None
+        if self.mix is not None and not self.train:
+            raise ValueError("mix (Mixup / CutMix) is a training augmentation: not with train=False")
         if rank is None or world_size is None:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -112,8 +119,9 @@ class APTLoader:
         self.rank, self.world_size = int(rank), int(world_size)
         self.epoch, self.start_step = 0, int(start_step)
         self.stats = LoaderStats()
-        self._exact = self.source.exact_token_counts(self.cfg, self.transform)
-        self._scores = self.source.stored_scores_usable(self.cfg, self.transform)
+        mixing = self.mix is not None  # mixed images have their own token counts and scores
+        self._exact = None if mixing else self.source.exact_token_counts(self.cfg, self.transform)
+        self._scores = not mixing and self.source.stored_scores_usable(self.cfg, self.transform)
         self.packing = packing if packing != "auto" else ("plan" if self._exact is not None else "stream")
         self.open_bins = int(open_bins or (8 if self.packing == "plan" else 2))
         self._steps = None if steps_per_epoch is None else int(steps_per_epoch)
@@ -326,7 +334,7 @@ class APTLoader:
                             pin_memory=self.pin_memory)
             for batch in dl:
                 if not isinstance(self._account(batch), SkippedOnly):
-                    yield batch, batch.labels
+                    yield batch, self._targets(batch)
             self.start_step = 0  # a resumed epoch continues once; iterating again starts it from 0
             return
         warmup()  # compiled kernels are inherited by forked workers
@@ -340,7 +348,7 @@ class APTLoader:
             for item in it:
                 batch = item.to_batch() if isinstance(item, WireBatch) else item
                 if not isinstance(self._account(batch), SkippedOnly):  # a bin of bad samples only
-                    yield batch, batch.labels
+                    yield batch, self._targets(batch)
             self.start_step = 0
         finally:
             shutdown = getattr(it, "_shutdown_workers", None)
@@ -392,7 +400,7 @@ class APTLoader:
                     log.debug("epoch %d: %d sample visits of rank %d carry over into the next epoch", self.epoch,
                              self.stats.carried_over[self.epoch], self.rank)
                     self._live = (dl, data, self.epoch, it, pool)
-                yield self._account(batch), batch.labels
+                yield self._account(batch), self._targets(batch)
             if quotas is None:
                 self._stream.consumed = 0
         finally:
@@ -444,8 +452,14 @@ class APTLoader:
     def pipeline(self) -> SamplePipeline:
         """The per-sample pipeline this loader's workers run (`apt_data.pipeline`)."""
         return SamplePipeline(self.source, self.cfg, self.transform, self.seed, self.layout_fn, self._scores,
-                              self.num_prefix_tokens, self.max_tokens, self.static_shapes, self.strict)
+                              self.num_prefix_tokens, self.max_tokens, self.static_shapes, self.strict, self.mix)
 
     def load_sample(self, i: int, epoch: int) -> tuple[np.ndarray, PatchLayout]:
         """Sample ``i`` through this loader's pipeline: ``(image, layout)`` (see `SamplePipeline.load`)."""
-        return self.pipeline.load(i, epoch)
+        return self.pipeline.load(i, epoch)[:2]
+
+    def _targets(self, batch):
+        """What the loader yields beside a batch: its labels, or with ``mix`` timm's soft targets."""
+        if self.mix is None or batch.labels is None:
+            return batch.labels
+        return batch.soft_targets(self.mix.num_classes, self.mix.label_smoothing)

@@ -103,16 +103,20 @@ class BatchSpec:
     """
 
     __slots__ = ("per_scale", "num_images", "patch_size", "num_scales", "with_labels", "seqlens",
-                 "image_sizes", "num_prefix_tokens", "num_padding", "keys", "skipped", "skip_reasons", "nbytes")
+                 "image_sizes", "num_prefix_tokens", "num_padding", "keys", "skipped", "skip_reasons", "nbytes",
+                 "mix_labels", "mix_lam")
 
     def __init__(self, per_scale, num_images, patch_size, num_scales, with_labels, seqlens, image_sizes,
-                 num_prefix_tokens, num_padding, keys=(), skipped=(), skip_reasons=()):
+                 num_prefix_tokens, num_padding, keys=(), skipped=(), skip_reasons=(), mix=None):
         self.per_scale = tuple(int(n) for n in per_scale)
         self.num_images, self.patch_size, self.num_scales = int(num_images), int(patch_size), int(num_scales)
         self.with_labels, self.seqlens, self.image_sizes = bool(with_labels), tuple(seqlens), tuple(image_sizes)
         self.num_prefix_tokens, self.num_padding = int(num_prefix_tokens), int(num_padding)
         self.keys, self.skipped, self.skip_reasons = tuple(keys), tuple(skipped), tuple(skip_reasons)
         self.nbytes = buffer_layout(self.per_scale, self.num_images, self.patch_size, self.with_labels)[1]
+        # mixed targets: a few numbers per image, carried as Python values beside the buffer
+        self.mix_labels = None if mix is None else tuple(int(v) for v in mix[0])
+        self.mix_lam = None if mix is None else tuple(float(v) for v in mix[1])
 
     def __getstate__(self):
         return tuple(getattr(self, k) for k in self.__slots__)
@@ -140,7 +144,9 @@ class BatchSpec:
             seqlens=self.seqlens, max_seqlen=max(self.seqlens, default=0), image_sizes=self.image_sizes,
             num_prefix_tokens=self.num_prefix_tokens, patch_size=self.patch_size, num_scales=S,
             num_padding=self.num_padding, labels=ts[3 * S] if self.with_labels else None,
-            keys=self.keys, skipped=self.skipped, skip_reasons=self.skip_reasons)
+            keys=self.keys, skipped=self.skipped, skip_reasons=self.skip_reasons,
+            mix_labels=None if self.mix_labels is None else torch.tensor(self.mix_labels, dtype=torch.int64),
+            mix_lam=None if self.mix_lam is None else torch.tensor(self.mix_lam, dtype=torch.float32))
 
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
@@ -203,12 +209,15 @@ def pack_images(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None, l
 
 
 def prepare_batch(images, cfg=None, labels=None, num_prefix_tokens=1, layouts=None, num_padding=0, keys=(),
-                  skipped=(), skip_reasons=()):
-    """Validate the inputs of `pack_images` and size the batch: ``(spec, images, layouts, labels)``."""
+                  skipped=(), skip_reasons=(), mix=None):
+    """Validate the inputs of `pack_images` and size the batch: ``(spec, images, layouts, labels)``.
+    ``mix``: ``(mix_labels, mix_lam)``, one of each per image (`apt_data.mixing`)."""
     cfg = cfg or APTConfig()
     images = [_as_rgb(im, i) for i, im in enumerate(images)]
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"got {len(labels)} labels for {len(images)} images")
+    if mix is not None and (labels is None or not len(mix[0]) == len(mix[1]) == len(images)):
+        raise ValueError(f"mixed targets need labels and one mix label and lam per image ({len(images)} images)")
     if int(num_prefix_tokens) != num_prefix_tokens or num_prefix_tokens < 0 or int(num_padding) != num_padding or num_padding < 0:
         raise ValueError(f"num_prefix_tokens and num_padding must be ints >= 0, got {num_prefix_tokens!r}, {num_padding!r}")
     if layouts is None:
@@ -229,7 +238,7 @@ def prepare_batch(images, cfg=None, labels=None, num_prefix_tokens=1, layouts=No
     seqlens = [len(lay) + int(num_prefix_tokens) for lay in layouts]
     spec = BatchSpec(per_scale, len(images), cfg.patch_size, S, labels is not None, seqlens,
                      [(int(im.shape[0]), int(im.shape[1])) for im in images], num_prefix_tokens, num_padding,
-                     keys, skipped, skip_reasons)
+                     keys, skipped, skip_reasons, mix)
     return spec, images, layouts, labels
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .config import APTConfig
 from .layout import PatchLayout, layout_from_flat_scores, patchify
+from .mixing import MixConfig, apply_mix, draw_mix
 from .packing import prepare_batch
 from .sources import Source
 from .transforms import ImageTransform
@@ -27,6 +28,10 @@ log = logging.getLogger("apt_data.loader")
 #: ``layout_fn(image, cfg, index) -> PatchLayout``: the layout of a transformed image (uint8 HxWx3),
 #: given the loader's config and the sample's index in the source; replaces `patchify`.
 LayoutFn = Callable[[np.ndarray, APTConfig, int], PatchLayout]
+
+#: A mixed sample's ``(partner label, lam)``: its target is ``lam`` of its own label, ``1 - lam`` of the
+#: partner's (`apt_data.mixing`); None for a sample that was not mixed.
+MixTarget = Optional[tuple[int, float]]
 
 __all__ = ["LayoutFn", "LoaderStats", "SamplePipeline", "SkippedOnly", "TooManySkipped", "sample_seed", "skip_reason"]
 
@@ -85,7 +90,8 @@ class SamplePipeline:
 
     ``use_scores``: the source's stored score maps fit ``cfg`` and ``transform`` (layouts for any
     thresholds come from them instead of rescoring). ``strict``: a bad sample raises instead of
-    being skipped.
+    being skipped. ``mix``: Mixup / CutMix of each sample with a partner, before its layout
+    (`apt_data.mixing`).
     """
 
     source: Source
@@ -98,35 +104,57 @@ class SamplePipeline:
     max_tokens: int = 4096
     static_shapes: bool = False
     strict: bool = False
+    mix: Optional[MixConfig] = None
 
-    def load(self, i: int, epoch: int) -> tuple[np.ndarray, PatchLayout]:
-        """Sample ``i``: read -> transform (seeded by ``(seed, epoch, i)``) -> layout. Raises ValueError
-        or OSError for a bad sample."""
+    def load(self, i: int, epoch: int) -> tuple[np.ndarray, PatchLayout, MixTarget]:
+        """Sample ``i``: read -> transform (seeded by ``(seed, epoch, i)``) -> mix -> layout:
+        ``(image, layout, mix target)``. Raises ValueError or OSError for a bad sample."""
         key = self.source.keys[i]
-        if self.use_scores and self.layout_fn is None:
+        if self.use_scores and self.layout_fn is None and self.mix is None:
             data, scores = self.source.read_scores(i)
         else:
             data, scores = self.source.read(i), None
-        img = self.transform(data, name=key, seed=sample_seed(self.seed, epoch, i) if self.transform.augment else 0)
+        img = self._transformed(data, key, epoch, i)
+        img, target = self._mixed(img, i, epoch)
         if self.layout_fn is not None:
-            return img, self.layout_fn(img, self.cfg, i)
+            return img, self.layout_fn(img, self.cfg, i), target
         if scores is not None:  # deterministic transform of the stored image: reuse the stored score maps
             if not np.isfinite(scores).all():
                 raise ScoresMismatch(f"{key}: its stored score maps hold NaN or inf (a corrupt .npy member)")
-            return img, layout_from_flat_scores(scores, img.shape[:2], self.cfg)
-        return img, patchify(img, self.cfg)
+            return img, layout_from_flat_scores(scores, img.shape[:2], self.cfg), target
+        return img, patchify(img, self.cfg), target
+
+    def _transformed(self, data, key: str, epoch: int, i: int) -> np.ndarray:
+        return self.transform(data, name=key, seed=sample_seed(self.seed, epoch, i) if self.transform.augment else 0)
+
+    def _mixed(self, img: np.ndarray, i: int, epoch: int) -> tuple[np.ndarray, MixTarget]:
+        """Sample ``i``'s image mixed with its partner of pass ``epoch`` (`apt_data.mixing.draw_mix`).
+        An unreadable partner leaves the sample unmixed, with a warning (the partner's own load
+        counts it as a bad sample)."""
+        draw = None if self.mix is None else draw_mix(self.mix, self.seed, epoch, i, len(self.source))
+        if draw is None:
+            return img, None
+        j = draw.partner
+        try:
+            other = self._transformed(self.source.read(j), self.source.keys[j], epoch, j)
+        except (ValueError, OSError) as e:
+            log.warning("sample %s: its mix partner %s is unreadable (%s); not mixed", self.source.keys[i],
+                        self.source.keys[j], e)
+            return img, None
+        mixed, lam = apply_mix(img, other, draw, self.mix.correct_lam)
+        return mixed, (int(self.source.labels[j]), lam)
 
     def try_load(self, i: int, epoch: int, skipped: list,
-                 exact: Optional[np.ndarray] = None) -> Optional[tuple[np.ndarray, PatchLayout]]:
+                 exact: Optional[np.ndarray] = None) -> Optional[tuple[np.ndarray, PatchLayout, MixTarget]]:
         """`load`, with a bad sample logged and appended to ``skipped`` as ``(key, reason)`` (strict: raised).
         ``exact``: the index's token counts, which the layout must match."""
         try:
-            img, layout = self.load(i, epoch)
-            if exact is not None and len(layout) != exact[i]:
-                raise ScoresMismatch(f"{self.source.keys[i]}: its stored score maps give {len(layout)} tokens, the "
-                                     f"index {exact[i]} (a corrupt .npy member, or an index made with another "
+            loaded = self.load(i, epoch)
+            if exact is not None and len(loaded[1]) != exact[i]:
+                raise ScoresMismatch(f"{self.source.keys[i]}: its stored score maps give {len(loaded[1])} tokens, "
+                                     f"the index {exact[i]} (a corrupt .npy member, or an index made with another "
                                      "config)")
-            return img, layout
+            return loaded
         except (ValueError, OSError) as e:
             key = self.source.keys[i]
             if self.strict:
@@ -138,30 +166,37 @@ class SamplePipeline:
     def build(self, sample_ids: np.ndarray, epoch: int, exact: Optional[np.ndarray] = None,
               pool: Optional[SlotPool] = None):
         """Load and pack one planned bin (``exact``: the index's counts, checked)."""
-        images, layouts, labels, keys, skipped = [], [], [], [], []
+        images, layouts, labels, keys, mixes, skipped = [], [], [], [], [], []
         for i in sample_ids.tolist():
             loaded = self.try_load(i, epoch, skipped, exact)
             if loaded is None:
                 continue
-            img, layout = loaded
+            img, layout, mixed = loaded
             images.append(img)
             layouts.append(layout)
             labels.append(int(self.source.labels[i]))
             keys.append(self.source.keys[i])
+            mixes.append(mixed)
         if not images:  # never an empty batch: the skips alone travel to the main process
             return SkippedOnly(skipped)
-        return self.ship(images, layouts, labels, keys, skipped, pool)
+        return self.ship(images, layouts, labels, keys, skipped, pool, mixes)
 
     def ship(self, images: list, layouts: list, labels: list, keys: list, skipped: list,
-             pool: Optional[SlotPool] = None):
-        """Pack loaded samples into one batch: a `PackedBatch`, or in a worker process a `WireBatch`."""
+             pool: Optional[SlotPool] = None, mixes: Optional[list] = None):
+        """Pack loaded samples into one batch: a `PackedBatch`, or in a worker process a `WireBatch`.
+        ``mixes``: each sample's `MixTarget` (with `mix` set, the batch carries ``mix_labels`` and
+        ``mix_lam`` for every image: an unmixed one has its own label and ``lam = 1``)."""
         real = sum(len(lay) for lay in layouts) + self.num_prefix_tokens * len(layouts)
         if real > self.max_tokens:
             raise RuntimeError(f"batch of {keys} needs {real} tokens > max_tokens={self.max_tokens} (packing bug)")
         pad = self.max_tokens - real if self.static_shapes else 0
+        mix = None
+        if self.mix is not None and mixes is not None:
+            mix = ([lab if m is None else m[0] for lab, m in zip(labels, mixes)],
+                   [1.0 if m is None else m[1] for m in mixes])
         spec, images, layouts, labels = prepare_batch(images, self.cfg, labels, self.num_prefix_tokens, layouts, pad,
                                                       keys=keys, skipped=[k for k, _ in skipped],
-                                                      skip_reasons=[r for _, r in skipped])
+                                                      skip_reasons=[r for _, r in skipped], mix=mix)
         return ship_batch(spec, images, layouts, labels, pool)
 
     def mean_tokens(self, ids: np.ndarray) -> float:

@@ -88,13 +88,13 @@ class StreamEpoch(IterableDataset):
         loaded = self._pipeline.try_load(i, p, self._skipped, self._exact)
         if loaded is None:
             return None
-        img, layout = loaded
+        img, layout, mixed = loaded
         key = self._pipeline.source.keys[i]
         tokens = len(layout) + self._pipeline.num_prefix_tokens
         if tokens > self._pipeline.max_tokens:
             raise ValueError(f"sample {key} needs {tokens} tokens, more than the batch budget "
                              f"max_tokens={self._pipeline.max_tokens}; raise --max-tokens or lower the image size")
-        return Item(ref, tokens, (img, layout, int(self._pipeline.source.labels[i]), key))
+        return Item(ref, tokens, (img, layout, int(self._pipeline.source.labels[i]), key, mixed))
 
     def _restore(self, bins: list, ready: int) -> StreamPacker:
         loader = self.loader
@@ -151,7 +151,7 @@ class StreamEpoch(IterableDataset):
         for items, state in epoch_batches(stream, packer, quota, self._process, emitted, on_reset):
             self._live = (role, stream, packer, epoch, state)
             skipped, self._skipped = self._skipped, []
-            images, layouts, labels, keys = (list(v) for v in zip(*(it.payload for it in items)))
-            batch = self._pipeline.ship(images, layouts, labels, keys, skipped, self.pool)
+            images, layouts, labels, keys, mixes = (list(v) for v in zip(*(it.payload for it in items)))
+            batch = self._pipeline.ship(images, layouts, labels, keys, skipped, self.pool, mixes)
             yield TaggedBatch(batch, role, state)
         self._live = (role, stream, packer, epoch, state)

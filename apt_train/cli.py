@@ -72,6 +72,13 @@ def build_parser(default_data: Optional[str] = None, default_val_data: Optional[
                    help="RandomResizedCrop + flip (+ --aa, --reprob) before patchify")
     r.add_argument("--aa", dest="auto_augment", default=None, help="timm RandAugment string, or 'none'")
     r.add_argument("--reprob", dest="re_prob", type=float, default=None, help="random erasing probability")
+    r.add_argument("--mixup", type=float, default=None, help="Mixup alpha, 0: off (per image, before patchify)")
+    r.add_argument("--cutmix", type=float, default=None, help="CutMix alpha, 0: off (per image, before patchify)")
+    r.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="CutMix box side ratios drawn uniformly from [MIN, MAX] instead of from --cutmix")
+    r.add_argument("--mixup-prob", type=float, default=1.0, help="probability that an image is mixed (default: %(default)s)")
+    r.add_argument("--mixup-switch-prob", type=float, default=0.5,
+                   help="probability of CutMix instead of Mixup when both are on (default: %(default)s)")
     r.add_argument("--train-new-only", action="store_true", help="freeze the ViT, train only APT's new parameters")
     o = ap.add_argument_group("run")
     o.add_argument("--seed", type=int, default=0, help="model init, data order, augmentation (default: 0)")

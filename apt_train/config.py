@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 from apt_data import APTConfig, config_from_args
+from apt_data.mixing import MixConfig
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # as apt_data.add_loader_args
 _PATHS = ("checkpoint", "data", "val_data", "output", "resume")
@@ -69,6 +70,11 @@ class TrainConfig:
     augment: Optional[bool] = None
     auto_augment: Optional[str] = None      # timm RandAugment string; "none": off
     re_prob: Optional[float] = None
+    mixup: Optional[float] = None           # Mixup alpha (0: off), timm's --mixup
+    cutmix: Optional[float] = None          # CutMix alpha (0: off), timm's --cutmix
+    cutmix_minmax: Optional[tuple[float, ...]] = None  # CutMix box side ratios (min, max) instead of alpha
+    mixup_prob: float = 1.0                 # probability that a sample is mixed
+    mixup_switch_prob: float = 0.5          # probability of CutMix instead of Mixup when both are on
     train_new_only: bool = False
     # run
     seed: int = 0
@@ -94,8 +100,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, os.fspath(value))
-        if self.thresholds is not None:
-            object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        for name in ("thresholds", "cutmix_minmax"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(t) for t in getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (tuples as lists): JSON-able and ``torch.load(weights_only=True)``-loadable."""
@@ -142,8 +149,22 @@ def validate(config: TrainConfig) -> TrainConfig:
         if v is not None and v < 0:
             raise SetupError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     config.apt_config()
+    mix_config(config, 2)
     check_device(config.device)
     return config
+
+
+def mix_config(config: TrainConfig, num_classes: int) -> Optional[MixConfig]:
+    """The loader's `MixConfig` of these settings (None: no mixing); a bad value raises `SetupError`."""
+    if not (config.mixup or config.cutmix or config.cutmix_minmax):
+        return None
+    try:
+        return MixConfig(mixup_alpha=config.mixup or 0.0, cutmix_alpha=config.cutmix or 0.0,
+                         cutmix_minmax=config.cutmix_minmax, prob=config.mixup_prob,
+                         switch_prob=config.mixup_switch_prob, label_smoothing=config.label_smoothing or 0.0,
+                         num_classes=num_classes)
+    except ValueError as e:
+        raise SetupError(f"--mixup/--cutmix settings: {e}") from None
 
 
 def check_device(device: str) -> None:

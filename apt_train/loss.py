@@ -25,6 +25,7 @@ def scaled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, label_sm
                          global_images: Optional[torch.Tensor] = None, world_size: int = 1) -> torch.Tensor:
     """Cross-entropy mean over this rank's images times `loss_scale` (fp32 whatever the autocast).
 
+    ``labels``: int64 ``[B]``, or float ``[B, C]`` soft targets (Mixup / CutMix, already smoothed).
     ``global_images``: the images of the global step (summed over ranks; a tensor, so no host sync).
     """
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)

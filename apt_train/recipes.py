@@ -8,8 +8,10 @@
   with ``images_per_step`` the mean images of a global step (`APTLoader.mean_images_per_batch`; fixed
   for the run, so the lr does not jitter with the batch sizes), layer decay 0.75, 5 warmup epochs
   then cosine per step to 1e-6, 100 epochs, label smoothing 0.1, drop path 0.1, RandAugment
-  ``rand-m9-mstd0.5-inc1`` and random erasing 0.25 (before patchify).
-- ``sample``: ``full`` shortened for the 400-image sample shards on a CPU (8 epochs, 1 of warmup):
+  ``rand-m9-mstd0.5-inc1``, random erasing 0.25, Mixup 0.8 and CutMix 1.0 (switch probability 0.5;
+  all before patchify).
+- ``sample``: ``full`` shortened for the 400-image sample shards on a CPU (8 epochs, 1 of warmup,
+  no Mixup / CutMix: regularisers for long runs, which 8 epochs from scratch would only slow):
   the default, what ``python tools/train.py`` runs.
 """
 from __future__ import annotations
@@ -22,13 +24,13 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 _FULL = dict(epochs=100, lr=None, blr=1.5e-3, min_lr=1e-6, warmup_epochs=5.0, weight_decay=0.05, layer_decay=0.75,
              label_smoothing=0.1, drop_path=0.1, augment=True, auto_augment=RAND_AUGMENT, re_prob=0.25,
-             clip_grad=None)
+             mixup=0.8, cutmix=1.0, clip_grad=None)
 
 RECIPES: dict[str, dict] = {
     "short": dict(_FULL, epochs=1, lr=1e-6, blr=None, min_lr=0.0, warmup_epochs=0.0, layer_decay=0.99,
-                  augment=False, auto_augment=None, re_prob=0.0),
+                  augment=False, auto_augment=None, re_prob=0.0, mixup=0.0, cutmix=0.0),
     "full": dict(_FULL),
-    "sample": dict(_FULL, epochs=8, warmup_epochs=1.0),
+    "sample": dict(_FULL, epochs=8, warmup_epochs=1.0, mixup=0.0, cutmix=0.0),
 }
 
 

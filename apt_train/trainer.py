@@ -29,7 +29,7 @@ from .build import (build_model, compile_blocks, infer_num_classes, model_image_
                     train_transform)
 from .checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                          resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from .config import SetupError, TrainConfig, validate
+from .config import SetupError, TrainConfig, mix_config, validate
 from .curves import write_curves
 from .data import AUTO, check_classes, class_count, default_val_data, open_data
 from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, sum_counts
@@ -152,7 +152,7 @@ class Trainer:
             self.loader = APTLoader(train_source, self.cfg, max_tokens=c.max_tokens, max_images=c.max_images,
                                     num_workers=c.workers, shuffle=True, seed=c.seed, train=True, transform=transform,
                                     num_prefix_tokens=prefix, static_shapes=c.static_shapes, strict=c.strict,
-                                    max_skip_fraction=c.max_skip_fraction)
+                                    max_skip_fraction=c.max_skip_fraction, mix=mix_config(c, self.model.num_classes))
             self.loader.set_epoch(0)
             self.loader.steps_per_epoch()  # budget errors surface here, before the first step
             self.val_loader = None
@@ -246,8 +246,12 @@ class Trainer:
                                              device=self.device), info)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.forward(b)
-        loss = scaled_cross_entropy(logits, b.labels, label_smoothing=c.label_smoothing,
-                                    global_images=counts[0], world_size=info.world_size)
+        if b.mixed:  # soft targets, smoothed as timm's Mixup smooths them
+            target, smoothing = b.soft_targets(self.model.num_classes, c.label_smoothing), 0.0
+        else:
+            target, smoothing = b.labels, c.label_smoothing
+        loss = scaled_cross_entropy(logits, target, label_smoothing=smoothing, global_images=counts[0],
+                                    world_size=info.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = None
@@ -267,7 +271,8 @@ class Trainer:
         """Evaluate on ``val_data`` (all ranks); rank 0 prints it and, inside `fit`, writes its metrics record."""
         if self.val_loader is None:
             return None
-        res = evaluate(self.model, self.val_loader, self.device, amp=self.amp, info=self.info)
+        res = evaluate(self.model, self.val_loader, self.device, amp=self.amp, info=self.info,
+                       progress=None if self.config.quiet else f"eval (step {self.global_step})")
         if self.info.is_main:
             if self._log.record({
                     "split": "val", "step": self.global_step, "epoch": self.epoch, "top1": res.top1, "top5": res.top5,
@@ -338,6 +343,13 @@ class Trainer:
             f"per global step ({self.loader.mean_images_source()}); {self.total_steps} steps; peak lr {self.lr:.3g}"
             f"{'' if c.lr is not None else f' = {c.blr:g} x {self.images_per_step:.2f} / 256'}, "
             f"warmup {self.scheduler.warmup_steps} steps, layer decay {c.layer_decay}")
+        mix = self.loader.mix
+        self._log.print("augmentation: " + (f"RandomResizedCrop + flip, RandAugment {c.auto_augment or 'off'}, random "
+                                            f"erasing {c.re_prob}" if c.augment else "none")
+                        + (f"; Mixup {mix.mixup_alpha} / CutMix {mix.cutmix_alpha}"
+                           f"{f' (box sides {mix.cutmix_minmax})' if mix.cutmix_minmax else ''}, prob {mix.prob}, "
+                           f"switch {mix.switch_prob}, soft targets" if mix is not None else "; no Mixup / CutMix")
+                        + f"; label smoothing {c.label_smoothing}")
 
     def fit(self) -> TrainResult:
         """Train to ``total_steps``: evaluate at each epoch end (or every ``eval_every`` steps) and at the
