@@ -14,6 +14,7 @@ Baselines (``mode``), all on the same images, batches and token budget:
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Optional
@@ -75,12 +76,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _progress_bar(batches, caption: Optional[str], is_main: bool, max_batches: Optional[int]):
+    """A tqdm bar over the evaluation's batches (their count: ``len(batches)``, an estimate for a
+    streamed loader), or None."""
+    if caption is None or not is_main:
+        return None
+    from tqdm import tqdm
+
+    try:
+        total = len(batches)
+    except TypeError:
+        total = None
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
+    return tqdm(total=total, desc=caption, unit="batch", leave=False, dynamic_ncols=True,
+                disable=not sys.stderr.isatty())
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, amp: bool = False,
-             info: Optional[DistInfo] = None, max_batches: Optional[int] = None) -> EvalResult:
+             info: Optional[DistInfo] = None, max_batches: Optional[int] = None,
+             progress: Optional[str] = None) -> EvalResult:
     """Run ``model`` (an `APTViT`, unwrapped) over ``(batch, labels)`` pairs; sums are reduced over ranks.
 
     Runs with the RNG forked, so evaluating inside a training run does not shift its random stream.
+    ``progress``: the caption of a progress bar on rank 0 (shown on a terminal; it closes when done).
     """
     info = info or DistInfo(device=device)
     was_training = model.training
@@ -88,6 +108,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, am
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, images
     host = np.zeros(5, np.float64)                             # tokens, uniform, flops, seconds, timed images
     times = []
+    bar = _progress_bar(batches, progress, info.is_main, max_batches)
     try:
         with torch.random.fork_rng(devices=[]):
             for k, (batch, _) in enumerate(batches):
@@ -112,8 +133,12 @@ def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, am
                 host[1] += sum((h // p) * (w // p) for h, w in batch.image_sizes)
                 host[2] += vit_flops(batch, model)
                 times.append((dt, batch.num_images))
+                if bar is not None:
+                    bar.update(1)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     timed = times[1:] if len(times) > 1 else times  # the first batch is a warm-up when there are more
     host[3], host[4] = sum(t for t, _ in timed), sum(n for _, n in timed)
     tot = torch.cat([sums, torch.as_tensor(host[[0, 1, 2, 4]], dtype=torch.float64, device=device)])
@@ -181,9 +206,9 @@ def eval_loader(source, cfg: APTConfig, *, max_tokens: int, image_size: int, num
 
 def evaluate_mode(model, source, cfg: APTConfig, mode: str, *, device: torch.device, amp: bool = False,
                   info: Optional[DistInfo] = None, seed: int = 0, max_batches: Optional[int] = None,
-                  **loader_kw) -> tuple[EvalResult, APTLoader]:
+                  progress: Optional[str] = None, **loader_kw) -> tuple[EvalResult, APTLoader]:
     """`evaluate` one of `MODES` on ``source`` (``loader_kw``: see `eval_loader`); returns the loader too
-    (its ``stats`` hold the skipped samples)."""
+    (its ``stats`` hold the skipped samples). ``progress``: see `evaluate`."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     loader = eval_loader(source, uniform_config(cfg) if mode == "uniform" else cfg, **loader_kw)
@@ -192,6 +217,7 @@ def evaluate_mode(model, source, cfg: APTConfig, mode: str, *, device: torch.dev
     old = model.resize_only
     model.resize_only = mode == "resize"
     try:
-        return evaluate(model, loader, device, amp=amp, info=info, max_batches=max_batches), loader
+        return evaluate(model, loader, device, amp=amp, info=info, max_batches=max_batches,
+                        progress=progress), loader
     finally:
         model.resize_only = old

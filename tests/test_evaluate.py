@@ -106,3 +106,26 @@ def test_analytic_flops_match_an_op_counter(thresholds, resize_only):
     assert vit_flops(batch, model, attention=False) + head == pytest.approx(counter.get_total_flops(), rel=1e-9)
     attn = len(model.blocks) * 4 * model.embed_dim * sum(n * n for n in batch.seqlens)
     assert vit_flops(batch, model) == vit_flops(batch, model, attention=False) + attn
+
+
+def test_evaluation_shows_a_progress_bar_on_a_terminal(monkeypatch):
+    import io
+
+    import torch
+
+    from apt_model import from_timm
+    from apt_train.evaluation import evaluate
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    model = from_timm("vit_tiny_patch16_224", num_classes=10)
+    loader = eval_loader(str(ROOT / "shards") + ":val", APTConfig(), max_tokens=2048, image_size=224,
+                         num_prefix_tokens=1, num_workers=0)
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr("sys.stderr", stream)
+        res = evaluate(model, loader, torch.device("cpu"), max_batches=2, progress="eval (step 7)")
+        assert res.images > 0
+        text = stream.getvalue()
+        assert ("eval (step 7)" in text and f"2/{min(2, len(loader))}" in text) == shown, text

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         for mode in modes:
             try:
                 res, loader = evaluate_mode(model, source, cfg, mode, device=info.device, amp=amp, info=info,
-                                            seed=args.seed, max_batches=args.max_batches, **kw)
+                                            seed=args.seed, max_batches=args.max_batches, progress=mode, **kw)
             except ValueError as e:
                 ap.error(str(e))
             results[mode] = res.as_dict()

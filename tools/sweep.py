@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                                      for m in list(dict.fromkeys(["none"] + args.baseline))]
         for mode, c in todo:
             res, _ = evaluate_mode(model, source, c, mode, device=info.device, amp=amp, info=info, seed=args.seed,
-                                   max_batches=args.max_batches, **kw)
+                                   max_batches=args.max_batches, progress=mode, **kw)
             r = {"method": {"none": "APT"}.get(mode, mode),
                  "thresholds": "-inf" if mode == "uniform" else " ".join(f"{t:g}" for t in c.thresholds),
                  **{k: v for k, v in res.as_dict().items() if k in FIELDS}}
