@@ -28,6 +28,24 @@ def test_visualize_writes_layout_pngs(tmp_path):
     assert "tokens" in out and "total:" in out and not list(tmp_path.glob("*.tmp*"))
 
 
+def test_visualize_keeps_same_named_images_from_different_folders_apart(tmp_path):
+    import shutil
+
+    src = tmp_path / "photos"
+    for folder, image in (("cats", IMAGE_PATHS[0]), ("dogs", IMAGE_PATHS[5])):
+        (src / folder).mkdir(parents=True)
+        shutil.copy(image, src / folder / "img_001.jpg")
+    shutil.copy(IMAGE_PATHS[7], src / "cats" / "img_001.png")
+    shutil.copy(IMAGE_PATHS[9], src / "cats" / "other.jpg")
+    inputs = [src / "cats/img_001.jpg", src / "dogs/img_001.jpg", src / "cats/img_001.png", src / "cats/other.jpg"]
+    out = run(ROOT / "tools/visualize.py", *inputs, "--out", tmp_path / "out", "--size", "64")
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.layout.png"))
+    assert names == ["cats__img_001.jpg.layout.png", "cats__img_001.png.layout.png", "dogs__img_001.layout.png",
+                     "other.layout.png"], out
+    drawn = [np.asarray(Image.open(tmp_path / "out" / n)) for n in names[:3]]
+    assert not np.array_equal(drawn[0], drawn[2])  # each file holds its own image
+
+
 def test_visualize_rejects_bad_thresholds(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools/visualize.py"), str(IMAGE_PATHS[0]), "--out", str(tmp_path),
                            "--thresholds", "5.5"], cwd=ROOT, capture_output=True, text=True)

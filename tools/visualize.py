@@ -5,7 +5,8 @@
     python tools/visualize.py IMAGE [IMAGE ...] --mosaic FILE.png [--size PX] [--cols N]
 
 Per image, ``DIR/<name>.layout.png`` is the image with its layout drawn on it (white patch borders,
-each scale above the base one tinted its own colour; same size as the image). ``--mosaic`` writes
+each scale above the base one tinted its own colour; same size as the image); files of one name
+from different folders get the folder in their name (``cats__img_001.layout.png``). ``--mosaic`` writes
 all the layouts side by side in one PNG, each captioned with its token count, above a legend of
 the patch sizes (the picture in the README is made this way). Without ``--size`` an image keeps
 its own size (its short side capped at ``--max-size``, and each side cut down to a multiple of the
@@ -123,10 +124,25 @@ def save_png(array: np.ndarray, out: Path, colors: int = 0) -> None:
     os.replace(tmp, out)
 
 
+def output_names(paths: list[str]) -> list[str]:
+    """One distinct output name per input: the file's stem, or where stems repeat (``a/x.jpg``,
+    ``b/x.jpg``) its path below the inputs' common folder with ``/`` as ``__`` (``a__x``), keeping the
+    extension where even that repeats (``x.jpg``, ``x.png``)."""
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    full = [Path(os.path.abspath(p)) for p in paths]
+    common = Path(os.path.commonpath([str(f.parent) for f in full]))
+    rel = [f.relative_to(common) for f in full]
+    names = ["__".join(r.with_suffix("").parts) if stems.count(s) > 1 else s for r, s in zip(rel, stems)]
+    return [("__".join(r.parts) if names.count(n) > 1 else n) for r, n in zip(rel, names)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="+", help="image files")
-    ap.add_argument("--out", help="output folder for one <name>.layout.png per image")
+    ap.add_argument("--out", help="output folder for one <name>.layout.png per image (files of one name from "
+                                  "different folders: <folder>__<name>.layout.png)")
     ap.add_argument("--mosaic", help="write all layouts, captioned, with a legend, into this one PNG")
     ap.add_argument("--cols", type=int, default=4, help="mosaic columns")
     ap.add_argument("--colors", type=int, default=0, help="quantise the mosaic to this many palette colours (0: RGB)")
@@ -155,7 +171,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
     total = uniform = 0
     tiles = []
-    for path in args.images:
+    for path, out_name in zip(args.images, output_names(args.images)):
         try:
             img = load(path, args.size, args.max_size, cfg.patch_size, args.crop)
         except ValueError as e:
@@ -168,7 +184,7 @@ def main(argv=None) -> int:
         uniform += layout.uniform_tokens
         where = ""
         if args.out:
-            out = Path(args.out) / (Path(path).stem + ".layout.png")
+            out = Path(args.out) / (out_name + ".layout.png")
             save_png(drawn, out)
             where = f"  -> {out}"
         name = Path(path).stem.split("_", 1)[-1].replace("_", " ")
