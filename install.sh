@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fresh-machine install of apt into ./.venv.   Usage: ./install.sh [--dev]
-#   --dev   also install the test/plot extras (pytest, hypothesis, matplotlib)
+#   --dev   also install the test/plot extras (pytest, hypothesis, matplotlib, ruff, tensorboard)
 # Steps: venv -> `pip install -e .` (torch, timm, numba, pyarrow, webdataset, ...) -> Pillow-SIMD.
 # Pillow-SIMD must be the LAST step: any later install of torchvision/timm brings plain Pillow back.
 set -euo pipefail
