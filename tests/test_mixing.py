@@ -144,3 +144,15 @@ def test_mixing_is_for_training_and_the_full_recipe_turns_it_on(tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         train_main(["--mixup", "-1", "--output", str(tmp_path), *FAST])
     assert e.value.code == 2 and "--mixup/--cutmix settings: mixup/cutmix alpha must be >= 0" in capsys.readouterr().err
+
+
+def test_a_mixed_stream_resumes_mid_epoch_exactly():
+    mix = MixConfig(num_classes=10)
+    run = mixed_loader(0, mix, steps=4)
+    want = [per_image(b) for b, _ in mixed_loader(0, mix, steps=4)]
+    it = iter(run)
+    assert per_image(next(it)[0]) == want[0]  # stopped after one batch
+    state = run.state_dict()
+    resumed = mixed_loader(0, mix, steps=4)
+    resumed.load_state_dict(state)
+    assert [per_image(b) for b, _ in resumed] == want[1:]
