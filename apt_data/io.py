@@ -6,6 +6,7 @@ Shards, the Parquet index, checkpoints, metrics and reports are all written thro
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Union
 
@@ -28,24 +29,31 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: PathLike, write: Callable[[Path], object]) -> None:
+def atomic_write(path: PathLike, write: Callable[[Path], object], *, shared: bool = False,
+                 durable: bool = True) -> None:
     """Call ``write(tmp)`` on ``PATH.tmp``, fsync it, rename it to ``path``.
 
-    A failed write leaves neither the ``.tmp`` file nor a change to ``path``.
+    A failed write leaves neither the temporary file nor a change to ``path``. ``shared``: several
+    processes or threads may write ``path`` at once (a cache), so the temporary name is
+    ``PATH.<pid>.<thread>.tmp``. ``durable=False`` skips the fsyncs (data that may be lost in a
+    crash, e.g. a cache whose entries carry their own checksum).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    suffix = f".{os.getpid()}.{threading.get_ident()}.tmp" if shared else ".tmp"
+    tmp = path.with_name(path.name + suffix)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """`atomic_write` of ``data``."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+def atomic_write_bytes(path: PathLike, data: bytes, **kw) -> None:
+    """`atomic_write` of ``data`` (``kw``: its ``shared`` and ``durable``)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), **kw)

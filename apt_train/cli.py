@@ -48,6 +48,11 @@ def build_parser(default_data: Optional[str] = None, default_val_data: Optional[
                    help="validation source (default: --data's own val split: DIR:val for shards, a val.parquet "
                         "beside train.parquet, a folder val beside an image folder .../train; else none)")
     g.add_argument("--no-eval", action="store_true", help="skip validation")
+    g.add_argument("--data-cache", default=None, metavar="DIR",
+                   help="data at URLs (https://, s3://, gs://): keep the byte ranges read in this local folder, so "
+                        "later epochs read them from disk (shared by workers and local ranks)")
+    g.add_argument("--data-cache-size", default="10GB", metavar="SIZE",
+                   help="bound of --data-cache, least recently used evicted first (default: %(default)s)")
     g.add_argument("--crop-pct", type=float, default=1.0, help="eval centre-crop fraction (default 1: shards are pre-cropped)")
     g.add_argument("--attn-backend", default="auto")
     add_loader_args(ap, max_tokens=4096)

@@ -16,7 +16,7 @@ from apt_data import APTConfig, config_from_args
 from apt_data.mixing import MixConfig
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # as apt_data.add_loader_args
-_PATHS = ("checkpoint", "data", "val_data", "output", "resume")
+_PATHS = ("checkpoint", "data", "val_data", "data_cache", "output", "resume")
 
 
 class SetupError(ValueError):
@@ -41,6 +41,8 @@ class TrainConfig:
     num_classes: Optional[int] = None       # None: the checkpoint's head, else max label of `data` + 1
     data: Optional[str] = None              # anything APTLoader reads
     val_data: Optional[str] = None          # None: no evaluation; "auto": the val split beside `data`, if any
+    data_cache: Optional[str] = None        # URL data: keep read byte ranges in this local folder (RangeCache)
+    data_cache_size: str = "10GB"           # its bound
     crop_pct: float = 1.0                   # eval centre-crop fraction
     attn_backend: str = "auto"
     # batching (the flags of apt_data.add_loader_args)
@@ -114,6 +116,10 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
+    def remote_options(self) -> dict:
+        """Options of URL data sources (`apt_data.sources.open_remote`): the local cache, if any."""
+        return {} if self.data_cache is None else {"cache_dir": self.data_cache, "cache_size": self.data_cache_size}
+
     def apt_config(self, patch_size: Optional[int] = None) -> APTConfig:
         """The batching `APTConfig` (``patch_size`` defaults to this config's, else 16); raises `SetupError`."""
         return loader_config(patch_size=patch_size or self.patch_size or 16, num_scales=self.num_scales,
@@ -150,6 +156,13 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise SetupError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     config.apt_config()
     mix_config(config, 2)
+    if config.data_cache is not None:
+        from apt_data.sources.cache import parse_size
+
+        try:
+            parse_size(config.data_cache_size)
+        except ValueError as e:
+            raise SetupError(f"--data-cache-size: {e}") from None
     check_device(config.device)
     return config
 

@@ -22,16 +22,16 @@ def _path_part(source: str) -> str:
     return source
 
 
-def open_data(source: str, flag: str = "--data"):
-    """`apt_data.loader.open_source` for ``flag``'s value; a missing path or an unreadable source is a
-    `SetupError` naming the flag and the path."""
+def open_data(source: str, flag: str = "--data", remote: Optional[dict] = None):
+    """`apt_data.loader.open_source` for ``flag``'s value (``remote``: options of URL sources, e.g. the
+    local cache); a missing path or an unreadable source is a `SetupError` naming the flag and the path."""
     from apt_data.loader import open_source
 
     path = _path_part(source)
     if not any(m in source for m in ("://", "{", "::")) and not os.path.exists(path):
         raise SetupError(f"{flag} {source}: {path} does not exist")
     try:
-        return open_source(source)
+        return open_source(source, remote)
     except (ValueError, OSError) as e:
         msg = str(e)
         raise SetupError(msg if msg.startswith(f"{flag} ") else f"{flag} {source}: {msg}") from None

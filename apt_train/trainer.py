@@ -84,7 +84,7 @@ class Trainer:
                             "first change")
         torch.manual_seed(c.seed)
         np.random.seed(c.seed)
-        train_source = open_data(c.data, "--data")
+        train_source = open_data(c.data, "--data", c.remote_options())
         self._val_note = None
         if c.val_data == AUTO:  # the training source's own val split, else none (said in the header)
             val_data, self._val_note = default_val_data(c.data)
@@ -157,7 +157,7 @@ class Trainer:
             self.loader.steps_per_epoch()  # budget errors surface here, before the first step
             self.val_loader = None
             if c.val_data:
-                self.val_loader = eval_loader(open_data(c.val_data, "--val-data"), self.cfg, max_tokens=c.max_tokens,
+                self.val_loader = eval_loader(open_data(c.val_data, "--val-data", c.remote_options()), self.cfg, max_tokens=c.max_tokens,
                                               max_images=c.max_images,
                                               image_size=self.image_size, num_prefix_tokens=prefix,
                                               num_workers=c.workers, crop_pct=c.crop_pct, strict=c.strict)
@@ -339,7 +339,7 @@ class Trainer:
             self._log.print(self._val_note)
         self._log.print(
             f"data {c.data}: {len(self.loader.source)} images, {self.steps_per_epoch} steps/epoch of <= "
-            f"{c.max_tokens} tokens per rank ({self.loader.packing}ed packing), {self.images_per_step:.2f} images "
+            f"{c.max_tokens} tokens per rank ({'planned' if self.loader.packing == 'plan' else 'streamed'} packing), {self.images_per_step:.2f} images "
             f"per global step ({self.loader.mean_images_source()}); {self.total_steps} steps; peak lr {self.lr:.3g}"
             f"{'' if c.lr is not None else f' = {c.blr:g} x {self.images_per_step:.2f} / 256'}, "
             f"warmup {self.scheduler.warmup_steps} steps, layer decay {c.layer_decay}")

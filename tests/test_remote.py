@@ -101,12 +101,15 @@ def test_addresses_readahead_merging_and_pickling():
         assert clone.read(5) == local.read(5)
 
 
-def test_bench_remote_prints_local_and_http_in_one_run():
+def test_bench_remote_prints_local_and_http_in_one_run(tmp_path):
     import subprocess
 
     r = subprocess.run([sys.executable, str(SHARDS.parent / "tools" / "bench_remote.py"), "--split", "val",
-                        "--epochs", "1", "--latency", "0.005"], capture_output=True, text=True, timeout=600)
+                        "--epochs", "1", "--latency", "0.005", "--cache-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "images/s" not in line]
-    assert [row.split(" | ")[0] for row in rows] == ["| local disk", "| http, 16 in flight", "| http, 0 in flight"]
-    assert "'failed': 0" in r.stdout
+    assert [row.split(" | ")[0] for row in rows] == ["| local disk", "| http, 16 in flight", "| http, 0 in flight",
+                                                     "| http, cached epochs", "| http, cache filling (first epoch)"]
+    assert "'failed': 0" in r.stdout and "'cache_hits': 100" in r.stdout
+    assert not list(tmp_path.iterdir())  # the bench's cache folder is removed

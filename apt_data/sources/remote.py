@@ -22,6 +22,9 @@ its checksums, exactly as for local files). No tar streaming and no shuffle buff
   which the worker will read its samples (its bins) and keeps ``inflight`` (16) requests running ahead
   of the reader (``readahead`` samples); reads of samples lying next to each other in one shard are
   merged into one request. `prefetch(ids)` does the same for any order a caller knows.
+- **Cache** (off by default): with ``cache_dir``, each sample's span, once read and verified, is kept in
+  that local folder (`apt_data.sources.cache.RangeCache`, at most ``cache_size``) for later epochs;
+  cached bytes get the checks of bytes from the store, and fail them by being deleted and read again.
 
 fsspec (and aiohttp for http) is the optional extra ``apt[remote]``; it is imported only here, and
 only when a remote source is opened.
@@ -36,14 +39,16 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from ..shards.errors import ShardDataError
 from ..shards.format import MEMBERS, SampleRecord
 from ..shards.index import ShardIndex, index_from_table
 from ..shards.reader import BLOCK
 from ..shards.urls import expand_urls
+from .cache import RangeCache
 from .index import IndexSource
 
 log = logging.getLogger("apt_data.sources")
@@ -53,7 +58,8 @@ __all__ = ["RemoteFiles", "RemoteIndexSource", "is_remote_url", "open_remote", "
 #: URL schemes handled here (anything with ``scheme://``, except plain local paths)
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 #: the counters of `RemoteIndexSource.io_stats`
-COUNTERS = ("requests", "retries", "failed", "bytes", "merged")
+COUNTERS = ("requests", "retries", "failed", "bytes", "merged", "cache_hits", "cache_misses", "cache_bytes",
+            "cache_evicted", "cache_corrupt")
 
 
 def is_remote_url(source: Any) -> bool:
@@ -212,14 +218,24 @@ class RemoteFiles:
         return _retrying(once, f"ranged read of {url} bytes {offset}-{offset + n}", self.retries, self.backoff,
                          self._count)
 
-    def schedule(self, spans: Sequence[tuple[Any, int, int, int]]) -> None:
+    def schedule(self, spans: Sequence[tuple[Any, int, int, int]],
+                 skip: Optional[Callable[[tuple[Any, int, int, int]], bool]] = None) -> None:
         """Start reading ahead: ``(tag, shard, start, end)`` per sample (tags name the samples in
-        `pread`'s ``tag``). Spans of one shard at most ``merge_gap`` bytes apart share one request."""
+        `pread`'s ``tag``). Spans of one shard at most ``merge_gap`` bytes apart share one request.
+        ``skip(span)``: true for spans not to read (cached), remembered until `pread` or `drop`."""
         if not self.inflight:
             return
         st = self._state()
         pending = st["pending"]
-        todo = sorted((s for s in spans if s[0] not in pending), key=lambda s: (s[1], s[2]))
+        todo = []
+        for s in spans:
+            if s[0] in pending:
+                continue
+            if skip is not None and skip(s):
+                pending[s[0]] = None
+            else:
+                todo.append(s)
+        todo.sort(key=lambda s: (s[1], s[2]))
         if not todo:
             return
         if st["pool"] is None:
@@ -248,7 +264,7 @@ class RemoteFiles:
         ahead = None
         if st is not None and tag is not None and st["pid"] == os.getpid():
             ahead = st["pending"].pop(tag, None)
-        if ahead is not None:
+        if ahead is not None:  # None: a span `schedule` skipped
             a_shard, a_start, a_end, fut = ahead
             if a_shard == shard and a_start <= offset and offset + n <= a_end:
                 data = fut.result()  # raises the read's OSError after its retries
@@ -260,7 +276,15 @@ class RemoteFiles:
         st = self._local
         if st is not None and st["pid"] == os.getpid():
             for tag in [t for t in st["pending"] if not keep(t)]:
-                st["pending"].pop(tag)[3].cancel()
+                self.drop(tag)
+
+    def drop(self, tag: Any) -> None:
+        """Forget (and cancel) the read-ahead of sample ``tag``: it is not needed (read from the cache)."""
+        st = self._local
+        if st is not None and st["pid"] == os.getpid():
+            ahead = st["pending"].pop(tag, None)
+            if ahead is not None:
+                ahead[3].cancel()
 
 
 class RemoteIndexSource(IndexSource):
@@ -269,12 +293,15 @@ class RemoteIndexSource(IndexSource):
     ``index``: a `ShardIndex` (`read_remote_index`); ``base``: the URL of the folder its shard
     names are relative to; ``shards``: keep only these shard names (relative to ``base``).
     ``retries``, ``backoff``: see the module doc; ``inflight``: read-ahead threads per process
-    (0: none); ``readahead``: samples read ahead (default ``2 * inflight``).
+    (0: none); ``readahead``: samples read ahead (default ``2 * inflight``); ``cache_dir``: keep the
+    samples' byte spans in this local folder, at most ``cache_size`` (bytes or ``"20GB"``) in all
+    (`RangeCache`; default: no cache).
     """
 
     def __init__(self, index: ShardIndex, base: str, shards: Optional[Sequence[str]] = None, *,
                  storage_options: Optional[dict] = None, retries: int = 5, backoff: float = 0.05,
-                 inflight: int = 16, readahead: Optional[int] = None, name: Optional[str] = None):
+                 inflight: int = 16, readahead: Optional[int] = None, name: Optional[str] = None,
+                 cache_dir: Optional[Union[str, os.PathLike]] = None, cache_size: Union[int, str] = "10GB"):
         if shards is not None:
             import pyarrow as pa
             import pyarrow.compute as pc
@@ -298,16 +325,21 @@ class RemoteIndexSource(IndexSource):
         self._span_start = np.min(np.stack(present), axis=0) - BLOCK
         end = np.max(np.stack(ends), axis=0)
         self._span_end = self._span_start + -(-(end - self._span_start) // BLOCK) * BLOCK
+        self._cache = None if cache_dir is None else RangeCache(cache_dir, cache_size, count=self._files._count)
+        self._via: dict[int, Callable[[int, int], bytes]] = {}  # thread -> fetch of the read in progress
 
     def io_stats(self) -> dict:
-        """``requests``, ``retries``, ``failed`` (reads given up), ``bytes``, ``merged`` over all processes."""
+        """``requests``, ``retries``, ``failed`` (reads given up), ``bytes``, ``merged``, and the cache's
+        ``cache_hits``, ``cache_misses``, ``cache_bytes``, ``cache_evicted``, ``cache_corrupt``, over all processes."""
         return self._files.stats()
 
     # -------------------------------------------------------------- read-ahead
     def prefetch(self, ids: Sequence[int]) -> None:
-        """Start reading samples ``ids`` (their whole spans) in the background."""
+        """Start reading samples ``ids`` (their whole spans) in the background (those cached: not)."""
+        cache, paths = self._cache, self._shard_paths
+        skip = None if cache is None else (lambda s: (paths[s[1]], s[2], s[3]) in cache)
         self._files.schedule([(int(i), int(self._shard_of[i]), int(self._span_start[i]), int(self._span_end[i]))
-                              for i in ids])
+                              for i in ids], skip)
 
     def read_order(self, ids: Sequence[int]) -> None:
         """The samples this process will read next, in order: each read then starts the reads of the
@@ -326,15 +358,56 @@ class RemoteIndexSource(IndexSource):
             k = where.get(int(i))
             if k is not None:
                 self.prefetch(order[k:k + 1 + self.readahead].tolist())
-        return super()._read(i, members, parse_meta)
+        if self._cache is None:
+            return super()._read(i, members, parse_meta)
+        return self._read_cached(int(i), members, parse_meta)
+
+    def _read_cached(self, i: int, members: Sequence[str], parse_meta: bool) -> SampleRecord:
+        """`_read` through the cache: the sample's whole span from the cache, else from the store (then
+        cached once the reader's checks passed). Cached bytes that fail the checks are deleted and read again."""
+        cache, shard = self._cache, int(self._shard_of[i])
+        url, start, end = self._shard_paths[shard], int(self._span_start[i]), int(self._span_end[i])
+        span = [cache.get(url, start, end)]
+
+        def fetch(offset: int, n: int) -> bytes:  # the reader asks within the span (block-aligned)
+            if not start <= offset <= offset + n <= end:  # not expected: read it, as without a cache
+                return self._files.pread(shard, offset, n, tag=i)
+            if span[0] is None:
+                span[0] = self._files.pread(shard, start, end - start, tag=i)
+            return span[0][offset - start:offset - start + n]
+
+        if span[0] is not None:
+            self._files.drop(i)
+            try:
+                return self._read_via(i, members, parse_meta, fetch)
+            except ShardDataError as e:  # bytes cached from another version of the shard, or damaged
+                cache.discard(url, start, end, f"{e.reason}: {e.detail}")
+                span[0] = None
+        rec = self._read_via(i, members, parse_meta, fetch)
+        if span[0] is not None:
+            cache.put(url, start, end, span[0])
+        return rec
+
+    def _read_via(self, i: int, members: Sequence[str], parse_meta: bool,
+                  fetch: Callable[[int, int], bytes]) -> SampleRecord:
+        """`IndexSource._read` (its checks) over ``fetch`` instead of `_fetcher`'s."""
+        me = threading.get_ident()
+        self._via[me] = fetch
+        try:
+            return super()._read(i, members, parse_meta)
+        finally:
+            self._via.pop(me, None)
 
     def _fetcher(self, i: int, shard: int):
+        via = self._via.get(threading.get_ident())
+        if via is not None:
+            return via
         files, tag = self._files, int(i)
         return lambda offset, n: files.pread(shard, offset, n, tag=tag)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_order"] = None
+        state["_order"], state["_via"] = None, {}
         return state
 
 

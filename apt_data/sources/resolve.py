@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from .base import Source
 from .dataset import DatasetSource, is_map_dataset
@@ -13,17 +13,18 @@ from .remote import is_remote_url, open_remote
 __all__ = ["open_source"]
 
 
-def open_source(source: Union[str, os.PathLike, Source, Any]) -> Source:
+def open_source(source: Union[str, os.PathLike, Source, Any], remote: Optional[dict] = None) -> Source:
     """A `Source` for a shard folder (``shards`` or ``shards:val``), a Parquet index, a shard URL
     pattern (``shards/train-{000000..000003}.tar``, with an index beside it), any of these as an
-    fsspec URL (``https://``, ``s3://``, ``file://``: `open_remote`), an image folder, or
-    a map-style dataset object of ``(image, label)`` items (`DatasetSource`); a `Source` as is."""
+    fsspec URL (``https://``, ``s3://``, ``file://``: `open_remote`, given ``remote`` as its keyword
+    arguments, e.g. ``cache_dir``), an image folder, or a map-style dataset object of ``(image, label)``
+    items (`DatasetSource`); a `Source` as is."""
     if isinstance(source, Source):
         return source
     if isinstance(source, (str, os.PathLike)):
         s = os.fspath(source)
         if is_remote_url(s):  # http(s)://, file://, s3://, gs://, ...: ranged reads through fsspec
-            return open_remote(s)
+            return open_remote(s, **(remote or {}))
         src = open_shards(s)
         if src is not None:
             return src
