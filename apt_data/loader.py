@@ -9,8 +9,8 @@ Two ways to fill a batch of ``max_tokens`` tokens (``packing``):
   batches per rank, known before the epoch starts and equal on every rank; no sample appears twice
   in an epoch, every sample once per pass, and samples not reached carry over into the next epoch.
   Evaluation (``train=False``) reads every sample exactly once per epoch.
-- **plan** (the default when a shard index holds exact counts for this config and transform):
-  each epoch is planned in every rank's main process from those counts, identically on all ranks
+- **plan** (the default when a shard index holds exact counts for this config and transform;
+  `apt_data.planned`): each epoch is planned in every rank's main process from those counts, identically on all ranks
   (shuffle with ``(seed, epoch)``, `apt_data.binpack.pack_greedy`, `split_for_ranks`). Asked for
   explicitly without exact counts, it plans from uniform-grid upper bounds (batches then hold
   only the tokens APT keeps of that bound).
@@ -30,17 +30,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .binpack import pack_greedy, split_for_ranks
 from .config import APTConfig
 from .layout import PatchLayout
 from .mixing import MixConfig
-from .pipeline import LayoutFn, LoaderStats, SamplePipeline, SkippedOnly, TooManySkipped, sample_seed
+from .planned import iter_planned, plan_epoch, uniform_token_counts
+from .pipeline import LayoutFn, LoaderStats, SamplePipeline, TooManySkipped, sample_seed
 from .sources import Source, open_source
 from .rank_stream import RankStream
 from .stream import estimate_steps, partition, worker_quotas
 from .transforms import ImageTransform
 from .transport import SlotPool, WireBatch, take_pool
-from .worker import PlannedBins, StreamEpoch
+from .worker import StreamEpoch
 
 log = logging.getLogger("apt_data.loader")
 
@@ -169,30 +169,14 @@ class APTLoader:
     def _uniform_counts(self) -> np.ndarray:
         """Uniform-grid patch tokens of every sample (an upper bound of its APT tokens)."""
         if self._bound is None:
-            p = self.cfg.patch_size
-            if self.transform.keep_aspect:
-                bound = np.empty(len(self.source), np.int64)
-                for i in range(len(self.source)):
-                    wh = self.source.image_size(i)
-                    if wh is None:  # unreadable: planned as one token; loading it then counts the skip
-                        bound[i] = 1
-                        continue
-                    h, w = self.transform.output_size(*wh)
-                    bound[i] = (h // p) * (w // p)
-            else:
-                bound = np.full(len(self.source), (self.transform.size // p) ** 2, np.int64)
-            self._bound = bound
+            self._bound = uniform_token_counts(self.source, self.transform, self.cfg.patch_size)
         return self._bound
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         """All ranks' bins for ``epoch`` (sample indices), identical on every rank (planned packing)."""
         if epoch not in self._plan_cache:
-            counts = self.token_counts()
-            order = (np.random.default_rng([self.seed, epoch]).permutation(len(counts)) if self.shuffle
-                     else np.arange(len(counts)))
-            bins = pack_greedy(counts[order], self.max_tokens, self.max_images, self.open_bins,
-                               names=[self.source.keys[i] for i in order])
-            self._plan_cache = {epoch: split_for_ranks([order[b] for b in bins], self.world_size)}
+            self._plan_cache = {epoch: plan_epoch(self.token_counts(), self.source.keys, self.seed, epoch, self.shuffle,
+                                                  self.max_tokens, self.max_images, self.open_bins, self.world_size)}
         return self._plan_cache[epoch]
 
     def rank_bins(self, epoch: Optional[int] = None) -> list[np.ndarray]:
@@ -321,41 +305,9 @@ class APTLoader:
     # ---------------------------------------------------------------- iterate
     def __iter__(self) -> Iterator[tuple]:
         if self.packing == "plan":
-            yield from self._iter_planned()
+            yield from iter_planned(self)
         else:
             yield from self._iter_stream()
-
-    def _iter_planned(self) -> Iterator[tuple]:
-        from . import warmup
-
-        bins = self.rank_bins()[self.start_step:]
-        if self.num_workers == 0:
-            dl = DataLoader(PlannedBins(self, bins, self.epoch, self._exact), batch_size=None, num_workers=0,
-                            pin_memory=self.pin_memory)
-            for batch in dl:
-                if not isinstance(self._account(batch), SkippedOnly):
-                    yield batch, self._targets(batch)
-            self.start_step = 0  # a resumed epoch continues once; iterating again starts it from 0
-            return
-        warmup()  # compiled kernels are inherited by forked workers
-        per_image = self._uniform_per_image()
-        pool = self._take_pool(None if per_image is None else max(per_image[b].sum() for b in bins) if bins else 0)
-        dl = DataLoader(PlannedBins(self, bins, self.epoch, self._exact, pool), batch_size=None,
-                        num_workers=self.num_workers, pin_memory=self.pin_memory,
-                        prefetch_factor=self.prefetch_factor, persistent_workers=False)
-        it = iter(dl)
-        try:
-            for item in it:
-                batch = item.to_batch() if isinstance(item, WireBatch) else item
-                if not isinstance(self._account(batch), SkippedOnly):  # a bin of bad samples only
-                    yield batch, self._targets(batch)
-            self.start_step = 0
-        finally:
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()  # no worker may still write into the pool when it is handed out again
-                if pool is not None:
-                    pool.busy = False
 
     def _iter_stream(self) -> Iterator[tuple]:
         from . import warmup

@@ -94,6 +94,12 @@ def _no_pool() -> None:
     return None
 
 
+def worker_id() -> tuple[int, int]:
+    """``(id, num_workers)`` of this DataLoader worker process; ``(0, 1)`` in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     """Where the main process copies a batch out of its slot (page-locked when pinning)."""
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)

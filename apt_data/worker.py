@@ -1,7 +1,7 @@
-"""What an `APTLoader` worker process runs: planned bins, or a packing stream, turned into batches.
+"""What an `APTLoader` worker process runs for streamed packing: a packing stream turned into batches.
 
-`PlannedBins` builds batches whose samples the main process chose up front (exact counts from an
-index, or upper bounds). `StreamEpoch` is the worker side of streaming packing (`apt_data.stream`):
+(Planned packing's worker side, `PlannedBins`, is in `apt_data.planned`.) `StreamEpoch` is the worker
+side of streaming packing (`apt_data.stream`):
 the worker draws its own samples, runs each through the loader's per-sample pipeline (read ->
 transform -> layout), packs them by their real token counts and yields each batch tagged with its
 role and the `WorkerState` after it, from which the main process can continue the stream exactly.
@@ -16,9 +16,10 @@ import logging
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from .stream import Item, SampleStream, StreamPacker, WorkerState, epoch_batches, partition
+from .transport import worker_id
 
 if TYPE_CHECKING:
     from .transport import SlotPool
@@ -28,29 +29,7 @@ log = logging.getLogger("apt_data.loader")
 #: an `apt_data.loader.APTLoader` (not imported here: the loader imports this module)
 Loader = Any
 
-__all__ = ["PlannedBins", "StreamEpoch", "TaggedBatch"]
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-class PlannedBins(IterableDataset):
-    """Worker side of planned epochs: this rank's bins, dealt round-robin to the workers."""
-
-    def __init__(self, loader: Loader, bins: list[np.ndarray], epoch: int, exact: Optional[np.ndarray],
-                 pool: Optional["SlotPool"] = None):
-        self.loader, self.bins, self.epoch, self.exact, self.pool = loader, bins, epoch, exact, pool
-
-    def __iter__(self):
-        wid, nw = _worker()
-        pipeline = self.loader.pipeline
-        mine = self.bins[wid::nw]
-        if mine:
-            pipeline.source.read_order(np.concatenate(mine))
-        for b in mine:
-            yield pipeline.build(b, self.epoch, self.exact, pool=self.pool)
+__all__ = ["StreamEpoch", "TaggedBatch"]
 
 
 class TaggedBatch:
@@ -114,7 +93,7 @@ class StreamEpoch(IterableDataset):
 
     def __iter__(self):
         loader = self.loader
-        wid, nw = _worker()
+        wid, nw = worker_id()
         self._skipped = getattr(self, "_skipped", [])
         self._pipeline = loader.pipeline
         self._exact = loader._exact  # the index's counts for this setup, checked against every layout
