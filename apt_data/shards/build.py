@@ -221,8 +221,8 @@ def _write_classes(out: Path, classes: dict[int, str], table: dict[str, tuple[in
     path = out / "classes.tsv"
     if path.exists() and path.read_text() != text:
         raise ValueError(f"{path} exists with different classes; write this source into another OUT")
-    if not path.exists():
-        atomic_write_bytes(path, text.encode())
+    if not path.exists():  # parts running at once into one OUT all write it (the same text): a temp name each
+        atomic_write_bytes(path, text.encode(), shared=True)
     return info
 
 
