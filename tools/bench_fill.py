@@ -15,7 +15,8 @@ Cases (augmented training = the ``full``/``sample`` recipes' transform, built by
 `apt_train.build.train_transform`: RandomResizedCrop + flip + RandAugment ``rand-m9-mstd0.5-inc1``
 + random erasing 0.25):
 
-- the sample ``shards/``, 224 px, 4,096 tokens, augmented training;
+- the sample ``shards/``, 224 px, 4,096 tokens, augmented training; the same with the ``full`` recipe's
+  Mixup 0.8 / CutMix 1.0 (`apt_data.mixing`: every image mixed with a partner before patchify);
 - shards built here from ``SHARED/imagenet-sample-200`` (200 photos at their own sizes) at 384 px,
   8,192 tokens, augmented training (skipped with a note without ``SHARED``);
 - an image folder (no shards), 224 px, augmented training: 1,000 photos of
@@ -135,11 +136,12 @@ def per_epoch(values) -> str:
 
 
 def row(name: str, source, *, image_size: int, max_tokens: int, train: bool, workers: int, epochs: int,
-        cfg: Optional[APTConfig] = None) -> str:
+        cfg: Optional[APTConfig] = None, mix=None) -> str:
     cfg = cfg or APTConfig()
     tr = augmented_transform(image_size, cfg.patch_size) if train else ImageTransform(size=image_size,
                                                                                      multiple=cfg.patch_size)
-    kw = dict(max_tokens=max_tokens, num_workers=workers, seed=0, train=train, transform=tr, pin_memory=False)
+    kw = dict(max_tokens=max_tokens, num_workers=workers, seed=0, train=train, transform=tr, pin_memory=False,
+              mix=mix)
     stream = APTLoader(source, cfg, packing="stream", **kw)
     plan = APTLoader(source, cfg, packing="plan", **kw)
     assert not plan.exact_counts, "the comparison is planning from upper bounds"
@@ -215,6 +217,11 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         print(row("sample `shards/`, 224 px, 4,096 tokens, augmented training", str(ROOT / "shards"), image_size=224,
                   max_tokens=4096, train=True, **common), flush=True)
+        from apt_data.mixing import MixConfig
+
+        print(row("the same + Mixup 0.8 / CutMix 1.0 (the full recipe; each mixed image decodes a partner)",
+                  str(ROOT / "shards"), image_size=224, max_tokens=4096, train=True,
+                  mix=MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=10), **common), flush=True)
 
         sample200 = shared / "imagenet-sample-200"
         if args.quick:
