@@ -43,6 +43,12 @@ def test_study_quick_writes_table_plot_json(tmp_path):
         s.startswith("fine-tuned") and m == "APT entropy" for s, m in methods)
     for r in res["rows"]:
         assert 0 <= r["top1"] <= 1 and r["se"] >= 0 and r["images_per_s"] > 0 and 0 < r["fraction"] <= 1
+        assert len(r["hits"]) == r["n"] and sum(r["hits"]) == round(r["top1"] * r["n"])
+        if r["method"] in ("vanilla", "vanilla control"):
+            assert r["delta"] is None or r["delta"] == 0  # the reference row of its stage
+        else:  # paired against its stage's reference on the same images
+            ref = next(q for q in res["rows"] if q["stage"] == r["stage"] and q["method"].startswith("vanilla"))
+            assert r["delta"] == pytest.approx(r["top1"] - ref["top1"]) and r["delta_se"] >= 0
     # the starting classifier is a plain timm checkpoint with a 10-class head
     import torch
     sd = torch.load(cache / "start-classifier.pth", weights_only=True)

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from apt_data import APTConfig, decode_image, pack_images, patchify, score_maps  # noqa: E402
+from apt_data.io import atomic_write, atomic_write_bytes  # noqa: E402
 from apt_train.calibrate import ScoredImage  # noqa: E402
 from apt_train.flops import timm_vit_flops, vit_flops  # noqa: E402
 
@@ -124,7 +125,7 @@ def eval_rows(model, images, labels, cfg: APTConfig, *, layouts=None, resize_onl
     model.eval()
     model.resize_only = resize_only
     correct = tokens = 0
-    flops, times = 0.0, []
+    flops, times, hits = 0.0, [], []
     try:
         with torch.no_grad():
             for i in range(0, len(images), bs):
@@ -135,7 +136,9 @@ def eval_rows(model, images, labels, cfg: APTConfig, *, layouts=None, resize_onl
                 t0 = time.perf_counter()
                 logits = model(batch)
                 times.append((time.perf_counter() - t0, len(imgs)))
-                correct += int((logits.argmax(1) == batch.labels).sum())
+                hit = logits.argmax(1) == batch.labels
+                hits += hit.int().tolist()
+                correct += int(hit.sum())
                 tokens += batch.num_real_tokens - batch.num_images * batch.num_prefix_tokens
                 flops += vit_flops(batch, model)
     finally:
@@ -144,7 +147,7 @@ def eval_rows(model, images, labels, cfg: APTConfig, *, layouts=None, resize_onl
     timed = times[1:] if len(times) > 1 else times
     ref = timm_vit_flops(model, n, (SIZE // PATCH) ** 2)
     p = correct / n
-    return dict(top1=p, se=se(p, n), n=n, tokens_per_image=tokens / n, fraction=tokens / (n * (SIZE // PATCH) ** 2),
+    return dict(top1=p, se=se(p, n), n=n, hits=hits, tokens_per_image=tokens / n, fraction=tokens / (n * (SIZE // PATCH) ** 2),
                 flop_ratio=flops / ref, eval_images_per_s=sum(k for _, k in timed) / sum(t for t, _ in timed),
                 **paired_speed(model, images, cfg, layouts, resize_only))
 
@@ -194,13 +197,21 @@ def finetune(start: Path, data: Path, thresholds, out: Path, *, lr=None, steps=N
 
 
 # ------------------------------------------------------------------------------------ reporting
-HEADER = ("| stage | method | setting | tokens kept (per image) | top-1 ± SE | images/s (vanilla, paired) | "
-          "speed vs vanilla | FLOPs vs vanilla |\n|---|---|---|---|---|---|---|---|")
+HEADER = ("| stage | method | setting | tokens kept (per image) | top-1 ± SE | Δ vs vanilla / control ± paired SE | "
+          "images/s (vanilla, paired) | speed vs vanilla | FLOPs vs vanilla |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def paired_delta(hits: list, ref: list) -> tuple[float, float]:
+    """Top-1 difference of two methods on the same images and its paired standard error, sd(d) / sqrt(n) of
+    the per-image differences d in {-1, 0, 1}: far smaller than two binomial SEs when they agree on most."""
+    d = np.asarray(hits, np.float64) - np.asarray(ref, np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
 def fmt_row(r: dict) -> str:
+    delta = "" if r.get("delta") is None else f"{r['delta'] * 100:+.1f} ± {r['delta_se'] * 100:.1f} pt"
     return (f"| {r['stage']} | {r['method']} | {r['setting']} | {r['fraction']:.1%} ({r['tokens_per_image']:.0f}) | "
-            f"{r['top1']:.1%} ± {r['se']:.1%} | {r['images_per_s']:.2f} ({r['vanilla_images_per_s']:.2f}) | "
+            f"{r['top1']:.1%} ± {r['se']:.1%} | {delta} | {r['images_per_s']:.2f} ({r['vanilla_images_per_s']:.2f}) | "
             f"{r['speedup']:.2f}x | "
             f"{r['flop_ratio']:.2f} |")
 
@@ -233,16 +244,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 # ------------------------------------------------------------------------------------ main
