@@ -160,13 +160,16 @@ def scored(images, scorer: str) -> list[ScoredImage]:
     return out
 
 
+def lowres_side(tokens: float, grid: int) -> int:
+    """The multiple of 14 px (at most ``grid`` cells a side) whose uniform grid is closest to ``tokens``."""
+    return max(1, min(grid, int(round(math.sqrt(tokens))))) * PATCH
+
+
 def lowres_size(tokens_per_image: float) -> int:
     """The multiple of 14 px (< 224) whose uniform grid is closest to ``tokens_per_image``."""
-    g = max(1, min(SIZE // PATCH - 1, int(round(math.sqrt(tokens_per_image)))))
-    return g * PATCH
+    return lowres_side(tokens_per_image, SIZE // PATCH - 1)
 
 
-# ------------------------------------------------------------------------------------ fine-tuning
 def subset_folder(root: Path, entries, dest: Path) -> Path:
     """An ImageNet-layout folder of symlinks to ``entries`` ((path, label, class)); every class of
     ``root`` gets its folder (so labels keep their indices)."""
@@ -201,11 +204,16 @@ HEADER = ("| stage | method | setting | tokens kept (per image) | top-1 ± SE | 
           "images/s (vanilla, paired) | speed vs vanilla | FLOPs vs vanilla |\n|---|---|---|---|---|---|---|---|---|")
 
 
+def mean_se(values) -> tuple[float, float]:
+    """Mean of ``values`` and its standard error, sample sd / sqrt(n)."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
 def paired_delta(hits: list, ref: list) -> tuple[float, float]:
-    """Top-1 difference of two methods on the same images and its paired standard error, sd(d) / sqrt(n) of
-    the per-image differences d in {-1, 0, 1}: far smaller than two binomial SEs when they agree on most."""
-    d = np.asarray(hits, np.float64) - np.asarray(ref, np.float64)
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    """Top-1 difference of two methods on the same images and its paired standard error: `mean_se` of the
+    per-image differences d in {-1, 0, 1}, far smaller than two binomial SEs when they agree on most."""
+    return mean_se(np.asarray(hits, np.float64) - np.asarray(ref, np.float64))
 
 
 def fmt_row(r: dict) -> str:
