@@ -28,6 +28,8 @@ their average / zero initialisation) and an APT checkpoint loads back exactly.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -37,6 +39,8 @@ import torch.nn as nn
 from .backbone import APTBackbone
 from .vit import APTViT, check_vit_supported
 from .windowed import APTWindowedViT, check_sam_supported
+
+log = logging.getLogger("apt_model")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ def load_apt_checkpoint(apt: APTBackbone, checkpoint_path: str, state: Optional[
         from timm.models import load_state_dict
 
         state = load_state_dict(checkpoint_path)
+    state = _fit_positions(apt, state, checkpoint_path)
     try:
         missing, unexpected = apt.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -109,6 +114,26 @@ def load_apt_checkpoint(apt: APTBackbone, checkpoint_path: str, state: Optional[
     if wrong or unexpected:
         raise RuntimeError(f"checkpoint {checkpoint_path} does not fit the model: missing {wrong[:8]}, "
                            f"unexpected {sorted(unexpected)[:8]}")
+
+
+def _fit_positions(apt: APTBackbone, state: dict, checkpoint_path: str) -> dict:
+    """A checkpoint of another resolution: its absolute position table resampled (bicubic) to the model's
+    grid, as timm's ``checkpoint_filter_fn`` does (e.g. a 224-px checkpoint fine-tuned at 384 px)."""
+    old, own = state.get("pos_embed"), apt.state_dict().get("pos_embed")
+    if old is None or own is None or old.dim() != 3 or old.shape == own.shape or old.shape[-1] != own.shape[-1]:
+        return state
+    prefix = own.shape[1] - math.prod(apt.grid_size)  # class-token positions held in the table (0 or 1)
+    old_grid = math.isqrt(old.shape[1] - prefix)
+    if prefix < 0 or old_grid * old_grid != old.shape[1] - prefix:
+        return state  # not a square table with the model's prefix: load_state_dict reports the mismatch
+    from timm.layers import resample_abs_pos_embed
+
+    log.info("checkpoint %s: position table resampled from a %dx%d to the model's %dx%d grid", checkpoint_path,
+             old_grid, old_grid, *apt.grid_size)
+    state = dict(state)
+    state["pos_embed"] = resample_abs_pos_embed(old, list(apt.grid_size), [old_grid, old_grid],
+                                                num_prefix_tokens=prefix)
+    return state
 
 
 def from_timm(model_or_name: Union[str, nn.Module], num_scales: int = 3, checkpoint_path: Optional[str] = None,

@@ -55,3 +55,25 @@ def test_train_pretrained_without_the_weights_is_one_line_and_status_2(tmp_path)
     errors = [l for l in proc.stderr.splitlines() if "error" in l]
     assert len(errors) == 1 and errors[0].startswith("train.py: error: --pretrained vit_tiny_patch16_224: timm could "
                                                      "not load its pretrained weights")
+
+
+def test_a_checkpoint_of_another_resolution_gets_its_positions_resampled_as_timm_does(tmp_path):
+    """A 224-px checkpoint fine-tuned at 160 px (the paper fine-tunes 224-px weights at 384): the
+    position table is resampled like timm's own loader, and the uniform APT batch equals timm's forward."""
+    import numpy as np
+    import timm
+
+    from apt_data import APTConfig, pack_images
+    from apt_train.build import build_model
+    from conftest import IMAGE_PATHS, load_resized, timm_input
+
+    path, _ = _saved_vit(tmp_path)
+    apt = build_model("vit_tiny_patch16_224", checkpoint=str(path), image_size=160).eval()
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=160, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert apt.grid_size == (10, 10)
+    assert torch.allclose(apt.state_dict()["pos_embed"], ref.state_dict()["pos_embed"], atol=1e-6)
+    images = [load_resized(p, 160) for p in IMAGE_PATHS[:3]]
+    batch = pack_images(images, APTConfig(thresholds=(-np.inf, -np.inf)), num_prefix_tokens=1)
+    with torch.no_grad():
+        assert torch.allclose(apt(batch), ref(timm_input(images, ref)), atol=1e-4)
