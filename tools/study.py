@@ -25,7 +25,9 @@ Stages (fixed seed; every figure printed and written by this command):
 3. **After fine-tuning**: the paper's 1-epoch recipe (``recipe="short"``, lr 1e-6) with
    `apt_train.Trainer` from the starting classifier on ``--finetune`` train images, at each pair of
    ``--ft-grid``, and the control (the same recipe on the uniform grid). ``--extra-lr`` adds the same
-   runs at a larger lr (labelled).
+   runs at a larger lr (labelled). ``--ft-lowres`` (on by default) adds lower resolution fine-tuned by the same
+   recipe at each pair's APT token count (the baseline a user would try instead). A finished fine-tune
+   in ``--cache`` is read back, not trained again.
 4. **Speed**: every row's images/s of the model forward (packing excluded, first batch excluded),
    measured in this run on this machine, its ratio to vanilla's, and the analytic FLOP ratio
    (`apt_train.flops.vit_flops` / `timm_vit_flops` of the 224-px uniform grid).
@@ -72,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune", type=int, default=1000, help="train images of the 1-epoch fine-tunes (0: skip)")
     ap.add_argument("--grid", nargs="+", type=parse_pair, default=[(5.5, 4.0), (6.0, 4.5), (6.5, 5.0), (7.0, 5.5)])
     ap.add_argument("--ft-grid", nargs="*", type=parse_pair, default=[(6.0, 4.5), (6.5, 5.0)])
+    ap.add_argument("--ft-lowres", action=argparse.BooleanOptionalAction, default=True,
+                    help="also fine-tune lower resolution at each --ft-grid pair's APT token count")
     ap.add_argument("--extra-lr", type=float, default=None, help="also fine-tune at this lr (labelled extra)")
     ap.add_argument("--ft-lr", type=float, default=None, help="lr of the main fine-tunes (default: the short recipe's 1e-6)")
     ap.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=True,
@@ -208,11 +212,21 @@ def main(argv=None) -> int:
                 log(f"fine-tune {stage} {tag}: {nsteps} steps in {secs:.0f} s")
                 if th == NEG:
                     add(stage, "vanilla control", "224 px", eval_rows(ftm, val_images, val_labels, uni, bs=args.batch))
-                else:
-                    cfg = APTConfig(patch_size=PATCH, num_scales=3, thresholds=th)
-                    add(stage, "APT entropy", f"({th[0]:g}, {th[1]:g})",
-                        eval_rows(ftm, val_images, val_labels, cfg, bs=args.batch))
+                    del ftm
+                    continue
+                cfg = APTConfig(patch_size=PATCH, num_scales=3, thresholds=th)
+                r = eval_rows(ftm, val_images, val_labels, cfg, bs=args.batch)
+                add(stage, "APT entropy", f"({th[0]:g}, {th[1]:g})", r)
                 del ftm
+                if args.ft_lowres:  # the same recipe at the lower resolution with APT's token count
+                    px = lowres_size(r["tokens_per_image"])
+                    ftm, secs, nsteps = finetune(start, ftdir, NEG, cache / f"ft-lowres{px}-lr{lr or 'short'}", lr=lr,
+                                                 steps=steps, max_tokens=max_tokens, image_size=px)
+                    ft_info.append(dict(stage=stage, thresholds=f"lower resolution {px} px", seconds=secs, steps=nsteps))
+                    log(f"fine-tune {stage} lower resolution {px} px: {nsteps} steps in {secs:.0f} s")
+                    small = load_images([entries[i][0] for i in val_idx], px)
+                    add(stage, "lower resolution", f"{px} px", eval_rows(ftm, small, val_labels, uni, bs=args.batch))
+                    del ftm
         timings["fine-tune"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
 

@@ -184,11 +184,25 @@ def subset_folder(root: Path, entries, dest: Path) -> Path:
     return dest
 
 
-def finetune(start: Path, data: Path, thresholds, out: Path, *, lr=None, steps=None, max_tokens=4096):
+def finetune(start: Path, data: Path, thresholds, out: Path, *, lr=None, steps=None, max_tokens=4096,
+             image_size: int = SIZE):
+    """1 epoch of the ``short`` recipe from ``start`` (`apt_train.Trainer`): ``(model, seconds, steps)``.
+    A finished run in ``out`` (its ``done.json`` and checkpoint) is read back instead of trained again
+    (the runs are deterministic: seed 0, no worker processes)."""
+    import json
+
+    from apt_train.build import build_model
+    from apt_train.checkpoint import list_checkpoints
     from apt_train.config import TrainConfig
     from apt_train.trainer import Trainer
 
-    cfg = TrainConfig(model=MODEL, checkpoint=str(start), data=str(data), val_data=None, image_size=SIZE,
+    done = out / "done.json"
+    if done.is_file() and list_checkpoints(out):
+        info = json.loads(done.read_text())
+        model = build_model(MODEL, checkpoint=str(list_checkpoints(out)[-1]), image_size=image_size)
+        log(f"fine-tune {out.name}: read back ({info['steps']} steps, trained in {info['seconds']:.0f} s)")
+        return model, info["seconds"], info["steps"]
+    cfg = TrainConfig(model=MODEL, checkpoint=str(start), data=str(data), val_data=None, image_size=image_size,
                       patch_size=PATCH, thresholds=tuple(thresholds), recipe="short", lr=lr, steps=steps,
                       max_tokens=max_tokens, workers=0, output=str(out), device="cpu", save_every=0,
                       keep_checkpoints=1, quiet=True, log_every=10 ** 6, seed=0)
@@ -196,7 +210,9 @@ def finetune(start: Path, data: Path, thresholds, out: Path, *, lr=None, steps=N
     res = Trainer(cfg).fit()
     model = res.model
     model = getattr(model, "module", model)
-    return model, time.perf_counter() - t0, res.global_step
+    seconds = time.perf_counter() - t0
+    write_text(done, json.dumps({"seconds": seconds, "steps": res.global_step}))
+    return model, seconds, res.global_step
 
 
 # ------------------------------------------------------------------------------------ reporting
