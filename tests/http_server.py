@@ -97,6 +97,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: with many clients connecting at once (workers x
+    # requests in flight) the kernel drops SYNs and the clients retry after a second, a stall an
+    # object store does not have
+    request_queue_size = 256
+
+
 class RangeServer:
     """Serve ``root`` on ``http://127.0.0.1:PORT/`` (port 0: any free one) in a background thread."""
 
@@ -109,7 +116,7 @@ class RangeServer:
         self.dropped = {"503": 0, "reset": 0}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self  # type: ignore[attr-defined]
         self.port = self._httpd.server_address[1]
