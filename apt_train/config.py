@@ -155,7 +155,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         if v is not None and v < 0:
             raise SetupError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     config.apt_config()
-    mix_config(config, 2)
+    mix_config(config, 2)  # the mixing settings alone (the class count is known only with the model)
     if config.data_cache is not None:
         from apt_data.sources.cache import parse_size
 

@@ -2,7 +2,6 @@
 timm's soft targets; on the real images of the sample shards."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +133,6 @@ def test_mixing_is_for_training_and_the_full_recipe_turns_it_on(tmp_path, capsys
     assert (full.mixup, full.cutmix) == (0.8, 1.0)
     assert (apply_recipe(TrainConfig(data="shards", recipe="short")).mixup, apply_recipe(TrainConfig(
         data="shards")).cutmix) == (0.0, 0.0)
-    sys.path.insert(0, str(ROOT / "tests"))
     from test_train_cli import FAST, train_main
 
     rc = train_main(["--mixup", "0.8", "--cutmix", "1.0", "--augment", "--max-tokens", "2048", "--output",

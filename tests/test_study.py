@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from test_tools import run
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT.parent / "shared" / "models" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
@@ -28,10 +28,7 @@ def test_study_quick_writes_table_plot_json(tmp_path):
         d.mkdir(parents=True, exist_ok=True)
         os.symlink(p, d / p.name)
     out, cache = tmp_path / "results", tmp_path / "cache"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "study.py"), "--quick", "--data", str(data),
-                           "--output", str(out), "--cache", str(cache)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = run(ROOT / "tools" / "study.py", "--quick", "--data", data, "--output", out, "--cache", cache, timeout=300)
     md = (out / "study.md").read_text()
     assert "tools/study.py --quick" in md and "| stage | method |" in md
     assert (out / "study.png").stat().st_size > 1000
@@ -53,4 +50,4 @@ def test_study_quick_writes_table_plot_json(tmp_path):
     import torch
     sd = torch.load(cache / "start-classifier.pth", weights_only=True)
     assert sd["head.weight"].shape == (10, 384) and sd["pos_embed"].shape == (1, 257, 384)
-    assert "| zero-shot | vanilla |" in proc.stdout
+    assert "| zero-shot | vanilla |" in printed

@@ -7,11 +7,11 @@ of the project, so the test skips, naming the missing path, where either is abse
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from test_tools import run
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT.parent / "shared" / "models" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
@@ -23,9 +23,7 @@ def test_study_hires_quick(tmp_path):
         if not need.exists():
             pytest.skip(f"the study's {what} {need} are absent (../shared is not part of the project)")
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "study_hires.py"), "--quick", "--output", str(out)],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = run(ROOT / "tools" / "study_hires.py", "--quick", "--output", out)
     md = (out / "hires.md").read_text()
     assert "tools/study_hires.py --quick" in md and "| size | method |" in md
     assert (out / "hires.png").stat().st_size > 1000
@@ -47,4 +45,4 @@ def test_study_hires_quick(tmp_path):
     # lower resolution: the per-photo square closest to APT's count (within one grid row/column)
     for a, b in zip(apt["per_photo"], low["per_photo"]):
         assert b["px"] % 14 == 0 and abs(b["px"] // 14 - a["tokens"] ** 0.5) <= 0.5 + 1e-9
-    assert "cls_vs_low" in apt and "| 448 | APT entropy |" in proc.stdout
+    assert "cls_vs_low" in apt and "| 448 | APT entropy |" in printed
