@@ -7,7 +7,10 @@ honours ``Range`` requests, with injected latency and transient failures.
 ``latency``: seconds slept before answering each request (a float, or a ``(lo, hi)`` range drawn
 per request); ``drop_rate``: the share of requests that fail transiently, alternately with a 503
 and by closing the connection without an answer (a reset); ``missing``: names answered 404 whatever
-is on disk. ``requests``, ``drops`` (``dropped`` by kind), ``ranged`` count what the server saw (a client
+is on disk. ``requests``, ``ignore_range``: answer every GET with the whole object (200), as some servers do;
+``idle_timeout``: close a keep-alive connection idle that long (seconds), as object stores do;
+``/redirect/NAME`` answers 302 to ``/NAME``. ``last_headers``: the headers of the last request.
+``drops`` (``dropped`` by kind), ``ranged`` count what the server saw (a client
 may retry a reset connection by itself: aiohttp does for GETs on a reused connection). Also runnable:
 ``python tests/http_server.py DIR [--latency 0.01] [--drop-rate 0.05]``.
 """
@@ -21,7 +24,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 from urllib.parse import unquote
 
 __all__ = ["RangeServer"]
@@ -59,13 +62,20 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             self.connection.close()
             return
+        srv.last_headers = dict(self.headers)
         name = unquote(self.path.split("?", 1)[0]).lstrip("/")
+        if name.startswith("redirect/"):
+            self.send_response(302)
+            self.send_header("Location", "/" + name[len("redirect/"):])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         path = (srv.root / name).resolve()
         if name in srv.missing or srv.root not in path.parents or not path.is_file():
             return self._fail(404, b"not found")
         size = path.stat().st_size
         start, end = 0, size  # [start, end)
-        rng = self.headers.get("Range")
+        rng = None if srv.ignore_range else self.headers.get("Range")
         if rng:
             m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
             if not m or (not m.group(1) and not m.group(2)):
@@ -108,15 +118,19 @@ class RangeServer:
     """Serve ``root`` on ``http://127.0.0.1:PORT/`` (port 0: any free one) in a background thread."""
 
     def __init__(self, root: Union[str, os.PathLike], *, latency: Union[float, tuple] = 0.0, drop_rate: float = 0.0,
-                 missing: Iterable[str] = (), seed: int = 0, port: int = 0):
+                 missing: Iterable[str] = (), seed: int = 0, port: int = 0, ignore_range: bool = False,
+                 idle_timeout: Optional[float] = None):
         self.root = Path(root).resolve()
         self.latency, self.drop_rate = latency, float(drop_rate)
         self.missing = set(missing)
+        self.ignore_range = bool(ignore_range)
+        self.last_headers: dict = {}
         self.requests = self.drops = self.ranged = 0
         self.dropped = {"503": 0, "reset": 0}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._httpd = _Server(("127.0.0.1", port), _Handler)
+        handler = type("_IdleHandler", (_Handler,), {"timeout": idle_timeout}) if idle_timeout else _Handler
+        self._httpd = _Server(("127.0.0.1", port), handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self  # type: ignore[attr-defined]
         self.port = self._httpd.server_address[1]

@@ -108,8 +108,11 @@ def test_bench_remote_prints_local_and_http_in_one_run(tmp_path):
                         "--epochs", "1", "--latency", "0.005", "--cache-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "images/s" not in line]
-    assert [row.split(" | ")[0] for row in rows] == ["| local disk", "| http, 16 in flight", "| http, 0 in flight",
-                                                     "| http, cached epochs", "| http, cache filling (first epoch)"]
-    assert "'failed': 0" in r.stdout and "'cache_hits': 100" in r.stdout
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| ") and "images/s" not in line]
+    sources = ["local disk", "http, 16 in flight", "http, 0 in flight"]
+    assert [row[1] for row in rows] == [*sources, "http, cache filling (first epoch)", "http, cached epochs", *sources]
+    assert [row[0] for row in rows] == ["| eval (resize only, planned)"] * 5 + ["| training (augmented, streamed)"] * 3
+    assert all(row[3] == "1.00x" and float(row[5]) == 0 for row in rows if row[1] == "local disk")
+    assert all(float(row[5]) >= 0 for row in rows)  # the server's CPU (in clock ticks: 0 for a short pass)
+    assert r.stdout.count("'failed': 0") == 5 and "'cache_hits': 100" in r.stdout
     assert not list(tmp_path.iterdir())  # the bench's cache folder is removed

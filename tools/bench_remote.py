@@ -2,27 +2,32 @@
 """Benchmark: APTLoader reading shards from local disk against the same shards over HTTP, same run.
 
     python tools/bench_remote.py [--shards shards] [--latency 0.01] [--workers 2] [--epochs 5]
-        [--max-tokens 4096] [--inflight 16] [--drop-rate 0] [--cache-dir DIR]
+        [--max-tokens 4096] [--inflight 16] [--drop-rate 0] [--pipelines eval train] [--cache-dir DIR]
 
 Starts the loopback object store of the tests (tests/http_server.py: Range requests, keep-alive,
 ``--latency`` seconds slept before every answer) over ``--shards`` in a child process on 127.0.0.1,
-then times planned evaluation epochs (``packing="plan"``, ``train=False``: every sample once per
-epoch; worker start included) of the loader over the local folder, over
+then times two pipelines (``--pipelines``), each over the local folder, over
 ``http://127.0.0.1:PORT/`` with the default requests in flight (``--inflight``, 16), and with none
-(one blocking ranged read per sample), alternating, ``--epochs`` passes each after a warm-up
-pass. Prints the median images/s of each, their ratio to local disk, the loader's CPU time per
-image (main process + workers; not the server's), and the HTTP reader's counters (requests,
-retries, bytes, merged reads). With ``--cache-dir`` also HTTP through the local cache
-(`open_remote(..., cache_dir=...)`, in a fresh folder under DIR, removed at the end): its first pass
-(filling the cache) and its later passes (read from the cache). Target (issue 16): >= 0.8x local disk.
-On a machine whose cores are
-busy (the server shares them with the loader) images/s varies from pass to pass; the CPU time per
-image is steadier.
+(one blocking ranged read per sample):
+
+- ``eval``: planned evaluation epochs (``packing="plan"``, ``train=False``, the index's stored scores:
+  the cheapest work per image, so the one where reading costs the most in proportion);
+- ``train``: the trainer's augmented epochs (RandomResizedCrop + flip + RandAugment + random erasing,
+  scored after the augmentation, ``packing="stream"``, shuffled: one request per sample).
+
+The loaders alternate, ``--epochs`` passes each after a warm-up pass (worker start included).
+Prints the median images/s of each, its ratio to local disk in the same pipeline, the loader's CPU
+time per image (main process + workers) and the server's (a real object store does not run on the
+loader's cores; this one does), and the HTTP reader's counters (requests, retries, bytes, merged
+reads). With ``--cache-dir`` also HTTP through the local cache (`open_remote(..., cache_dir=...)`, in
+a fresh folder under DIR, removed at the end; eval only): its first pass (filling the cache) and its
+later passes (read from the cache). Target (issue 16): >= 0.8x local disk. On a machine whose cores
+are busy images/s varies from pass to pass; the CPU times per image are steadier.
 """
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,25 +39,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_fill
 from apt_data import APTConfig  # noqa: E402
 from apt_data.loader import APTLoader  # noqa: E402
 from apt_data.sources import open_remote, open_source  # noqa: E402
+from bench_loader import CpuClock  # noqa: E402
 
 
-def _cpu() -> float:
-    """CPU seconds of this process and its finished children (the loader's workers of past epochs;
-    the server child is not waited for until the end, so it is not counted)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+#: the loaders timed: planned evaluation epochs, and the trainer's augmented streamed epochs
+PIPELINES = {"eval": "eval (resize only, planned)", "train": "training (augmented, streamed)"}
 
 
-def timed_epoch(loader: APTLoader) -> tuple[float, float]:
-    """(images/s, loader CPU ms per image: main process + workers) of one epoch."""
-    t0, c0, n = time.perf_counter(), _cpu(), 0
+def _cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_epoch(loader: APTLoader, server_pid: int) -> tuple[float, float, float]:
+    """(images/s, loader CPU ms per image: main process + workers, the server's CPU ms per image) of one epoch."""
+    clock = CpuClock()  # this process and its children, live (kept workers, the server) or finished
+    clock.start()
+    t0, s0, n = time.perf_counter(), _cpu_of(server_pid), 0
     for batch, _ in loader:
         n += len(batch.keys)
     wall = time.perf_counter() - t0
-    return n / wall, (_cpu() - c0) / n * 1e3
+    server = _cpu_of(server_pid) - s0
+    return n / wall, (clock.stop() - server) / n * 1e3, server / n * 1e3
 
 
 def main(argv=None) -> int:
@@ -65,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=5, help="timed passes per loader (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=4096, help="batch budget (default: %(default)s)")
     ap.add_argument("--inflight", type=int, default=16, help="HTTP requests in flight per worker (default: %(default)s)")
+    ap.add_argument("--pipelines", nargs="+", choices=list(PIPELINES), default=list(PIPELINES),
+                    help="loaders to time (default: both)")
     ap.add_argument("--cache-dir", help="also time HTTP through a local cache in a fresh folder under this one")
     a = ap.parse_args(argv)
 
@@ -75,36 +94,51 @@ def main(argv=None) -> int:
                                str(a.latency), "--drop-rate", str(a.drop_rate)], stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()
-        sources = {"local disk": open_source(f"{a.shards}:{a.split}"),
-                   f"http, {a.inflight} in flight": open_remote(url, split=a.split, inflight=a.inflight),
-                   "http, 0 in flight": open_remote(url, split=a.split, inflight=0)}
-        if cache:
-            sources["http, cached epochs"] = open_remote(url, split=a.split, inflight=a.inflight, cache_dir=cache,
-                                                         cache_size="100GB")
-        loaders = {k: APTLoader(s, APTConfig(), max_tokens=a.max_tokens, num_workers=a.workers, train=False,
-                                packing="plan", seed=0) for k, s in sources.items()}
-        times: dict[str, list] = {k: [] for k in loaders}
+        times: dict[tuple[str, str], list] = {}
+        runs, counters = {}, {}
+        for pipeline in a.pipelines:
+            sources = {"local disk": open_source(f"{a.shards}:{a.split}"),
+                       f"http, {a.inflight} in flight": open_remote(url, split=a.split, inflight=a.inflight),
+                       "http, 0 in flight": open_remote(url, split=a.split, inflight=0)}
+            if cache and pipeline == "eval":
+                sources["http, cached epochs"] = open_remote(url, split=a.split, inflight=a.inflight,
+                                                             cache_dir=cache, cache_size="100GB")
+            if pipeline == "eval":  # resize only, planned from the index's exact counts (stored scores)
+                kw = dict(train=False, packing="plan")
+            else:  # what the trainer runs: augmented, scored after the augmentation, streamed by real counts
+                from bench_fill import augmented_transform
+
+                kw = dict(transform=augmented_transform(224), packing="stream")
+            for k, src in sources.items():
+                runs[pipeline, k] = APTLoader(src, APTConfig(), max_tokens=a.max_tokens, num_workers=a.workers,
+                                              seed=0, **kw)
+                if k == "http, cached epochs":
+                    times[pipeline, "http, cache filling (first epoch)"] = []
+                times[pipeline, k] = []
+                if hasattr(src, "io_stats"):
+                    counters[pipeline, k] = src
         for e in range(a.epochs + 1):
-            for k, loader in loaders.items():
+            for (pipeline, k), loader in runs.items():
                 loader.set_epoch(e)
-                result = timed_epoch(loader)
+                result = timed_epoch(loader, server.pid)
                 if e:  # the first pass warms up
-                    times[k].append(result)
+                    times[pipeline, k].append(result)
                 elif k == "http, cached epochs":  # ... and fills the cache: its own row
-                    times["http, cache filling (first epoch)"] = [result]
-        print(f"{len(sources['local disk'])} images from {a.shards} ({a.split}), {a.workers} workers, "
-              f"max_tokens {a.max_tokens}, HTTP latency {a.latency * 1e3:.0f} ms per request, "
-              f"median of {a.epochs} planned epochs")
-        print("| source | images/s | vs local disk | CPU ms/image (loader) | images/s per pass |")
-        print("|---|---|---|---|---|")
-        base = statistics.median(x for x, _ in times["local disk"])
-        for k, v in times.items():
-            med = statistics.median(x for x, _ in v)
-            cpu = statistics.median(c for _, c in v)
-            print(f"| {k} | {med:.0f} | {med / base:.2f}x | {cpu:.2f} | {', '.join(f'{x:.0f}' for x, _ in v)} |")
-        for k, s in sources.items():
-            if hasattr(s, "io_stats"):
-                print(f"{k}: {s.io_stats()}")
+                    times[pipeline, "http, cache filling (first epoch)"].append(result)
+        n = len(open_source(f"{a.shards}:{a.split}"))
+        print(f"{n} images from {a.shards} ({a.split}), {a.workers} workers, max_tokens {a.max_tokens}, HTTP latency "
+              f"{a.latency * 1e3:.0f} ms per request, median of {a.epochs} epochs after a warm-up; the server (the "
+              f"stand-in for the object store) runs on the same {os.cpu_count()} cores")
+        print("| pipeline | source | images/s | vs local disk | CPU ms/image (loader) | CPU ms/image (server) "
+              "| images/s per pass |")
+        print("|---|---|---|---|---|---|---|")
+        for (pipeline, k), v in times.items():
+            base = statistics.median(x[0] for x in times[pipeline, "local disk"])
+            med, cpu, srv = (statistics.median(x[j] for x in v) for j in range(3))
+            print(f"| {PIPELINES[pipeline]} | {k} | {med:.0f} | {med / base:.2f}x | {cpu:.2f} | {srv:.2f} | "
+                  f"{', '.join(f'{x[0]:.0f}' for x in v)} |")
+        for (pipeline, k), src in counters.items():
+            print(f"{pipeline}, {k}: {src.io_stats()}")
     finally:
         server.terminate()
         server.wait()

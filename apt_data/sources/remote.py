@@ -9,9 +9,11 @@ its checksums, exactly as for local files). No tar streaming and no shuffle buff
   (the index ``train.parquet`` beside them), or any of these with ``index=`` given apart (a local
   path or a URL). Schemes: ``http(s)://``, ``file://``, and whatever fsspec back-end is installed
   (``s3://`` needs ``s3fs``, ``gs://`` needs ``gcsfs``).
-- **Per process**: the fsspec filesystem and the read-ahead threads are made lazily in the process
-  that reads (after the loader's workers fork; never pickled), and reused for all its reads, so
-  HTTP connections are kept alive.
+- **Per process**: the clients and the read-ahead threads are made lazily in the process that reads
+  (after the loader's workers fork; never pickled), and reused for all its reads, so connections are
+  kept alive. ``http(s)://`` shards are read by `apt_data.sources.http.HTTPRanges` (the standard
+  library's client, one keep-alive connection per read-ahead thread: no event-loop hand-offs), unless
+  ``storage_options`` hold more than ``headers``; every other scheme by an fsspec filesystem.
 - **Retries**: a transient error (5xx, a reset or timed-out connection, any other OSError) is
   retried ``retries`` times with exponential backoff from ``backoff`` seconds; a permanent one
   (404, 403, a missing file) is not. A read that still fails raises `OSError`, which the shard
@@ -26,8 +28,8 @@ its checksums, exactly as for local files). No tar streaming and no shuffle buff
   that local folder (`apt_data.sources.cache.RangeCache`, at most ``cache_size``) for later epochs;
   cached bytes get the checks of bytes from the store, and fail them by being deleted and read again.
 
-fsspec (and aiohttp for http) is the optional extra ``apt[remote]``; it is imported only here, and
-only when a remote source is opened.
+fsspec (with aiohttp) is the optional extra ``apt[remote]``, needed for ``file://``, ``s3://``, ``gs://``
+and http with fsspec options; it is imported only here, and only when such a source is opened.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from ..shards.index import ShardIndex, index_from_table
 from ..shards.reader import BLOCK
 from ..shards.urls import expand_urls
 from .cache import RangeCache
+from .http import HTTPRanges
 from .index import IndexSource
 
 log = logging.getLogger("apt_data.sources")
@@ -71,9 +74,18 @@ def _fsspec():
     try:
         import fsspec
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading shards from a URL needs fsspec (and aiohttp for http): "
-                          "pip install 'apt[remote]' (plus s3fs for s3://, gcsfs for gs://)") from e
+        raise ImportError("reading shards from this URL needs fsspec: pip install 'apt[remote]' (plus s3fs for "
+                          "s3://, gcsfs for gs://; http(s):// needs neither)") from e
     return fsspec
+
+
+def _plain_http(urls: Sequence[str], storage_options: Optional[dict]) -> Optional[HTTPRanges]:
+    """The standard-library HTTP client for ``urls`` when they are all http(s) and ``storage_options``
+    ask for nothing it lacks (only ``headers``); else None (fsspec reads them)."""
+    opts = dict(storage_options or {})
+    if not urls or set(opts) - {"headers"} or not all(u.startswith(("http://", "https://")) for u in urls):
+        return None
+    return HTTPRanges(opts.get("headers"))
 
 
 def _filesystem(url: str, storage_options: Optional[dict] = None):
@@ -127,9 +139,10 @@ def read_remote_index(url: str, storage_options: Optional[dict] = None, retries:
     import pyarrow.parquet as pq
 
 
-    fs = _filesystem(url, storage_options)
+    http = _plain_http([url], storage_options)
+    whole = http.get if http is not None else _filesystem(url, storage_options).cat_file
     try:
-        data = _retrying(lambda: fs.cat_file(url), f"reading {url}", retries, backoff)
+        data = _retrying(lambda: whole(url), f"reading {url}", retries, backoff)
     except FileNotFoundError as e:
         raise ValueError(f"{url}: no shard index there") from e
     from pathlib import PurePosixPath
@@ -140,7 +153,7 @@ def read_remote_index(url: str, storage_options: Optional[dict] = None, retries:
 class RemoteFiles:
     """Ranged reads of a fixed list of shard URLs, by number: ``pread(shard, offset, n)``.
 
-    Like `apt_data.shards.reader.ShardFiles`, but over fsspec, with retries, shared counters and a
+    Like `apt_data.shards.reader.ShardFiles`, but over HTTP (`HTTPRanges`) or fsspec, with retries, shared counters and a
     read-ahead of whole sample spans (``schedule``) by a small thread pool. Process-local state (the
     filesystem, the pool, the pending reads) is made lazily in the reading process.
     """
@@ -151,6 +164,7 @@ class RemoteFiles:
         self.storage_options = dict(storage_options or {})
         self.retries, self.backoff = int(retries), float(backoff)
         self.inflight, self.merge_gap = max(0, int(inflight)), int(merge_gap)
+        self._http = _plain_http(self.urls, self.storage_options)  # None: fsspec
         # shared by the loader's forked workers: made here, in the process that opens the source
         self._counters = mp.RawArray("q", len(COUNTERS))
         self._counter_lock = mp.Lock()
@@ -209,7 +223,10 @@ class RemoteFiles:
 
         def once() -> bytes:
             self._count("requests")
-            data = self._fs().cat_file(url, start=offset, end=offset + n)
+            if self._http is not None:
+                data = self._http.get(url, offset, offset + n)
+            else:
+                data = self._fs().cat_file(url, start=offset, end=offset + n)
             if len(data) > n:  # a server that ignored the Range header sent the whole object
                 data = data[offset:offset + n]
             self._count("bytes", len(data))
