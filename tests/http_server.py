@@ -10,7 +10,7 @@ and by closing the connection without an answer (a reset); ``missing``: names an
 is on disk. ``requests``, ``ignore_range``: answer every GET with the whole object (200), as some servers do;
 ``idle_timeout``: close a keep-alive connection idle that long (seconds), as object stores do;
 ``/redirect/NAME`` answers 302 to ``/NAME``. ``last_headers``: the headers of the last request.
-``drops`` (``dropped`` by kind), ``ranged`` count what the server saw (a client
+``drops`` (``dropped`` by kind), ``ranged``, ``sent`` (body bytes) count what the server saw (a client
 may retry a reset connection by itself: aiohttp does for GETs on a reused connection). Also runnable:
 ``python tests/http_server.py DIR [--latency 0.01] [--drop-rate 0.05]``.
 """
@@ -105,6 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
+            with srv._lock:
+                srv.sent += len(body)
 
 
 class _Server(ThreadingHTTPServer):
@@ -125,7 +127,7 @@ class RangeServer:
         self.missing = set(missing)
         self.ignore_range = bool(ignore_range)
         self.last_headers: dict = {}
-        self.requests = self.drops = self.ranged = 0
+        self.requests = self.drops = self.ranged = self.sent = 0
         self.dropped = {"503": 0, "reset": 0}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()

@@ -20,10 +20,12 @@ its checksums, exactly as for local files). No tar streaming and no shuffle buff
   reader reports as ``unreadable_shard`` (a `ShardDataError`, a ValueError): the loader logs, counts
   and skips the sample, or raises with ``strict=True``. `RemoteIndexSource.io_stats` counts
   requests, retries and failures over all processes (shared counters made before the fork).
-- **Throughput**: inside an `APTLoader` worker of a planned epoch the source knows the order in
-  which the worker will read its samples (its bins) and keeps ``inflight`` (16) requests running ahead
-  of the reader (``readahead`` samples); reads of samples lying next to each other in one shard are
-  merged into one request. `prefetch(ids)` does the same for any order a caller knows.
+- **Throughput**: inside an `APTLoader` worker the source knows the order in which the worker will
+  read its samples (its planned bins, or its stream) and reads ahead of the reader, ``inflight`` (16)
+  requests at a time, up to ``readahead`` samples (128; at most ``readahead_bytes``, 64 MB). It
+  schedules them in chunks (when half the read-ahead is used up), so that samples of a chunk lying
+  next to each other in one shard (an unshuffled plan: evaluation) share one request; a shuffled
+  epoch reads one request per sample. `prefetch(ids)` does the same for any order a caller knows.
 - **Cache** (off by default): with ``cache_dir``, each sample's span, once read and verified, is kept in
   that local folder (`apt_data.sources.cache.RangeCache`, at most ``cache_size``) for later epochs;
   cached bytes get the checks of bytes from the store, and fail them by being deleted and read again.
@@ -50,7 +52,7 @@ from ..shards.format import MEMBERS, SampleRecord
 from ..shards.index import ShardIndex, index_from_table
 from ..shards.reader import BLOCK
 from ..shards.urls import expand_urls
-from .cache import RangeCache
+from .cache import RangeCache, parse_size
 from .http import HTTPRanges
 from .index import IndexSource
 
@@ -310,14 +312,16 @@ class RemoteIndexSource(IndexSource):
     ``index``: a `ShardIndex` (`read_remote_index`); ``base``: the URL of the folder its shard
     names are relative to; ``shards``: keep only these shard names (relative to ``base``).
     ``retries``, ``backoff``: see the module doc; ``inflight``: read-ahead threads per process
-    (0: none); ``readahead``: samples read ahead (default ``2 * inflight``); ``cache_dir``: keep the
+    (0: none); ``readahead``: samples read ahead (default ``8 * inflight``), at most
+    ``readahead_bytes`` (bytes or ``"64MB"``) of them; ``cache_dir``: keep the
     samples' byte spans in this local folder, at most ``cache_size`` (bytes or ``"20GB"``) in all
     (`RangeCache`; default: no cache).
     """
 
     def __init__(self, index: ShardIndex, base: str, shards: Optional[Sequence[str]] = None, *,
                  storage_options: Optional[dict] = None, retries: int = 5, backoff: float = 0.05,
-                 inflight: int = 16, readahead: Optional[int] = None, name: Optional[str] = None,
+                 inflight: int = 16, readahead: Optional[int] = None, readahead_bytes: Union[int, str] = "64MB",
+                 name: Optional[str] = None,
                  cache_dir: Optional[Union[str, os.PathLike]] = None, cache_size: Union[int, str] = "10GB"):
         if shards is not None:
             import pyarrow as pa
@@ -334,8 +338,9 @@ class RemoteIndexSource(IndexSource):
         self._shard_paths = [f"{self.base}/{n}" for n in self._shard_names]
         self._files = RemoteFiles(self._shard_paths, storage_options=storage_options, retries=retries,
                                   backoff=backoff, inflight=inflight)
-        self.readahead = 2 * int(inflight) if readahead is None else int(readahead)
-        self._order: Optional[tuple] = None  # (process, {sample: position}, order): see read_order
+        self.readahead = 8 * int(inflight) if readahead is None else int(readahead)
+        self.readahead_bytes = parse_size(readahead_bytes)
+        self._order: Optional[tuple] = None  # (process, {sample: position}, order, [read ahead up to]): read_order
         starts = [o for m, (o, _) in self._spans.items()]
         ends = [np.where(o >= 0, o + n, -1) for o, n in self._spans.values()]
         present = [np.where(o >= 0, o, np.iinfo(np.int64).max) for o in starts]
@@ -366,15 +371,21 @@ class RemoteIndexSource(IndexSource):
         for k, s in enumerate(order.tolist()):
             where.setdefault(int(s), k)
         self._files.forget(where.__contains__)
-        self._order = (os.getpid(), where, order)
+        self._order = (os.getpid(), where, order, [0])
 
     def _read(self, i: int, members: Sequence[str] = MEMBERS, parse_meta: bool = True) -> SampleRecord:
         if self.readahead > 0 and self._files.inflight > 0 and self._order is not None \
                 and self._order[0] == os.getpid():
-            _, where, order = self._order
+            _, where, order, upto = self._order
             k = where.get(int(i))
-            if k is not None:
-                self.prefetch(order[k:k + 1 + self.readahead].tolist())
+            # read ahead in chunks (when half the read-ahead is used up), not one sample a time: the
+            # samples of a chunk lying next to each other in a shard (an unshuffled plan) share a request
+            if k is not None and k + 1 + self.readahead // 2 > upto[0]:
+                ids = order[k:k + 1 + self.readahead]
+                size = np.cumsum(self._span_end[ids] - self._span_start[ids])
+                ids = ids[:max(1, int(np.searchsorted(size, self.readahead_bytes, side="right")))]
+                self.prefetch(ids.tolist())
+                upto[0] = k + len(ids)
         if self._cache is None:
             return super()._read(i, members, parse_meta)
         return self._read_cached(int(i), members, parse_meta)
