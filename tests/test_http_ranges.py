@@ -105,3 +105,63 @@ with RangeServer({str(SHARDS)!r}) as srv:
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("ok 3"), r.stderr[-2000:]
+
+
+class CannedServer:
+    """A loopback server answering each request with the next of ``answers`` (raw bytes; after an
+    answer ending in ``CLOSE`` it closes the connection), recording the requests it read."""
+
+    CLOSE = b"<close>"
+
+    def __init__(self, answers):
+        import socket
+        import threading
+
+        self.answers, self.requests = list(answers), []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while self.answers:
+            conn, _ = self.sock.accept()
+            f = conn.makefile("rb")
+            with conn, f:  # (the socket closes once its file is closed too)
+                while self.answers:
+                    req = b""
+                    while not req.endswith(b"\r\n\r\n"):
+                        line = f.readline()
+                        if not line:
+                            break
+                        req += line
+                    if not req:
+                        break
+                    self.requests.append(req.decode("latin-1"))
+                    answer = self.answers.pop(0)
+                    conn.sendall(answer.replace(self.CLOSE, b""))
+                    if answer.endswith(self.CLOSE):
+                        break
+
+    def url(self, name="x.tar"):
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+
+def test_chunked_close_delimited_and_interim_answers_are_read_whole():
+    http = HTTPRanges(timeout=10)
+    srv = CannedServer([
+        b"HTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\nabcd\r\n3\r\nefg\r\n0\r\n"
+        b"Trailer: x\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 206 Partial Content\r\nContent-Length: 3\r\n\r\nxyz",
+        b"HTTP/1.0 206 Partial Content\r\n\r\nto the end" + CannedServer.CLOSE,
+        b"HTTP/1.1 206 Partial Content\r\nContent-Length: 10\r\n\r\nshort" + CannedServer.CLOSE,
+        b"garbage\r\n\r\n" + CannedServer.CLOSE,
+    ])
+    assert http.get(srv.url(), 0, 7) == b"abcdefg"
+    assert http.get(srv.url(), 7, 10) == b"xyz"  # the same connection, after a 100
+    assert http.get(srv.url(), 10, 20) == b"to the end"  # HTTP/1.0, no length: up to the close
+    with pytest.raises(OSError, match="short HTTP body"):
+        http.get(srv.url(), 0, 10)
+    with pytest.raises(OSError, match="malformed HTTP status"):
+        http.get(srv.url(), 0, 10)
+    assert [r.split("\r\n")[0] for r in srv.requests] == ["GET /x.tar HTTP/1.1"] * 5
+    assert "Range: bytes=0-6" in srv.requests[0] and f"Host: 127.0.0.1:{srv.port}" in srv.requests[0]
