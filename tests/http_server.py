@@ -1,138 +1,40 @@
-"""A loopback object store for the tests: a threaded HTTP server on 127.0.0.1 that serves a folder and
+"""A loopback object store for the tests: an HTTP/1.1 server on 127.0.0.1 that serves a folder and
 honours ``Range`` requests, with injected latency and transient failures.
 
     with RangeServer("shards", latency=0.01, drop_rate=0.05) as srv:
         srv.url("train.parquet")   # http://127.0.0.1:PORT/train.parquet
 
-``latency``: seconds slept before answering each request (a float, or a ``(lo, hi)`` range drawn
+``latency``: seconds waited before answering each request (a float, or a ``(lo, hi)`` range drawn
 per request); ``drop_rate``: the share of requests that fail transiently, alternately with a 503
 and by closing the connection without an answer (a reset); ``missing``: names answered 404 whatever
-is on disk. ``requests``, ``ignore_range``: answer every GET with the whole object (200), as some servers do;
+is on disk; ``ignore_range``: answer every GET with the whole object (200), as some servers do;
 ``idle_timeout``: close a keep-alive connection idle that long (seconds), as object stores do;
 ``/redirect/NAME`` answers 302 to ``/NAME``. ``last_headers``: the headers of the last request.
-``drops`` (``dropped`` by kind), ``ranged``, ``sent`` (body bytes) count what the server saw (a client
-may retry a reset connection by itself: aiohttp does for GETs on a reused connection). Also runnable:
-``python tests/http_server.py DIR [--latency 0.01] [--drop-rate 0.05]``.
+``requests``, ``drops`` (``dropped`` by kind), ``ranged``, ``sent`` (body bytes) count what the
+server saw. Also runnable: ``python tests/http_server.py DIR [--latency 0.01] [--drop-rate 0.05]``.
+
+It runs on one asyncio event loop in a background thread (latency is a timer, not a sleeping
+thread) and parses just what a ranged GET needs: lean on purpose, because the benchmarks run it on
+the loader's own cores, where a real object store would not be (a thread per connection and
+`http.server`'s parsing cost several times as much CPU per request).
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import re
 import socket
 import threading
-import time
-from http.server import ThreadingHTTPServer
-from socketserver import StreamRequestHandler
 from pathlib import Path
 from typing import Iterable, Optional, Union
 from urllib.parse import unquote
 
 __all__ = ["RangeServer"]
 
-
-class _Handler(StreamRequestHandler):
-    """A minimal HTTP/1.1 handler (GET and HEAD, keep-alive, Range): lean on purpose, because the
-    benchmarks run it on the loader's own cores, where a real object store would not be; parsing by
-    `http.server` costs several times as much CPU per request."""
-
-    disable_nagle_algorithm = True
-
-    def handle(self) -> None:
-        srv: RangeServer = self.server.owner  # type: ignore[attr-defined]
-        while True:
-            try:
-                line = self.rfile.readline(65537)
-                head: dict[str, str] = {}
-                while True:
-                    h = self.rfile.readline(65537)
-                    if h in (b"\r\n", b"\n", b""):
-                        break
-                    k, _, v = h.decode("latin-1").partition(":")
-                    head[k.strip()] = v.strip()
-            except OSError:  # an idle connection timed out (idle_timeout), or the client went away
-                return
-            if not line:
-                return
-            try:
-                method, target, _ = line.decode("latin-1").split()
-            except ValueError:
-                return self._answer(400, b"bad request", close=True)
-            if method not in ("GET", "HEAD"):
-                self._answer(405, b"")
-            elif not self._serve(srv, target, head, method == "HEAD"):
-                return
-            if head.get("Connection", head.get("connection", "")).lower() == "close":
-                return
-
-    def _answer(self, status: int, body: bytes, extra: str = "", close: bool = False, send_body: bool = True) -> None:
-        text = f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\nContent-Length: {len(body)}\r\n{extra}"
-        if close:
-            text += "Connection: close\r\n"
-        self.connection.sendall(text.encode("latin-1") + b"\r\n" + (body if send_body else b""))
-
-    def _serve(self, srv: "RangeServer", target: str, headers: dict, head: bool) -> bool:
-        """Answer one request; False: the connection is closed."""
-        srv.last_headers = headers
-        drop = srv._before_request()
-        if drop == "503":
-            self._answer(503, b"try again")
-            return True
-        if drop == "reset":
-            try:
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-            except OSError:
-                pass
-            self.connection.close()
-            return False
-        name = unquote(target.split("?", 1)[0]).lstrip("/")
-        if name.startswith("redirect/"):
-            self._answer(302, b"", f"Location: /{name[len('redirect/'):]}\r\n")
-            return True
-        path = (srv.root / name).resolve()
-        if name in srv.missing or srv.root not in path.parents or not path.is_file():
-            self._answer(404, b"not found")
-            return True
-        size = path.stat().st_size
-        start, end = 0, size  # [start, end)
-        rng = None if srv.ignore_range else headers.get("Range", headers.get("range"))
-        if rng:
-            m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
-            if not m or (not m.group(1) and not m.group(2)):
-                self._answer(416, b"")
-                return True
-            if m.group(1):
-                start = int(m.group(1))
-                end = min(size, int(m.group(2)) + 1) if m.group(2) else size
-            else:  # suffix: the last N bytes
-                start = max(0, size - int(m.group(2)))
-            if start >= size:
-                self._answer(416, b"", f"Content-Range: bytes */{size}\r\n")
-                return True
-            with srv._lock:
-                srv.ranged += 1
-        with open(path, "rb") as f:
-            f.seek(start)
-            body = f.read(end - start)
-        extra = "Accept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\n"
-        if rng:
-            extra += f"Content-Range: bytes {start}-{end - 1}/{size}\r\n"
-        self._answer(206 if rng else 200, body, extra, send_body=not head)
-        if not head:
-            with srv._lock:
-                srv.sent += len(body)
-        return True
-
-
 _REASONS = {200: "OK", 206: "Partial Content", 302: "Found", 400: "Bad Request", 404: "Not Found",
             405: "Method Not Allowed", 416: "Range Not Satisfiable", 503: "Service Unavailable"}
-
-
-class _Server(ThreadingHTTPServer):
-    # socketserver's default listen backlog is 5: with many clients connecting at once (workers x
-    # requests in flight) the kernel drops SYNs and the clients retry after a second, a stall an
-    # object store does not have
-    request_queue_size = 256
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 class RangeServer:
@@ -145,38 +47,136 @@ class RangeServer:
         self.latency, self.drop_rate = latency, float(drop_rate)
         self.missing = set(missing)
         self.ignore_range = bool(ignore_range)
+        self.idle_timeout = idle_timeout
         self.last_headers: dict = {}
         self.requests = self.drops = self.ranged = self.sent = 0
         self.dropped = {"503": 0, "reset": 0}
         self._rng = random.Random(seed)
-        self._lock = threading.Lock()
-        handler = type("_IdleHandler", (_Handler,), {"timeout": idle_timeout}) if idle_timeout else _Handler
-        self._httpd = _Server(("127.0.0.1", port), handler)
-        self._httpd.daemon_threads = True
-        self._httpd.owner = self  # type: ignore[attr-defined]
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._loop = asyncio.new_event_loop()
+        sock = socket.create_server(("127.0.0.1", port), backlog=256)
+        self.port = sock.getsockname()[1]
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._client, sock=sock))
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
 
-    def _before_request(self):
-        with self._lock:
-            self.requests += 1
-            lat = self._rng.uniform(*self.latency) if isinstance(self.latency, tuple) else self.latency
-            drop = None
-            if self.drop_rate and self._rng.random() < self.drop_rate:
-                self.drops += 1
-                drop = "503" if self.drops % 2 else "reset"
-                self.dropped[drop] += 1
-        if lat:
-            time.sleep(lat)
-        return drop
+    # ------------------------------------------------------------------ one connection
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                try:
+                    raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.idle_timeout)
+                except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+                    return  # idle too long, the client went away, or an oversized request
+                lines = raw.decode("latin-1").split("\r\n")
+                try:
+                    method, target, _ = lines[0].split()
+                except ValueError:
+                    writer.write(self._answer(400, b"bad request", close=True))
+                    return
+                head = {}
+                for line in lines[1:]:
+                    k, sep, v = line.partition(":")
+                    if sep:
+                        head[k.strip()] = v.strip()
+                if not await self._serve(writer, method, target, head):
+                    return
+                await writer.drain()
+                if head.get("Connection", head.get("connection", "")).lower() == "close":
+                    return
+        except OSError:
+            return
+        finally:
+            writer.close()
 
+    @staticmethod
+    def _answer(status: int, body: bytes = b"", extra: str = "", close: bool = False, send_body: bool = True) -> bytes:
+        text = f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\nContent-Length: {len(body)}\r\n{extra}"
+        if close:
+            text += "Connection: close\r\n"
+        return text.encode("latin-1") + b"\r\n" + (body if send_body else b"")
+
+    async def _serve(self, writer: asyncio.StreamWriter, method: str, target: str, headers: dict) -> bool:
+        """Answer one request; False: the connection is to be closed."""
+        self.last_headers = headers
+        self.requests += 1
+        lat = self._rng.uniform(*self.latency) if isinstance(self.latency, tuple) else self.latency
+        drop = None
+        if self.drop_rate and self._rng.random() < self.drop_rate:
+            self.drops += 1
+            drop = "503" if self.drops % 2 else "reset"
+            self.dropped[drop] += 1
+        if lat:
+            await asyncio.sleep(lat)
+        if drop == "503":
+            writer.write(self._answer(503, b"try again"))
+            return True
+        if drop == "reset":  # close with a RST, no answer
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            writer.transport.abort()
+            return False
+        if method not in ("GET", "HEAD"):
+            writer.write(self._answer(405))
+            return True
+        name = unquote(target.split("?", 1)[0]).lstrip("/")
+        if name.startswith("redirect/"):
+            writer.write(self._answer(302, b"", f"Location: /{name[len('redirect/'):]}\r\n"))
+            return True
+        path = (self.root / name).resolve()
+        if name in self.missing or self.root not in path.parents or not path.is_file():
+            writer.write(self._answer(404, b"not found"))
+            return True
+        size = path.stat().st_size
+        start, end = 0, size  # [start, end)
+        rng = None if self.ignore_range else headers.get("Range", headers.get("range"))
+        if rng:
+            m = _RANGE.fullmatch(rng.strip())
+            if not m or (not m.group(1) and not m.group(2)):
+                writer.write(self._answer(416))
+                return True
+            if m.group(1):
+                start = int(m.group(1))
+                end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+            else:  # suffix: the last N bytes
+                start = max(0, size - int(m.group(2)))
+            if start >= size:
+                writer.write(self._answer(416, b"", f"Content-Range: bytes */{size}\r\n"))
+                return True
+            self.ranged += 1
+        with open(path, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start)
+        extra = "Accept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\n"
+        if rng:
+            extra += f"Content-Range: bytes {start}-{end - 1}/{size}\r\n"
+        writer.write(self._answer(206 if rng else 200, body, extra, send_body=method != "HEAD"))
+        if method != "HEAD":
+            self.sent += len(body)
+        return True
+
+    # ------------------------------------------------------------------ life
     def url(self, name: str = "") -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        async def stop():
+            self._server.close()
+            if hasattr(self._server, "close_clients"):  # Python 3.13+
+                self._server.close_clients()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # let them finish closing
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
 
     def __enter__(self) -> "RangeServer":
         return self

@@ -3,6 +3,7 @@
 
     python tools/bench_loader.py [--source shards] [--max-tokens 4096] [--workers 2] [--epochs 5]
     python tools/bench_loader.py --fill [bench_fill.py's options]   # = python tools/bench_fill.py
+    python tools/bench_loader.py --remote [bench_remote.py's options]   # = python tools/bench_remote.py
 
 Prints the packing fill (real tokens / budget; prefix tokens count as real) and images/s of the
 loaders in the same run, for two pipelines:
@@ -134,11 +135,17 @@ def main(argv=None) -> int:
                     help="also time the APT loaders over shards with member checksum verification off")
     ap.add_argument("--fill", action="store_true",
                     help="print tools/bench_fill.py's fill table instead (remaining arguments go to it)")
+    ap.add_argument("--remote", action="store_true",
+                    help="time local disk against HTTP instead: tools/bench_remote.py (remaining arguments go to it)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--fill" in argv:  # every other argument is bench_fill.py's
         from bench_fill import main as fill_main
 
         return fill_main([a for a in argv if a != "--fill"])
+    if "--remote" in argv:  # every other argument is bench_remote.py's
+        from bench_remote import main as remote_main
+
+        return remote_main([a for a in argv if a != "--remote"])
     args = ap.parse_args(argv)
     from bench_fill import augmented_transform, epoch_fills
 
