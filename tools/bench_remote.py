@@ -3,9 +3,10 @@
 
     python tools/bench_remote.py [--shards shards] [--latency 0.01] [--workers 2] [--epochs 5]
         [--max-tokens 4096] [--inflight 16] [--drop-rate 0] [--pipelines eval train] [--cache-dir DIR]
+    python tools/bench_loader.py --remote --source shards ...   # the same (--source: --shards)
 
 Starts the loopback object store of the tests (tests/http_server.py: Range requests, keep-alive,
-``--latency`` seconds slept before every answer) over ``--shards`` in a child process on 127.0.0.1,
+``--latency`` seconds waited before every answer) over ``--shards`` in a child process on 127.0.0.1,
 then times two pipelines (``--pipelines``), each over the local folder, over
 ``http://127.0.0.1:PORT/`` with the default requests in flight (``--inflight``, 16), and with none
 (one blocking ranged read per sample):
@@ -74,7 +75,8 @@ def timed_epoch(loader: APTLoader, server_pid: int) -> tuple[float, float, float
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shards", default=str(ROOT / "shards"), help="shard folder to serve and read (default: %(default)s)")
+    ap.add_argument("--shards", "--source", default=str(ROOT / "shards"),
+                    help="shard folder to serve and read (default: %(default)s)")
     ap.add_argument("--split", default="train", help="index to read (default: %(default)s)")
     ap.add_argument("--latency", type=float, default=0.01, help="seconds per request (default: %(default)s)")
     ap.add_argument("--drop-rate", type=float, default=0.0, help="share of requests failed (default: %(default)s)")
