@@ -8,10 +8,10 @@ on the same cores that decode, so each read-ahead thread owns one blocking conne
 alive and reused, speaks just the HTTP/1.1 a ranged GET needs (Content-Length, chunked and
 close-delimited bodies, redirects, TLS through `ssl`), and its socket waits release the GIL. The bytes
 it returns are checked by the shard reader against the index's sizes and CRC32C checksums.
-`apt_data.sources.remote.RemoteFiles` uses it for ``http://`` and ``https://`` shard URLs (unless
+`apt_data.sources.remote_files.RemoteFiles` uses it for ``http://`` and ``https://`` shard URLs (unless
 ``storage_options`` hold more than ``headers``); other schemes go through fsspec.
 
-Errors, as `remote._retrying` expects them: 404/410 raise `FileNotFoundError`, 401/403
+Errors, as `remote_files._retrying` expects them: 404/410 raise `FileNotFoundError`, 401/403
 `PermissionError` (permanent: not retried); other statuses `HTTPStatusError` (an OSError with
 ``status``); a broken connection, a malformed answer or a short body an `OSError` (transient: retried
 by the caller). A request on a reused connection that the server had closed meanwhile (idle
@@ -218,11 +218,12 @@ class HTTPRanges:
                 return body if "Range" not in headers else body[int(start or 0):None if end is None else int(end)]
             if status == 416:  # the range starts at or past the end
                 return b""
+            error = HTTPStatusError(url, status, reason)
             if status in (404, 410):
-                raise FileNotFoundError(f"{url}: HTTP {status} {reason}".rstrip())
+                raise FileNotFoundError(str(error))
             if status in (401, 403):
-                raise PermissionError(f"{url}: HTTP {status} {reason}".rstrip())
-            raise HTTPStatusError(url, status, reason)
+                raise PermissionError(str(error))
+            raise error
         raise HTTPStatusError(url, 310, "too many redirects")
 
     def close(self) -> None:
