@@ -32,6 +32,10 @@ Stages (fixed seed; every figure printed and written by this command):
    measured in this run on this machine, its ratio to vanilla's, and the analytic FLOP ratio
    (`apt_train.flops.vit_flops` / `timm_vit_flops` of the 224-px uniform grid).
 
+``--device cuda`` runs the features, evaluations, speed and fine-tunes on a GPU (bf16 autocast, the fastest
+attention backend there: flash-attn varlen where installed); ``--workers`` gives the fine-tunes loader
+processes and ``--finetune -1`` the whole train split (the GPU command is in docs/results/README.md).
+
 Every accuracy is given with its binomial standard error ``sqrt(p (1 - p) / n)``, n = val images.
 Writes ``OUTPUT/study.md`` (command, settings, table), ``OUTPUT/study.png`` (top-1 against tokens
 kept) and ``OUTPUT/study.json``. ``--quick``: a few images and one or two steps of every stage (the
@@ -71,7 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-images", type=int, default=None,
                     help="evaluate on the first N val images only (a stratified prefix; the split is unchanged)")
     ap.add_argument("--head-train", type=int, default=2000)
-    ap.add_argument("--finetune", type=int, default=1000, help="train images of the 1-epoch fine-tunes (0: skip)")
+    ap.add_argument("--finetune", type=int, default=1000,
+                    help="train images of the 1-epoch fine-tunes (0: skip; -1: the whole train split)")
     ap.add_argument("--grid", nargs="+", type=parse_pair, default=[(5.5, 4.0), (6.0, 4.5), (6.5, 5.0), (7.0, 5.5)])
     ap.add_argument("--ft-grid", nargs="*", type=parse_pair, default=[(6.0, 4.5), (6.5, 5.0)])
     ap.add_argument("--ft-lowres", action=argparse.BooleanOptionalAction, default=True,
@@ -84,6 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--head-wd", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=32, help="images per forward")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: features, evaluation, speed and fine-tunes")
+    ap.add_argument("--workers", type=int, default=0, help="loader worker processes of the fine-tunes")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="token budget of a fine-tune batch")
     ap.add_argument("--speed-images", type=int, default=16, help="images of each row's paired speed measurement")
     ap.add_argument("--speed-reps", type=int, default=2, help="alternations of vanilla and the row (minimum kept)")
     ap.add_argument("--seed", type=int, default=0)
@@ -109,14 +117,14 @@ def main(argv=None) -> int:
     labels_all = np.array([e[1] for e in entries])
     classes = int(labels_all.max()) + 1
     val_idx, train_idx = stratified_split(labels_all, args.val, args.seed)
-    head_idx, ft_idx = train_idx[:args.head_train], train_idx[:args.finetune]
+    head_idx, ft_idx = train_idx[:args.head_train], (train_idx if args.finetune < 0 else train_idx[:args.finetune])
     log(f"study: {MODEL} from {weights.name}; {data}: {len(entries)} images, {classes} classes; val {len(val_idx)}, "
         f"head-train {len(head_idx)}, fine-tune {len(ft_idx)} (stratified, seed {args.seed}); "
         f"{torch.get_num_threads()} threads")
     t0 = time.perf_counter()
     val_images = load_images([entries[i][0] for i in val_idx])
     val_labels = labels_all[val_idx].tolist()
-    vit = backbone(weights)
+    vit = backbone(weights).to(args.device)
     key = f"feat-{len(entries)}-v{len(val_idx)}-h{len(head_idx)}-s{args.seed}.npz"
     fpath = cache / key
     if fpath.is_file():
@@ -144,7 +152,7 @@ def main(argv=None) -> int:
     del clf, vit
     from apt_train.build import build_model
 
-    model = build_model(MODEL, checkpoint=str(start), image_size=SIZE)  # the path of train.py / evaluate.py
+    model = build_model(MODEL, checkpoint=str(start), image_size=SIZE).to(args.device)  # as train.py / evaluate.py
     timings["classifier"] = time.perf_counter() - t0
     log(f"head: train top-1 {train_acc:.1%}, val top-1 on cached features {feat_val_acc:.1%}; saved {start} "
         f"({timings['classifier']:.0f} s)")
@@ -199,7 +207,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         ftdir = subset_folder(data, [entries[i] for i in ft_idx], cache / "finetune-data")
         steps = 1 if args.quick else None
-        max_tokens = 600 if args.quick else 4096
+        max_tokens = 600 if args.quick else args.max_tokens
+        run_on = dict(device=args.device, workers=args.workers)
         lrs = [(args.ft_lr, f"fine-tuned (short, lr {args.ft_lr or 1e-6:g})")]
         if args.extra_lr:
             lrs.append((args.extra_lr, f"EXTRA fine-tuned (short, lr {args.extra_lr:g})"))
@@ -207,7 +216,7 @@ def main(argv=None) -> int:
             for th in [NEG] + list(args.ft_grid):
                 tag = "uniform" if th == NEG else f"{th[0]:g}-{th[1]:g}"
                 ftm, secs, nsteps = finetune(start, ftdir, th, cache / f"ft-{tag}-lr{lr or 'short'}", lr=lr,
-                                             steps=steps, max_tokens=max_tokens)
+                                             steps=steps, max_tokens=max_tokens, **run_on)
                 ft_info.append(dict(stage=stage, thresholds=tag, seconds=secs, steps=nsteps))
                 log(f"fine-tune {stage} {tag}: {nsteps} steps in {secs:.0f} s")
                 if th == NEG:
@@ -221,7 +230,7 @@ def main(argv=None) -> int:
                 if args.ft_lowres:  # the same recipe at the lower resolution with APT's token count
                     px = lowres_size(r["tokens_per_image"])
                     ftm, secs, nsteps = finetune(start, ftdir, NEG, cache / f"ft-lowres{px}-lr{lr or 'short'}", lr=lr,
-                                                 steps=steps, max_tokens=max_tokens, image_size=px)
+                                                 steps=steps, max_tokens=max_tokens, image_size=px, **run_on)
                     ft_info.append(dict(stage=stage, thresholds=f"lower resolution {px} px", seconds=secs, steps=nsteps))
                     log(f"fine-tune {stage} lower resolution {px} px: {nsteps} steps in {secs:.0f} s")
                     small = load_images([entries[i][0] for i in val_idx], px)
@@ -232,6 +241,12 @@ def main(argv=None) -> int:
 
     # ---- 4. report
     table = "\n".join([HEADER] + [fmt_row(r) for r in rows])
+    where = f"{torch.get_num_threads()} CPU threads"
+    if str(args.device).startswith("cuda"):
+        from apt_model import resolve_backend
+
+        where = (f"{torch.cuda.get_device_name(args.device)}, bf16 autocast, attention backend "
+                 f"`{resolve_backend('auto', torch.device(args.device), torch.bfloat16)}`")
     title = (f"DINOv2 ViT-S/14 + linear head, Imagenette val ({len(val_idx)} images), zero-shot and after 1 epoch")
     plot(rows, out / "study.png", title)
     settings = (f"- model: `{MODEL}` (DINOv2 ViT-S/14, `{weights.name}`), 224 px (16x16 grid of 14-px patches, 256 "
@@ -244,10 +259,10 @@ def main(argv=None) -> int:
                 f"token fraction (search directions {SCORER_BASE})\n"
                 f"- lower resolution: the image resized (bicubic) to the multiple of 14 px whose grid is closest to "
                 f"APT's mean token count; positions resampled (bicubic) as timm's `dynamic_img_size`\n"
-                f"- speed: model forward only (packing excluded), {torch.get_num_threads()} CPU threads, the first "
+                f"- speed: model forward only (packing excluded), {where}, the first "
                 f"{args.speed_images} val images of each row alternated with the vanilla 224-px batch of the same "
-                f"images {args.speed_reps} times, the fastest of each kept (a shared 2-core machine with other jobs "
-                f"running: pairing and the minimum reduce, but do not remove, their noise); speed vs vanilla = vanilla "
+                f"images {args.speed_reps} times after one warm-up, the fastest of each kept (pairing and the minimum "
+                f"reduce, but do not remove, the noise of other jobs on the machine); speed vs vanilla = vanilla "
                 f"time / row time; FLOPs vs vanilla = `vit_flops` / `timm_vit_flops` of the 224-px grid (analytic)\n"
                 f"- SE: binomial, sqrt(p(1-p)/n), n = {len(val_idx)}; Δ: the top-1 difference to vanilla (zero-shot) "
                 f"or to the same stage's vanilla control, on the same images, ± its paired SE (sd of the per-image "

@@ -65,15 +65,27 @@ def backbone(weights: Path, num_classes: int = 0):
     return m.eval()
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings on a GPU measure the work, not its launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def cls_features(model, images: list[np.ndarray], bs: int) -> np.ndarray:
+    """Final CLS features of the timm ``model`` (fp32, on the model's device) for 224-px uint8 images."""
+    dev = model_device(model)
     cfg = model.pretrained_cfg
-    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg["mean"], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=dev).view(1, 3, 1, 1)
     out = []
     for i in range(0, len(images), bs):
-        x = torch.from_numpy(np.stack(images[i:i + bs])).permute(0, 3, 1, 2).float() / 255
-        out.append(model((x - mean) / std).numpy())
+        x = torch.from_numpy(np.stack(images[i:i + bs])).to(dev).permute(0, 3, 1, 2).float() / 255
+        out.append(model((x - mean) / std).float().cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 
 
@@ -99,6 +111,14 @@ def fit_head(x: np.ndarray, y: np.ndarray, classes: int, wd: float, steps: int) 
 SPEED = dict(images=None, reps=2, n=16)  # set in main: the vanilla images paired with every row's timing
 
 
+def forward(model, batch) -> torch.Tensor:
+    """Logits of ``model`` for a packed batch, on the model's device (bf16 autocast on a GPU, as the
+    trainer evaluates)."""
+    dev = model_device(model)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        return model(batch.to(dev, non_blocking=True)).float()
+
+
 def paired_speed(model, images, cfg: APTConfig, layouts, resize_only: bool) -> dict:
     """Forward time of the row's batch of the first ``SPEED['n']`` images against the vanilla 224-px batch of
     the same images, alternated ``SPEED['reps']`` times; the minimum of each (robust to other jobs' load)."""
@@ -108,12 +128,17 @@ def paired_speed(model, images, cfg: APTConfig, layouts, resize_only: bool) -> d
     mb = pack_images(images[:n], cfg, num_prefix_tokens=model.num_prefix_tokens,
                      layouts=layouts[:n] if layouts is not None else None)
     tv, tm = [], []
+    dev = model_device(model)
+    vb, mb = vb.to(dev), mb.to(dev)
     with torch.no_grad():
+        forward(model, vb)  # warm-up (kernels, allocator) before anything is timed
         for _ in range(reps):
             for b, ro, ts in ((vb, False, tv), (mb, resize_only, tm)):
                 model.resize_only = ro
+                sync(dev)
                 t0 = time.perf_counter()
-                model(b)
+                forward(model, b)
+                sync(dev)
                 ts.append(time.perf_counter() - t0)
     model.resize_only = False
     return dict(images_per_s=mb.num_images / min(tm), vanilla_images_per_s=vb.num_images / min(tv),
@@ -133,10 +158,13 @@ def eval_rows(model, images, labels, cfg: APTConfig, *, layouts=None, resize_onl
                 lays = layouts[i:i + bs] if layouts is not None else [patchify(im, cfg) for im in imgs]
                 batch = pack_images(imgs, cfg, labels=labels[i:i + bs], num_prefix_tokens=model.num_prefix_tokens,
                                     layouts=lays)
+                dev = model_device(model)
+                sync(dev)
                 t0 = time.perf_counter()
-                logits = model(batch)
+                logits = forward(model, batch)
+                sync(dev)
                 times.append((time.perf_counter() - t0, len(imgs)))
-                hit = logits.argmax(1) == batch.labels
+                hit = logits.argmax(1).cpu() == batch.labels
                 hits += hit.int().tolist()
                 correct += int(hit.sum())
                 tokens += batch.num_real_tokens - batch.num_images * batch.num_prefix_tokens
@@ -185,10 +213,10 @@ def subset_folder(root: Path, entries, dest: Path) -> Path:
 
 
 def finetune(start: Path, data: Path, thresholds, out: Path, *, lr=None, steps=None, max_tokens=4096,
-             image_size: int = SIZE):
+             image_size: int = SIZE, device: str = "cpu", workers: int = 0):
     """1 epoch of the ``short`` recipe from ``start`` (`apt_train.Trainer`): ``(model, seconds, steps)``.
     A finished run in ``out`` (its ``done.json`` and checkpoint) is read back instead of trained again
-    (the runs are deterministic: seed 0, no worker processes)."""
+    (the runs are deterministic: seed 0; the model is returned on ``device``)."""
     import json
 
     from apt_train.build import build_model
@@ -199,12 +227,12 @@ def finetune(start: Path, data: Path, thresholds, out: Path, *, lr=None, steps=N
     done = out / "done.json"
     if done.is_file() and list_checkpoints(out):
         info = json.loads(done.read_text())
-        model = build_model(MODEL, checkpoint=str(list_checkpoints(out)[-1]), image_size=image_size)
+        model = build_model(MODEL, checkpoint=str(list_checkpoints(out)[-1]), image_size=image_size).to(device)
         log(f"fine-tune {out.name}: read back ({info['steps']} steps, trained in {info['seconds']:.0f} s)")
         return model, info["seconds"], info["steps"]
     cfg = TrainConfig(model=MODEL, checkpoint=str(start), data=str(data), val_data=None, image_size=image_size,
                       patch_size=PATCH, thresholds=tuple(thresholds), recipe="short", lr=lr, steps=steps,
-                      max_tokens=max_tokens, workers=0, output=str(out), device="cpu", save_every=0,
+                      max_tokens=max_tokens, workers=workers, output=str(out), device=device, save_every=0,
                       keep_checkpoints=1, quiet=True, log_every=10 ** 6, seed=0)
     t0 = time.perf_counter()
     res = Trainer(cfg).fit()
