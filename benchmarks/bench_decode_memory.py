@@ -4,8 +4,9 @@ bounded decode: one child process per case, each reporting ``resource.getrusage`
 
     .venv/bin/python benchmarks/bench_decode_memory.py [--size 224] [--keep DIR]
 
-Cases (written to a temporary folder first): a 12000x12000 flat-colour PNG (about 420 KB, what
-issue 24 found) and an 8000x8000 JPEG (a real photo, upscaled). Paths, each in its own child:
+Cases (written to a temporary folder first): a 12000x12000 flat-colour PNG (about 480 KB, what
+issue 24 found: 144 M pixels, over the default decode limit), a 9000x9000 one (81 M pixels, under
+it) and an 8000x8000 JPEG (a real photo, upscaled). Paths, each in its own child:
 ``full`` decodes at full size and then crops (the code before the bounded decode, kept as
 `apt_data.transforms._decoded` + `ImageTransform._augment`); ``bounded`` is `ImageTransform` now
 (reduced decode, the default ``max_pixels``); ``bounded, no limit`` sets ``max_pixels=None``. Each
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PHOTO = ROOT / "tests" / "data" / "images" / "n01440764_tench.JPEG"
-CASES = {"png12k": "12000x12000 PNG", "jpeg8k": "8000x8000 JPEG"}
+CASES = {"png12k": "12000x12000 PNG", "png9k": "9000x9000 PNG", "jpeg8k": "8000x8000 JPEG"}
 PATHS = ("full", "bounded", "bounded, no limit")
 
 
@@ -39,9 +40,10 @@ def make_cases(folder: Path) -> dict[str, Path]:
         d = folder / case / "c"
         d.mkdir(parents=True, exist_ok=True)
         out[case] = folder / case
-        if case == "png12k":
-            im = Image.new("RGB", (12000, 12000), (90, 140, 200))
-            ImageDraw.Draw(im).ellipse((3000, 3000, 9000, 9000), fill=(200, 120, 40))
+        if case.startswith("png"):
+            side = int(case[3:-1]) * 1000
+            im = Image.new("RGB", (side, side), (90, 140, 200))
+            ImageDraw.Draw(im).ellipse((side // 4, side // 4, 3 * side // 4, 3 * side // 4), fill=(200, 120, 40))
             im.save(d / "big.png")
         else:
             with Image.open(PHOTO) as p:
@@ -58,7 +60,7 @@ def child(folder: str, path: str, size: int) -> None:
     import shutil
 
     from apt_data import APTConfig
-    from apt_data.pipeline import SamplePipeline
+    from apt_data.pipeline import SamplePipeline, skip_reason
     from apt_data.sources.folder import FolderSource
     from apt_data.transforms import ImageTransform, _decoded
 
@@ -82,7 +84,7 @@ def child(folder: str, path: str, size: int) -> None:
         img, layout, _ = pipe.load(0, 0)
         result = f"{img.shape[1]}x{img.shape[0]}, {len(layout)} tokens"
     except ValueError as e:
-        result = f"skipped: {e}"
+        result = f"skipped, {skip_reason(e)}: {e}"
     print(json.dumps({"peak_mb": maxrss_mb(), "rise_mb": maxrss_mb() - base, "result": result}))
 
 
