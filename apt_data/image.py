@@ -10,7 +10,8 @@ import io
 import math
 import os
 import struct
-from typing import Optional, Union
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -95,6 +96,78 @@ def _crop_to_multiple(arr: np.ndarray, multiple: int, label: str) -> np.ndarray:
     return np.ascontiguousarray(arr[top:top + nh, left:left + nw])
 
 
+#: The most pixels that augmentation (`decode_reduced`) decodes of one image, after libjpeg's draft
+#: reduction: Pillow's default ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485, about 268 MB as RGB). Pillow only
+#: warns between 1x and 2x its limit and refuses above 2x (before any decoding, whatever the format); a
+#: larger image is refused here as `ImageTooLarge`, a sample the loader skips and counts as "too large".
+MAX_DECODE_PIXELS = 89_478_485
+
+_I16_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+class ImageTooLarge(ValueError):
+    """An image that would decode to more pixels than allowed (`MAX_DECODE_PIXELS`): bad data, which a
+    loader skips and counts under its ``reason``."""
+
+    reason = "too large"
+
+
+class Decoded(NamedTuple):
+    """What `decode_reduced` returns: ``pixels`` (uint8 HxWx3), the image's ``full_size`` ``(H, W)``
+    before reduction, and ``scale``: ``pixels`` pixels per full-size pixel (the same on both axes)."""
+
+    pixels: np.ndarray
+    full_size: tuple[int, int]
+    scale: float
+
+
+def _label(source: Union[PathLike, bytes], name: Optional[str]) -> str:
+    return name or (f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source))
+
+
+@contextmanager
+def _decode_errors(label: str) -> Iterator[None]:
+    """Re-raise whatever decoding ``label`` raises as a ``ValueError`` naming the file and what is wrong."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        yield
+    except UnidentifiedImageError:
+        raise ValueError(f"{label}: not an image PIL can decode") from None
+    except ValueError as e:  # ours, labelled already, or PIL's own (e.g. "Truncated IHDR chunk")
+        if str(e).startswith(f"{label}: "):
+            raise
+        raise ValueError(f"{label}: cannot decode image (ValueError: {e})") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{label}: cannot decode image (decompression bomb: {e})") from None
+    except MemoryError:
+        raise ValueError(f"{label}: cannot decode image (out of memory: image too large)") from None
+    except (OSError,) + _PIL_DATA_ERRORS as e:
+        raise ValueError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def _open(source: Union[PathLike, bytes], label: str):
+    """``PIL.Image.open`` of a path or encoded bytes (reads the header only); an empty file is a ValueError."""
+    from PIL import Image
+
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) == 0:
+            raise ValueError(f"{label}: empty file (0 bytes)")
+        return Image.open(io.BytesIO(source))
+    if os.path.getsize(source) == 0:
+        raise ValueError(f"{label}: empty file (0 bytes)")
+    return Image.open(source)
+
+
+def _rgb(im):
+    """``im`` as an RGB PIL image: 16-bit scaled to 8 (`to_rgb_uint8`), gray repeated, alpha dropped."""
+    from PIL import Image
+
+    if im.mode in _I16_MODES:
+        return Image.fromarray(to_rgb_uint8(np.asarray(im).astype(np.uint16)))
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, crop: bool = True,
                  multiple: Optional[int] = None, name: Optional[str] = None, crop_pct: float = 1.0,
                  exif_transpose: bool = False) -> np.ndarray:
@@ -120,9 +193,9 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
     PIL only warns, ``DecompressionBombWarning``, and the image is decoded) or too large to fit in
     memory.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
-    label = name or (f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source))
+    label = _label(source, name)
     if size is None and multiple is not None:
         return _crop_to_multiple(decode_image(source, name=label, crop_pct=crop_pct, exif_transpose=exif_transpose),
                                  multiple, label)
@@ -131,56 +204,90 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
         raise ValueError(f"{label}: crop_pct must be in (0, 1], got {crop_pct}")
     if size is not None and (size <= 0 or (crop and size % multiple)):
         raise ValueError(f"{label}: size {size} must be positive" + (f" and a multiple of {multiple}" if crop else ""))
-    try:
-        if isinstance(source, (bytes, bytearray)):
-            if len(source) == 0:
-                raise ValueError(f"{label}: empty file (0 bytes)")
-            fp = io.BytesIO(source)
-        else:
-            if os.path.getsize(source) == 0:
-                raise ValueError(f"{label}: empty file (0 bytes)")
-            fp = source
-        with Image.open(fp) as im:
-            if size is not None and im.format == "JPEG":
-                w, h = im.size
-                scale = size / crop_pct / min(w, h)
-                im.draft("RGB", (max(1, int(w * scale * 2)), max(1, int(h * scale * 2))))
-            im.load()
-            if exif_transpose:
-                im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = to_rgb_uint8(np.asarray(im).astype(np.uint16))
-                if size is None:
-                    return arr
-                im = Image.fromarray(arr)
-            elif im.mode != "RGB":
-                im = im.convert("RGB")
-            if size is None:
-                return np.ascontiguousarray(np.asarray(im))
+    with _decode_errors(label), _open(source, label) as im:
+        if size is not None and im.format == "JPEG":
             w, h = im.size
-            if crop:
-                short = max(size, math.floor(size / crop_pct))
-                scale = short / min(w, h)
-                nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
-                im = im.resize((nw, nh), Image.BICUBIC)
-                left, top = (nw - size) // 2, (nh - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-            else:
-                short = max(multiple, round(size / multiple) * multiple)
-                scale = short / min(w, h)
-                nw = max(multiple, round(w * scale / multiple) * multiple)
-                nh = max(multiple, round(h * scale / multiple) * multiple)
-                im = im.resize((nw, nh), Image.BICUBIC)
+            scale = size / crop_pct / min(w, h)
+            im.draft("RGB", (max(1, int(w * scale * 2)), max(1, int(h * scale * 2))))
+        im.load()
+        if exif_transpose:
+            im = ImageOps.exif_transpose(im)
+        im = _rgb(im)
+        if size is None:
             return np.ascontiguousarray(np.asarray(im))
-    except UnidentifiedImageError:
-        raise ValueError(f"{label}: not an image PIL can decode") from None
-    except ValueError as e:  # ours, labelled already, or PIL's own (e.g. "Truncated IHDR chunk")
-        if str(e).startswith(f"{label}: "):
-            raise
-        raise ValueError(f"{label}: cannot decode image (ValueError: {e})") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{label}: cannot decode image (decompression bomb: {e})") from None
-    except MemoryError:
-        raise ValueError(f"{label}: cannot decode image (out of memory: image too large)") from None
-    except (OSError,) + _PIL_DATA_ERRORS as e:
-        raise ValueError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from None
+        w, h = im.size
+        if crop:
+            short = max(size, math.floor(size / crop_pct))
+            scale = short / min(w, h)
+            nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
+            im = im.resize((nw, nh), Image.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        else:
+            short = max(multiple, round(size / multiple) * multiple)
+            scale = short / min(w, h)
+            nw = max(multiple, round(w * scale / multiple) * multiple)
+            nh = max(multiple, round(h * scale / multiple) * multiple)
+            im = im.resize((nw, nh), Image.BICUBIC)
+        return np.ascontiguousarray(np.asarray(im))
+
+
+def decode_reduced(source: Union[PathLike, bytes], scale_for: Callable[[int, int], float], *,
+                   name: Optional[str] = None, exif_transpose: bool = False,
+                   max_pixels: Optional[int] = MAX_DECODE_PIXELS) -> Decoded:
+    """Decode an image reduced as far as ``scale_for(width, height)`` allows (<= 1: the output may have
+    that fraction of the full size per side, not less), in bounded memory: what augmentation decodes
+    before its random crop (`apt_data.transforms.ImageTransform`).
+
+    A JPEG is draft-decoded (libjpeg's DCT scaling by 1/2, 1/4 or 1/8); any other format (PNG, ...)
+    is decoded at full size, then reduced by the largest integer factor the scale allows
+    (``Image.reduce``, a box filter) and converted to RGB a band of rows at a time, so no second
+    full-size copy is ever made. Whatever would decode to more than ``max_pixels`` pixels (after the
+    draft; None: no limit but Pillow's) raises `ImageTooLarge` naming the file, before decoding.
+    ``exif_transpose`` and the errors are those of `decode_image`.
+    """
+    from PIL import ImageOps
+
+    label = _label(source, name)
+    with _decode_errors(label), _open(source, label) as im:
+        full_w, full_h = im.size
+        scale = min(1.0, float(scale_for(full_w, full_h)))
+        draft = 1  # libjpeg's scaling denominator
+        if im.format == "JPEG" and scale < 1:
+            drafted = im.draft("RGB", (max(1, math.ceil(full_w * scale)), max(1, math.ceil(full_h * scale))))
+            draft = 1 if drafted is None else round(full_w / drafted[1][2])  # box: the full size / denominator
+        if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+            raise ImageTooLarge(f"{label}: a {full_w}x{full_h} image decodes to {im.size[0]}x{im.size[1]} pixels, more "
+                                f"than the decode limit of {max_pixels:,} (ImageTransform(max_pixels=...), "
+                                "apt_data.image.MAX_DECODE_PIXELS)")
+        orientation = im.getexif().get(0x0112, 1) if exif_transpose else 1
+        im.load()
+        k = max(1, min(math.floor(1 / (scale * draft)), im.size[0], im.size[1]))
+        out = _reduced_rgb(im, k)
+        if orientation != 1:
+            out.info["exif"] = im.getexif().tobytes()
+            out = ImageOps.exif_transpose(out)
+            if out.size != _reduced_size(im.size, k):  # rotated a quarter turn
+                full_w, full_h = full_h, full_w
+        return Decoded(np.ascontiguousarray(np.asarray(out)), (full_h, full_w), 1.0 / (draft * k))
+
+
+def _reduced_size(size: tuple[int, int], k: int) -> tuple[int, int]:
+    return size[0] // k, size[1] // k
+
+
+def _reduced_rgb(im, k: int):
+    """``im`` (loaded, any mode) reduced ``k`` times (box filter over whole ``k x k`` blocks: a partial
+    last row or column of blocks is left out, so pixel ``i`` covers full-size pixels ``[i k, (i+1) k)``)
+    and converted with `_rgb`, a band of about 4 M pixels at a time."""
+    from PIL import Image
+
+    if k == 1 and im.mode == "RGB":
+        return im
+    w, h = _reduced_size(im.size, k)
+    out = Image.new("RGB", (w, h))
+    rows = max(1, (1 << 22) // (w * k * k))  # output rows a band
+    for top in range(0, h, rows):
+        band = _rgb(im.crop((0, top * k, w * k, min(h, top + rows) * k)))
+        out.paste(band.reduce(k) if k > 1 else band, (0, top))
+    return out

@@ -5,24 +5,40 @@ their images here, so a folder gives the same labels whichever way it is read.
 """
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 PathLike = Union[str, os.PathLike]
+
+log = logging.getLogger("apt_data.listing")
 
 #: Image files listed by `list_image_folder` (torchvision's ImageFolder extensions).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-__all__ = ["IMAGE_EXTENSIONS", "list_image_folder", "read_file_list"]
+__all__ = ["IMAGE_EXTENSIONS", "describe_left_out", "list_image_folder", "read_file_list"]
 
 
-def list_image_folder(root: PathLike) -> list[tuple[Path, int, str]]:
+def describe_left_out(left_out: Counter) -> str:
+    """``3 non-image files left out (.gif 2, .txt 1)``: files of a folder with no image extension, by
+    extension (``(none)`` for a name without one), most frequent first."""
+    n = sum(left_out.values())
+    by_ext = ", ".join(f"{ext or '(none)'} {c}" for ext, c in sorted(left_out.items(), key=lambda t: (-t[1], t[0])))
+    return f"{n} non-image file{'s' if n != 1 else ''} left out ({by_ext})"
+
+
+def list_image_folder(root: PathLike, left_out: Optional[Counter] = None) -> list[tuple[Path, int, str]]:
     """``(path, label, class_name)`` for every image of an ImageNet-layout folder.
 
     One sub-folder per class; classes sorted by name give labels 0..C-1 (torchvision's
     ImageFolder order, which for wnid folders is also ImageNet-1k's label order); images are
     found recursively by extension (`IMAGE_EXTENSIONS`), sorted. Hidden entries are ignored.
+
+    Other files (``.gif``, ``.txt``, ...) are left out, and counted by lower-case extension: into
+    ``left_out`` when given (the caller reports them, as `build_shards`'s summary does), else in
+    one warning naming the folder.
     """
     root = Path(root)
     if not root.is_dir():
@@ -30,14 +46,20 @@ def list_image_folder(root: PathLike) -> list[tuple[Path, int, str]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root}: no class sub-folders (expected ImageNet layout root/<class>/<image>)")
-    out = []
+    out, dropped = [], Counter()
     for label, cls in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / cls):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in sorted(filenames):
-                if not fn.startswith(".") and fn.lower().endswith(IMAGE_EXTENSIONS):
+            for fn in sorted(f for f in filenames if not f.startswith(".")):
+                if fn.lower().endswith(IMAGE_EXTENSIONS):
                     out.append((Path(dirpath) / fn, label, cls))
+                else:
+                    dropped[os.path.splitext(fn)[1].lower()] += 1
     out.sort(key=lambda t: (t[1], str(t[0])))
+    if left_out is not None:
+        left_out.update(dropped)
+    elif dropped:
+        log.warning("%s: %s: only %s are listed", root, describe_left_out(dropped), " ".join(IMAGE_EXTENSIONS))
     if not out:
         raise ValueError(f"{root}: no images with extensions {IMAGE_EXTENSIONS}")
     return out

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .image import decode_image, to_rgb_uint8
+from .image import MAX_DECODE_PIXELS, decode_image, decode_reduced, to_rgb_uint8
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,12 @@ class ImageTransform:
     probability ``re_prob`` filled with ``fill`` (the model's mean colour: zero after normalisation).
     ``exif_transpose``: apply encoded images' EXIF orientation when decoding; off by default, as in
     timm and torchvision.
+
+    Memory (train): an encoded image is decoded reduced as far as its smallest possible random crop
+    allows (`decode_scale`; JPEGs by libjpeg's draft mode), and one that would decode to more than
+    ``max_pixels`` pixels is bad data (`apt_data.image.ImageTooLarge`, skipped and counted as "too
+    large"; None: only Pillow's limit). The crop is drawn in the full image's coordinates, as without
+    the reduction.
 
     Errors: input that cannot be decoded raises ``ValueError`` (bad data: a loader skips the sample);
     a failure of the augmentation of a decoded image raises `AugmentationError`, a ``RuntimeError``
@@ -50,6 +56,7 @@ class ImageTransform:
     re_prob: float = 0.0
     fill: tuple[int, int, int] = (128, 128, 128)
     exif_transpose: bool = False
+    max_pixels: Optional[int] = MAX_DECODE_PIXELS
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % self.multiple:
@@ -76,20 +83,42 @@ class ImageTransform:
         if not self.augment:
             return decode_image(_encoded(data, name), self.size, crop=not self.keep_aspect, multiple=self.multiple,
                                 name=name or None, crop_pct=self.crop_pct, exif_transpose=self.exif_transpose)
-        pixels = _decoded(data, name, self.exif_transpose)  # ValueError: bad data
+        pixels, full_size, scale = self._decode(data, name)  # ValueError: bad data
         try:
-            return self._augment(pixels, seed)
+            return self._augment(pixels, seed, full_size, scale)
         except Exception as e:  # our code or timm's on a valid image: a bug, never a skipped sample
             raise AugmentationError(f"{name or 'image'}: augmentation failed on a decoded {pixels.shape} image "
                                     f"(seed {seed}): {type(e).__name__}: {e}") from e
 
-    def _augment(self, pixels: np.ndarray, seed: int) -> np.ndarray:
+    def decode_scale(self, width: int, height: int) -> float:
+        """How far (a fraction per side, <= 1) a ``width x height`` image may be reduced before the random
+        crop: the smallest crop `_crop_box` can draw (area ``scale[0]``, the extreme ``ratio``) keeps at
+        least ``2 * size`` pixels a side, as `decode_image` keeps twice the output size for eval."""
+        smallest = min(width, height, math.sqrt(width * height * self.scale[0] * min(self.ratio[0], 1 / self.ratio[1])))
+        return min(1.0, 2 * self.size / max(1.0, smallest))
+
+    def _decode(self, data: Any, name: str) -> tuple[np.ndarray, tuple[int, int], float]:
+        """``(pixels, full (H, W), pixels per full-size pixel)`` to augment: encoded data decoded reduced
+        (`decode_reduced`), decoded data as it is."""
+        if isinstance(data, (bytes, bytearray, str, os.PathLike)):
+            return decode_reduced(data, self.decode_scale, name=name or None, exif_transpose=self.exif_transpose,
+                                  max_pixels=self.max_pixels)
+        pixels = _decoded(data, name, self.exif_transpose)
+        return pixels, pixels.shape[:2], 1.0
+
+    def _augment(self, pixels: np.ndarray, seed: int, full_size: Optional[tuple[int, int]] = None,
+                 scale: float = 1.0) -> np.ndarray:
+        """``pixels`` augmented; ``full_size``/``scale``: the crop is drawn at ``full_size`` and mapped
+        onto ``pixels`` by ``scale`` (a reduced decode, `_decode`)."""
         from PIL import Image
 
         rng = np.random.default_rng(seed)
         img = Image.fromarray(pixels)
-        top, left, h, w = self._crop_box(img.height, img.width, rng)
-        img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        top, left, h, w = self._crop_box(*(full_size or (img.height, img.width)), rng)
+        box = (left, top, left + w, top + h)
+        if scale != 1.0:
+            box = tuple(min(v * scale, lim) for v, lim in zip(box, img.size * 2))
+        img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
         if rng.random() < self.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.auto_augment:

@@ -17,13 +17,14 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 from ..config import APTConfig
 from ..io import atomic_write_bytes
-from ..listing import list_image_folder, read_file_list
+from ..listing import describe_left_out, list_image_folder, read_file_list
 from .encode import SourceError, encode_sample, sample_meta
 from .errors import ShardDataError, ShardStats
 from .format import FORMAT_VERSION
@@ -70,13 +71,15 @@ class BuildResult:
     resumed: int
     stats: ShardStats = field(default_factory=ShardStats)
     seconds: float = 0.0
+    left_out: Counter = field(default_factory=Counter)  # the source folder's non-image files, by extension
 
     def summary(self) -> str:
-        """``N samples in S shards (B built, R already complete); kept ..., skipped ...; index PATH``
-        (a part of a split build: ``...; no index: merge the parts``)."""
+        """``N samples in S shards (B built, R already complete); kept ..., skipped ...[; 2 non-image
+        files left out (.gif 2)]; index PATH`` (a part of a split build: ``...; no index: merge the parts``)."""
         where = f"index {self.index_path}" if self.index_path is not None else "no index: merge the parts (--merge)"
+        dropped = f"; {describe_left_out(self.left_out)}" if self.left_out else ""
         return (f"{self.num_samples} samples in {self.num_shards} shards ({self.built} built, {self.resumed} "
-                f"already complete); {self.stats.summary()}; {where}")
+                f"already complete); {self.stats.summary()}{dropped}; {where}")
 
 
 def _digest(*parts: str) -> str:
@@ -103,16 +106,18 @@ def load_class_table(path: Optional[PathLike]) -> dict[str, tuple[int, str]]:
 
 
 def plan_samples(src: Path, *, limit_per_class: Optional[int], skip_per_class: int, seed: int,
-                 shuffle: bool) -> tuple[list[tuple[Path, str, str, int, str]], dict[int, str]]:
+                 shuffle: bool, left_out: Optional[Counter] = None
+                 ) -> tuple[list[tuple[Path, str, str, int, str]], dict[int, str]]:
     """Pick and order the samples: ``[(path, source name, key, label, class)]`` and label -> class.
 
     Per class, files are ranked by sha256(seed, name) and ``[skip : skip + limit]`` taken, so
     disjoint splits come from the same seed with different skips, and adding files elsewhere does
     not change a pick. Then the order is the sorted one, or a seeded hash order (``shuffle``)
-    so every shard mixes classes. Keys are unique.
+    so every shard mixes classes. Keys are unique. ``left_out``: counts a folder's non-image files
+    (`list_image_folder`).
     """
     src = Path(src)
-    entries, base = (list_image_folder(src), src) if src.is_dir() else (read_file_list(src), src.parent)
+    entries, base = (list_image_folder(src, left_out), src) if src.is_dir() else (read_file_list(src), src.parent)
     classes: dict[int, str] = {}
     by_label: dict[int, list] = {}
     for path, label, cls in entries:
@@ -304,8 +309,9 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
         raise ValueError("shard_size and image_size must be positive")
     if not re.match(r"^[A-Za-z0-9_\-]+$", prefix):
         raise ValueError(f"prefix {prefix!r}: letters, digits, '_' and '-' only")
+    left_out: Counter = Counter()
     samples, classes = plan_samples(src, limit_per_class=limit_per_class, skip_per_class=skip_per_class,
-                                    seed=seed, shuffle=shuffle)
+                                    seed=seed, shuffle=shuffle, left_out=left_out)
     if not samples:
         raise ValueError(f"{src}: no samples selected")
     class_table = load_class_table(classes_tsv)
@@ -350,7 +356,7 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
                     stats.skip(side["shard"], s["key"], s["reason"], f"{s['source']}: {s['detail']}")
             stats.samples = num
             res = BuildResult(out=out, index_path=None, num_samples=num, num_shards=len(mine), built=len(pending),
-                              resumed=resumed, stats=stats, seconds=time.perf_counter() - t0)
+                              resumed=resumed, stats=stats, seconds=time.perf_counter() - t0, left_out=left_out)
             log.debug("build_shards: %s: %s", out, res.summary())
             (out / f".{prefix}.part-{part}-of-{num_parts}.lock").unlink(missing_ok=True)
             return res
@@ -377,6 +383,7 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
     finally:
         os.close(lock)
     res = BuildResult(out=out, index_path=index_path, num_samples=table.num_rows, num_shards=len(tasks),
-                      built=len(pending), resumed=resumed, stats=stats, seconds=time.perf_counter() - t0)
+                      built=len(pending), resumed=resumed, stats=stats, seconds=time.perf_counter() - t0,
+                      left_out=left_out)
     log.debug("build_shards: %s: %s", out, res.summary())  # the caller prints it (tools/make_shards.py)
     return res
