@@ -65,7 +65,7 @@ def test_augmentation_errors_raise_and_bad_data_stays_value_error(tmp_path, monk
     with pytest.raises(ValueError, match="bad.jpg.*not an image"):
         tr(b"not an image", name="bad.jpg", seed=1)
 
-    def broken(self, pixels, seed):
+    def broken(self, pixels, seed, mask=None):
         raise ValueError("bits must be between or equal to 1 and 8")
 
     monkeypatch.setattr(ImageTransform, "_augment", broken)
