@@ -24,8 +24,11 @@ IGNORE_INDEX = 255
 #: What a mask can be given as: PNG bytes or a path, a PIL image (``L``/``P``/``1``), a uint8 HxW array.
 MaskData = Union[bytes, str, os.PathLike, np.ndarray, Any]
 
-__all__ = ["IGNORE_INDEX", "MaskData", "MaskLabels", "check_mask", "decode_mask", "encode_mask", "pack_masks",
-           "unpack_masks"]
+#: File types a mask folder is searched for (lossless only: a JPEG mask would blur its class ids).
+MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".pgm", ".ppm")
+
+__all__ = ["IGNORE_INDEX", "MASK_EXTENSIONS", "MaskData", "MaskLabels", "batch_masks", "check_mask", "decode_mask", "encode_mask",
+           "find_mask_layout", "pack_masks", "pair_masks", "unpack_masks"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,17 @@ def pack_masks(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, tup
     return flat, offsets, sizes
 
 
+def batch_masks(masks: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]],
+                keys: Sequence[str] = ()) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]:
+    """The masks of a batch's images checked against their sizes and packed: ``(flat, sizes)``."""
+    if len(masks) != len(image_sizes):
+        raise ValueError(f"got {len(masks)} masks for {len(image_sizes)} images")
+    for b, (m, size) in enumerate(zip(masks, image_sizes)):
+        check_mask(m, size, f"mask of image {b} ({keys[b] if b < len(keys) else b})")
+    flat, _, sizes = pack_masks(masks)
+    return flat, sizes
+
+
 def unpack_masks(flat: Any, sizes: Sequence[tuple[int, int]]) -> list:
     """The per-image masks (views) of a flat array packed by `pack_masks` (NumPy array or tensor)."""
     out, start = [], 0
@@ -171,3 +185,40 @@ def unpack_masks(flat: Any, sizes: Sequence[tuple[int, int]]) -> list:
         out.append(flat[start:start + h * w].reshape(h, w))
         start += h * w
     return out
+
+
+def pair_masks(images: Union[str, os.PathLike], masks: Union[str, os.PathLike]) -> list[tuple[Any, Any]]:
+    """``[(image path, mask path)]`` for every image under ``images`` (recursively, sorted), its mask
+    the file of the same relative path and stem under ``masks`` (a `MASK_EXTENSIONS` file:
+    ``images/a/x.jpg`` pairs with ``masks/a/x.png``). An image without a mask is an error naming it."""
+    from pathlib import Path
+
+    from .listing import IMAGE_EXTENSIONS
+
+    images, masks = Path(images), Path(masks)
+    for d in (images, masks):
+        if not d.is_dir():
+            raise ValueError(f"{d}: not a directory")
+    found = {}
+    for p in masks.rglob("*"):
+        if p.suffix.lower() in MASK_EXTENSIONS and not p.name.startswith("."):
+            found.setdefault(p.relative_to(masks).with_suffix("").as_posix(), p)
+    pairs, missing = [], []
+    for p in sorted(images.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file():
+            m = found.get(p.relative_to(images).with_suffix("").as_posix())
+            (missing if m is None else pairs).append(p if m is None else (p, m))
+    if missing:
+        raise ValueError(f"{missing[0]}: no mask {masks / missing[0].relative_to(images).with_suffix('.png')} "
+                         f"({len(missing)} of {len(missing) + len(pairs)} images have none)")
+    if not pairs:
+        raise ValueError(f"{images}: no images with extensions {IMAGE_EXTENSIONS}")
+    return pairs
+
+
+def find_mask_layout(root: Union[str, os.PathLike], split: str = "train") -> Optional[tuple[Any, Any]]:
+    """``(root/images/<split>, root/annotations/<split>)`` when ``root`` has ADE20K's folder layout, else None."""
+    from pathlib import Path
+
+    images, masks = Path(root) / "images" / split, Path(root) / "annotations" / split
+    return (images, masks) if images.is_dir() and masks.is_dir() else None
