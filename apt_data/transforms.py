@@ -122,7 +122,7 @@ class ImageTransform:
         """The eval geometry (keep_aspect or resize_scale) on the image and its mask."""
         h, w = pixels.shape[:2]
         oh, ow = self.output_size(w, h)
-        return _resample(pixels, mask, (0, 0, w, h), (ow, oh), False)
+        return resample_pair(pixels, mask, (0, 0, w, h), (ow, oh), False)
 
     def _augment(self, pixels: np.ndarray, seed: int, mask: Optional[np.ndarray] = None):
         rng = np.random.default_rng(seed)
@@ -130,7 +130,7 @@ class ImageTransform:
             img, mask = self._resize_crop(pixels, mask, rng)
         else:
             top, left, h, w = self._crop_box(*pixels.shape[:2], rng)
-            img, mask = _resample(pixels, mask, (left, top, left + w, top + h), (self.size, self.size),
+            img, mask = resample_pair(pixels, mask, (left, top, left + w, top + h), (self.size, self.size),
                                   rng.random() < self.hflip)
         if self.auto_augment:
             from PIL import Image
@@ -154,7 +154,7 @@ class ImageTransform:
         ch, cw = min(self.size, nh), min(self.size, nw)
         top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
         if mask is not None and self.cat_max_ratio < 1.0:
-            scaled = _resample(mask, None, (0, 0, w, h), (nw, nh), False, nearest=True)[0]
+            scaled = resample_pair(mask, None, (0, 0, w, h), (nw, nh), False, nearest=True)[0]
             for _ in range(10):
                 counts = np.bincount(scaled[top:top + ch, left:left + cw].ravel(), minlength=256)
                 counts[self.ignore_index] = 0
@@ -163,7 +163,7 @@ class ImageTransform:
                 top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
         sx, sy = w / nw, h / nh
         box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-        img, mask = _resample(pixels, mask, box, (cw, ch), rng.random() < self.hflip)
+        img, mask = resample_pair(pixels, mask, box, (cw, ch), rng.random() < self.hflip)
         if (ch, cw) != (self.size, self.size):  # mmseg pads after normalising, with 0: the mean colour here
             img = _pad(img, self.size, np.asarray(self.fill, np.uint8))
             mask = None if mask is None else _pad(mask, self.size, self.ignore_index)
@@ -209,7 +209,7 @@ class AugmentationError(RuntimeError):
     ``RuntimeError``, so loaders raise it instead of skipping the sample as they do ``ValueError``."""
 
 
-def _resample(pixels: np.ndarray, mask: Optional[np.ndarray], box: tuple, size: tuple[int, int], flip: bool,
+def resample_pair(pixels: np.ndarray, mask: Optional[np.ndarray], box: tuple, size: tuple[int, int], flip: bool,
               nearest: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """The one geometric step of every transform: the source ``box`` (left, top, right, bottom) of
     the image resized to ``size`` (W, H) bicubic (``nearest``: nearest), and of its mask nearest,
