@@ -29,7 +29,8 @@ Fields (S = ``num_scales``, p = ``patch_size``, T_s = tokens of scale s in the w
   ``1 - mix_lam[b]`` of ``mix_labels[b]`` (an unmixed image: its own label, ``lam = 1``).
   `soft_targets` turns them into timm's soft target rows.
 - ``masks``: uint8 ``[sum_b H_b * W_b]`` or None: the segmentation masks of the B images (class
-  ids, 255 ignored), each ``mask_sizes[b]`` (H, W) (its image's size), concatenated in image order
+  ids, 255 ignored), each ``mask_sizes[b]`` (H, W) (its image's size, or its original size with an eval
+  transform's ``keep_mask_size``), concatenated in image order
   (`apt_data.masks.pack_masks`); ``mask(b)`` is image b's ``[H, W]`` view, ``padded_masks()`` all of
   them in one ``[B, H_max, W_max]`` tensor padded with 255. ``mask_sizes``: Python ints.
 - ``keys``: sample keys of the B images (may be empty); ``skipped`` / ``skip_reasons``: keys of
@@ -123,14 +124,15 @@ class PackedBatch:
             out[b, :h, :w] = self.mask(b)
         return out
 
-    def with_masks(self, masks) -> "PackedBatch":
-        """This batch carrying ``masks``: uint8 HxW arrays, one per image, each its image's size (or
-        such a list already packed, ``(flat, sizes)``, by `apt_data.masks.batch_masks`)."""
+    def with_masks(self, masks, same_size: bool = True) -> "PackedBatch":
+        """This batch carrying ``masks``: uint8 HxW arrays, one per image, each its image's size
+        (``same_size=False``: any size, e.g. the original one), or such a list already packed,
+        ``(flat, sizes)``, by `apt_data.masks.batch_masks`."""
         import torch
 
         from .masks import batch_masks
 
-        flat, sizes = masks if isinstance(masks, tuple) else batch_masks(masks, self.image_sizes, self.keys)
+        flat, sizes = masks if isinstance(masks, tuple) else batch_masks(masks, self.image_sizes, self.keys, same_size)
         return replace(self, masks=torch.from_numpy(flat), mask_sizes=sizes)
 
     def _map(self, fn) -> "PackedBatch":

@@ -167,13 +167,14 @@ def pack_masks(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, tup
     return flat, offsets, sizes
 
 
-def batch_masks(masks: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]],
-                keys: Sequence[str] = ()) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]:
-    """The masks of a batch's images checked against their sizes and packed: ``(flat, sizes)``."""
+def batch_masks(masks: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]], keys: Sequence[str] = (),
+                same_size: bool = True) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]:
+    """The masks of a batch's images checked and packed: ``(flat, sizes)``. Each is its image's size
+    unless ``same_size=False`` (masks kept at the original size: an eval transform's ``keep_mask_size``)."""
     if len(masks) != len(image_sizes):
         raise ValueError(f"got {len(masks)} masks for {len(image_sizes)} images")
     for b, (m, size) in enumerate(zip(masks, image_sizes)):
-        check_mask(m, size, f"mask of image {b} ({keys[b] if b < len(keys) else b})")
+        check_mask(m, size if same_size else m.shape[:2], f"mask of image {b} ({keys[b] if b < len(keys) else b})")
     flat, _, sizes = pack_masks(masks)
     return flat, sizes
 

@@ -222,7 +222,9 @@ class SamplePipeline:
                                                       keys=keys, skipped=[k for k, _ in skipped],
                                                       skip_reasons=[r for _, r in skipped], mix=mix)
         batch = ship_batch(spec, images, layouts, labels, pool)
-        return batch if masks is None else batch.with_masks(masks)  # masks: packed beside the tokens
+        if masks is None:
+            return batch
+        return batch.with_masks(masks, same_size=not self.transform.keep_mask_size)  # packed beside the tokens
 
     def mean_tokens(self, ids: np.ndarray) -> float:
         """Mean tokens per sample (prefix included) over samples ``ids`` run through the pipeline (pass 0's

@@ -42,7 +42,9 @@ class ImageTransform:
     to fit ``resize_scale``, sides rounded to ``multiple``, no crop.
     Called with a ``mask`` (`apt_data.masks.MaskData`) it returns ``(image, mask)``: every geometric
     step moves the mask with the image by the same code (nearest for the mask), photometric ones
-    touch the image only; RandAugment (which warps) is refused with a mask.
+    touch the image only; RandAugment (which warps) is refused with a mask. ``keep_mask_size`` (eval
+    only): the mask is returned as given, at its image's original size, for metrics at the original
+    resolution (mmseg's evaluation: predictions are upsampled to the mask).
 
     Errors: input that cannot be decoded, or a mask not of its image's size, raises ``ValueError``
     (bad data: a loader skips the sample); a failure of the augmentation of a decoded image raises
@@ -66,6 +68,7 @@ class ImageTransform:
     cat_max_ratio: float = 1.0
     photometric: bool = False
     ignore_index: int = IGNORE_INDEX
+    keep_mask_size: bool = False
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % self.multiple:
@@ -76,6 +79,8 @@ class ImageTransform:
             raise ValueError(f"resize_scale must be two positive sides (long, short), got {self.resize_scale}")
         if not 0 < self.resize_ratio[0] <= self.resize_ratio[1]:
             raise ValueError(f"resize_ratio must be 0 < min <= max, got {self.resize_ratio}")
+        if self.keep_mask_size and self.augment:
+            raise ValueError("keep_mask_size applies to eval transforms; train masks move with their crops")
         if not 0.0 < self.cat_max_ratio <= 1.0:
             raise ValueError(f"cat_max_ratio must lie in (0, 1], got {self.cat_max_ratio}")
 
@@ -122,7 +127,8 @@ class ImageTransform:
         """The eval geometry (keep_aspect or resize_scale) on the image and its mask."""
         h, w = pixels.shape[:2]
         oh, ow = self.output_size(w, h)
-        return resample_pair(pixels, mask, (0, 0, w, h), (ow, oh), False)
+        img, out = resample_pair(pixels, None if self.keep_mask_size else mask, (0, 0, w, h), (ow, oh), False)
+        return img, mask if self.keep_mask_size else out
 
     def _augment(self, pixels: np.ndarray, seed: int, mask: Optional[np.ndarray] = None):
         rng = np.random.default_rng(seed)

@@ -117,11 +117,11 @@ class WireBatch:
         self.spec, self.pool_id, self.worker, self.slot, self.data = spec, pool_id, worker, slot, data
         self.masks = masks  # segmentation masks, packed: (flat uint8 array, sizes), sent beside the slot
 
-    def with_masks(self, masks: Sequence[np.ndarray]) -> "WireBatch":
+    def with_masks(self, masks: Sequence[np.ndarray], same_size: bool = True) -> "WireBatch":
         """This batch carrying the segmentation masks of its images (`PackedBatch.with_masks`)."""
         from .masks import batch_masks
 
-        self.masks = batch_masks(masks, self.spec.image_sizes, self.spec.keys)
+        self.masks = batch_masks(masks, self.spec.image_sizes, self.spec.keys, same_size)
         return self
 
     def _bytes(self, pin: bool = False) -> torch.Tensor:

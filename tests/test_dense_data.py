@@ -156,3 +156,13 @@ def test_mis_sized_mask_is_a_counted_skip(dense_root, tmp_path):
     strict = SamplePipeline(src, APTConfig(), tr, strict=True)
     with pytest.raises(ValueError, match=r"img001\.png \(mask\): mask is 10x10 \(WxH\), its image 120x160"):
         strict.try_load(1, 0, [])
+
+
+def test_eval_batches_keep_original_masks(dense_root):
+    src = MaskFolderSource.from_layout(dense_root, "val")
+    tr = ImageTransform(size=64, resize_scale=(256, 64), keep_mask_size=True)
+    loader = APTLoader(src, APTConfig(), max_tokens=400, transform=tr, num_workers=0, train=False)
+    for batch, _ in loader:
+        for b, key in enumerate(batch.keys):
+            np.testing.assert_array_equal(batch.mask(b).numpy(), src.read_mask(src.keys.index(key)))
+            assert min(batch.image_sizes[b]) == 64 and batch.mask_sizes[b] != batch.image_sizes[b]

@@ -176,3 +176,13 @@ def test_pack_masks_round_trip():
     assert sizes == ((32, 48), (64, 16), (16, 16))
     for a, b in zip(unpack_masks(flat, sizes), masks):
         np.testing.assert_array_equal(a, b)
+
+
+def test_eval_can_keep_the_original_mask(pair):
+    image, mask = pair
+    tr = ImageTransform(size=64, resize_scale=(512, 64), keep_mask_size=True)
+    out, out_mask = tr(image, "photo", 0, mask=mask)
+    assert out.shape[:2] == tr.output_size(200, 150) == (64, 80)
+    np.testing.assert_array_equal(out_mask, mask)  # untouched, at the original 150x200
+    with pytest.raises(ValueError, match="keep_mask_size applies to eval"):
+        ImageTransform(size=64, augment=True, keep_mask_size=True)
