@@ -19,6 +19,7 @@ import numpy as np
 
 from .image import decode_image, to_rgb_uint8
 from .masks import IGNORE_INDEX, MaskData, check_mask, decode_mask
+from .photometric import photo_metric_distortion
 
 
 @dataclass(frozen=True)
@@ -159,21 +160,23 @@ class ImageTransform:
         nw, nh = max(1, int(w * f + 0.5)), max(1, int(h * f + 0.5))
         ch, cw = min(self.size, nh), min(self.size, nw)
         top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
         if mask is not None and self.cat_max_ratio < 1.0:
-            scaled = resample_pair(mask, None, (0, 0, w, h), (nw, nh), False, nearest=True)[0]
-            for _ in range(10):
-                counts = np.bincount(scaled[top:top + ch, left:left + cw].ravel(), minlength=256)
+            for _ in range(10):  # the crop's own mask, as it will be cut (nearest: no second resampling)
+                counts = np.bincount(resample_pair(mask, None, box, (cw, ch), False, nearest=True)[0].ravel(),
+                                     minlength=256)
                 counts[self.ignore_index] = 0
                 if np.count_nonzero(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum():
                     break
                 top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
-        sx, sy = w / nw, h / nh
-        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+                box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
         img, mask = resample_pair(pixels, mask, box, (cw, ch), rng.random() < self.hflip)
         if (ch, cw) != (self.size, self.size):  # mmseg pads after normalising, with 0: the mean colour here
             img = _pad(img, self.size, np.asarray(self.fill, np.uint8))
             mask = None if mask is None else _pad(mask, self.size, self.ignore_index)
         return img, mask
+
     def _crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """RandomResizedCrop's box (torchvision's algorithm) drawn from ``rng``."""
         area = height * width
@@ -240,36 +243,6 @@ def _pad(a: np.ndarray, size: int, value) -> np.ndarray:
     out[...] = value
     out[:a.shape[0], :a.shape[1]] = a
     return out
-
-
-def photo_metric_distortion(img: np.ndarray, rng: np.random.Generator, brightness: float = 32,
-                            contrast: tuple[float, float] = (0.5, 1.5), saturation: tuple[float, float] = (0.5, 1.5),
-                            hue: int = 18) -> np.ndarray:
-    """mmseg's PhotoMetricDistortion on a uint8 RGB image: each of brightness (+-``brightness``),
-    contrast, saturation and hue (+-``hue`` in OpenCV's 0-180 units) with probability 1/2, contrast
-    first or last at random; every step clipped to uint8 as mmseg does."""
-    def convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
-        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
-
-    if rng.integers(2):
-        img = convert(img, beta=rng.uniform(-brightness, brightness))
-    contrast_last = rng.integers(2) == 0
-    if not contrast_last and rng.integers(2):
-        img = convert(img, alpha=rng.uniform(*contrast))
-    sat = rng.uniform(*saturation) if rng.integers(2) else None
-    shift = int(rng.integers(-hue, hue)) if rng.integers(2) else None
-    if sat is not None or shift is not None:
-        from PIL import Image
-
-        hsv = np.array(Image.fromarray(img).convert("HSV"))
-        if sat is not None:
-            hsv[..., 1] = convert(hsv[..., 1], alpha=sat)
-        if shift is not None:  # PIL's hue runs 0-255 for OpenCV's 0-180
-            hsv[..., 0] = (hsv[..., 0].astype(np.int32) + round(shift * 256 / 180)) % 256
-        img = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
-    if contrast_last and rng.integers(2):
-        img = convert(img, alpha=rng.uniform(*contrast))
-    return img
 
 
 def _decoded(data: Any, name: str = "", exif_transpose: bool = False) -> np.ndarray:

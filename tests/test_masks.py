@@ -9,7 +9,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 from apt_data.masks import IGNORE_INDEX, MaskLabels, decode_mask, encode_mask, pack_masks, unpack_masks
-from apt_data.transforms import ImageTransform, photo_metric_distortion
+from apt_data.photometric import photo_metric_distortion, photometric_kernel, photometric_reference
+from apt_data.transforms import ImageTransform
 from conftest import IMAGE_PATHS, load_resized
 
 #: one distinct colour per class: an image painted from its mask shows any misplaced mask pixel
@@ -186,3 +187,24 @@ def test_eval_can_keep_the_original_mask(pair):
     np.testing.assert_array_equal(out_mask, mask)  # untouched, at the original 150x200
     with pytest.raises(ValueError, match="keep_mask_size applies to eval"):
         ImageTransform(size=64, augment=True, keep_mask_size=True)
+
+
+def test_photometric_kernel_matches_its_numpy_reference():
+    photo = load_resized(IMAGE_PATHS[7], (64, 96))
+    identity = np.arange(256, dtype=np.uint8)
+    out = np.empty_like(photo)
+    photometric_kernel(photo, out, identity, identity, 1.0, 0.0)
+    np.testing.assert_array_equal(out, photo)  # no draw: the image unchanged
+    # HSV there and back without a change is exact
+    np.testing.assert_array_equal(photometric_reference(photo, identity, identity, 1.0 + 1e-9, 0.0), photo)
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        pre = np.clip(identity * rng.uniform(0.5, 1.5) + rng.uniform(-32, 32), 0, 255).astype(np.uint8)
+        post = np.clip(identity * rng.uniform(0.5, 1.5), 0, 255).astype(np.uint8)
+        sat, hue = rng.uniform(0.5, 1.5), 2.0 * rng.integers(-18, 18)
+        photometric_kernel(photo, out, pre, post, sat, hue)
+        np.testing.assert_array_equal(out, photometric_reference(photo, pre, post, sat, hue))
+    # a hue shift moves colours, a saturation of 0.5 brings them towards grey
+    grey = lambda a: np.abs(a.astype(int) - a.mean(-1, keepdims=True)).mean()  # noqa: E731
+    photometric_kernel(photo, out, identity, identity, 0.5, 0.0)
+    assert grey(out) < 0.7 * grey(photo)
