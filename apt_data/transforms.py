@@ -323,6 +323,20 @@ def _fix_ops(ops: list) -> list:
     return ops
 
 
+def segmentation_transform(size: int = 512, augment: bool = True, multiple: int = 16,
+                           fill: tuple[int, int, int] = (128, 128, 128), long_side: Optional[int] = None,
+                           keep_mask_size: bool = False) -> ImageTransform:
+    """mmseg's ADE20K recipe at crop ``size``: train with RandomResize to (``long_side``, ``size``)
+    (default ``4 * size``, mmseg's 2048 for 512) times 0.5-2.0, RandomCrop ``size`` with
+    cat_max_ratio 0.75, flip 0.5, PhotoMetricDistortion, padding; eval resizing to fit the same
+    scale, no crop (``keep_mask_size``: masks at their original size, for metrics there)."""
+    scale = (int(long_side or 4 * size), int(size))
+    if augment:
+        return ImageTransform(size=size, multiple=multiple, augment=True, resize_scale=scale, cat_max_ratio=0.75,
+                              photometric=True, fill=fill)
+    return ImageTransform(size=size, multiple=multiple, resize_scale=scale, fill=fill, keep_mask_size=keep_mask_size)
+
+
 def transform_from_data_config(data_config: dict, augment: bool = False, multiple: int = 16, **kw) -> ImageTransform:
     """Build an `ImageTransform` from timm's ``resolve_data_config(...)`` dict."""
     size = int(data_config["input_size"][-1])

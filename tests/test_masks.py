@@ -208,3 +208,14 @@ def test_photometric_kernel_matches_its_numpy_reference():
     grey = lambda a: np.abs(a.astype(int) - a.mean(-1, keepdims=True)).mean()  # noqa: E731
     photometric_kernel(photo, out, identity, identity, 0.5, 0.0)
     assert grey(out) < 0.7 * grey(photo)
+
+
+def test_segmentation_transform_is_the_mmseg_recipe():
+    from apt_data.transforms import segmentation_transform
+
+    tr = segmentation_transform(512)
+    assert (tr.size, tr.resize_scale, tr.resize_ratio, tr.cat_max_ratio, tr.hflip, tr.photometric, tr.augment) == \
+        (512, (2048, 512), (0.5, 2.0), 0.75, 0.5, True, True)
+    ev = segmentation_transform(512, augment=False, keep_mask_size=True)
+    assert not ev.augment and ev.resize_scale == (2048, 512) and ev.keep_mask_size
+    assert ev.output_size(683, 512) == (512, 688)  # ADE20K-like: short side 512, long side rounded to 16

@@ -34,17 +34,8 @@ from apt_data import APTConfig, warmup  # noqa: E402
 from apt_data.loader import APTLoader  # noqa: E402
 from apt_data.masks import MaskLabels, encode_mask  # noqa: E402
 from apt_data.sources import MaskFolderSource  # noqa: E402
-from apt_data.transforms import ImageTransform  # noqa: E402
+from apt_data.transforms import segmentation_transform  # noqa: E402
 from bench_fill import epoch_fills, pct, per_epoch  # noqa: E402
-
-
-def seg_transform(crop: int, train: bool, patch_size: int = 16) -> ImageTransform:
-    """mmseg's ADE20K recipe at ``crop`` (resize scale 4 x crop by crop; eval: short side ``crop``)."""
-    scale = (4 * crop, crop)
-    if train:
-        return ImageTransform(size=crop, multiple=patch_size, augment=True, resize_scale=scale, cat_max_ratio=0.75,
-                              photometric=True)
-    return ImageTransform(size=crop, multiple=patch_size, resize_scale=scale)
 
 
 def dense_row(name: str, source: MaskFolderSource, *, crop: int, max_tokens: int, train: bool, workers: int,
@@ -52,7 +43,7 @@ def dense_row(name: str, source: MaskFolderSource, *, crop: int, max_tokens: int
     """One table row: the streamed fill of ``source``'s augmented (or eval) batches, masks checked."""
     cfg = cfg or APTConfig()
     loader = APTLoader(source, cfg, packing="stream", max_tokens=max_tokens, num_workers=workers, seed=0,
-                       train=train, transform=seg_transform(crop, train, cfg.patch_size), pin_memory=False)
+                       train=train, transform=segmentation_transform(crop, train, cfg.patch_size), pin_memory=False)
     eps = epoch_fills(loader, epochs)
     fills = [f for ep in eps for f in ep.fills]
     kept = [f for ep in eps for f in ep.without_partials()]

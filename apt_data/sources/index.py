@@ -56,6 +56,7 @@ class IndexSource(Source):
         self._crc = {m: table.column(f"{c}_{CHECKSUM}").to_numpy() for m, c in cols.items()
                      if f"{c}_{CHECKSUM}" in table.column_names}
         self._wh = (table.column("width").to_numpy(), table.column("height").to_numpy())
+        self._has_masks = MASK_MEMBER in self._spans and bool((self._spans[MASK_MEMBER][0] >= 0).all())
         # an index of plain webdataset shards (`apt_data.shards.inplace`): images other than .jpg, and
         # labels from a JSON field (no .cls member: the index's label is the label)
         self._image_ext = (table.column("image_ext").to_pylist() if "image_ext" in table.column_names else None)
@@ -97,7 +98,7 @@ class IndexSource(Source):
     @property
     def has_masks(self) -> bool:
         """True when every sample of the index has a mask member (a segmentation shard set)."""
-        return MASK_MEMBER in self._spans and bool((self._spans[MASK_MEMBER][0] >= 0).all())
+        return self._has_masks
 
     def read_mask(self, i: int) -> Optional[bytes]:
         """The mask member (PNG bytes) of sample ``i``, None in a set without masks."""
