@@ -27,8 +27,15 @@ MaskData = Union[bytes, str, os.PathLike, np.ndarray, Any]
 #: File types a mask folder is searched for (lossless only: a JPEG mask would blur its class ids).
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".pgm", ".ppm")
 
-__all__ = ["IGNORE_INDEX", "MASK_EXTENSIONS", "MaskData", "MaskLabels", "batch_masks", "check_mask", "decode_mask", "encode_mask",
-           "find_mask_layout", "pack_masks", "pair_masks", "unpack_masks"]
+__all__ = ["IGNORE_INDEX", "MASK_EXTENSIONS", "MaskData", "MaskError", "MaskLabels", "batch_masks", "check_mask",
+           "decode_mask", "encode_mask", "find_mask_layout", "pack_masks", "pair_masks", "unpack_masks"]
+
+
+class MaskError(ValueError):
+    """A mask that cannot be used (undecodable, colour-coded, not its image's size): bad data, which
+    a loader logs, counts (under ``reason``) and skips, like an undecodable image."""
+
+    reason = "bad_mask"
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ def _from_pil(im: Any, label: str) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
     if im.mode in ("I", "I;16", "I;16B", "I;16L"):
         return _from_array(np.asarray(im), label)
-    raise ValueError(f"{label}: a mode {im.mode} mask; expected one class id per pixel (a single-channel 'L' or "
+    raise MaskError(f"{label}: a mode {im.mode} mask; expected one class id per pixel (a single-channel 'L' or "
                      "palette 'P' PNG): convert colour-coded masks to class ids first")
 
 
@@ -82,14 +89,14 @@ def _from_array(a: np.ndarray, label: str) -> np.ndarray:
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if a.ndim != 2:
-        raise ValueError(f"{label}: a mask of shape {a.shape}; expected HxW class ids")
+        raise MaskError(f"{label}: a mask of shape {a.shape}; expected HxW class ids")
     if a.dtype == np.uint8:
         return a
     if a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer):
         if a.size and (a.min() < 0 or a.max() > 255):
-            raise ValueError(f"{label}: mask ids {int(a.min())}..{int(a.max())} do not fit 0..255")
+            raise MaskError(f"{label}: mask ids {int(a.min())}..{int(a.max())} do not fit 0..255")
         return a.astype(np.uint8)
-    raise ValueError(f"{label}: a {a.dtype} mask; expected integer class ids")
+    raise MaskError(f"{label}: a {a.dtype} mask; expected integer class ids")
 
 
 def decode_mask(data: MaskData, name: str = "", labels: Optional[MaskLabels] = None) -> np.ndarray:
@@ -109,7 +116,7 @@ def decode_mask(data: MaskData, name: str = "", labels: Optional[MaskLabels] = N
         raise TypeError(f"{label}: cannot read a mask from a {type(data).__name__} "
                         "(expected PNG bytes, a path, a PIL image or a uint8 HxW array)")
     if mask.size == 0:
-        raise ValueError(f"{label}: empty mask of shape {mask.shape}")
+        raise MaskError(f"{label}: empty mask of shape {mask.shape}")
     return np.ascontiguousarray((labels or MaskLabels()).apply(mask))
 
 
@@ -119,30 +126,30 @@ def _decode_file(data: Union[bytes, bytearray, str, os.PathLike], label: str) ->
     try:
         if isinstance(data, (bytes, bytearray)):
             if not data:
-                raise ValueError(f"{label}: empty mask file (0 bytes)")
+                raise MaskError(f"{label}: empty mask file (0 bytes)")
             fp: Any = io.BytesIO(data)
         else:
             if os.path.getsize(data) == 0:
-                raise ValueError(f"{label}: empty mask file (0 bytes)")
+                raise MaskError(f"{label}: empty mask file (0 bytes)")
             fp = data
         with Image.open(fp) as im:
             im.load()
             return _from_pil(im, label)
     except UnidentifiedImageError:
-        raise ValueError(f"{label}: not an image PIL can decode") from None
-    except ValueError:
+        raise MaskError(f"{label}: not an image PIL can decode") from None
+    except MaskError:
         raise
-    except (OSError, SyntaxError, EOFError, IndexError) as e:
-        raise ValueError(f"{label}: cannot decode mask ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError) as e:
+        raise MaskError(f"{label}: cannot decode mask ({type(e).__name__}: {e})") from None
 
 
 def check_mask(mask: np.ndarray, image_shape: Sequence[int], name: str = "") -> np.ndarray:
     """``mask`` if it is uint8 HxW with the image's H and W, else a ``ValueError`` naming it."""
     h, w = int(image_shape[0]), int(image_shape[1])
     if mask.dtype != np.uint8 or mask.ndim != 2:
-        raise ValueError(f"{name or 'mask'}: expected a uint8 HxW mask, got {mask.dtype} {mask.shape}")
+        raise MaskError(f"{name or 'mask'}: expected a uint8 HxW mask, got {mask.dtype} {mask.shape}")
     if mask.shape != (h, w):
-        raise ValueError(f"{name or 'mask'}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH), its image {w}x{h}")
+        raise MaskError(f"{name or 'mask'}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH), its image {w}x{h}")
     return mask
 
 

@@ -152,7 +152,7 @@ def test_mis_sized_mask_is_a_counted_skip(dense_root, tmp_path):
                        max_skip_fraction=0.5)
     keys = [k for batch, _ in loader for k in batch.keys]
     assert sorted(keys) == ["img000.png", "img002.png", "img003.png"]
-    assert loader.stats.skipped and "img001.png" in loader.stats.skipped_keys
+    assert loader.stats.skipped == {"bad_mask": 1} and "img001.png" in loader.stats.skipped_keys
     strict = SamplePipeline(src, APTConfig(), tr, strict=True)
     with pytest.raises(ValueError, match=r"img001\.png \(mask\): mask is 10x10 \(WxH\), its image 120x160"):
         strict.try_load(1, 0, [])
