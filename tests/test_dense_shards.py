@@ -63,7 +63,13 @@ def test_make_shards_stores_aligned_masks(mask_shards):
     # the sequential reader gives the mask too (validate: decoded, its image's size)
     recs = list(iter_shard(out / "train-000000.tar", strict=True, validate=True))
     assert len(recs) == 3 and all(r.mask is not None and r.mask.startswith(b"\x89PNG") for r in recs)
-    # shards without masks keep their index columns (no seg_*)
+    # plain webdataset reads them: the mask is decoded as a PNG by its last extension
+    import webdataset as wds
+
+    by_key = {r.key: r for r in recs}
+    for sample in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False).decode("l8"):
+        np.testing.assert_array_equal(sample["seg.png"], decode_mask(by_key[sample["__key__"]].mask))
+        # shards without masks keep their index columns (no seg_*)
     assert "seg_offset" not in read_index(IMAGE_PATHS[0].parents[3] / "shards").table.column_names
 
 
