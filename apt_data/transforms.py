@@ -49,7 +49,8 @@ class ImageTransform:
 
     Errors: input that cannot be decoded, or a mask not of its image's size, raises ``ValueError``
     (bad data: a loader skips the sample); a failure of the augmentation of a decoded image raises
-    `AugmentationError`, a ``RuntimeError`` (a bug, not bad data: a loader does not skip it).
+    `AugmentationError`, a ``RuntimeError`` (a bug, not bad data: a loader does not skip it); so do
+    settings that cannot carry a mask (RandAugment, exif_transpose, a centre-cropping eval).
     """
 
     size: int = 224
@@ -112,11 +113,12 @@ class ImageTransform:
         labels = None
         if mask is not None:
             labels = check_mask(decode_mask(mask, f"{name or 'image'} (mask)"), pixels.shape, f"{name or 'image'} (mask)")
-            if self.auto_augment:
-                raise ValueError("RandAugment warps the image without its mask: use photometric=True with masks")
+            if self.auto_augment or self.exif_transpose:  # settings, not bad data: never a skipped sample
+                raise RuntimeError("RandAugment and exif_transpose move the image without its mask: turn them off "
+                                   "with masks (photometric=True distorts the image alone)")
             if not (self.augment or self.keep_aspect or self.resize_scale):
-                raise ValueError("a centre-cropping eval transform cuts labelled pixels: use keep_aspect=True or "
-                                 "resize_scale with masks")
+                raise RuntimeError("a centre-cropping eval transform cuts labelled pixels: use keep_aspect=True or "
+                                   "resize_scale with masks")
         try:
             out = self._augment(pixels, seed, labels) if self.augment else self._resize(pixels, labels)
         except Exception as e:  # our code or timm's on a valid image: a bug, never a skipped sample

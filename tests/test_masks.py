@@ -148,9 +148,9 @@ def test_bad_masks_are_clear_errors(tmp_path):
         decode_mask(b"not a png", "m.png")
     with pytest.raises(ValueError, match="do not fit"):
         decode_mask(np.full((4, 4), 300, np.int32), "m")
-    with pytest.raises(ValueError, match="RandAugment"):
+    with pytest.raises(RuntimeError, match="RandAugment and exif_transpose"):
         ImageTransform(size=32, augment=True, auto_augment="rand-m9")(photo, "x", 0, mask=np.zeros((60, 80), np.uint8))
-    with pytest.raises(ValueError, match="centre-cropping"):
+    with pytest.raises(RuntimeError, match="centre-cropping"):
         ImageTransform(size=32)(photo, "x", 0, mask=np.zeros((60, 80), np.uint8))
 
 
