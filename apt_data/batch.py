@@ -28,6 +28,11 @@ Fields (S = ``num_scales``, p = ``patch_size``, T_s = tokens of scale s in the w
   CutMix, `apt_data.mixing`), else None: image b's target is ``mix_lam[b]`` of ``labels[b]`` and
   ``1 - mix_lam[b]`` of ``mix_labels[b]`` (an unmixed image: its own label, ``lam = 1``).
   `soft_targets` turns them into timm's soft target rows.
+- ``masks``: uint8 ``[sum_b H_b * W_b]`` or None: the segmentation masks of the B images (class
+  ids, 255 ignored), each ``mask_sizes[b]`` (H, W) (its image's size, or its original size with an eval
+  transform's ``keep_mask_size``), concatenated in image order
+  (`apt_data.masks.pack_masks`); ``mask(b)`` is image b's ``[H, W]`` view, ``padded_masks()`` all of
+  them in one ``[B, H_max, W_max]`` tensor padded with 255. ``mask_sizes``: Python ints.
 - ``keys``: sample keys of the B images (may be empty); ``skipped`` / ``skip_reasons``: keys of
   samples planned for this batch that were bad and skipped (logged and counted by the loader).
 - ``num_prefix_tokens``, ``patch_size``, ``num_scales``: Python ints.
@@ -59,6 +64,8 @@ class PackedBatch:
     skip_reasons: tuple[str, ...] = ()
     mix_labels: Optional[torch.Tensor] = None
     mix_lam: Optional[torch.Tensor] = None
+    masks: Optional[torch.Tensor] = None
+    mask_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_images(self) -> int:
@@ -88,6 +95,46 @@ class PackedBatch:
             raise ValueError("this batch has no labels")
         return soft_targets(self.labels, num_classes, smoothing, self.mix_labels, self.mix_lam)
 
+    @property
+    def mask_offsets(self) -> tuple[int, ...]:
+        """Where each image's mask starts in ``masks`` (Python ints, B + 1 of them)."""
+        out = [0]
+        for h, w in self.mask_sizes:
+            out.append(out[-1] + h * w)
+        return tuple(out)
+
+    def mask(self, b: int) -> torch.Tensor:
+        """Image ``b``'s mask, a ``[H, W]`` view of ``masks``."""
+        if self.masks is None:
+            raise ValueError("this batch has no masks")
+        start = self.mask_offsets[b]
+        h, w = self.mask_sizes[b]
+        return self.masks[start:start + h * w].view(h, w)
+
+    def padded_masks(self, ignore_index: int = 255) -> torch.Tensor:
+        """uint8 ``[B, H_max, W_max]``: every mask at the top left, the rest ``ignore_index``."""
+        import torch
+
+        if self.masks is None:
+            raise ValueError("this batch has no masks")
+        hm = max((h for h, _ in self.mask_sizes), default=0)
+        wm = max((w for _, w in self.mask_sizes), default=0)
+        out = torch.full((len(self.mask_sizes), hm, wm), ignore_index, dtype=torch.uint8, device=self.masks.device)
+        for b, (h, w) in enumerate(self.mask_sizes):
+            out[b, :h, :w] = self.mask(b)
+        return out
+
+    def with_masks(self, masks, same_size: bool = True) -> "PackedBatch":
+        """This batch carrying ``masks``: uint8 HxW arrays, one per image, each its image's size
+        (``same_size=False``: any size, e.g. the original one), or such a list already packed,
+        ``(flat, sizes)``, by `apt_data.masks.batch_masks`."""
+        import torch
+
+        from .masks import batch_masks
+
+        flat, sizes = masks if isinstance(masks, tuple) else batch_masks(masks, self.image_sizes, self.keys, same_size)
+        return replace(self, masks=torch.from_numpy(flat), mask_sizes=sizes)
+
     def _map(self, fn) -> "PackedBatch":
         """This batch with ``fn`` applied to every tensor (not to the CPU metadata)."""
         opt = lambda t: None if t is None else fn(t)  # noqa: E731
@@ -97,6 +144,7 @@ class PackedBatch:
             coords=tuple(fn(t) for t in self.coords),
             seq_index=tuple(fn(t) for t in self.seq_index),
             labels=opt(self.labels), mix_labels=opt(self.mix_labels), mix_lam=opt(self.mix_lam),
+            masks=opt(self.masks),
         )
 
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":

@@ -20,8 +20,11 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["MixConfig", "MixDraw", "apply_mix", "draw_mix", "soft_targets"]
+__all__ = ["MIXUP_MASKS", "MixConfig", "MixDraw", "apply_mix", "draw_mix", "soft_targets"]
 
+#: Why Mixup and segmentation masks do not go together.
+MIXUP_MASKS = ("Mixup does not apply to segmentation masks (a blended pixel has two classes): mix masks with "
+               "CutMix only (mixup_alpha=0)")
 _MIX_STREAM = 0x6D1C  # keeps the mixing draws apart from the augmentation's stream of the same sample
 
 
@@ -63,6 +66,11 @@ class MixConfig:
     def active(self) -> bool:
         """True when some samples get mixed."""
         return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0 or self.cutmix_minmax is not None)
+
+    def check_masks(self) -> None:
+        """Raise a ``RuntimeError`` (a setting, not bad data) when these settings would Mixup masks."""
+        if self.active and self.mixup_alpha > 0:
+            raise RuntimeError(MIXUP_MASKS)
 
 
 @dataclass(frozen=True)
@@ -107,20 +115,33 @@ def cutmix_box(height: int, width: int, draw: MixDraw) -> tuple[int, int, int, i
     return int(y0), int(y1), int(x0), int(x1)
 
 
-def apply_mix(image: np.ndarray, partner: np.ndarray, draw: MixDraw, correct_lam: bool = True) -> tuple[np.ndarray, float]:
+def apply_mix(image: np.ndarray, partner: np.ndarray, draw: MixDraw, correct_lam: bool = True,
+              mask: Optional[np.ndarray] = None, partner_mask: Optional[np.ndarray] = None):
     """Mix uint8 HxWx3 ``image`` with ``partner`` (resized to it when their sizes differ):
-    ``(mixed image, lam)``, ``lam`` being the weight of ``image``'s label."""
+    ``(mixed image, lam)``, ``lam`` being the weight of ``image``'s label.
+
+    With a segmentation ``mask`` (and the partner's ``partner_mask``) it returns ``(mixed image, lam,
+    mixed mask)``: CutMix pastes the partner's mask into the same box; Mixup, which blends pixels
+    that then have two classes, does not apply to masks (a ``RuntimeError``: a setting, not bad data)."""
     H, W = image.shape[:2]
+    if mask is not None and not draw.cutmix:
+        raise RuntimeError(MIXUP_MASKS)
     if partner.shape[:2] != (H, W):
         from PIL import Image
 
         partner = np.asarray(Image.fromarray(partner).resize((W, H), Image.BICUBIC))
+        if partner_mask is not None:
+            partner_mask = np.asarray(Image.fromarray(partner_mask).resize((W, H), Image.NEAREST))
     if draw.cutmix:
         y0, y1, x0, x1 = cutmix_box(H, W, draw)
         out = np.array(image, copy=True)
         out[y0:y1, x0:x1] = partner[y0:y1, x0:x1]
         lam = 1.0 - (y1 - y0) * (x1 - x0) / float(H * W) if correct_lam or draw.side is not None else draw.lam
-        return out, float(lam)
+        if mask is None:
+            return out, float(lam)
+        mixed = np.array(mask, copy=True)
+        mixed[y0:y1, x0:x1] = partner_mask[y0:y1, x0:x1]
+        return out, float(lam), mixed
     lam = draw.lam
     blend = image.astype(np.float32) * lam + partner.astype(np.float32) * (1.0 - lam)
     return np.clip(blend + 0.5, 0, 255).astype(np.uint8), float(lam)

@@ -109,49 +109,68 @@ class SamplePipeline:
     def load(self, i: int, epoch: int) -> tuple[np.ndarray, PatchLayout, MixTarget]:
         """Sample ``i``: read -> transform (seeded by ``(seed, epoch, i)``) -> mix -> layout:
         ``(image, layout, mix target)``. Raises ValueError or OSError for a bad sample."""
+        img, _, layout, target = self.load_with_mask(i, epoch)
+        return img, layout, target
+
+    def load_with_mask(self, i: int, epoch: int) -> tuple[np.ndarray, Optional[np.ndarray], PatchLayout, MixTarget]:
+        """`load` with the sample's segmentation mask, moved and mixed with its image:
+        ``(image, mask or None, layout, mix target)``."""
         key = self.source.keys[i]
-        if self.use_scores and self.layout_fn is None and self.mix is None:
+        mask = None
+        if self.source.has_masks:  # dense samples: the mask goes wherever the image goes
+            (data, mask), scores = self.source.read_with_mask(i), None
+        elif self.use_scores and self.layout_fn is None and self.mix is None:
             data, scores = self.source.read_scores(i)
         else:
             data, scores = self.source.read(i), None
-        img = self._transformed(data, key, epoch, i)
-        img, target = self._mixed(img, i, epoch)
+        img, mask = self._transformed(data, key, epoch, i, mask)
+        img, target, mask = self._mixed(img, i, epoch, mask)
         if self.layout_fn is not None:
-            return img, self.layout_fn(img, self.cfg, i), target
+            return img, mask, self.layout_fn(img, self.cfg, i), target
         if scores is not None:  # deterministic transform of the stored image: reuse the stored score maps
             if not np.isfinite(scores).all():
                 raise ScoresMismatch(f"{key}: its stored score maps hold NaN or inf (a corrupt .npy member)")
-            return img, layout_from_flat_scores(scores, img.shape[:2], self.cfg), target
-        return img, patchify(img, self.cfg), target
+            return img, mask, layout_from_flat_scores(scores, img.shape[:2], self.cfg), target
+        return img, mask, patchify(img, self.cfg), target
 
-    def _transformed(self, data, key: str, epoch: int, i: int) -> np.ndarray:
-        return self.transform(data, name=key, seed=sample_seed(self.seed, epoch, i) if self.transform.augment else 0)
+    def _transformed(self, data, key: str, epoch: int, i: int, mask=None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        seed = sample_seed(self.seed, epoch, i) if self.transform.augment else 0
+        if mask is None:
+            return self.transform(data, name=key, seed=seed), None
+        return self.transform(data, name=key, seed=seed, mask=mask)
 
-    def _mixed(self, img: np.ndarray, i: int, epoch: int) -> tuple[np.ndarray, MixTarget]:
-        """Sample ``i``'s image mixed with its partner of pass ``epoch`` (`apt_data.mixing.draw_mix`).
-        An unreadable partner leaves the sample unmixed, with a warning (the partner's own load
-        counts it as a bad sample)."""
+    def _mixed(self, img: np.ndarray, i: int, epoch: int,
+               mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, MixTarget, Optional[np.ndarray]]:
+        """Sample ``i``'s image (and mask) mixed with its partner of pass ``epoch``
+        (`apt_data.mixing.draw_mix`). An unreadable partner leaves the sample unmixed, with a warning
+        (the partner's own load counts it as a bad sample)."""
+        if mask is not None and self.mix is not None:
+            self.mix.check_masks()
         draw = None if self.mix is None else draw_mix(self.mix, self.seed, epoch, i, len(self.source))
         if draw is None:
-            return img, None
+            return img, None, mask
         j = draw.partner
         try:
-            other = self._transformed(self.source.read(j), self.source.keys[j], epoch, j)
+            other = self.source.read_with_mask(j) if mask is not None else (self.source.read(j), None)
+            other, other_mask = self._transformed(other[0], self.source.keys[j], epoch, j, other[1])
         except (ValueError, OSError) as e:
             log.warning("sample %s: its mix partner %s is unreadable (%s); not mixed", self.source.keys[i],
                         self.source.keys[j], e)
-            return img, None
-        mixed, lam = apply_mix(img, other, draw, self.mix.correct_lam)
-        return mixed, (int(self.source.labels[j]), lam)
+            return img, None, mask
+        if mask is None:
+            mixed, lam = apply_mix(img, other, draw, self.mix.correct_lam)
+        else:
+            mixed, lam, mask = apply_mix(img, other, draw, self.mix.correct_lam, mask, other_mask)
+        return mixed, (int(self.source.labels[j]), lam), mask
 
     def try_load(self, i: int, epoch: int, skipped: list,
-                 exact: Optional[np.ndarray] = None) -> Optional[tuple[np.ndarray, PatchLayout, MixTarget]]:
-        """`load`, with a bad sample logged and appended to ``skipped`` as ``(key, reason)`` (strict: raised).
-        ``exact``: the index's token counts, which the layout must match."""
+                 exact: Optional[np.ndarray] = None, with_mask: bool = False) -> Optional[tuple]:
+        """`load` (``with_mask``: `load_with_mask`), with a bad sample logged and appended to ``skipped``
+        as ``(key, reason)`` (strict: raised). ``exact``: the index's token counts, which the layout must match."""
         try:
-            loaded = self.load(i, epoch)
-            if exact is not None and len(loaded[1]) != exact[i]:
-                raise ScoresMismatch(f"{self.source.keys[i]}: its stored score maps give {len(loaded[1])} tokens, "
+            loaded = self.load_with_mask(i, epoch) if with_mask else self.load(i, epoch)
+            if exact is not None and len(loaded[-2]) != exact[i]:
+                raise ScoresMismatch(f"{self.source.keys[i]}: its stored score maps give {len(loaded[-2])} tokens, "
                                      f"the index {exact[i]} (a corrupt .npy member, or an index made with another "
                                      "config)")
             return loaded
@@ -167,10 +186,14 @@ class SamplePipeline:
               pool: Optional[SlotPool] = None):
         """Load and pack one planned bin (``exact``: the index's counts, checked)."""
         images, layouts, labels, keys, mixes, skipped = [], [], [], [], [], []
+        dense, masks = self.source.has_masks, []
         for i in sample_ids.tolist():
-            loaded = self.try_load(i, epoch, skipped, exact)
+            loaded = self.try_load(i, epoch, skipped, exact, with_mask=dense)
             if loaded is None:
                 continue
+            if dense:  # the mask travels beside its image
+                masks.append(loaded[1])
+                loaded = (loaded[0],) + loaded[2:]
             img, layout, mixed = loaded
             images.append(img)
             layouts.append(layout)
@@ -179,13 +202,14 @@ class SamplePipeline:
             mixes.append(mixed)
         if not images:  # never an empty batch: the skips alone travel to the main process
             return SkippedOnly(skipped)
-        return self.ship(images, layouts, labels, keys, skipped, pool, mixes)
+        return self.ship(images, layouts, labels, keys, skipped, pool, mixes, masks if dense else None)
 
     def ship(self, images: list, layouts: list, labels: list, keys: list, skipped: list,
-             pool: Optional[SlotPool] = None, mixes: Optional[list] = None):
+             pool: Optional[SlotPool] = None, mixes: Optional[list] = None, masks: Optional[list] = None):
         """Pack loaded samples into one batch: a `PackedBatch`, or in a worker process a `WireBatch`.
         ``mixes``: each sample's `MixTarget` (with `mix` set, the batch carries ``mix_labels`` and
-        ``mix_lam`` for every image: an unmixed one has its own label and ``lam = 1``)."""
+        ``mix_lam`` for every image: an unmixed one has its own label and ``lam = 1``). ``masks``:
+        each sample's segmentation mask (`PackedBatch.masks`)."""
         real = sum(len(lay) for lay in layouts) + self.num_prefix_tokens * len(layouts)
         if real > self.max_tokens:
             raise RuntimeError(f"batch of {keys} needs {real} tokens > max_tokens={self.max_tokens} (packing bug)")
@@ -197,7 +221,10 @@ class SamplePipeline:
         spec, images, layouts, labels = prepare_batch(images, self.cfg, labels, self.num_prefix_tokens, layouts, pad,
                                                       keys=keys, skipped=[k for k, _ in skipped],
                                                       skip_reasons=[r for _, r in skipped], mix=mix)
-        return ship_batch(spec, images, layouts, labels, pool)
+        batch = ship_batch(spec, images, layouts, labels, pool)
+        if masks is None:
+            return batch
+        return batch.with_masks(masks, same_size=not self.transform.keep_mask_size)  # packed beside the tokens
 
     def mean_tokens(self, ids: np.ndarray) -> float:
         """Mean tokens per sample (prefix included) over samples ``ids`` run through the pipeline (pass 0's

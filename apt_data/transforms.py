@@ -18,6 +18,8 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .image import MAX_DECODE_PIXELS, decode_image, decode_reduced, to_rgb_uint8
+from .masks import IGNORE_INDEX, MaskData, check_mask, decode_mask
+from .photometric import photo_metric_distortion
 
 
 @dataclass(frozen=True)
@@ -33,15 +35,29 @@ class ImageTransform:
     ``exif_transpose``: apply encoded images' EXIF orientation when decoding; off by default, as in
     timm and torchvision.
 
-    Memory (train): an encoded image is decoded reduced as far as its smallest possible random crop
-    allows (`decode_scale`; JPEGs by libjpeg's draft mode), and one that would decode to more than
-    ``max_pixels`` pixels is bad data (`apt_data.image.ImageTooLarge`, skipped and counted as "too
-    large"; None: only Pillow's limit). The crop is drawn in the full image's coordinates, as without
-    the reduction.
+    Memory (train, without a mask): an encoded image is decoded reduced as far as its smallest
+    possible random crop allows (`decode_scale`; JPEGs by libjpeg's draft mode), and one that would
+    decode to more than ``max_pixels`` pixels is bad data (`apt_data.image.ImageTooLarge`, skipped and
+    counted as "too large"; None: only Pillow's limit). The crop is drawn in the full image's
+    coordinates, as without the reduction. With a mask the image is decoded at full size (the mask
+    is cut by the same box).
 
-    Errors: input that cannot be decoded raises ``ValueError`` (bad data: a loader skips the sample);
-    a failure of the augmentation of a decoded image raises `AugmentationError`, a ``RuntimeError``
-    (a bug, not bad data: a loader does not skip it).
+    Segmentation (mmseg's ADE20K pipeline), with ``resize_scale`` set, e.g. ``(2048, 512)``: train
+    is RandomResize (the image scaled, aspect kept, to fit ``resize_scale`` times a ratio drawn from
+    ``resize_ratio``), RandomCrop ``size x size`` (retried up to 10 times while one class covers
+    ``cat_max_ratio`` or more of the crop), flip, PhotoMetricDistortion (``photometric``), and padding
+    to ``size x size`` (image: ``fill``; mask: ``ignore_index``); eval scales the image, aspect kept,
+    to fit ``resize_scale``, sides rounded to ``multiple``, no crop.
+    Called with a ``mask`` (`apt_data.masks.MaskData`) it returns ``(image, mask)``: every geometric
+    step moves the mask with the image by the same code (nearest for the mask), photometric ones
+    touch the image only; RandAugment (which warps) is refused with a mask. ``keep_mask_size`` (eval
+    only): the mask is returned as given, at its image's original size, for metrics at the original
+    resolution (mmseg's evaluation: predictions are upsampled to the mask).
+
+    Errors: input that cannot be decoded, or a mask not of its image's size, raises ``ValueError``
+    (bad data: a loader skips the sample); a failure of the augmentation of a decoded image raises
+    `AugmentationError`, a ``RuntimeError`` (a bug, not bad data: a loader does not skip it); so do
+    settings that cannot carry a mask (RandAugment, exif_transpose, a centre-cropping eval).
     """
 
     size: int = 224
@@ -57,12 +73,26 @@ class ImageTransform:
     fill: tuple[int, int, int] = (128, 128, 128)
     exif_transpose: bool = False
     max_pixels: Optional[int] = MAX_DECODE_PIXELS
+    resize_scale: Optional[tuple[int, int]] = None
+    resize_ratio: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 1.0
+    photometric: bool = False
+    ignore_index: int = IGNORE_INDEX
+    keep_mask_size: bool = False
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % self.multiple:
             raise ValueError(f"image size {self.size} must be a positive multiple of the patch size {self.multiple}")
         if self.augment and self.keep_aspect:
             raise ValueError("keep_aspect applies to eval transforms; train crops are size x size")
+        if self.resize_scale is not None and (len(self.resize_scale) != 2 or min(self.resize_scale) <= 0):
+            raise ValueError(f"resize_scale must be two positive sides (long, short), got {self.resize_scale}")
+        if not 0 < self.resize_ratio[0] <= self.resize_ratio[1]:
+            raise ValueError(f"resize_ratio must be 0 < min <= max, got {self.resize_ratio}")
+        if self.keep_mask_size and self.augment:
+            raise ValueError("keep_mask_size applies to eval transforms; train masks move with their crops")
+        if not 0.0 < self.cat_max_ratio <= 1.0:
+            raise ValueError(f"cat_max_ratio must lie in (0, 1], got {self.cat_max_ratio}")
 
     @property
     def deterministic(self) -> bool:
@@ -71,24 +101,49 @@ class ImageTransform:
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """(H, W) of the output for an input of ``width x height`` pixels."""
-        if self.augment or not self.keep_aspect:
+        if self.augment or not (self.keep_aspect or self.resize_scale):
             return self.size, self.size
         m = self.multiple
-        short = max(m, round(self.size / m) * m)
-        s = short / min(width, height)
+        if self.resize_scale is not None:
+            s = min(max(self.resize_scale) / max(width, height), min(self.resize_scale) / min(width, height))
+        else:
+            s = max(m, round(self.size / m) * m) / min(width, height)
         return max(m, round(height * s / m) * m), max(m, round(width * s / m) * m)
 
-    def __call__(self, data: Union[bytes, str, os.PathLike, Any], name: str = "", seed: int = 0) -> np.ndarray:
-        """``data``: encoded bytes or a path, a PIL image, or a uint8 HxW / HxWx3 (/ HxWx4) array."""
-        if not self.augment:
+    def __call__(self, data: Union[bytes, str, os.PathLike, Any], name: str = "", seed: int = 0,
+                 mask: Optional[MaskData] = None):
+        """``data``: encoded bytes or a path, a PIL image, or a uint8 HxW / HxWx3 (/ HxWx4) array.
+        Returns the image, or ``(image, mask)`` when a ``mask`` is given."""
+        if mask is None and not self.augment and self.resize_scale is None:
             return decode_image(_encoded(data, name), self.size, crop=not self.keep_aspect, multiple=self.multiple,
                                 name=name or None, crop_pct=self.crop_pct, exif_transpose=self.exif_transpose)
-        pixels, full_size, scale = self._decode(data, name)  # ValueError: bad data
+        if mask is None and self.augment and self.resize_scale is None:
+            pixels, full_size, scale = self._decode(data, name)  # ValueError: bad data
+        else:
+            pixels = _decoded(data, name, self.exif_transpose)
+            full_size, scale = pixels.shape[:2], 1.0
+        labels = None
+        if mask is not None:
+            labels = check_mask(decode_mask(mask, f"{name or 'image'} (mask)"), pixels.shape, f"{name or 'image'} (mask)")
+            if self.auto_augment or self.exif_transpose:  # settings, not bad data: never a skipped sample
+                raise RuntimeError("RandAugment and exif_transpose move the image without its mask: turn them off "
+                                   "with masks (photometric=True distorts the image alone)")
+            if not (self.augment or self.keep_aspect or self.resize_scale):
+                raise RuntimeError("a centre-cropping eval transform cuts labelled pixels: use keep_aspect=True or "
+                                   "resize_scale with masks")
         try:
-            return self._augment(pixels, seed, full_size, scale)
+            out = self._augment(pixels, seed, labels, full_size, scale) if self.augment else self._resize(pixels, labels)
         except Exception as e:  # our code or timm's on a valid image: a bug, never a skipped sample
             raise AugmentationError(f"{name or 'image'}: augmentation failed on a decoded {pixels.shape} image "
                                     f"(seed {seed}): {type(e).__name__}: {e}") from e
+        return out if mask is not None else out[0]
+
+    def _resize(self, pixels: np.ndarray, mask: Optional[np.ndarray]):
+        """The eval geometry (keep_aspect or resize_scale) on the image and its mask."""
+        h, w = pixels.shape[:2]
+        oh, ow = self.output_size(w, h)
+        img, out = resample_pair(pixels, None if self.keep_mask_size else mask, (0, 0, w, h), (ow, oh), False)
+        return img, mask if self.keep_mask_size else out
 
     def decode_scale(self, width: int, height: int) -> float:
         """How far (a fraction per side, <= 1) a ``width x height`` image may be reduced before the random
@@ -106,27 +161,56 @@ class ImageTransform:
         pixels = _decoded(data, name, self.exif_transpose)
         return pixels, pixels.shape[:2], 1.0
 
-    def _augment(self, pixels: np.ndarray, seed: int, full_size: Optional[tuple[int, int]] = None,
-                 scale: float = 1.0) -> np.ndarray:
-        """``pixels`` augmented; ``full_size``/``scale``: the crop is drawn at ``full_size`` and mapped
-        onto ``pixels`` by ``scale`` (a reduced decode, `_decode`)."""
-        from PIL import Image
-
+    def _augment(self, pixels: np.ndarray, seed: int, mask: Optional[np.ndarray] = None,
+                 full_size: Optional[tuple[int, int]] = None, scale: float = 1.0):
+        """``pixels`` (and ``mask``) augmented; ``full_size``/``scale``: the crop is drawn at ``full_size``
+        and mapped onto ``pixels`` by ``scale`` (a reduced decode, `_decode`; never with a mask)."""
         rng = np.random.default_rng(seed)
-        img = Image.fromarray(pixels)
-        top, left, h, w = self._crop_box(*(full_size or (img.height, img.width)), rng)
-        box = (left, top, left + w, top + h)
-        if scale != 1.0:
-            box = tuple(min(v * scale, lim) for v, lim in zip(box, img.size * 2))
-        img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
-        if rng.random() < self.hflip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.resize_scale is not None:
+            img, mask = self._resize_crop(pixels, mask, rng)
+        else:
+            top, left, h, w = self._crop_box(*(full_size or pixels.shape[:2]), rng)
+            box = (left, top, left + w, top + h)
+            if scale != 1.0:
+                box = tuple(min(v * scale, lim) for v, lim in zip(box, (pixels.shape[1], pixels.shape[0]) * 2))
+            img, mask = resample_pair(pixels, mask, box, (self.size, self.size), rng.random() < self.hflip)
         if self.auto_augment:
-            img = _rand_augment(self.auto_augment, self.fill)(img, int(rng.integers(2**31)))
-        out = np.array(img, dtype=np.uint8)
+            from PIL import Image
+
+            img = np.array(_rand_augment(self.auto_augment, self.fill)(Image.fromarray(img), int(rng.integers(2**31))),
+                           dtype=np.uint8)
+        if self.photometric:
+            img = photo_metric_distortion(img, rng)
         if self.re_prob > 0 and rng.random() < self.re_prob:
-            self._erase(out, rng)
-        return out
+            img = np.array(img)
+            self._erase(img, rng)
+        return img, mask
+
+    def _resize_crop(self, pixels: np.ndarray, mask: Optional[np.ndarray], rng: np.random.Generator):
+        """mmseg's RandomResize (keep ratio) + RandomCrop (cat_max_ratio) + RandomFlip + padding, as
+        one resampling of the crop's source box (the same pixels as resizing all, then cropping)."""
+        h, w = pixels.shape[:2]
+        r = rng.uniform(*self.resize_ratio)
+        f = min(max(self.resize_scale) * r / max(w, h), min(self.resize_scale) * r / min(w, h))
+        nw, nh = max(1, int(w * f + 0.5)), max(1, int(h * f + 0.5))
+        ch, cw = min(self.size, nh), min(self.size, nw)
+        top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        if mask is not None and self.cat_max_ratio < 1.0:
+            for _ in range(10):  # the crop's own mask, as it will be cut (nearest: no second resampling)
+                counts = np.bincount(resample_pair(mask, None, box, (cw, ch), False, nearest=True)[0].ravel(),
+                                     minlength=256)
+                counts[self.ignore_index] = 0
+                if np.count_nonzero(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum():
+                    break
+                top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
+                box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        img, mask = resample_pair(pixels, mask, box, (cw, ch), rng.random() < self.hflip)
+        if (ch, cw) != (self.size, self.size):  # mmseg pads after normalising, with 0: the mean colour here
+            img = _pad(img, self.size, np.asarray(self.fill, np.uint8))
+            mask = None if mask is None else _pad(mask, self.size, self.ignore_index)
+        return img, mask
 
     def _crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """RandomResizedCrop's box (torchvision's algorithm) drawn from ``rng``."""
@@ -167,6 +251,33 @@ class ImageTransform:
 class AugmentationError(RuntimeError):
     """An augmentation failed on a decoded image: a bug in the transform, not bad data. A
     ``RuntimeError``, so loaders raise it instead of skipping the sample as they do ``ValueError``."""
+
+
+def resample_pair(pixels: np.ndarray, mask: Optional[np.ndarray], box: tuple, size: tuple[int, int], flip: bool,
+              nearest: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The one geometric step of every transform: the source ``box`` (left, top, right, bottom) of
+    the image resized to ``size`` (W, H) bicubic (``nearest``: nearest), and of its mask nearest,
+    both flipped left-right with ``flip``. Same box, same output grid: image and mask stay aligned."""
+    from PIL import Image
+
+    def one(a: np.ndarray, resample) -> np.ndarray:
+        im = Image.fromarray(a)
+        if im.size != size or tuple(box) != (0, 0, a.shape[1], a.shape[0]):
+            im = im.resize(size, resample, box=tuple(float(v) for v in box))
+        if flip:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(im, dtype=np.uint8)
+
+    return (one(pixels, Image.NEAREST if nearest else Image.BICUBIC),
+            None if mask is None else one(mask, Image.NEAREST))
+
+
+def _pad(a: np.ndarray, size: int, value) -> np.ndarray:
+    """``a`` padded at the bottom and right to ``size x size`` with ``value`` (mmseg's Pad)."""
+    out = np.empty((size, size) + a.shape[2:], np.uint8)
+    out[...] = value
+    out[:a.shape[0], :a.shape[1]] = a
+    return out
 
 
 def _decoded(data: Any, name: str = "", exif_transpose: bool = False) -> np.ndarray:
@@ -245,6 +356,20 @@ def _fix_ops(ops: list) -> list:
         if op.aug_fn is aa.posterize:
             op.aug_fn = _posterize
     return ops
+
+
+def segmentation_transform(size: int = 512, augment: bool = True, multiple: int = 16,
+                           fill: tuple[int, int, int] = (128, 128, 128), long_side: Optional[int] = None,
+                           keep_mask_size: bool = False) -> ImageTransform:
+    """mmseg's ADE20K recipe at crop ``size``: train with RandomResize to (``long_side``, ``size``)
+    (default ``4 * size``, mmseg's 2048 for 512) times 0.5-2.0, RandomCrop ``size`` with
+    cat_max_ratio 0.75, flip 0.5, PhotoMetricDistortion, padding; eval resizing to fit the same
+    scale, no crop (``keep_mask_size``: masks at their original size, for metrics there)."""
+    scale = (int(long_side or 4 * size), int(size))
+    if augment:
+        return ImageTransform(size=size, multiple=multiple, augment=True, resize_scale=scale, cat_max_ratio=0.75,
+                              photometric=True, fill=fill)
+    return ImageTransform(size=size, multiple=multiple, resize_scale=scale, fill=fill, keep_mask_size=keep_mask_size)
 
 
 def transform_from_data_config(data_config: dict, augment: bool = False, multiple: int = 16, **kw) -> ImageTransform:

@@ -113,8 +113,16 @@ class WireBatch:
     """
 
     def __init__(self, spec: BatchSpec, pool_id: Optional[int] = None, worker: int = 0, slot: int = 0,
-                 data: Optional[torch.Tensor] = None):
+                 data: Optional[torch.Tensor] = None, masks: Optional[tuple] = None):
         self.spec, self.pool_id, self.worker, self.slot, self.data = spec, pool_id, worker, slot, data
+        self.masks = masks  # segmentation masks, packed: (flat uint8 array, sizes), sent beside the slot
+
+    def with_masks(self, masks: Sequence[np.ndarray], same_size: bool = True) -> "WireBatch":
+        """This batch carrying the segmentation masks of its images (`PackedBatch.with_masks`)."""
+        from .masks import batch_masks
+
+        self.masks = batch_masks(masks, self.spec.image_sizes, self.spec.keys, same_size)
+        return self
 
     def _bytes(self, pin: bool = False) -> torch.Tensor:
         if self.data is not None:
@@ -129,10 +137,11 @@ class WireBatch:
         return out
 
     def pin_memory(self) -> "WireBatch":
-        return WireBatch(self.spec, data=self._bytes(pin=True))
+        return WireBatch(self.spec, data=self._bytes(pin=True), masks=self.masks)
 
     def to_batch(self) -> PackedBatch:
-        return self.spec.to_batch(self._bytes())
+        batch = self.spec.to_batch(self._bytes())
+        return batch if self.masks is None else batch.with_masks(self.masks)
 
 
 def ship_batch(spec: BatchSpec, images: Sequence[np.ndarray], layouts: Sequence[PatchLayout],

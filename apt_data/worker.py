@@ -64,16 +64,17 @@ class StreamEpoch(IterableDataset):
     def _process(self, ref) -> Optional[Item]:
         """One sample through the pipeline: an `Item`, or None when it is skipped as bad."""
         p, i = ref
-        loaded = self._pipeline.try_load(i, p, self._skipped, self._exact)
+        dense = self._pipeline.source.has_masks
+        loaded = self._pipeline.try_load(i, p, self._skipped, self._exact, with_mask=dense)
         if loaded is None:
             return None
-        img, layout, mixed = loaded
+        img, mask, layout, mixed = loaded if dense else (loaded[0], None) + loaded[1:]  # mask: beside its image
         key = self._pipeline.source.keys[i]
         tokens = len(layout) + self._pipeline.num_prefix_tokens
         if tokens > self._pipeline.max_tokens:
             raise ValueError(f"sample {key} needs {tokens} tokens, more than the batch budget "
                              f"max_tokens={self._pipeline.max_tokens}; raise --max-tokens or lower the image size")
-        return Item(ref, tokens, (img, layout, int(self._pipeline.source.labels[i]), key, mixed))
+        return Item(ref, tokens, (img, layout, int(self._pipeline.source.labels[i]), key, mixed, mask))
 
     def _restore(self, bins: list, ready: int) -> StreamPacker:
         loader = self.loader
@@ -130,7 +131,8 @@ class StreamEpoch(IterableDataset):
         for items, state in epoch_batches(stream, packer, quota, self._process, emitted, on_reset):
             self._live = (role, stream, packer, epoch, state)
             skipped, self._skipped = self._skipped, []
-            images, layouts, labels, keys, mixes = (list(v) for v in zip(*(it.payload for it in items)))
-            batch = self._pipeline.ship(images, layouts, labels, keys, skipped, self.pool, mixes)
+            images, layouts, labels, keys, mixes, masks = (list(v) for v in zip(*(it.payload for it in items)))
+            masks = masks if self._pipeline.source.has_masks else None
+            batch = self._pipeline.ship(images, layouts, labels, keys, skipped, self.pool, mixes, masks)
             yield TaggedBatch(batch, role, state)
         self._live = (role, stream, packer, epoch, state)

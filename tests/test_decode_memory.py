@@ -22,7 +22,7 @@ from conftest import IMAGE_PATHS
 
 def full_decode(t: ImageTransform, data, seed: int) -> np.ndarray:
     """The augmenting path without the reduction: full-size pixels, the crop drawn on them."""
-    return t._augment(_decoded(data, "", t.exif_transpose), seed)
+    return t._augment(_decoded(data, "", t.exif_transpose), seed)[0]
 
 
 def encoded(img: Image.Image, fmt: str, **kw) -> bytes:

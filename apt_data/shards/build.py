@@ -1,7 +1,8 @@
 """Building a shard set from images: planning, one task per shard, sidecar resume, and a lock on the output.
 
 `build_shards(SRC, OUT, ...)` writes ``OUT/{prefix}-000000.tar, ...``, ``OUT/{prefix}.parquet``
-and ``OUT/classes.tsv`` from an ImageNet-layout folder or a text/TSV list. Each shard is written
+and ``OUT/classes.tsv`` from an ImageNet-layout folder or a text/TSV list, or, with ``masks=DIR``,
+from a folder of images paired with their segmentation masks by file stem (``.seg.png`` members). Each shard is written
 to ``.tmp``, fsynced and renamed; then its sidecar ``.tar.idx.json`` (rows + skipped sources) is
 written the same way, and only a shard with a matching sidecar counts as done, so a killed run
 leaves no partial .tar and a rerun redoes only what is missing. The index is built at the end from
@@ -9,7 +10,6 @@ the sidecars. ``tools/make_shards.py`` is its command line; see docs/shards.md.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -24,11 +24,13 @@ from typing import Optional, Union
 
 from ..config import APTConfig
 from ..io import atomic_write_bytes
-from ..listing import describe_left_out, list_image_folder, read_file_list
-from .encode import SourceError, encode_sample, sample_meta
+from ..listing import describe_left_out
+from ..masks import MaskLabels
+from .encode import SourceError, encode_sample, encode_sample_mask, sample_meta
 from .errors import ShardDataError, ShardStats
 from .format import FORMAT_VERSION
 from .index import config_dict, index_row, index_table, write_index
+from .plan import digest, load_class_table, make_key, plan_mask_samples, plan_samples
 from .reader import iter_shard
 from .writer import ShardWriter
 
@@ -38,7 +40,7 @@ PathLike = Union[str, os.PathLike]
 SIDECAR = ".idx.json"
 
 __all__ = ["BuildResult", "SIDECAR", "ShardTask", "build_shard", "build_shards", "load_class_table", "make_key",
-           "part_tasks", "plan_samples"]
+           "part_tasks", "plan_mask_samples", "plan_samples"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class ShardTask:
     index: int
     path: str
     fingerprint: str
-    samples: tuple  # of (source path, source name, key, label, extra meta dict)
+    samples: tuple  # of (source path, source name, key, label, extra meta dict[, mask path])
     cfg: APTConfig
     image_size: int
     crop: bool
@@ -57,6 +59,7 @@ class ShardTask:
     strict: bool
     validate: bool
     exif_transpose: bool = False
+    mask_labels: Optional[MaskLabels] = None  # a segmentation set: how its masks' ids are stored
 
 
 @dataclass
@@ -82,65 +85,6 @@ class BuildResult:
                 f"already complete); {self.stats.summary()}{dropped}; {where}")
 
 
-def _digest(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-
-def make_key(name: str) -> str:
-    """A webdataset key from a source's relative path: no extension, no dots, '/' -> '_'."""
-    stem = name.rsplit(".", 1)[0] if "." in Path(name).name else name
-    key = re.sub(r"[^A-Za-z0-9_\-]", "_", stem.replace("/", "_")).lstrip("_-") or "x"
-    return key if len(key) <= 80 else key[:63] + "_" + _digest(name)[:16]
-
-
-def load_class_table(path: Optional[PathLike]) -> dict[str, tuple[int, str]]:
-    """``wnid -> (ImageNet-1k index, name)`` from a TSV with columns index, wnid, name (header ok)."""
-    if not path:
-        return {}
-    table = {}
-    for line in Path(path).read_text().splitlines():
-        parts = line.split("\t")
-        if len(parts) >= 3 and parts[0].strip().isdigit():
-            table[parts[1].strip()] = (int(parts[0]), parts[2].strip())
-    return table
-
-
-def plan_samples(src: Path, *, limit_per_class: Optional[int], skip_per_class: int, seed: int,
-                 shuffle: bool, left_out: Optional[Counter] = None
-                 ) -> tuple[list[tuple[Path, str, str, int, str]], dict[int, str]]:
-    """Pick and order the samples: ``[(path, source name, key, label, class)]`` and label -> class.
-
-    Per class, files are ranked by sha256(seed, name) and ``[skip : skip + limit]`` taken, so
-    disjoint splits come from the same seed with different skips, and adding files elsewhere does
-    not change a pick. Then the order is the sorted one, or a seeded hash order (``shuffle``)
-    so every shard mixes classes. Keys are unique. ``left_out``: counts a folder's non-image files
-    (`list_image_folder`).
-    """
-    src = Path(src)
-    entries, base = (list_image_folder(src, left_out), src) if src.is_dir() else (read_file_list(src), src.parent)
-    classes: dict[int, str] = {}
-    by_label: dict[int, list] = {}
-    for path, label, cls in entries:
-        name = Path(os.path.relpath(path, base)).as_posix()
-        classes.setdefault(label, cls)
-        by_label.setdefault(label, []).append((path, name, label, cls))
-    picked = []
-    for label in sorted(by_label):
-        items = sorted(by_label[label], key=lambda t: _digest(str(seed), t[1]))
-        stop = None if limit_per_class is None else skip_per_class + limit_per_class
-        picked.extend(items[skip_per_class:stop])
-    seen: dict[str, int] = {}
-    samples = []
-    for path, name, label, cls in sorted(picked, key=lambda t: (t[2], t[1])):
-        key = make_key(name)
-        n = seen.get(key, 0)
-        seen[key] = n + 1
-        samples.append((path, name, key if n == 0 else f"{key}-{n}", label, cls))
-    if shuffle:
-        samples.sort(key=lambda t: _digest(str(seed), "order", t[2]))
-    return samples, classes
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR)
 
@@ -163,11 +107,12 @@ def build_shard(task: ShardTask) -> int:
     rows, skipped = [], []
     writer = ShardWriter(path)
     try:
-        for src_path, name, key, label, extra in task.samples:
+        for src_path, name, key, label, extra, *mask_path in task.samples:
             try:
                 enc = encode_sample(src_path, task.cfg, task.image_size, crop=task.crop,
                                     multiple=task.multiple, quality=task.quality, name=name,
                                     exif_transpose=task.exif_transpose)
+                mask = encode_sample_mask(mask_path[0], enc, task.mask_labels) if mask_path else None
             except SourceError as e:
                 if task.strict:
                     raise ShardDataError(name, key, e.reason, e.detail) from None
@@ -175,7 +120,7 @@ def build_shard(task: ShardTask) -> int:
                 continue
             meta = sample_meta(key, enc, task.cfg, label=label, source=name, crop=task.crop,
                                quality=task.quality, extra=extra)
-            offsets = writer.write_sample(key, enc.jpeg, label, meta, enc.scores)
+            offsets = writer.write_sample(key, enc.jpeg, label, meta, enc.scores, mask)
             rows.append(index_row(key, path.name, meta, offsets, writer.checksums[key]))
         size = writer.commit()
     except BaseException:
@@ -243,13 +188,15 @@ def _plan_tasks(samples: list, class_info: list[dict], out: Path, prefix: str, c
     plan_head = json.dumps({"v": FORMAT_VERSION, "cfg": config_dict(cfg), **settings}, sort_keys=True)
     tasks = []
     for i in range(0, len(samples), shard_size):
-        chunk = tuple((str(p), name, key, label, extra_of[label]) for p, name, key, label, _ in samples[i:i + shard_size])
+        chunk = tuple((str(p), name, key, label, extra_of[label], *map(str, mask))
+                      for p, name, key, label, _, *mask in samples[i:i + shard_size])
         sizes = [str(os.path.getsize(p)) if os.path.exists(p) else "-" for p, *_ in chunk]
-        fp = _digest(plan_head, json.dumps(chunk, sort_keys=True), *sizes)
+        fp = digest(plan_head, json.dumps(chunk, sort_keys=True), *sizes)
         tasks.append(ShardTask(len(tasks), str(out / f"{prefix}-{len(tasks):06d}.tar"), fp, chunk, cfg,
                                settings["image_size"], settings["crop"], settings["multiple"],
                                settings["jpeg_quality"], strict, validate,
-                               bool(settings.get("exif_transpose", False))))
+                               bool(settings.get("exif_transpose", False)),
+                               MaskLabels(**settings["masks"]["labels"]) if "masks" in settings else None))
     return tasks
 
 
@@ -288,7 +235,8 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
                  seed: int = 0, shuffle: bool = True, quality: int = 95, multiple: Optional[int] = None,
                  classes_tsv: Optional[PathLike] = None, validate: bool = False, strict: bool = False,
                  progress: bool = True, keep_sidecars: bool = True, part: Optional[int] = None,
-                 num_parts: int = 1, merge: bool = False, exif_transpose: bool = False) -> BuildResult:
+                 num_parts: int = 1, merge: bool = False, exif_transpose: bool = False,
+                 masks: Optional[PathLike] = None, mask_labels: Optional[MaskLabels] = None) -> BuildResult:
     """Build (or finish building) ``OUT/{prefix}-*.tar`` and ``OUT/{prefix}.parquet``; see the module doc.
 
     Raises `ShardDataError` at the first unreadable source with ``strict``; otherwise such sources
@@ -298,9 +246,13 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
     their sidecars, no index; any machine, any order, the same options everywhere), then
     ``merge=True`` (same options) checks that every shard of the plan is complete and writes the
     index, byte-identical to a one-machine build; a missing shard is an error naming it.
-    """
-    import pyarrow as pa
 
+    Segmentation (``masks``: a folder of masks paired with the images of ``src`` by relative path
+    and stem): every sample gets its mask as a ``.seg.png`` member, resized nearest with its image
+    (which keeps its aspect: ``crop=False`` is required), its ids mapped by ``mask_labels``;
+    ``limit_per_class`` / ``skip_per_class`` then pick among all images. A mask that is missing is
+    an error; one that is unreadable or not its image's size is a skipped source (``bad_mask``).
+    """
     t0 = time.perf_counter()
     cfg = cfg or APTConfig()
     src, out = Path(src), Path(out)
@@ -309,14 +261,12 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
         raise ValueError("shard_size and image_size must be positive")
     if not re.match(r"^[A-Za-z0-9_\-]+$", prefix):
         raise ValueError(f"prefix {prefix!r}: letters, digits, '_' and '-' only")
-    left_out: Counter = Counter()
-    samples, classes = plan_samples(src, limit_per_class=limit_per_class, skip_per_class=skip_per_class,
-                                    seed=seed, shuffle=shuffle, left_out=left_out)
-    if not samples:
-        raise ValueError(f"{src}: no samples selected")
-    class_table = load_class_table(classes_tsv)
     if part is not None and merge:
         raise ValueError("a part build (--part) and the merge (--merge) are separate runs")
+    left_out: Counter = Counter()
+    samples, classes = _plan(src, masks, crop, exif_transpose, limit_per_class, skip_per_class, seed, shuffle,
+                             left_out)
+    class_table = load_class_table(classes_tsv)
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out, None if part is None else f"{prefix}.part-{part}-of-{num_parts}")
     try:
@@ -324,15 +274,13 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
         settings = {"image_size": image_size, "crop": crop, "multiple": multiple, "jpeg_quality": quality}
         if exif_transpose:  # recorded only when on, so that earlier builds' plans and indexes stay the same
             settings["exif_transpose"] = True
+        if masks is not None:  # (likewise)
+            ml = mask_labels or MaskLabels()
+            settings["masks"] = {"member": "seg.png", "labels": {"reduce_zero_label": ml.reduce_zero_label,
+                                                                 "void": [int(v) for v in ml.void]}}
         tasks = _plan_tasks(samples, class_info, out, prefix, cfg, shard_size, settings, strict, validate)
         mine = set(range(len(tasks)) if part is None else part_tasks(len(tasks), part, num_parts))
-        # leftovers: .tmp files of a killed run, and shards of an earlier, larger plan (a part
-        # removes only its own: the other parts may be writing theirs)
-        for f in out.glob(f"{prefix}-*"):
-            m = re.fullmatch(re.escape(prefix) + r"-(\d{6})\.tar(\.idx\.json)?(\.tmp)?", f.name)
-            if m and (int(m.group(1)) in mine if m.group(3) else (part is None and int(m.group(1)) >= len(tasks))):
-                log.info("removing leftover %s", f)
-                f.unlink()
+        _remove_leftovers(out, prefix, mine, part is None, len(tasks))
         done = {t.index for t in tasks if _load_done(t) is not None}
         pending = [t for t in tasks if t.index not in done and t.index in mine]
         if merge and pending:
@@ -345,34 +293,14 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
         workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(pending) or 1))
         _run_tasks(tasks, pending, done, workers, progress, f"make_shards {prefix}", mine)
         if part is not None:
-            stats = ShardStats()
-            num = 0
-            for i in sorted(mine):
-                side = _load_done(tasks[i])
-                if side is None:
-                    raise RuntimeError(f"{tasks[i].path}: shard or sidecar changed while this run was writing")
-                num += len(side["rows"])
-                for s in side["skipped"]:
-                    stats.skip(side["shard"], s["key"], s["reason"], f"{s['source']}: {s['detail']}")
-            stats.samples = num
-            res = BuildResult(out=out, index_path=None, num_samples=num, num_shards=len(mine), built=len(pending),
-                              resumed=resumed, stats=stats, seconds=time.perf_counter() - t0, left_out=left_out)
+            stats = _collect(tasks, sorted(mine))[1]
+            res = BuildResult(out=out, index_path=None, num_samples=stats.samples, num_shards=len(mine),
+                              built=len(pending), resumed=resumed, stats=stats, seconds=time.perf_counter() - t0,
+                              left_out=left_out)
             log.debug("build_shards: %s: %s", out, res.summary())
             (out / f".{prefix}.part-{part}-of-{num_parts}.lock").unlink(missing_ok=True)
             return res
-        stats = ShardStats()
-        tables = []
-        for t in tasks:  # one sidecar in memory at a time: the index of a large set stays columnar
-            side = _load_done(t)
-            if side is None:
-                raise RuntimeError(f"{t.path}: shard or sidecar changed while this run was writing")
-            tables.append(index_table(side["rows"], cfg.num_scales))
-            for s in side["skipped"]:
-                log.warning("skipped %s (key %s, shard %s): %s (%s)", s["source"], s["key"], side["shard"],
-                            s["reason"], s["detail"])
-                stats.skip(side["shard"], s["key"], s["reason"], f"{s['source']}: {s['detail']}")
-        table = pa.concat_tables(tables)
-        stats.samples = table.num_rows
+        table, stats = _collect(tasks, range(len(tasks)), cfg.num_scales)
         settings.update(prefix=prefix, shards=[Path(t.path).name for t in tasks], num_samples=table.num_rows,
                         classes=class_info, seed=seed, shuffle=shuffle, format="webdataset tar")
         index_path = out / f"{prefix}.parquet"
@@ -387,3 +315,50 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
                       left_out=left_out)
     log.debug("build_shards: %s: %s", out, res.summary())  # the caller prints it (tools/make_shards.py)
     return res
+
+
+def _plan(src: Path, masks: Optional[PathLike], crop: bool, exif_transpose: bool, limit: Optional[int], skip: int,
+          seed: int, shuffle: bool, left_out: Optional[Counter] = None) -> tuple[list, dict[int, str]]:
+    """The samples of a build (`plan_samples`, or `plan_mask_samples` with ``masks``) and its classes."""
+    if masks is not None and (crop or exif_transpose):
+        raise ValueError("shards with masks keep the image's aspect and orientation: crop=False (--no-crop) "
+                         "and no exif_transpose")
+    if masks is not None:
+        samples, classes = plan_mask_samples(src, Path(masks), limit=limit, skip=skip, seed=seed, shuffle=shuffle)
+    else:
+        samples, classes = plan_samples(src, limit_per_class=limit, skip_per_class=skip, seed=seed, shuffle=shuffle,
+                                        left_out=left_out)
+    if not samples:
+        raise ValueError(f"{src}: no samples selected")
+    return samples, classes
+
+
+def _remove_leftovers(out: Path, prefix: str, mine: set, whole: bool, num_tasks: int) -> None:
+    """Remove .tmp files of a killed run (this run's shards only: other parts may be writing theirs)
+    and, for a whole build, shards of an earlier, larger plan."""
+    for f in out.glob(f"{prefix}-*"):
+        m = re.fullmatch(re.escape(prefix) + r"-(\d{6})\.tar(\.idx\.json)?(\.tmp)?", f.name)
+        if m and (int(m.group(1)) in mine if m.group(3) else (whole and int(m.group(1)) >= num_tasks)):
+            log.info("removing leftover %s", f)
+            f.unlink()
+
+
+def _collect(tasks: list[ShardTask], which, num_scales: Optional[int] = None):
+    """The sidecars of shards ``which``: ``(index table or None, stats)``; the table (``num_scales``
+    given) is built one sidecar at a time, so the index of a large set stays columnar."""
+    import pyarrow as pa
+
+    stats, tables = ShardStats(), []
+    for i in which:
+        side = _load_done(tasks[i])
+        if side is None:
+            raise RuntimeError(f"{tasks[i].path}: shard or sidecar changed while this run was writing")
+        stats.samples += len(side["rows"])
+        if num_scales is not None:
+            tables.append(index_table(side["rows"], num_scales))
+        for s in side["skipped"]:
+            if num_scales is not None:
+                log.warning("skipped %s (key %s, shard %s): %s (%s)", s["source"], s["key"], side["shard"],
+                            s["reason"], s["detail"])
+            stats.skip(side["shard"], s["key"], s["reason"], f"{s['source']}: {s['detail']}")
+    return (pa.concat_tables(tables) if tables else None), stats

@@ -16,12 +16,12 @@ from .format import JPEG_EOI
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["EncodedSample", "SourceError", "encode_sample", "sample_meta"]
+__all__ = ["EncodedSample", "SourceError", "encode_sample", "encode_sample_mask", "sample_meta"]
 
 
 class SourceError(ValueError):
     """A source image that cannot be stored; ``reason`` is one of empty_file, not_an_image,
-    corrupt_image, unreadable_file."""
+    corrupt_image, unreadable_file, bad_mask (its mask unreadable or not of its size)."""
 
     def __init__(self, source: str, reason: str, detail: str):
         self.source, self.reason, self.detail = source, reason, detail
@@ -97,6 +97,25 @@ def encode_sample(source: Union[PathLike, bytes], cfg: APTConfig, image_size: Op
         score_shapes=[tuple(int(v) for v in m.shape) for m in maps],
         tokens=patchify(stored, cfg).counts(), orig_size=(int(orig_size[0]), int(orig_size[1])),
         reencoded=reencoded)
+
+
+def encode_sample_mask(mask: Union[PathLike, bytes], enc: EncodedSample, labels: Optional[Any] = None,
+                       name: str = "") -> bytes:
+    """The stored mask of a sample: the source mask (its ids mapped by ``labels``, a `MaskLabels`),
+    which must be the source image's size, resized nearest to the stored image's size over the whole
+    frame (as the image was: shards of masks keep the aspect, never crop) and encoded as PNG.
+    Raises `SourceError` ``bad_mask`` naming the mask."""
+    from ..masks import check_mask, decode_mask, encode_mask
+    from ..transforms import resample_pair
+
+    label = name or (os.fspath(mask) if not isinstance(mask, (bytes, bytearray)) else "mask")
+    try:
+        m = check_mask(decode_mask(mask, label, labels), enc.orig_size[::-1], label)
+    except (ValueError, OSError) as e:
+        raise SourceError(label, "bad_mask", str(e)) from None
+    h, w = enc.image.shape[:2]
+    m = resample_pair(m, None, (0, 0, m.shape[1], m.shape[0]), (w, h), False, nearest=True)[0]
+    return encode_mask(m)
 
 
 def sample_meta(key: str, enc: EncodedSample, cfg: APTConfig, *, label: int, source: str, crop: bool,

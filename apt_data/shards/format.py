@@ -1,8 +1,9 @@
 """The shard format: member names, format version, tar constants, and the validation of one sample.
 
 A sample is the members ``<key>.cls`` (ASCII integer label), ``<key>.jpg`` (JPEG bytes),
-``<key>.json`` (metadata) and ``<key>.npy`` (flat float32 score maps, finest scale first),
-written in that order. `record_from_members` is the one check every reader applies to them.
+``<key>.json`` (metadata) and ``<key>.npy`` (flat float32 score maps, finest scale first), and in a
+segmentation set ``<key>.seg.png`` (its mask: one class id per pixel, a single-channel PNG), written
+in that order. `record_from_members` is the one check every reader applies to them.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from ..image import decode_image
 from .errors import ShardStats, report_bad
 
 __all__ = [
-    "BLOCK", "CHECKSUM", "FORMAT_VERSION", "IMAGE_EXTS", "INDEX_METADATA_KEY", "INPLACE_FORMAT", "JPEG_EOI", "JPEG_SOI", "KEY_RE", "MEMBERS", "TAR_MODE",
-    "TAR_MTIME", "SampleRecord", "json_bytes", "load_scores", "npy_bytes", "member_checksum", "record_from_members",
+    "BLOCK", "CHECKSUM", "EXTRA_MEMBERS", "FORMAT_VERSION", "IMAGE_EXTS", "INDEX_METADATA_KEY", "INPLACE_FORMAT",
+    "JPEG_EOI", "JPEG_SOI", "KEY_RE", "MASK_MEMBER", "MEMBERS", "TAR_MODE", "TAR_MTIME", "SampleRecord", "json_bytes",
+    "load_scores", "member_column", "npy_bytes", "member_checksum", "record_from_members",
     "split_key", "split_scores",
 ]
 
@@ -28,6 +30,11 @@ __all__ = [
 FORMAT_VERSION = 1
 #: Members of one sample, in the order they are written (sorted by extension).
 MEMBERS = ("cls", "jpg", "json", "npy")
+#: The segmentation mask member (webdataset naming: ``<key>.seg.png``, decoded as a PNG by its last
+#: extension): a single-channel PNG of class ids, the size of the sample's image.
+MASK_MEMBER = "seg.png"
+#: Members only some shard sets have: their index columns exist only in those sets' indexes.
+EXTRA_MEMBERS = (MASK_MEMBER,)
 #: Image member extensions of plain webdataset shards indexed in place (`apt_data.shards.inplace`);
 #: their index keeps the image's span in the ``jpg_*`` columns and its extension in ``image_ext``.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -68,6 +75,7 @@ class SampleRecord:
     meta: dict
     scores: Optional[np.ndarray]
     shard: str = ""
+    mask: Optional[bytes] = None  # the .seg.png member (PNG bytes), in a segmentation set
 
     def score_maps(self) -> list[np.ndarray]:
         """Per-scale score maps (views into ``scores``), finest first, as `score_maps` returns."""
@@ -78,6 +86,11 @@ class SampleRecord:
     def image(self, size: Optional[int] = None, crop: bool = True) -> np.ndarray:
         """Decode the stored JPEG (`decode_image`); at its own size by default."""
         return decode_image(self.jpeg, size, crop=crop, name=f"{self.shard}:{self.key}")
+
+
+def member_column(member: str) -> str:
+    """The prefix of a member's index columns (``<prefix>_offset``, ...): ``seg`` for ``seg.png``."""
+    return member.split(".", 1)[0]
 
 
 def split_scores(flat: np.ndarray, shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -140,36 +153,12 @@ def record_from_members(shard: str, key: str, members: Mapping[str, bytes], *, s
     if ext is None:
         return bad("missing_image", f"members: {sorted(members)}")
     jpeg = members[ext]
-    if len(jpeg) == 0:
-        return bad("empty_image", f"0-byte .{ext} member")
-    if ext == "png":  # only in shards indexed in place
-        if not jpeg.startswith(PNG_SIG):
-            return bad("not_png", f".png member starts with {jpeg[:8]!r}")
-        if b"IEND" not in jpeg[-16:]:
-            return bad("corrupt_png", "no IEND chunk (truncated PNG)")
-    elif ext == "webp":
-        if not (jpeg[:4] == b"RIFF" and jpeg[8:12] == b"WEBP"):
-            return bad("not_webp", f".webp member starts with {jpeg[:12]!r}")
-        if len(jpeg) < int.from_bytes(jpeg[4:8], "little") + 8:
-            return bad("corrupt_webp", "shorter than its RIFF size (truncated WebP)")
-    else:
-        if not jpeg.startswith(JPEG_SOI):
-            return bad("not_jpeg", f".{ext} member starts with {jpeg[:8]!r}")
-        if not jpeg.rstrip(b"\0").endswith(JPEG_EOI):
-            return bad("corrupt_jpeg", "no end-of-image marker (truncated JPEG)")
-    if "cls" in members:
-        try:
-            label = int(members["cls"].decode("ascii").strip())
-            if label < 0:
-                raise ValueError("negative")
-        except ValueError:
-            return bad("bad_label", f".cls member is {members['cls'][:20]!r}")
-        if expect_label is not None and label != expect_label:
-            return bad("index_mismatch", f".cls {label} != index label {expect_label}")
-    elif need_label or expect_label is None:
-        return bad("missing_label", f"no .cls member; members: {sorted(members)}")
-    else:
-        label = int(expect_label)
+    problem = _image_problem(ext, jpeg)
+    if problem is not None:
+        return bad(*problem)
+    label, problem = _label_of(members, expect_label, need_label)
+    if problem is not None:
+        return bad(*problem)
     meta: dict = {}
     if parse_meta and "json" in members:
         try:
@@ -186,11 +175,69 @@ def record_from_members(shard: str, key: str, members: Mapping[str, bytes], *, s
                 split_scores(scores, meta["scores"]["shapes"])
         except (ValueError, KeyError, TypeError) as e:
             return bad("bad_scores", str(e)[:200])
+    mask = members.get(MASK_MEMBER)
+    if mask is not None and not (mask.startswith(PNG_SIG) and b"IEND" in mask[-16:]):
+        return bad("corrupt_mask", f".{MASK_MEMBER} member is not a complete PNG (starts {mask[:8]!r})")
     if validate:
-        try:
-            decode_image(jpeg, name=f"{shard}:{key}")
-        except ValueError as e:
-            return bad("corrupt_jpeg", str(e)[:200])
+        problem = _decoded_problem(f"{shard}:{key}", jpeg, mask)
+        if problem is not None:
+            return bad(*problem)
     if stats is not None:
         stats.samples += 1
-    return SampleRecord(key=key, jpeg=jpeg, label=label, meta=meta, scores=scores, shard=str(shard))
+    return SampleRecord(key=key, jpeg=jpeg, label=label, meta=meta, scores=scores, shard=str(shard), mask=mask)
+
+
+def _image_problem(ext: str, data: bytes) -> Optional[tuple[str, str]]:
+    """``(reason, detail)`` when an image member is empty or not a complete file of its type, else None."""
+    if len(data) == 0:
+        return "empty_image", f"0-byte .{ext} member"
+    if ext == "png":  # only in shards indexed in place
+        if not data.startswith(PNG_SIG):
+            return "not_png", f".png member starts with {data[:8]!r}"
+        if b"IEND" not in data[-16:]:
+            return "corrupt_png", "no IEND chunk (truncated PNG)"
+    elif ext == "webp":
+        if not (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            return "not_webp", f".webp member starts with {data[:12]!r}"
+        if len(data) < int.from_bytes(data[4:8], "little") + 8:
+            return "corrupt_webp", "shorter than its RIFF size (truncated WebP)"
+    else:
+        if not data.startswith(JPEG_SOI):
+            return "not_jpeg", f".{ext} member starts with {data[:8]!r}"
+        if not data.rstrip(b"\0").endswith(JPEG_EOI):
+            return "corrupt_jpeg", "no end-of-image marker (truncated JPEG)"
+    return None
+
+
+def _label_of(members: Mapping[str, bytes], expect_label: Optional[int],
+              need_label: bool) -> tuple[int, Optional[tuple[str, str]]]:
+    """``(label, None)``, or ``(-1, (reason, detail))`` when the .cls member is bad or missing."""
+    if "cls" not in members:
+        if need_label or expect_label is None:
+            return -1, ("missing_label", f"no .cls member; members: {sorted(members)}")
+        return int(expect_label), None
+    try:
+        label = int(members["cls"].decode("ascii").strip())
+        if label < 0:
+            raise ValueError("negative")
+    except ValueError:
+        return -1, ("bad_label", f".cls member is {members['cls'][:20]!r}")
+    if expect_label is not None and label != expect_label:
+        return -1, ("index_mismatch", f".cls {label} != index label {expect_label}")
+    return label, None
+
+
+def _decoded_problem(name: str, jpeg: bytes, mask: Optional[bytes]) -> Optional[tuple[str, str]]:
+    """``(reason, detail)`` when the image does not decode, or its mask does not decode to its size."""
+    try:
+        image = decode_image(jpeg, name=name)
+    except ValueError as e:
+        return "corrupt_jpeg", str(e)[:200]
+    if mask is not None:
+        from ..masks import check_mask, decode_mask
+
+        try:
+            check_mask(decode_mask(mask, f"{name}.{MASK_MEMBER}"), image.shape, f"{name}.{MASK_MEMBER}")
+        except ValueError as e:
+            return "corrupt_mask", str(e)[:200]
+    return None

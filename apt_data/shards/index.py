@@ -16,7 +16,8 @@ import numpy as np
 from ..config import APTConfig
 from ..io import atomic_write_bytes
 from .errors import ShardStats
-from .format import CHECKSUM, FORMAT_VERSION, INDEX_METADATA_KEY, MEMBERS, SampleRecord, json_bytes
+from .format import (CHECKSUM, EXTRA_MEMBERS, FORMAT_VERSION, INDEX_METADATA_KEY, MEMBERS, SampleRecord, json_bytes,
+                     member_column)
 from .reader import read_sample
 
 PathLike = Union[str, os.PathLike]
@@ -31,41 +32,46 @@ def config_dict(cfg: APTConfig) -> dict:
             "thresholds": list(cfg.thresholds), "scorer": cfg.scorer}
 
 
-def index_columns(num_scales: int) -> list[str]:
-    """Index columns in order (see docs/shards.md)."""
+def index_columns(num_scales: int, masks: bool = False) -> list[str]:
+    """Index columns in order (see docs/shards.md); ``masks``: with the mask member's (``seg_*``)."""
+    members = MEMBERS + (EXTRA_MEMBERS if masks else ())
     return (["key", "shard", "label", "source", "orig_width", "orig_height", "width", "height"]
             + [f"tokens_s{s}" for s in range(num_scales)] + ["tokens"]
-            + [f"{m}_{what}" for m in MEMBERS for what in ("offset", "size")]
-            + [f"{m}_{CHECKSUM}" for m in MEMBERS])
+            + [f"{member_column(m)}_{what}" for m in members for what in ("offset", "size")]
+            + [f"{member_column(m)}_{CHECKSUM}" for m in members])
 
 
 def index_row(key: str, shard: str, meta: Mapping[str, Any], offsets: Mapping[str, tuple[int, int]],
               checksums: Optional[Mapping[str, int]] = None) -> dict:
     """One index row from a sample's metadata, its member offsets (``-1`` for a missing member) and
-    the CRC32C of every member (`ShardWriter.checksums`; ``-1``: none, not verified on read)."""
+    the CRC32C of every member (`ShardWriter.checksums`; ``-1``: none, not verified on read). The
+    columns of an extra member (a mask) are there when the sample has one."""
     row = {"key": key, "shard": shard, "label": int(meta["label"]), "source": str(meta.get("source", "")),
            "orig_width": int(meta["orig_width"]), "orig_height": int(meta["orig_height"]),
            "width": int(meta["width"]), "height": int(meta["height"])}
     for s, t in enumerate(meta["tokens"]):
         row[f"tokens_s{s}"] = int(t)
     row["tokens"] = int(sum(meta["tokens"]))
-    for m in MEMBERS:
+    for m in MEMBERS + tuple(m for m in EXTRA_MEMBERS if m in offsets):
         off, size = offsets.get(m, (-1, -1))
-        row[f"{m}_offset"], row[f"{m}_size"] = int(off), int(size)
-        row[f"{m}_{CHECKSUM}"] = int((checksums or {}).get(m, -1)) if off >= 0 else -1
+        c = member_column(m)
+        row[f"{c}_offset"], row[f"{c}_size"] = int(off), int(size)
+        row[f"{c}_{CHECKSUM}"] = int((checksums or {}).get(m, -1)) if off >= 0 else -1
     return row
 
 
 def index_table(rows: Sequence[Mapping[str, Any]], num_scales: int):
     """Index rows (`index_row` dicts) as a pyarrow Table with the index column types.
 
-    Rows without checksums (a sidecar of an older build) get ``-1`` there: read without verification."""
+    Rows without checksums (a sidecar of an older build) get ``-1`` there: read without verification;
+    so do rows without a mask in a set where others have one (absent)."""
     import pyarrow as pa
 
     types = {"key": pa.string(), "shard": pa.string(), "source": pa.string(), "label": pa.int64()}
-    crc = (f"_{CHECKSUM}",)
-    return pa.table({c: pa.array([r.get(c, -1) if c.endswith(crc) else r[c] for r in rows], type=types.get(
-        c, pa.int64() if c.endswith(("_offset", "_size") + crc) else pa.int32())) for c in index_columns(num_scales)})
+    member = ("_offset", "_size", f"_{CHECKSUM}")
+    masks = any(f"{member_column(m)}_offset" in r for r in rows for m in EXTRA_MEMBERS)
+    return pa.table({c: pa.array([r.get(c, -1) if c.endswith(member) else r[c] for r in rows], type=types.get(
+        c, pa.int64() if c.endswith(member) else pa.int32())) for c in index_columns(num_scales, masks)})
 
 
 def write_index(path: PathLike, rows: Union[Sequence[Mapping[str, Any]], Any], cfg: APTConfig,

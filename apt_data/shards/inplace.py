@@ -1,7 +1,9 @@
 """Index plain webdataset shards in place: a Parquet index for tars someone else wrote, images untouched.
 
 `index_webdataset(tars, index_path)` scans each tar once (``.jpg``/``.jpeg``/``.png``/``.webp``
-images, labels from ``.cls`` or a JSON field, other members such as ``.txt`` left alone), decodes
+images, labels from ``.cls`` or a JSON field, segmentation masks from ``.seg.png`` (indexed with
+their checksum; a mask not of its image's size is a skipped sample), other members such as ``.txt``
+left alone), decodes
 every image through the loader's eval transform at ``image_size`` and writes one index row per
 sample: member offsets, sizes and CRC32C checksums, the label, the original and transformed size,
 and APT token counts for ``cfg`` at that transform's output. `APTLoader` then plans exact batches
@@ -26,7 +28,8 @@ from typing import Any, Optional, Sequence, Union
 
 from ..config import APTConfig
 from .errors import ShardStats, report_bad
-from .format import CHECKSUM, IMAGE_EXTS, INPLACE_FORMAT, MEMBERS, member_checksum, split_key
+from .format import (CHECKSUM, EXTRA_MEMBERS, IMAGE_EXTS, INPLACE_FORMAT, MASK_MEMBER, MEMBERS, member_checksum,
+                     member_column, split_key)
 from .index import index_table, write_index
 from .reader import _scan_tar, _TarCorrupt, _TarTruncated
 from .urls import expand_urls
@@ -100,19 +103,23 @@ def scan_webdataset_shard(job: tuple) -> tuple[list[dict], list[tuple]]:
             img = transform(data, name=f"{path}:{key}")
         except (ValueError, OSError) as e:
             return bad(key, "corrupt_image", str(e)[:200])
+        problem = _mask_problem(members, (ow, oh))
+        if problem is not None:
+            return bad(key, "bad_mask", problem)
         counts = patchify(img, cfg).counts()
         row = {"key": key, "shard": rel, "label": label, "source": f"{key}.{ext}", "orig_width": int(ow),
                "orig_height": int(oh), "width": int(img.shape[1]), "height": int(img.shape[0])}
         for s, t in enumerate(counts):
             row[f"tokens_s{s}"] = int(t)
         row["tokens"] = int(sum(counts))
-        spans = {"jpg": members[ext], **{m: members[m] for m in MEMBERS if m != "jpg" and m in members}}
+        spans = {"jpg": members[ext], **{m: members[m] for m in MEMBERS + EXTRA_MEMBERS if m != "jpg" and m in members}}
         if label_field is not None:
             spans.pop("cls", None)  # the label is the index's; a .cls of another meaning is not checked
-        for m in MEMBERS:
+        for m in MEMBERS + tuple(m for m in EXTRA_MEMBERS if m in spans):
             o, d = spans.get(m, (-1, None))
-            row[f"{m}_offset"], row[f"{m}_size"] = int(o), (len(d) if d is not None else -1)
-            row[f"{m}_{CHECKSUM}"] = int(member_checksum(d)) if d is not None else -1
+            c = member_column(m)
+            row[f"{c}_offset"], row[f"{c}_size"] = int(o), (len(d) if d is not None else -1)
+            row[f"{c}_{CHECKSUM}"] = int(member_checksum(d)) if d is not None else -1
         row["image_ext"] = ext
         rows.append(row)
 
@@ -133,6 +140,25 @@ def scan_webdataset_shard(job: tuple) -> tuple[list[dict], list[tuple]]:
     if key is not None:
         finish(key, members)
     return rows, skipped
+
+
+def _mask_problem(members: dict, size: tuple[int, int]) -> Optional[str]:
+    """What is wrong with a sample's ``.seg.png`` mask member (not a PNG PIL reads, or not ``size``
+    (W, H), its image's), or None (also when it has none)."""
+    if MASK_MEMBER not in members:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(members[MASK_MEMBER][1])) as im:
+            got, mode = im.size, im.mode
+    except Exception as e:
+        return f".{MASK_MEMBER}: not a readable image ({type(e).__name__}: {e})"[:200]
+    if mode not in ("L", "P", "1", "I", "I;16"):
+        return f".{MASK_MEMBER}: a mode {mode} image, not one class id per pixel"
+    if tuple(got) != tuple(size):
+        return f".{MASK_MEMBER} is {got[0]}x{got[1]}, its image {size[0]}x{size[1]}"
+    return None
 
 
 def index_webdataset(tars: Union[PathLike, Sequence[PathLike]], index_path: PathLike, *,
@@ -192,6 +218,8 @@ def index_webdataset(tars: Union[PathLike, Sequence[PathLike]], index_path: Path
                 "prefix": index_path.stem, "shards": [j[1] for j in jobs], "num_samples": len(rows),
                 "classes": [{"label": int(v), "class": str(v), "name": "", "imagenet_index": None} for v in labels],
                 "seed": None, "shuffle": False, "format": INPLACE_FORMAT, "label_field": label_field}
+    if f"{member_column(MASK_MEMBER)}_offset" in table.column_names:
+        settings["masks"] = {"member": MASK_MEMBER, "labels": {"reduce_zero_label": False, "void": []}}
     write_index(index_path, table, cfg, settings)
     res = IndexResult(index_path, len(rows), len(jobs), stats)
     return res

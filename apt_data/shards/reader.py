@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 from .errors import ShardStats, report_bad
-from .format import BLOCK, CHECKSUM, MEMBERS, SampleRecord, member_checksum, record_from_members, split_key
+from .format import (BLOCK, CHECKSUM, EXTRA_MEMBERS, MEMBERS, SampleRecord, member_checksum, member_column,
+                     record_from_members, split_key)
 from .urls import expand_urls, open_url
 
 PathLike = Union[str, os.PathLike]
@@ -186,8 +187,8 @@ def _members_at(span: bytes, start: int, key: str, spans: Spans) -> dict[str, by
 # ------------------------------------------------------------------------------ member checksums
 def row_checksums(row: Mapping[str, Any]) -> dict[str, int]:
     """The member checksums of an index row (none for an index of an older build)."""
-    return image_ext_spans({m: int(row[f"{m}_{CHECKSUM}"]) for m in MEMBERS if row.get(f"{m}_{CHECKSUM}") is not None},
-                           row.get("image_ext"))
+    crc = {m: row.get(f"{member_column(m)}_{CHECKSUM}") for m in MEMBERS + EXTRA_MEMBERS}
+    return image_ext_spans({m: int(v) for m, v in crc.items() if v is not None}, row.get("image_ext"))
 
 
 def _check_members(members: Mapping[str, bytes], checksums: Mapping[str, int]) -> Optional[str]:
@@ -242,8 +243,9 @@ def read_record(fetch: Callable[[int, int], bytes], shard: str, key: str, spans:
 def row_spans(row: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     """The member spans of an index row (members with offset ``-1`` are absent; the image under its
     ``image_ext`` when an index of shards indexed in place names one)."""
-    spans = {m: (int(row[f"{m}_offset"]), int(row[f"{m}_size"])) for m in MEMBERS
-             if f"{m}_offset" in row and int(row[f"{m}_offset"]) >= 0}
+    cols = {m: member_column(m) for m in MEMBERS + EXTRA_MEMBERS}
+    spans = {m: (int(row[f"{c}_offset"]), int(row[f"{c}_size"])) for m, c in cols.items()
+             if f"{c}_offset" in row and int(row[f"{c}_offset"]) >= 0}
     return image_ext_spans(spans, row.get("image_ext"))
 
 

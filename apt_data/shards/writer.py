@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from ..io import fsync_dir
-from .format import BLOCK, KEY_RE, TAR_MODE, TAR_MTIME, json_bytes, member_checksum, npy_bytes
+from .format import BLOCK, KEY_RE, MASK_MEMBER, TAR_MODE, TAR_MTIME, json_bytes, member_checksum, npy_bytes
 
 PathLike = Union[str, os.PathLike]
 
@@ -55,9 +55,11 @@ class ShardWriter:
         return offsets
 
     def write_sample(self, key: str, jpeg: bytes, label: int, meta: Mapping[str, Any],
-                     scores: Optional[np.ndarray]) -> dict[str, tuple[int, int]]:
-        """Add a sample in the standard members (.cls, .jpg, .json, .npy)."""
+                     scores: Optional[np.ndarray], mask: Optional[bytes] = None) -> dict[str, tuple[int, int]]:
+        """Add a sample in the standard members (.cls, .jpg, .json, .npy; a mask's PNG bytes as .seg.png)."""
         members = {"cls": str(int(label)).encode("ascii"), "jpg": jpeg, "json": json_bytes(dict(meta))}
+        if mask is not None:
+            members[MASK_MEMBER] = bytes(mask)
         if scores is not None:
             scores = np.asarray(scores)
             if scores.dtype != np.float32 or scores.ndim != 1:

@@ -39,6 +39,19 @@ class Source:
         """The image of sample ``i`` as the transform accepts it (bytes, PIL image or uint8 array)."""
         raise NotImplementedError
 
+    @property
+    def has_masks(self) -> bool:
+        """True when every sample has a segmentation mask (`read_mask`)."""
+        return False
+
+    def read_mask(self, i: int) -> Optional[Any]:
+        """The segmentation mask of sample ``i`` as `apt_data.masks.decode_mask` takes it (None: no masks)."""
+        return None
+
+    def read_with_mask(self, i: int) -> tuple[ImageData, Optional[Any]]:
+        """``(image, mask or None)`` of sample ``i`` (a shard source reads both in one read)."""
+        return self.read(i), self.read_mask(i)
+
     def read_record(self, i: int) -> tuple[ImageData, Optional[Any]]:
         """``(image, record or None)``; a record (`apt_data.shards.SampleRecord`) may carry score maps."""
         return self.read(i), None

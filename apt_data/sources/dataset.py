@@ -1,10 +1,12 @@
-"""`DatasetSource`: any map-style dataset of ``(image, label)`` items as a loader source.
+"""`DatasetSource`: any map-style dataset of ``(image, label)`` (or ``(image, mask)``) items as a loader source.
 
 Wraps a torchvision ``ImageFolder`` (or any dataset whose items are ``(image, label)`` pairs) or a
 Hugging Face ``datasets`` split (items are dicts such as ``{"image": ..., "label": ...}``), as
 timm's NaFlex loader wraps any dataset. The image may be a PIL image, encoded bytes or a uint8
 HxWx3 array; the loader's transform decodes, resizes and augments it, then APT patchifies it.
-Give the dataset no tensor transform: the loader does the transforming.
+Give the dataset no tensor transform: the loader does the transforming. With ``masks=True`` the
+items are ``(image, mask)`` pairs, as a Hugging Face segmentation split gives them (``{"image": ...,
+"annotation": ...}``): the mask a PIL image, PNG bytes or a uint8 HxW array of class ids.
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..masks import MaskLabels, decode_mask
 from .base import ImageData, Source
 
 log = logging.getLogger("apt_data.sources")
 
 IMAGE_KEYS = ("image", "img", "jpg", "jpeg", "png", "webp")
 LABEL_KEYS = ("label", "labels", "cls", "target", "targets")
+MASK_KEYS = ("annotation", "mask", "segmentation", "seg", "semantic_segmentation", "label")
 
 __all__ = ["DatasetSource", "is_map_dataset"]
 
@@ -39,13 +43,21 @@ class DatasetSource(Source):
     ``keys``: sample names; by default the file paths of a dataset with ``samples`` (torchvision
     folders, relative to ``root``), else the indices. ``image_key`` / ``label_key``: the fields of
     dict items (default: the first of `IMAGE_KEYS` / `LABEL_KEYS` present).
+
+    ``masks=True``: items are ``(image, mask)`` pairs or dicts with an image and a mask field
+    (``mask_key``, default the first of `MASK_KEYS` present); ``mask_labels`` maps their ids
+    (`MaskLabels`); ``labels`` default to 0.
     """
 
     def __init__(self, dataset: Any, *, labels: Optional[Sequence[int]] = None, keys: Optional[Sequence[str]] = None,
-                 image_key: Optional[str] = None, label_key: Optional[str] = None):
+                 image_key: Optional[str] = None, label_key: Optional[str] = None, masks: bool = False,
+                 mask_key: Optional[str] = None, mask_labels: Optional[MaskLabels] = None):
         self.dataset = dataset
         self.image_key, self.label_key = image_key, label_key
+        self.masks, self.mask_key, self.mask_labels = bool(masks), mask_key, mask_labels or MaskLabels()
         n = len(dataset)
+        if self.masks and labels is None:
+            labels = np.zeros(n, np.int64)
         self.labels = np.asarray(labels if labels is not None else self._all_labels(n), np.int64).reshape(-1)
         self.keys = [str(k) for k in keys] if keys is not None else self._default_keys(n)
         if len(self.labels) != n or len(self.keys) != n:
@@ -84,17 +96,38 @@ class DatasetSource(Source):
             return item[0], int(item[1])
         raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, label) pair or a dict")
 
+    def _pair(self, item: Any, i: int) -> tuple[Any, Any]:
+        """``(image, mask)`` of one item of a segmentation dataset."""
+        if isinstance(item, Mapping):
+            ik = self.image_key or next((k for k in IMAGE_KEYS if k in item), None)
+            mk = self.mask_key or next((k for k in MASK_KEYS if k in item), None)
+            if ik is None or mk is None:
+                raise TypeError(f"dataset item {i} has fields {sorted(item)}; name them with image_key= and mask_key=")
+            return item[ik], item[mk]
+        if isinstance(item, (tuple, list)) and len(item) >= 2:
+            return item[0], item[1]
+        raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, mask) pair or a dict")
+
     def read(self, i: int) -> ImageData:
         """The image of item ``i`` as the dataset gives it (PIL image, bytes or uint8 array)."""
-        image, _ = self._split(self.dataset[i], i)
-        if isinstance(image, Mapping) and "bytes" in image:  # a Hugging Face Image feature with decode=False
-            image = image["bytes"]
-        if isinstance(image, (bytearray, memoryview)):
-            image = bytes(image)
-        if not isinstance(image, (bytes, np.ndarray)) and not hasattr(image, "getbands"):
-            raise TypeError(f"dataset item {i}: image is a {type(image).__name__}; the loader takes PIL images, "
-                            "encoded bytes or uint8 HxWx3 arrays (give the dataset no tensor transform)")
-        return image
+        item = self.dataset[i]
+        return _as_image(self._pair(item, i)[0] if self.masks else self._split(item, i)[0], i, "image")
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks
+
+    def read_mask(self, i: int) -> Optional[np.ndarray]:
+        """The mask of item ``i``, decoded, its ids mapped by ``mask_labels`` (None without ``masks``)."""
+        return self.read_with_mask(i)[1]
+
+    def read_with_mask(self, i: int) -> tuple[ImageData, Optional[np.ndarray]]:
+        """``(image, decoded mask)`` of item ``i`` from one read of the item."""
+        if not self.masks:
+            return self.read(i), None
+        image, mask = self._pair(self.dataset[i], i)
+        name = f"dataset item {self.keys[i] if hasattr(self, 'keys') else i} (mask)"
+        return _as_image(image, i, "image"), decode_mask(_as_image(mask, i, "mask"), name, self.mask_labels)
 
     def image_size(self, i: int) -> Optional[tuple[int, int]]:
         """(width, height) of item ``i`` (loads it)."""
@@ -112,3 +145,15 @@ class DatasetSource(Source):
             except Exception:
                 return None
         return image.size
+
+
+def _as_image(image: Any, i: int, what: str) -> Any:
+    """An item's image (or mask) as PIL image, bytes or array; a clear error for anything else."""
+    if isinstance(image, Mapping) and "bytes" in image:  # a Hugging Face Image feature with decode=False
+        image = image["bytes"]
+    if isinstance(image, (bytearray, memoryview)):
+        image = bytes(image)
+    if not isinstance(image, (bytes, np.ndarray)) and not hasattr(image, "getbands"):
+        raise TypeError(f"dataset item {i}: {what} is a {type(image).__name__}; the loader takes PIL images, "
+                        "encoded bytes or uint8 arrays (give the dataset no tensor transform)")
+    return image

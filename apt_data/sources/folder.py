@@ -1,4 +1,5 @@
-"""`FolderSource`: the images of an ImageNet-layout folder (one sub-folder per class) as encoded bytes."""
+"""Image folders as sources: `FolderSource` (ImageNet layout, one sub-folder per class) and
+`MaskFolderSource` (images paired with segmentation masks by file stem, e.g. ADE20K's layout)."""
 from __future__ import annotations
 
 import os
@@ -8,9 +9,20 @@ from typing import Optional, Union
 import numpy as np
 
 from ..listing import list_image_folder
+from ..masks import MaskLabels, decode_mask, find_mask_layout, pair_masks
 from .base import Source
 
-__all__ = ["FolderSource"]
+__all__ = ["FolderSource", "MaskFolderSource", "open_mask_folder"]
+
+
+def _file_size(path: Path) -> Optional[tuple[int, int]]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
 
 
 class FolderSource(Source):
@@ -28,10 +40,57 @@ class FolderSource(Source):
         return self.paths[i].read_bytes()
 
     def image_size(self, i: int) -> Optional[tuple[int, int]]:
-        from PIL import Image
+        return _file_size(self.paths[i])
 
-        try:
-            with Image.open(self.paths[i]) as im:
-                return im.size
-        except Exception:
-            return None
+
+class MaskFolderSource(Source):
+    """Images with segmentation masks: every image under ``images`` and the mask of the same relative
+    path and stem under ``masks`` (``images/x.jpg`` + ``masks/x.png``; `apt_data.masks.pair_masks`).
+
+    `from_layout` reads ADE20K's layout (``root/images/<split>`` + ``root/annotations/<split>``).
+    ``mask_labels``: how stored ids become trained ones (`MaskLabels`: ``reduce_zero_label`` for
+    ADE20K, ``void=(11,)`` for CamVid). ``labels`` are all 0 (a segmentation sample has no class).
+    An image without a mask is an error naming it; a mask not of its image's size is a ``ValueError``
+    when the sample is transformed (the loader counts and skips it).
+    """
+
+    def __init__(self, images: Union[str, os.PathLike], masks: Union[str, os.PathLike], *,
+                 mask_labels: Optional[MaskLabels] = None):
+        self.root, self.mask_root = Path(images), Path(masks)
+        pairs = pair_masks(self.root, self.mask_root)
+        self.paths = [p for p, _ in pairs]
+        self.mask_paths = [m for _, m in pairs]
+        self.mask_labels = mask_labels or MaskLabels()
+        self.keys = [p.relative_to(self.root).as_posix() for p in self.paths]
+        self.labels = np.zeros(len(self.paths), np.int64)
+
+    @classmethod
+    def from_layout(cls, root: Union[str, os.PathLike], split: str = "train", **kw) -> "MaskFolderSource":
+        """The ``split`` of a folder in ADE20K's layout (``images/<split>``, ``annotations/<split>``)."""
+        found = find_mask_layout(root, split)
+        if found is None:
+            raise ValueError(f"{root}: no images/{split} and annotations/{split} folders (ADE20K's layout)")
+        return cls(*found, **kw)
+
+    @property
+    def has_masks(self) -> bool:
+        return True
+
+    def read(self, i: int) -> bytes:
+        return self.paths[i].read_bytes()
+
+    def read_mask(self, i: int) -> np.ndarray:
+        """The mask of sample ``i``, decoded, its ids mapped by ``mask_labels``."""
+        return decode_mask(self.mask_paths[i].read_bytes(), str(self.mask_paths[i]), self.mask_labels)
+
+    def image_size(self, i: int) -> Optional[tuple[int, int]]:
+        return _file_size(self.paths[i])
+
+
+def open_mask_folder(data: Union[str, os.PathLike], masks: Optional[Union[str, os.PathLike]] = None,
+                     split: str = "train", mask_labels: Optional[MaskLabels] = None) -> MaskFolderSource:
+    """What ``--data DIR [--masks DIR]`` names: ``data`` (images) paired with ``masks``, or, without
+    ``masks``, the ``split`` of ``data`` in ADE20K's layout (``images/<split>`` + ``annotations/<split>``)."""
+    if masks is not None:
+        return MaskFolderSource(data, masks, mask_labels=mask_labels)
+    return MaskFolderSource.from_layout(data, split, mask_labels=mask_labels)

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import APTConfig
-from ..shards.format import CHECKSUM, INPLACE_FORMAT, MEMBERS, SampleRecord
+from ..shards.format import CHECKSUM, EXTRA_MEMBERS, INPLACE_FORMAT, MASK_MEMBER, MEMBERS, SampleRecord, member_column
 from ..shards.index import ShardIndex, find_index, read_index
 from ..shards.reader import ShardFiles, image_ext_spans, read_record
 from ..shards.urls import expand_urls
@@ -49,12 +49,14 @@ class IndexSource(Source):
         self._shard_names = list(dict.fromkeys(shard_names))
         number = {n: k for k, n in enumerate(self._shard_names)}
         self._shard_of = np.array([number[n] for n in shard_names], np.int64)
-        self._spans = {m: (table.column(f"{m}_offset").to_numpy(), table.column(f"{m}_size").to_numpy())
-                       for m in MEMBERS if f"{m}_offset" in table.column_names}
+        cols = {m: member_column(m) for m in MEMBERS + EXTRA_MEMBERS}  # (a mask member in segmentation sets)
+        self._spans = {m: (table.column(f"{c}_offset").to_numpy(), table.column(f"{c}_size").to_numpy())
+                       for m, c in cols.items() if f"{c}_offset" in table.column_names}
         # member checksums (an index of an older build has none: its reads are not verified)
-        self._crc = {m: table.column(f"{m}_{CHECKSUM}").to_numpy() for m in MEMBERS
-                     if f"{m}_{CHECKSUM}" in table.column_names}
+        self._crc = {m: table.column(f"{c}_{CHECKSUM}").to_numpy() for m, c in cols.items()
+                     if f"{c}_{CHECKSUM}" in table.column_names}
         self._wh = (table.column("width").to_numpy(), table.column("height").to_numpy())
+        self._has_masks = MASK_MEMBER in self._spans and bool((self._spans[MASK_MEMBER][0] >= 0).all())
         # an index of plain webdataset shards (`apt_data.shards.inplace`): images other than .jpg, and
         # labels from a JSON field (no .cls member: the index's label is the label)
         self._image_ext = (table.column("image_ext").to_pylist() if "image_ext" in table.column_names else None)
@@ -93,9 +95,25 @@ class IndexSource(Source):
         """The JPEG bytes of sample ``i``: one read of that member and its tar header."""
         return self._read(i, ("jpg",)).jpeg
 
+    @property
+    def has_masks(self) -> bool:
+        """True when every sample of the index has a mask member (a segmentation shard set)."""
+        return self._has_masks
+
+    def read_mask(self, i: int) -> Optional[bytes]:
+        """The mask member (PNG bytes) of sample ``i``, None in a set without masks."""
+        return self.read_with_mask(i)[1]
+
+    def read_with_mask(self, i: int) -> tuple[bytes, Optional[bytes]]:
+        """``(jpeg, mask PNG bytes)`` of sample ``i``: one read of both members, each verified."""
+        if not self.has_masks:
+            return self.read(i), None
+        rec = self._read(i, ("jpg", MASK_MEMBER), parse_meta=False)
+        return rec.jpeg, rec.mask
+
     def read_record(self, i: int) -> tuple[bytes, SampleRecord]:
         """``(jpeg, SampleRecord)`` of sample ``i``: one read of all its members, checked against the index."""
-        rec = self._read(i)
+        rec = self._read(i, tuple(self._spans))
         return rec.jpeg, rec
 
     def read_scores(self, i: int) -> tuple[bytes, Optional[np.ndarray]]:
@@ -117,7 +135,7 @@ class IndexSource(Source):
         for ``cfg``'s scorer, patch size and scales: layouts for any thresholds come from them."""
         st, ic = self.index.settings, self.index.config
         return (ic.scorer == cfg.scorer and ic.patch_size == cfg.patch_size and ic.num_scales == cfg.num_scales
-                and transform.deterministic and st.get("image_size") == transform.size
+                and transform.deterministic and transform.resize_scale is None and st.get("image_size") == transform.size
                 and bool(st.get("crop", True)) == (not transform.keep_aspect) and transform.crop_pct == 1.0
                 and (transform.keep_aspect is False or st.get("multiple", cfg.patch_size) == transform.multiple))
 
