@@ -117,3 +117,22 @@ def test_bench_remote_prints_local_and_http_in_one_run(tmp_path):
     assert all(float(row[5]) >= 0 for row in rows)  # the server's CPU (in clock ticks: 0 for a short pass)
     assert r.stdout.count("'failed': 0") == 5 and "'cache_hits': 100" in r.stdout
     assert not list(tmp_path.iterdir())  # the bench's cache folder is removed
+
+
+def test_a_server_ignoring_range_is_logged_once_over_all_workers(local_epoch, capfd):
+    """The loader's workers share the source's counters: the first answer without Range support is
+    logged once for the whole loader (not per worker or per read), and the batches are those of local disk."""
+    import logging
+
+    handler = logging.StreamHandler()  # on fd 2: the forked workers inherit it, capfd sees their lines
+    logger = logging.getLogger("apt_data.sources")
+    logger.addHandler(handler)
+    try:
+        with RangeServer(SHARDS, ignore_range=True) as srv:
+            got, loader = epoch(srv.url())
+            stats = loader.source.io_stats()
+    finally:
+        logger.removeHandler(handler)
+    assert_same(got, local_epoch)
+    assert stats["range_ignored"] == stats["requests"] > 10 and stats["failed"] == 0
+    assert capfd.readouterr().err.count("ignores HTTP Range") == 1

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                 if k == "http, cached epochs":
                     times[pipeline, "http, cache filling (first epoch)"] = []
                 times[pipeline, k] = []
-                if hasattr(src, "io_stats"):
+                if src.io_stats():  # the remote readers' counters (local files count nothing)
                     counters[pipeline, k] = src
         for e in range(a.epochs + 1):
             for (pipeline, k), loader in runs.items():

@@ -30,6 +30,7 @@ import http.client
 import io
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -46,10 +47,11 @@ log = logging.getLogger("apt_data.sources")
 __all__ = ["HEADER_BYTES", "HTTPReadError", "HTTPReader", "HTTPStatusError"]
 
 #: the cap on an answer's status line and headers together (bytes)
-HEADER_BYTES = 64 * 1024
+HEADER_BYTES = 32 * 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
 #: headers never sent to another origin or from https to http (urllib3's list for cross-host redirects)
 _PRIVATE = frozenset(h.lower() for h in Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT) | {"cookie", "authorization"}
+_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", re.I)
 _limits = threading.local()  # the limits of the request this thread is making
 
 
@@ -165,6 +167,20 @@ def _content_length(resp, url: str, most: int) -> Optional[int]:
     return n
 
 
+def _content_range(resp, url: str, start: int, end: int) -> int:
+    """The bytes a 206 answer to ``bytes=start-(end-1)`` holds, from its Content-Range (RFC 9110: required):
+    from ``start``, up to ``end`` or the end of the file."""
+    raw = resp.headers.get("content-range", "")
+    m = _CONTENT_RANGE.fullmatch(raw)
+    if m is None:
+        raise HTTPReadError(f"{url}: a 206 answer without a valid Content-Range ({raw[:60]!r})")
+    first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+    ends_file = total != "*" and last == int(total) - 1
+    if first != start or not first <= last <= end - 1 or (last < end - 1 and not ends_file):
+        raise HTTPReadError(f"{url}: answered bytes {first}-{last}/{total} for bytes {start}-{end - 1}")
+    return last - first + 1
+
+
 def _read_body(resp, n: int, url: str) -> bytes:
     """At most ``n`` bytes of the body, which must end there: more is an error, never read."""
     parts, got = [], 0
@@ -211,15 +227,14 @@ class HTTPReader(RangeReader):
             self._pm[1].clear()
 
     # -------------------------------------------------------------- requests
-    def _open(self, url: str, headers: dict, deadline: float) -> tuple:
-        """(answer with its body unread, its limits) of one GET of ``url``."""
+    def _open(self, url: str, headers: dict, limits: _Limits):
+        """The answer to one GET of ``url`` (its body unread), read within ``limits``."""
         scheme = urlsplit(url).scheme
         if scheme not in ("http", "https"):
             raise ValueError(f"{url}: HTTPReader reads http:// and https:// URLs, not {scheme}://")
-        left = deadline - time.monotonic()
+        left = limits.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the request's deadline passed")
-        limits = _Limits(deadline, HEADER_BYTES, self.read_timeout)
         _limits.now = limits
         try:
             resp = self._pool().urlopen("GET", url, headers=headers, redirect=False, retries=False,
@@ -228,7 +243,7 @@ class HTTPReader(RangeReader):
                                                         read=min(self.read_timeout, left)))
         finally:
             _limits.now = None
-        return resp, limits
+        return resp
 
     def _get(self, url: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
         """Bytes ``[start, end)`` of ``url`` (the whole object when ``start`` is None), redirects followed."""
@@ -238,9 +253,9 @@ class HTTPReader(RangeReader):
         deadline = time.monotonic() + self.deadline
         where = url
         for _ in range(6):
-            resp, limits = None, None
+            resp, limits = None, _Limits(deadline, HEADER_BYTES, self.read_timeout)
             try:
-                resp, limits = self._open(where, headers, deadline)
+                resp = self._open(where, headers, limits)
                 if resp.status in _REDIRECTS and resp.headers.get("location"):
                     nxt = urljoin(where, resp.headers["location"])
                     headers, where = redirect_headers(headers, where, nxt), nxt
@@ -255,11 +270,11 @@ class HTTPReader(RangeReader):
                     self._finish(resp)
         raise HTTPStatusError(url, 310, "too many redirects")
 
-    def _failure(self, e: BaseException, url: str, deadline: float, limits: Optional[_Limits]) -> HTTPReadError:
+    def _failure(self, e: BaseException, url: str, deadline: float, limits: _Limits) -> HTTPReadError:
         """The error to raise for ``e`` (the deadline, a cap, or what went wrong), naming ``url``."""
         if time.monotonic() >= deadline:
             return HTTPReadError(f"{url}: no whole answer within the request's deadline of {self.deadline:g} s")
-        if limits is not None and limits.budget <= 0:
+        if limits.budget <= 0:
             return HTTPReadError(f"{url}: the answer is larger than its cap (headers at most {HEADER_BYTES} bytes, "
                                  f"the body at most the bytes asked for)")
         if isinstance(e, HTTPReadError):
@@ -285,33 +300,40 @@ class HTTPReader(RangeReader):
                 raise PermissionError(str(error))
             raise error
         if start is None:  # the whole object
-            n = self.max_object
+            size = _content_length(resp, url, self.max_object)
+            limits.budget += self.max_object + HEADER_BYTES
+            data = _read_body(resp, self.max_object, url)
         elif status == 206:
-            n = end - start
-            crange = resp.headers.get("content-range", "")
-            if crange and not crange.replace(" ", "").lower().startswith(f"bytes{start}-"):
-                raise HTTPReadError(f"{url}: answered {crange!r} for bytes {start}-{end - 1}")
+            size = _content_range(resp, url, start, end)
+            if _content_length(resp, url, end - start) not in (None, size):
+                raise HTTPReadError(f"{url}: Content-Length {resp.headers['content-length']} for a Content-Range of "
+                                    f"{size} bytes")
+            limits.budget += size + max(65536, size // 8)  # the body, plus chunked framing
+            data = _read_body(resp, size, url)
         else:  # 200 to a ranged request: the server ignored Range and sends the whole file
-            if self.counters.add("range_ignored") == 1:
-                log.warning("%s: the server ignores HTTP Range requests (it answered 200 with the whole file): "
-                            "every sample read now downloads its shard from the first byte up to the sample (half "
-                            "a shard per sample on average) on a new connection; serve the shards with a server "
-                            "that supports Range (docs/scale-out.md lists some)", url)
-            _content_length(resp, url, self.max_object)
-            limits.budget += start + max(65536, start // 8)
-            skipped = 0
-            while skipped < start:
-                chunk = resp.read(min(start - skipped, 1 << 20), decode_content=False)
-                if not chunk:
-                    return b""
-                skipped += len(chunk)
-            n = end - start
-            limits.budget += n + max(65536, n // 8)
-            data = resp.read(n, decode_content=False)
-            return data
-        _content_length(resp, url, n)
-        limits.budget += n + max(65536, n // 8)  # the body, plus chunked framing
-        return _read_body(resp, n, url)
+            data, size = self._from_whole_file(resp, limits, url, start, end)
+        if size is not None and len(data) != size:
+            raise HTTPReadError(f"{url}: a short answer ({len(data)} of {size} bytes)")
+        return data
+
+    def _from_whole_file(self, resp, limits: _Limits, url: str, start: int, end: int) -> tuple[bytes, Optional[int]]:
+        """(bytes ``[start, end)`` of a whole file sent for a ranged request, their number when known):
+        the file's start read and dropped, its rest left unread (the connection is then closed)."""
+        if self.counters.add("range_ignored") == 1:
+            log.warning("%s: the server ignores HTTP Range requests (it answered 200 with the whole file): every "
+                        "sample read now downloads its shard from the first byte up to the sample (half a shard per "
+                        "sample on average) on a new connection; serve the shards with a server that supports Range "
+                        "(docs/scale-out.md lists some)", url)
+        total = _content_length(resp, url, self.max_object)
+        limits.budget += end + max(65536, end // 8)
+        skipped = 0
+        while skipped < start:
+            chunk = resp.read(min(start - skipped, 1 << 20), decode_content=False)
+            if not chunk:
+                break
+            skipped += len(chunk)
+        data = resp.read(end - start, decode_content=False) if skipped == start else b""
+        return data, None if total is None else max(0, min(end, total) - start)
 
     # -------------------------------------------------------------- the reader
     def read(self, name: str, start: int, end: int) -> bytes:
