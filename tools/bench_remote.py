@@ -22,7 +22,10 @@ time per image (main process + workers) and the server's (a real object store do
 loader's cores; this one does), and the HTTP reader's counters (requests, retries, bytes, merged
 reads). With ``--cache-dir`` also HTTP through the local cache (`open_remote(..., cache_dir=...)`, in
 a fresh folder under DIR, removed at the end; eval only): its first pass (filling the cache) and its
-later passes (read from the cache). Target (issue 16): >= 0.8x local disk. On a machine whose cores
+later passes (read from the cache). With ``--baseline-client FILE`` also HTTP through another client
+module (one with the old ``HTTPRanges(headers).get(url, start, end)`` interface, e.g. the hand-written
+HTTP/1.1 client that urllib3 replaced: ``git show f59d2e3:apt_data/sources/http.py > /tmp/old_http.py``)
+under the same read-ahead and retries, alternating with the others. Target (issue 16): >= 0.8x local disk. On a machine whose cores
 are busy images/s varies from pass to pass; the CPU times per image are steadier.
 """
 from __future__ import annotations
@@ -73,6 +76,36 @@ def timed_epoch(loader: APTLoader, server_pid: int) -> tuple[float, float, float
     return n / wall, (clock.stop() - server) / n * 1e3, server / n * 1e3
 
 
+def _baseline_source(path: str, url: str, split: str, inflight: int):
+    """`open_remote` with the plain HTTP reader replaced by ``HTTPRanges`` of the module file ``path``."""
+    import importlib.util
+
+    import apt_data.sources.remote as remote
+    from apt_data.sources import RangeReader
+
+    spec = importlib.util.spec_from_file_location("baseline_http", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["baseline_http"] = module
+
+    class Baseline(RangeReader):
+        def __init__(self):
+            self.http = module.HTTPRanges()
+
+        def read(self, name, start, end):
+            return self.http.get(name, start, end)
+
+        def read_all(self, name):
+            return self.http.get(name)
+
+    plain = remote._base_reader
+    remote._base_reader = lambda *_: Baseline()
+    try:
+        return open_remote(url, split=split, inflight=inflight)
+    finally:
+        remote._base_reader = plain
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", "--source", default=str(ROOT / "shards"),
@@ -87,6 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pipelines", nargs="+", choices=list(PIPELINES), default=list(PIPELINES),
                     help="loaders to time (default: both)")
     ap.add_argument("--cache-dir", help="also time HTTP through a local cache in a fresh folder under this one")
+    ap.add_argument("--baseline-client", metavar="FILE",
+                    help="also time HTTP through the HTTPRanges class of this module file (see above)")
     a = ap.parse_args(argv)
 
     if a.cache_dir:
@@ -102,6 +137,9 @@ def main(argv=None) -> int:
             sources = {"local disk": open_source(f"{a.shards}:{a.split}"),
                        f"http, {a.inflight} in flight": open_remote(url, split=a.split, inflight=a.inflight),
                        "http, 0 in flight": open_remote(url, split=a.split, inflight=0)}
+            if a.baseline_client:
+                sources[f"http, baseline client, {a.inflight} in flight"] = _baseline_source(
+                    a.baseline_client, url, a.split, a.inflight)
             if cache and pipeline == "eval":
                 sources["http, cached epochs"] = open_remote(url, split=a.split, inflight=a.inflight,
                                                              cache_dir=cache, cache_size="100GB")

@@ -211,36 +211,52 @@ class HTTPReader(RangeReader):
             raise ValueError("HTTPReader: deadline, connect_timeout and read_timeout must be positive seconds")
         self.counters = counters if counters is not None else IOCounters()
         self._pm: Optional[tuple[int, urllib3.PoolManager]] = None
+        self._hosts: dict = {}  # origin -> its connection pool, in the process of ``_pm``
+        self._timeout = Timeout(connect=self.connect_timeout, read=self.read_timeout)
 
     def __getstate__(self):
-        return {**self.__dict__, "_pm": None}
+        return {**self.__dict__, "_pm": None, "_hosts": {}}
 
     def _pool(self) -> urllib3.PoolManager:
         if self._pm is None or self._pm[0] != os.getpid():  # a forked child: its parent's sockets are not its own
             pm = urllib3.PoolManager(num_pools=16, maxsize=self.pool_size, block=False, retries=False)
             pm.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-            self._pm = (os.getpid(), pm)
+            self._pm, self._hosts = (os.getpid(), pm), {}
         return self._pm[1]
 
     def close(self) -> None:
         if self._pm is not None and self._pm[0] == os.getpid():
             self._pm[1].clear()
+            self._hosts = {}
+
+    def _host(self, url: str) -> tuple:
+        """(the connection pool of ``url``'s scheme, host and port; the request target): the pool is
+        looked up once per origin, not per request (urllib3's pool manager parses every URL)."""
+        origin, slash, path = url.partition("://")[2].partition("/")
+        key = url[:url.index("://") + 3] + origin
+        pools = self._hosts if self._pm is not None and self._pm[0] == os.getpid() else None
+        pool = None if pools is None else pools.get(key)
+        if pool is None:
+            scheme = url.partition("://")[0].lower()
+            if scheme not in ("http", "https"):
+                raise ValueError(f"{url}: HTTPReader reads http:// and https:// URLs, not {scheme}://")
+            pool = self._pool().connection_from_url(key)
+            self._hosts[key] = pool
+        return pool, "/" + path
 
     # -------------------------------------------------------------- requests
     def _open(self, url: str, headers: dict, limits: _Limits):
         """The answer to one GET of ``url`` (its body unread), read within ``limits``."""
-        scheme = urlsplit(url).scheme
-        if scheme not in ("http", "https"):
-            raise ValueError(f"{url}: HTTPReader reads http:// and https:// URLs, not {scheme}://")
+        pool, target = self._host(url)
         left = limits.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the request's deadline passed")
+        # (every receive of the answer is bounded by the deadline itself: `_GuardedIO`)
+        timeout = self._timeout if left > self.connect_timeout else Timeout(connect=left, read=left)
         _limits.now = limits
         try:
-            resp = self._pool().urlopen("GET", url, headers=headers, redirect=False, retries=False,
-                                        preload_content=False, decode_content=False, assert_same_host=False,
-                                        timeout=Timeout(connect=min(self.connect_timeout, left),
-                                                        read=min(self.read_timeout, left)))
+            resp = pool.urlopen("GET", target, headers=headers, redirect=False, retries=False, preload_content=False,
+                                decode_content=False, timeout=timeout)
         finally:
             _limits.now = None
         return resp
