@@ -12,7 +12,7 @@ import torch
 from apt_data import APTConfig  # noqa: E402
 from apt_data.loader import APTLoader  # noqa: E402
 from apt_data.shards import ShardDataError  # noqa: E402
-from apt_data.sources import IndexSource, ReadAhead, open_remote, open_source  # noqa: E402
+from apt_data.sources import IndexSource, ReadAhead, has_split, open_remote, open_source  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_server import RangeServer  # noqa: E402
@@ -99,6 +99,24 @@ def test_addresses_readahead_merging_and_pickling():
         assert st["merged"] >= 10 and st["requests"] <= 3
         clone = pickle.loads(pickle.dumps(src))  # no open filesystem or threads travel
         assert clone.read(5) == local.read(5)
+        # the val split beside the train index, as for a local folder (`--data URL` finds it)
+        assert has_split(srv.url(), "val") and has_split(srv.url() + ":val", "val") and not has_split(srv.url(), "test")
+        assert len(open_source(srv.url() + ":val")) == 100
+    assert has_split("shards", "val") and not has_split("shards", "test")
+
+
+def test_the_read_ahead_and_the_retries_wrap_any_reader(tmp_path):
+    """The layers are readers over readers: local files read ahead by a thread pool, with the counters."""
+    from apt_data.shards import read_index
+    from apt_data.sources import FileReader, Retrying
+
+    local = open_source("shards")
+    src = IndexSource(read_index(SHARDS), reader=ReadAhead(Retrying(FileReader()), inflight=4))
+    order = list(range(399, -1, -1))  # backwards: each chunk read ahead is sorted and merged
+    src.read_order(order)
+    assert all(src.read_scores(i)[0] == local.read_scores(i)[0] for i in order)
+    st = src.io_stats()
+    assert st["requests"] + st["merged"] >= len(order) and st["requests"] < len(order) and st["failed"] == 0
 
 
 def test_bench_remote_prints_local_and_http_in_one_run(tmp_path):

@@ -39,7 +39,7 @@ class ReadAhead(ReaderWrapper):
         self.readahead = 8 * self.inflight if readahead is None else int(readahead)
         self.readahead_bytes = parse_size(readahead_bytes)
         self.merge_gap = int(merge_gap)
-        self.counters = counters
+        self.counters = counters if counters is not None else getattr(inner, "counters", None)
         self._local: Optional[dict] = None
 
     @property
