@@ -11,7 +11,6 @@ all), on threads made lazily in the process that reads.
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional, Sequence, Union
 
@@ -53,8 +52,7 @@ class ReadAhead(ReaderWrapper):
         st = self._local
         if st is None or st["pid"] != os.getpid():
             # pending: span -> (merged span, future); order: (spans, {span: position}, [read ahead up to], skip)
-            st = self._local = {"pid": os.getpid(), "pool": None, "pending": {}, "order": None,
-                                "lock": threading.Lock()}
+            st = self._local = {"pid": os.getpid(), "pool": None, "pending": {}, "order": None}
         return st
 
     def close(self) -> None:

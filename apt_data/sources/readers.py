@@ -108,11 +108,12 @@ class ReaderWrapper(RangeReader):
 
 class FileReader(RangeReader):
     """Positional reads of local files through a few cached descriptors (the least recently used one
-    is closed past ``max_open``). ``pread`` keeps no file position; descriptors stay in their process."""
+    is closed past ``max_open``). ``pread`` keeps no file position, so forked workers can share
+    inherited descriptors; descriptors do not travel to other processes (pickles)."""
 
     def __init__(self, max_open: int = 32):
         self.max_open = int(max_open)
-        self._pid, self._fds = os.getpid(), OrderedDict()
+        self._fds: OrderedDict = OrderedDict()
 
     def __getstate__(self):
         return {"max_open": self.max_open}
@@ -121,8 +122,6 @@ class FileReader(RangeReader):
         self.__init__(**state)
 
     def read(self, name: str, start: int, end: int) -> bytes:
-        if self._pid != os.getpid():  # a forked child: fine to share, but keep its own table
-            self._pid, self._fds = os.getpid(), OrderedDict()
         fd = self._fds.pop(name, None)
         if fd is None:
             if len(self._fds) >= self.max_open:
@@ -139,15 +138,14 @@ class FileReader(RangeReader):
         return data
 
     def close(self) -> None:
-        while self._fds:
+        while getattr(self, "_fds", None):
             try:
                 os.close(self._fds.popitem()[1])
             except OSError:
                 pass
 
     def __del__(self):
-        if getattr(self, "_pid", None) == os.getpid():
-            self.close()
+        self.close()
 
 
 def _fsspec():
