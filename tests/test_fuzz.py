@@ -182,6 +182,20 @@ def _chunked(body: bytes, rng: random.Random, broken: bool) -> bytes:
     return out + (b"0\r\n\r\n" if not broken else b"q\r\n\r\n")
 
 
+def _right_answer(rng: random.Random, start: int, last: int) -> bytes:
+    """A right answer for bytes ``start..last`` of `FILE`, in one of the framings a server may choose."""
+    want = FILE[start:last + 1]
+    framing = rng.choice(["length", "chunked", "close", "whole file"])
+    if framing == "whole file":  # Range ignored: 200 and the whole file
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s<close>" % (len(FILE), FILE)
+    head = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/%d\r\n" % (start, last, len(FILE))
+    if framing == "length":
+        return head + b"Content-Length: %d\r\n\r\n%s<close>" % (len(want), want)
+    if framing == "chunked":
+        return head + b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(want, rng, False) + b"<close>"
+    return head + b"\r\n" + want + b"<close>"
+
+
 def http_answer(rng: random.Random, start: int, end: int):
     """One seeded answer to ``Range: bytes=start-(end-1)`` of `FILE`: a right one, or one broken in its
     status line, headers, framing (lengths, chunks) or by an early close; some trickle, ignore the
@@ -191,16 +205,8 @@ def http_answer(rng: random.Random, start: int, end: int):
 
     last = min(end, len(FILE)) - 1
     want = FILE[start:last + 1]
-    if rng.random() < 0.4:  # a right answer, in one of the framings a server may choose
-        framing = rng.choice(["length", "chunked", "close", "whole file"])
-        if framing == "whole file":  # Range ignored: 200 and the whole file
-            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s<close>" % (len(FILE), FILE), want
-        head = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/%d\r\n" % (start, last, len(FILE))
-        if framing == "length":
-            return head + b"Content-Length: %d\r\n\r\n%s<close>" % (len(want), want), want
-        if framing == "chunked":
-            return head + b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(want, rng, False) + b"<close>", want
-        return head + b"\r\n" + want + b"<close>", want
+    if rng.random() < 0.4:
+        return _right_answer(rng, start, last), want
     status = rng.choice([b"HTTP/1.1 206 Partial Content"] * 6 + [
         b"HTTP/1.0 206 Partial Content", b"HTTP/1.1 200 OK", b"HTTP/1.1 503 Slow Down", b"HTTP/1.1 404 Not Found",
         b"HTTP/1.1 302 Found", b"HTTP/1.1 2x6 Partial", b"HTTP/9.9 206 X", b"ICY 200 OK", b"", b"HTTP/1.1 206"])

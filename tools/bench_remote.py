@@ -140,6 +140,30 @@ def client_cpu(url: str, shards: str, split: str, baseline: Optional[str], n: in
           + ", ".join(f"{k} {v:.3f} ms" for k, v in best.items()))
 
 
+def _sources(a: argparse.Namespace, pipeline: str, url: str, cache: Optional[str]) -> dict:
+    """The sources timed in ``pipeline``: local disk, HTTP with and without read-ahead, and as asked the
+    baseline client and (evaluation) the cache."""
+    sources = {"local disk": open_source(f"{a.shards}:{a.split}"),
+               f"http, {a.inflight} in flight": open_remote(url, split=a.split, inflight=a.inflight),
+               "http, 0 in flight": open_remote(url, split=a.split, inflight=0)}
+    if a.baseline_client:
+        sources[f"http, baseline client, {a.inflight} in flight"] = _baseline_source(
+            a.baseline_client, url, a.split, a.inflight)
+    if cache and pipeline == "eval":
+        sources["http, cached epochs"] = open_remote(url, split=a.split, inflight=a.inflight, cache_dir=cache,
+                                                     cache_size="100GB")
+    return sources
+
+
+def _loader_kw(pipeline: str) -> dict:
+    if pipeline == "eval":  # resize only, planned from the index's exact counts (stored scores)
+        return dict(train=False, packing="plan")
+    # what the trainer runs: augmented, scored after the augmentation, streamed by real counts
+    from bench_fill import augmented_transform
+
+    return dict(transform=augmented_transform(224), packing="stream")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", "--source", default=str(ROOT / "shards"),
@@ -174,24 +198,9 @@ def main(argv=None) -> int:
         times: dict[tuple[str, str], list] = {}
         runs, counters = {}, {}
         for pipeline in a.pipelines:
-            sources = {"local disk": open_source(f"{a.shards}:{a.split}"),
-                       f"http, {a.inflight} in flight": open_remote(url, split=a.split, inflight=a.inflight),
-                       "http, 0 in flight": open_remote(url, split=a.split, inflight=0)}
-            if a.baseline_client:
-                sources[f"http, baseline client, {a.inflight} in flight"] = _baseline_source(
-                    a.baseline_client, url, a.split, a.inflight)
-            if cache and pipeline == "eval":
-                sources["http, cached epochs"] = open_remote(url, split=a.split, inflight=a.inflight,
-                                                             cache_dir=cache, cache_size="100GB")
-            if pipeline == "eval":  # resize only, planned from the index's exact counts (stored scores)
-                kw = dict(train=False, packing="plan")
-            else:  # what the trainer runs: augmented, scored after the augmentation, streamed by real counts
-                from bench_fill import augmented_transform
-
-                kw = dict(transform=augmented_transform(224), packing="stream")
-            for k, src in sources.items():
+            for k, src in _sources(a, pipeline, url, cache).items():
                 runs[pipeline, k] = APTLoader(src, APTConfig(), max_tokens=a.max_tokens, num_workers=a.workers,
-                                              seed=0, **kw)
+                                              seed=0, **_loader_kw(pipeline))
                 if k == "http, cached epochs":
                     times[pipeline, "http, cache filling (first epoch)"] = []
                 times[pipeline, k] = []
