@@ -154,3 +154,29 @@ def test_a_server_ignoring_range_is_logged_once_over_all_workers(local_epoch, ca
     assert_same(got, local_epoch)
     assert stats["range_ignored"] == stats["requests"] > 10 and stats["failed"] == 0
     assert capfd.readouterr().err.count("ignores HTTP Range") == 1
+
+
+def test_a_span_served_elsewhere_does_not_cancel_its_merged_neighbours():
+    """A cache hit inside a merged read-ahead (``passed``) leaves the read its neighbours wait on."""
+    import threading
+
+    from apt_data.sources import FileReader, RangeReader
+
+    class Gated(RangeReader):  # the first read waits for the gate: the second stays queued
+        def __init__(self):
+            self.gate, self.plain = threading.Event(), FileReader()
+
+        def read(self, name, start, end):
+            self.gate.wait(30)
+            return self.plain.read(name, start, end)
+
+    local = open_source("shards")
+    inner = Gated()
+    reader = ReadAhead(inner, inflight=1)
+    first, second = [local.span(i) for i in range(4)], [local.span(i) for i in range(100, 104)]
+    assert first[0][0] != second[0][0]  # two shards: two merged reads, the second queued behind the first
+    reader.prefetch(first + second)
+    reader.passed(second[1])  # served elsewhere
+    inner.gate.set()
+    for s in first + second[:1] + second[2:]:
+        assert reader.read(*s) == FileReader().read(*s)

@@ -185,11 +185,12 @@ def _read_body(resp, n: int, url: str) -> bytes:
     """At most ``n`` bytes of the body, which must end there: more is an error, never read."""
     parts, got = [], 0
     while got <= n:
-        chunk = resp.read(min(n + 1 - got, 1 << 20), decode_content=False)
-        if not chunk:
-            break
+        ask = min(n + 1 - got, 1 << 20)
+        chunk = resp.read(ask, decode_content=False)
         parts.append(chunk)
         got += len(chunk)
+        if len(chunk) < ask:  # (urllib3 returns fewer bytes than asked only at the end of the body)
+            break
     if got > n:
         raise HTTPReadError(f"{url}: the answer is longer than the {n} bytes asked for")
     return b"".join(parts)

@@ -118,8 +118,9 @@ class ReadAhead(ReaderWrapper):
 
     @staticmethod
     def _drop(st: dict, span: Span) -> None:
+        """Forget the read-ahead of ``span``; cancel its read unless it is merged with spans still pending."""
         ahead = st["pending"].pop(span, None)
-        if ahead is not None:
+        if ahead is not None and not any(v[1] is ahead[1] for v in st["pending"].values()):
             ahead[1].cancel()
 
     # -------------------------------------------------------------- reads
@@ -137,7 +138,7 @@ class ReadAhead(ReaderWrapper):
         ahead = st["pending"].pop(span, None)
         if ahead is not None:
             (_, a_start, a_end), fut = ahead
-            if a_start <= start and end <= a_end:
+            if a_start <= start and end <= a_end and not fut.cancelled():
                 data = fut.result()  # raises the read's OSError after its retries
                 return data[start - a_start:end - a_start]
         return self.inner.read(name, start, end)
