@@ -9,7 +9,8 @@ per request); ``drop_rate``: the share of requests that fail transiently, altern
 and by closing the connection without an answer (a reset); ``missing``: names answered 404 whatever
 is on disk; ``ignore_range``: answer every GET with the whole object (200), as some servers do;
 ``idle_timeout``: close a keep-alive connection idle that long (seconds), as object stores do;
-``/redirect/NAME`` answers 302 to ``/NAME``. ``last_headers``: the headers of the last request.
+``/redirect/NAME`` answers 302 to ``/NAME`` (on ``redirect_base``, another server's URL, when given).
+``last_headers``: the headers of the last request; ``seen``: the headers of every request.
 ``requests``, ``drops`` (``dropped`` by kind), ``ranged``, ``sent`` (body bytes) count what the
 server saw. Also runnable: ``python tests/http_server.py DIR [--latency 0.01] [--drop-rate 0.05]``.
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 from urllib.parse import unquote
 
-__all__ = ["RangeServer"]
+__all__ = ["RangeServer", "RawServer"]
 
 _REASONS = {200: "OK", 206: "Partial Content", 302: "Found", 400: "Bad Request", 404: "Not Found",
             405: "Method Not Allowed", 416: "Range Not Satisfiable", 503: "Service Unavailable"}
@@ -42,13 +43,15 @@ class RangeServer:
 
     def __init__(self, root: Union[str, os.PathLike], *, latency: Union[float, tuple] = 0.0, drop_rate: float = 0.0,
                  missing: Iterable[str] = (), seed: int = 0, port: int = 0, ignore_range: bool = False,
-                 idle_timeout: Optional[float] = None):
+                 idle_timeout: Optional[float] = None, redirect_base: str = ""):
         self.root = Path(root).resolve()
         self.latency, self.drop_rate = latency, float(drop_rate)
         self.missing = set(missing)
         self.ignore_range = bool(ignore_range)
         self.idle_timeout = idle_timeout
+        self.redirect_base = redirect_base.rstrip("/")
         self.last_headers: dict = {}
+        self.seen: list[dict] = []
         self.requests = self.drops = self.ranged = self.sent = 0
         self.dropped = {"503": 0, "reset": 0}
         self._rng = random.Random(seed)
@@ -86,7 +89,7 @@ class RangeServer:
                 await writer.drain()
                 if head.get("Connection", head.get("connection", "")).lower() == "close":
                     return
-        except OSError:
+        except (OSError, asyncio.CancelledError):  # the client went away, or the server is closing
             return
         finally:
             writer.close()
@@ -101,6 +104,7 @@ class RangeServer:
     async def _serve(self, writer: asyncio.StreamWriter, method: str, target: str, headers: dict) -> bool:
         """Answer one request; False: the connection is to be closed."""
         self.last_headers = headers
+        self.seen.append(headers)
         self.requests += 1
         lat = self._rng.uniform(*self.latency) if isinstance(self.latency, tuple) else self.latency
         drop = None
@@ -124,7 +128,7 @@ class RangeServer:
             return True
         name = unquote(target.split("?", 1)[0]).lstrip("/")
         if name.startswith("redirect/"):
-            writer.write(self._answer(302, b"", f"Location: /{name[len('redirect/'):]}\r\n"))
+            writer.write(self._answer(302, b"", f"Location: {self.redirect_base}/{name[len('redirect/'):]}\r\n"))
             return True
         path = (self.root / name).resolve()
         if name in self.missing or self.root not in path.parents or not path.is_file():
@@ -183,6 +187,88 @@ class RangeServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RawServer:
+    """A loopback server for malformed and hostile answers: each request (read up to its blank line) gets
+    the next of ``answers``: bytes, sent as they are (the connection then stays open for the next
+    request, unless they end with ``CLOSE``), or a function ``answer(sock, stop)`` that writes what it
+    likes until it returns or ``stop`` (a threading.Event) is set (then the connection closes). One
+    thread per connection; ``requests``: the raw requests read."""
+
+    CLOSE = b"<close>"
+
+    def __init__(self, answers: Iterable = ()):
+        self.answers, self.requests = list(answers), []
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        f = conn.makefile("rb")
+        with conn, f:
+            try:
+                while not self.stop.is_set():
+                    req = b""
+                    while not req.endswith(b"\r\n\r\n"):
+                        line = f.readline(65536)
+                        if not line:
+                            return
+                        req += line
+                    with self._lock:
+                        self.requests.append(req.decode("latin-1"))
+                        answer = self.answers.pop(0) if self.answers else b"HTTP/1.1 500 No answer left\r\n\r\n"
+                    if callable(answer):
+                        answer(conn, self.stop)
+                        return
+                    close = answer.endswith(self.CLOSE)  # (a view, not a copy: the client's memory is measured)
+                    conn.sendall(memoryview(answer)[:len(answer) - len(self.CLOSE)] if close else answer)
+                    if close:
+                        return
+            except OSError:
+                return
+
+    def url(self, name: str = "x.tar") -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+    def __enter__(self) -> "RawServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def trickle(head: bytes, every: float = 0.2, byte: bytes = b"x"):
+    """An answer: ``head``, then one ``byte`` every ``every`` seconds, for ever (a slow or endless server)."""
+    def answer(sock: socket.socket, stop: threading.Event) -> None:
+        sock.sendall(head)
+        while not stop.wait(every):
+            sock.sendall(byte)
+    return answer
+
+
+def endless(head: bytes, chunk: bytes = b"\0" * (1 << 20)):
+    """An answer: ``head``, then ``chunk`` again and again until the client goes away."""
+    def answer(sock: socket.socket, stop: threading.Event) -> None:
+        sock.sendall(head)
+        while not stop.is_set():
+            sock.sendall(chunk)
+    return answer
 
 
 if __name__ == "__main__":

@@ -106,12 +106,17 @@ def test_a_flip_in_a_jpeg_that_still_decodes_is_detected(shard_copy):
     assert decoded == 5
 
 
-def test_an_index_without_checksum_columns_still_reads(shard_copy):
+def test_an_index_without_checksum_columns_still_reads_and_says_once_it_is_not_verified(shard_copy, caplog):
     index = read_index(shard_copy)
     old = index.table.drop([f"{m}_{CHECKSUM}" for m in MEMBERS])
     write_index(shard_copy / "old.parquet", old, index.config,
                 {k: v for k, v in index.settings.items() if k != "shards"})
-    src = open_shards(str(shard_copy / "old.parquet"))
+    with caplog.at_level("WARNING", "apt_data.sources"):
+        src = open_shards(str(shard_copy / "old.parquet"))
+        open_shards(str(shard_copy / "old.parquet"))  # opened again (train and eval, a second loader): not again
+        open_shards(str(shard_copy / "train.parquet"))  # an index with checksums: nothing to say
+    said = [r.getMessage() for r in caplog.records if "without checksum verification" in r.getMessage()]
+    assert len(said) == 1 and str(shard_copy) in said[0] and f"no {CHECKSUM} columns" in said[0]
     assert f"jpg_{CHECKSUM}" not in src.table.column_names
     for i in range(len(src)):
         src.read_record(i)

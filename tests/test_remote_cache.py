@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("fsspec")
-pytest.importorskip("aiohttp")
-
 from apt_data import APTConfig  # noqa: E402
 from apt_data.loader import APTLoader  # noqa: E402
-from apt_data.sources import RangeCache, open_remote, open_source  # noqa: E402
+from apt_data.sources import CachedReader, RangeCache, open_remote, open_source  # noqa: E402
 from apt_data.sources.cache import parse_size  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -74,7 +71,7 @@ def test_the_size_bound_holds_and_least_recently_used_go_first(tmp_path, local_v
         src = open_remote(srv.url(), split="val", cache_dir=tmp_path, cache_size=300_000)
         for _ in range(2):
             assert_same(epoch(src), local_val)
-            assert src._cache.disk_usage() <= 300_000
+            assert src.reader.cache.disk_usage() <= 300_000
         st = src.io_stats()
         assert st["cache_evicted"] > 0 and st["cache_corrupt"] == 0
         assert st["cache_hits"] + st["cache_misses"] == 200 and st["cache_misses"] > 100
@@ -97,17 +94,17 @@ def test_damaged_entries_are_deleted_read_again_and_counted(tmp_path):
             src.read_scores(i)
         n = srv.requests
         # a flipped byte (a bad disk, a torn write): the entry's own CRC32C catches it
-        path = src._cache.path(src._shard_paths[int(src._shard_of[1])], int(src._span_start[1]),
-                               int(src._span_end[1]))
+        cache = src.reader.cache
+        path = cache.path(*src.span(1))
         raw = bytearray(path.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
         path.write_bytes(bytes(raw))
         # bytes that pass that CRC but not the index (cached from an older version of the shard)
         k = 2
-        url, start, end = src._shard_paths[int(src._shard_of[k])], int(src._span_start[k]), int(src._span_end[k])
-        stale = bytearray(src._cache.get(url, start, end))
+        url, start, end = src.span(k)
+        stale = bytearray(cache.get(url, start, end))
         stale[int(src._spans["jpg"][0][k]) - start + 100] ^= 0xFF  # inside its JPEG
-        src._cache.put(url, start, end, bytes(stale))
+        cache.put(url, start, end, bytes(stale))
         for i in range(4):
             assert src.read_scores(i)[0] == local.read_scores(i)[0]
         st = src.io_stats()
@@ -122,7 +119,7 @@ def test_damaged_entries_are_deleted_read_again_and_counted(tmp_path):
 def test_default_off_sizes_and_vanishing_entries(tmp_path):
     with RangeServer(SHARDS) as srv:
         src = open_remote(srv.url(), split="val")
-        assert src._cache is None
+        assert not isinstance(src.reader, CachedReader)
         src.read(0)
         assert src.io_stats()["cache_misses"] == 0
     assert parse_size("20GB") == 20 * 10**9 and parse_size("1.5 GiB") == int(1.5 * 2**30) and parse_size(4096) == 4096

@@ -22,7 +22,11 @@ time per image (main process + workers) and the server's (a real object store do
 loader's cores; this one does), and the HTTP reader's counters (requests, retries, bytes, merged
 reads). With ``--cache-dir`` also HTTP through the local cache (`open_remote(..., cache_dir=...)`, in
 a fresh folder under DIR, removed at the end; eval only): its first pass (filling the cache) and its
-later passes (read from the cache). Target (issue 16): >= 0.8x local disk. On a machine whose cores
+later passes (read from the cache). ``--client-cpu N`` first prints the HTTP client's CPU per ranged
+read (N sequential reads, the server idle otherwise). With ``--baseline-client FILE`` also HTTP through another client
+module (one with the old ``HTTPRanges(headers).get(url, start, end)`` interface, e.g. the hand-written
+HTTP/1.1 client that urllib3 replaced: ``git show f59d2e3:apt_data/sources/http.py > /tmp/old_http.py``)
+under the same read-ahead and retries, alternating with the others. Target (issue 16): >= 0.8x local disk. On a machine whose cores
 are busy images/s varies from pass to pass; the CPU times per image are steadier.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -73,6 +78,92 @@ def timed_epoch(loader: APTLoader, server_pid: int) -> tuple[float, float, float
     return n / wall, (clock.stop() - server) / n * 1e3, server / n * 1e3
 
 
+def _baseline_reader(path: str):
+    """A range reader over ``HTTPRanges`` of the module file ``path`` (the old client's interface)."""
+    import importlib.util
+
+    from apt_data.sources import RangeReader
+
+    spec = importlib.util.spec_from_file_location("baseline_http", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Baseline(RangeReader):
+        def __init__(self):
+            self.http = module.HTTPRanges()
+
+        def read(self, name, start, end):
+            return self.http.get(name, start, end)
+
+        def read_all(self, name):
+            return self.http.get(name)
+
+    return Baseline()
+
+
+def _baseline_source(path: str, url: str, split: str, inflight: int):
+    """`open_remote` with the plain HTTP reader replaced by `_baseline_reader` (the workers fork)."""
+    import apt_data.sources.remote as remote
+
+    plain = remote._base_reader
+    remote._base_reader = lambda *_: _baseline_reader(path)
+    try:
+        return open_remote(url, split=split, inflight=inflight)
+    finally:
+        remote._base_reader = plain
+
+
+def client_cpu(url: str, shards: str, split: str, baseline: Optional[str], n: int) -> None:
+    """Print each client's CPU per ranged read of 20 kB: ``n`` sequential reads at random offsets of
+    the split's first shard (no read-ahead, no loader; best of 3 rounds, the clients alternating)."""
+    import random
+
+    from apt_data.sources.http import HTTPReader
+
+    name = open_source(f"{shards}:{split}").span(0)[0]
+    size = os.path.getsize(name)
+    target = f"{url.rstrip('/')}/{os.path.basename(name)}"
+    rng = random.Random(0)
+    spans = [(s, s + 20_000) for s in (rng.randrange(max(1, size - 20_000)) for _ in range(n))]
+    readers = {"urllib3 reader": HTTPReader()}
+    if baseline:
+        readers["baseline client"] = _baseline_reader(baseline)
+    best = {k: float("inf") for k in readers}
+    for _ in range(3):
+        for k, r in readers.items():
+            r.read(target, 0, 10)  # connected
+            t0 = time.process_time()
+            for start, end in spans:
+                r.read(target, start, end)
+            best[k] = min(best[k], (time.process_time() - t0) / n * 1e3)
+    print(f"client CPU per ranged read of 20 kB ({n} sequential reads, best of 3): "
+          + ", ".join(f"{k} {v:.3f} ms" for k, v in best.items()))
+
+
+def _sources(a: argparse.Namespace, pipeline: str, url: str, cache: Optional[str]) -> dict:
+    """The sources timed in ``pipeline``: local disk, HTTP with and without read-ahead, and as asked the
+    baseline client and (evaluation) the cache."""
+    sources = {"local disk": open_source(f"{a.shards}:{a.split}"),
+               f"http, {a.inflight} in flight": open_remote(url, split=a.split, inflight=a.inflight),
+               "http, 0 in flight": open_remote(url, split=a.split, inflight=0)}
+    if a.baseline_client:
+        sources[f"http, baseline client, {a.inflight} in flight"] = _baseline_source(
+            a.baseline_client, url, a.split, a.inflight)
+    if cache and pipeline == "eval":
+        sources["http, cached epochs"] = open_remote(url, split=a.split, inflight=a.inflight, cache_dir=cache,
+                                                     cache_size="100GB")
+    return sources
+
+
+def _loader_kw(pipeline: str) -> dict:
+    if pipeline == "eval":  # resize only, planned from the index's exact counts (stored scores)
+        return dict(train=False, packing="plan")
+    # what the trainer runs: augmented, scored after the augmentation, streamed by real counts
+    from bench_fill import augmented_transform
+
+    return dict(transform=augmented_transform(224), packing="stream")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", "--source", default=str(ROOT / "shards"),
@@ -87,6 +178,10 @@ def main(argv=None) -> int:
     ap.add_argument("--pipelines", nargs="+", choices=list(PIPELINES), default=list(PIPELINES),
                     help="loaders to time (default: both)")
     ap.add_argument("--cache-dir", help="also time HTTP through a local cache in a fresh folder under this one")
+    ap.add_argument("--baseline-client", metavar="FILE",
+                    help="also time HTTP through the HTTPRanges class of this module file (see above)")
+    ap.add_argument("--client-cpu", type=int, default=0, metavar="N",
+                    help="also print each client's CPU per ranged read, over N sequential reads")
     a = ap.parse_args(argv)
 
     if a.cache_dir:
@@ -96,28 +191,20 @@ def main(argv=None) -> int:
                                str(a.latency), "--drop-rate", str(a.drop_rate)], stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()
+        if a.client_cpu:
+            client_cpu(url, a.shards, a.split, a.baseline_client, a.client_cpu)
+            if a.epochs == 0:  # only that
+                return 0
         times: dict[tuple[str, str], list] = {}
         runs, counters = {}, {}
         for pipeline in a.pipelines:
-            sources = {"local disk": open_source(f"{a.shards}:{a.split}"),
-                       f"http, {a.inflight} in flight": open_remote(url, split=a.split, inflight=a.inflight),
-                       "http, 0 in flight": open_remote(url, split=a.split, inflight=0)}
-            if cache and pipeline == "eval":
-                sources["http, cached epochs"] = open_remote(url, split=a.split, inflight=a.inflight,
-                                                             cache_dir=cache, cache_size="100GB")
-            if pipeline == "eval":  # resize only, planned from the index's exact counts (stored scores)
-                kw = dict(train=False, packing="plan")
-            else:  # what the trainer runs: augmented, scored after the augmentation, streamed by real counts
-                from bench_fill import augmented_transform
-
-                kw = dict(transform=augmented_transform(224), packing="stream")
-            for k, src in sources.items():
+            for k, src in _sources(a, pipeline, url, cache).items():
                 runs[pipeline, k] = APTLoader(src, APTConfig(), max_tokens=a.max_tokens, num_workers=a.workers,
-                                              seed=0, **kw)
+                                              seed=0, **_loader_kw(pipeline))
                 if k == "http, cached epochs":
                     times[pipeline, "http, cache filling (first epoch)"] = []
                 times[pipeline, k] = []
-                if hasattr(src, "io_stats"):
+                if src.io_stats():  # the remote readers' counters (local files count nothing)
                     counters[pipeline, k] = src
         for e in range(a.epochs + 1):
             for (pipeline, k), loader in runs.items():

@@ -1,7 +1,9 @@
-"""`RangeCache`: byte ranges of remote shards kept as files in a local folder, bounded in size.
+"""`RangeCache`: byte ranges of remote shards kept as files in a local folder, bounded in size, and
+`CachedReader`, the range reader that serves reads from it.
 
-`RemoteIndexSource` (``open_remote(..., cache_dir=..., cache_size=...)``) stores the byte span of every
-sample it read and verified, so a second epoch reads local files instead of the store.
+`open_remote(..., cache_dir=..., cache_size=...)` puts a `CachedReader` on top of the remote reader
+stack (`apt_data.sources.readers`): the byte span of every sample read and verified (`checked`) is
+kept, so a second epoch reads local files instead of the store; spans in the cache are not read ahead.
 
 - **Entries**: one file per range, named by a hash of ``(shard URL, start, end)`` (in 256 sub-folders),
   holding a magic, the CRC32C of the bytes and the bytes. A read checks that CRC (a damaged entry is
@@ -35,10 +37,11 @@ from typing import Callable, Optional, Union
 
 from ..io import atomic_write_bytes
 from ..shards.format import member_checksum
+from .readers import RangeReader, ReaderWrapper, Span
 
 log = logging.getLogger("apt_data.sources")
 
-__all__ = ["RangeCache", "parse_size"]
+__all__ = ["CachedReader", "RangeCache", "parse_size"]
 
 _MAGIC = b"APTC"
 _HEADER = len(_MAGIC) + 4
@@ -220,3 +223,40 @@ class RangeCache:
             if evicted:
                 self._counted("cache_evicted", evicted)
         st["total"], st["since"] = total, 0
+
+
+class CachedReader(ReaderWrapper):
+    """Serves spans from a `RangeCache` and keeps the spans the caller `checked`. Bytes from the cache
+    that fail the caller's checks (`rejected`: cached from another version of the file, or damaged
+    undetected by the entry's CRC) are deleted, and the caller reads the store's again."""
+
+    def __init__(self, inner: RangeReader, cache: RangeCache):
+        super().__init__(inner)
+        self.cache = cache
+
+    def _cached(self, span: Span) -> bool:
+        return span in self.cache
+
+    def read_order(self, spans, skip=None) -> None:
+        self.inner.read_order(spans, self._cached)
+
+    def prefetch(self, spans, skip=None) -> None:
+        self.inner.prefetch(spans, self._cached)
+
+    def read(self, name: str, start: int, end: int) -> bytes:
+        data = self.cache.get(name, start, end)
+        if data is None:
+            return self.inner.read(name, start, end)
+        self.inner.passed((name, start, end))
+        return data
+
+    def checked(self, span: Span, data: bytes) -> None:
+        if span not in self.cache:
+            self.cache.put(*span, data)
+        self.inner.checked(span, data)
+
+    def rejected(self, span: Span, why: str) -> bool:
+        if span in self.cache:
+            self.cache.discard(*span, why)
+            return True
+        return self.inner.rejected(span, why)

@@ -1,134 +1,63 @@
-"""`HTTPRanges`: ranged GETs over plain keep-alive HTTP/1.1 connections (sockets of the standard library).
+"""`HTTPReader`: ranged GETs through urllib3's connection pool, with a deadline and caps on what a server sends.
 
-Why not fsspec's HTTP file system for the per-sample reads: its synchronous calls hand every request
-to an asyncio event-loop thread and wait for it, which costs a loader worker about 1 ms of CPU and
-GIL hand-offs per request. Why not `http.client`: its header parsing (the e-mail parser) costs twice
-the CPU of the whole request here. A loader worker makes one request per sample of a shuffled epoch,
-on the same cores that decode, so each read-ahead thread owns one blocking connection per host, kept
-alive and reused, speaks just the HTTP/1.1 a ranged GET needs (Content-Length, chunked and
-close-delimited bodies, redirects, TLS through `ssl`), and its socket waits release the GIL. The bytes
-it returns are checked by the shard reader against the index's sizes and CRC32C checksums.
-`apt_data.sources.remote_files.RemoteFiles` uses it for ``http://`` and ``https://`` shard URLs (unless
-``storage_options`` hold more than ``headers``); other schemes go through fsspec.
+The range reader (`apt_data.sources.readers.RangeReader`) for ``http://`` and ``https://`` shards.
+urllib3 speaks the protocol (keep-alive pools shared by the read-ahead threads, TLS, chunked bodies);
+this module adds what a loader needs from a server it does not control:
 
-Errors, as `remote_files._retrying` expects them: 404/410 raise `FileNotFoundError`, 401/403
-`PermissionError` (permanent: not retried); other statuses `HTTPStatusError` (an OSError with
-``status``); a broken connection, a malformed answer or a short body an `OSError` (transient: retried
-by the caller). A request on a reused connection that the server had closed meanwhile (idle
-keep-alive) is sent once more on a new connection at once, as browsers and urllib3 do. Redirects
-(301/302/303/307/308) are followed, at most 5.
+- **A deadline per request** (``deadline`` seconds, 120 by default, redirects included; ``connect_timeout``
+  for each connection, ``read_timeout`` for each receive): every receive of an answer, its status line
+  and headers included, waits at most the time left, so a body sent at 1 byte/s or header lines that
+  never end fail at the deadline, naming the URL.
+- **Caps**: the status line and headers at `HEADER_BYTES` in all (and http.client's 100 header
+  lines); the body at the range requested (a larger ``Content-Length``, a negative or malformed one,
+  or more bytes than asked are errors, never read: at most the range plus a small constant is
+  buffered); a whole-object GET (an index) at ``max_object``. A 206 must carry the Content-Range
+  asked for (RFC 9110) and hold the bytes it announces.
+- **Redirects** (at most 5) are followed here, not by urllib3: ``Authorization``, ``Cookie`` and
+  ``Proxy-Authorization`` are dropped on a hop to another origin (host or port, urllib3's list of
+  headers) or from https to http.
+- **A server that ignores Range** (answers 200 with the whole file, as Python's ``http.server`` does) is
+  logged once (over all processes that share the counters): each read then downloads the file from
+  its first byte up to the end of the span asked, on a fresh connection. The bytes returned are right.
+
+Why urllib3 and not a protocol parser of our own: a well-kept library for a protocol that hostile
+servers can bend. It costs about 0.2 ms more CPU per request (its `http.client` header parsing) than
+the hand-written client it replaced: docs/benchmarks.md, "Shards over HTTP vs local disk".
+
+Errors, as `apt_data.sources.readers.retrying` expects them: 404/410 raise `FileNotFoundError`,
+401/403 `PermissionError` (permanent: not retried); other statuses `HTTPStatusError` (an OSError
+with ``status``; 5xx, 408, 429 retried); a broken connection, a timeout, the deadline, a cap or a
+malformed answer an `HTTPReadError` (an OSError, transient: retried). Every message names the URL.
 """
 from __future__ import annotations
 
+import http.client
+import io
+import logging
 import os
+import re
 import socket
-import ssl
 import threading
+import time
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
-__all__ = ["HTTPRanges", "HTTPStatusError"]
+import urllib3
+from urllib3.util import Retry, Timeout
 
+from .readers import IOCounters, RangeReader
+
+log = logging.getLogger("apt_data.sources")
+
+__all__ = ["HEADER_BYTES", "HTTPReadError", "HTTPReader", "HTTPStatusError"]
+
+#: the cap on an answer's status line and headers together (bytes)
+HEADER_BYTES = 32 * 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
-_MAX_LINE = 65536
-
-
-class _Stale(ConnectionResetError):
-    """The server closed the connection before answering (on a reused connection: it was idle)."""
-
-
-class _Connection:
-    """One blocking HTTP/1.1 connection: `request` sends a GET and reads the whole answer."""
-
-    def __init__(self, scheme: str, netloc: str, timeout: float):
-        parts = urlsplit(f"{scheme}://{netloc}")
-        host = parts.hostname or ""
-        port = parts.port or (443 if scheme == "https" else 80)
-        sock = socket.create_connection((host, port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        self.sock, self.rfile = sock, sock.makefile("rb")
-        self.host = netloc.rsplit("@", 1)[-1]
-
-    def close(self) -> None:
-        self.rfile.close()
-        self.sock.close()
-
-    def _line(self) -> bytes:
-        line = self.rfile.readline(_MAX_LINE + 1)
-        if len(line) > _MAX_LINE:
-            raise OSError("HTTP answer line too long")
-        return line
-
-    def request(self, target: str, headers: dict) -> tuple[int, str, dict, bytes, bool]:
-        """(status, reason, headers (lower-case names), body, the server closes the connection)."""
-        text = f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\nAccept-Encoding: identity\r\n"
-        text += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        try:
-            self.sock.sendall((text + "\r\n").encode("latin-1"))
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
-            raise _Stale(f"connection closed before the request was sent: {e}") from e
-        first = True
-        while True:  # skip interim (1xx) answers
-            try:
-                line = self._line()
-            except ConnectionResetError as e:
-                if first:
-                    raise _Stale(str(e)) from e
-                raise
-            if not line:
-                raise _Stale("the server closed the connection without an answer")
-            first = False
-            try:
-                version, status_text, *rest = line.decode("latin-1").split(None, 2)
-                status = int(status_text)
-            except ValueError:
-                raise OSError(f"malformed HTTP status line {line[:80]!r}") from None
-            if not version.startswith("HTTP/"):
-                raise OSError(f"malformed HTTP status line {line[:80]!r}")
-            head: dict[str, str] = {}
-            while True:
-                h = self._line()
-                if not h:
-                    raise OSError("connection closed in the answer's headers")
-                if h in (b"\r\n", b"\n"):
-                    break
-                k, _, v = h.decode("latin-1").partition(":")
-                head[k.strip().lower()] = v.strip()
-            if not 100 <= status < 200:
-                break
-        close = head.get("connection", "").lower() == "close" or (
-            version == "HTTP/1.0" and head.get("connection", "").lower() != "keep-alive")
-        if "chunked" in head.get("transfer-encoding", "").lower():
-            body = self._chunked()
-        elif "content-length" in head:
-            n = int(head["content-length"])
-            body = self.rfile.read(n)
-            if len(body) != n:
-                raise OSError(f"short HTTP body: {len(body)} of {n} bytes")
-        elif status in (204, 304):
-            body = b""
-        else:  # the body runs to the end of the connection
-            body, close = self.rfile.read(), True
-        return status, rest[0].strip() if rest else "", head, body, close
-
-    def _chunked(self) -> bytes:
-        parts = []
-        while True:
-            line = self._line()
-            try:
-                n = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise OSError(f"malformed chunk size {line[:40]!r}") from None
-            if n == 0:
-                while self._line() not in (b"\r\n", b"\n", b""):  # trailers
-                    pass
-                return b"".join(parts)
-            chunk = self.rfile.read(n + 2)
-            if len(chunk) != n + 2:
-                raise OSError("short HTTP chunk")
-            parts.append(chunk[:n])
+#: headers never sent to another origin or from https to http (urllib3's list for cross-host redirects)
+_PRIVATE = frozenset(h.lower() for h in Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT) | {"cookie", "authorization"}
+_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", re.I)
+_limits = threading.local()  # the limits of the request this thread is making
 
 
 class HTTPStatusError(OSError):
@@ -139,94 +68,309 @@ class HTTPStatusError(OSError):
         self.status = status
 
 
-class HTTPRanges:
-    """``get(url, start, end)``: bytes ``[start, end)`` of ``url`` (fewer at its end), over one
-    keep-alive connection per thread and host, made in the process that reads (never inherited
-    through a fork). ``headers``: sent with every request (e.g. an ``Authorization``)."""
+class HTTPReadError(OSError):
+    """No usable answer: a broken connection, a timeout, the deadline, a cap or a malformed answer."""
 
-    def __init__(self, headers: Optional[dict] = None, timeout: float = 60.0):
+
+class _Limits:
+    """What the answer to one request may still cost: seconds (``deadline``, monotonic) and bytes."""
+
+    __slots__ = ("deadline", "budget", "read_timeout")
+
+    def __init__(self, deadline: float, budget: int, read_timeout: float):
+        self.deadline, self.budget, self.read_timeout = deadline, budget, read_timeout
+
+
+class _GuardedIO(io.RawIOBase):
+    """The socket under one answer: each receive waits at most until the deadline and reads at most
+    the bytes left in the budget (``raw``: the socket's own unbuffered file, which keeps it open)."""
+
+    def __init__(self, sock: socket.socket, limits: _Limits):
+        self.sock, self.raw, self.limits = sock, sock.makefile("rb", buffering=0), limits
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        lim = self.limits
+        left = lim.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request's deadline passed")
+        if lim.budget <= 0:
+            raise HTTPReadError("the answer is larger than its cap")
+        self.sock.settimeout(min(lim.read_timeout, left))
+        n = self.raw.readinto(memoryview(b)[:lim.budget])
+        lim.budget -= n or 0
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _SocketWithLimits:
+    """What http.client's response reads from: ``makefile`` over `_GuardedIO`."""
+
+    def __init__(self, sock: socket.socket, limits: _Limits):
+        self.sock, self.limits = sock, limits
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        return io.BufferedReader(_GuardedIO(self.sock, self.limits))
+
+
+class _GuardedResponse(http.client.HTTPResponse):
+    """http.client's response, reading through the limits of the request made in this thread."""
+
+    def __init__(self, sock, *args, **kw):
+        limits = getattr(_limits, "now", None)
+        super().__init__(sock if limits is None else _SocketWithLimits(sock, limits), *args, **kw)
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    response_class = _GuardedResponse
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    response_class = _GuardedResponse
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _origin(url: str) -> tuple:
+    p = urlsplit(url)
+    return p.scheme, p.hostname, p.port or (443 if p.scheme == "https" else 80)
+
+
+def redirect_headers(headers: dict, old: str, new: str) -> dict:
+    """``headers`` for the hop from ``old`` to ``new``: without credentials when ``new`` is on another
+    host or port (an upgrade from http on port 80 to https on 443 keeps them, as in requests) or the
+    hop goes from https to http."""
+    o, n = _origin(old), _origin(new)
+    upgrade = o == ("http", n[1], 80) and n[0] == "https" and n[2] == 443
+    if (o[1:] != n[1:] and not upgrade) or (o[0] == "https" and n[0] != "https"):
+        return {k: v for k, v in headers.items() if k.lower() not in _PRIVATE}
+    return headers
+
+
+def _content_length(resp, url: str, most: int) -> Optional[int]:
+    """The answer's Content-Length (None: none given); a malformed, negative or longer-than-``most`` one raises."""
+    raw = resp.headers.get("content-length")
+    if raw is None or "chunked" in resp.headers.get("transfer-encoding", "").lower():
+        return None
+    values = {v.strip() for v in raw.split(",")}
+    if len(values) != 1 or not next(iter(values)).isdigit():
+        raise HTTPReadError(f"{url}: malformed Content-Length {raw[:40]!r}")
+    n = int(values.pop())
+    if n > most:
+        raise HTTPReadError(f"{url}: Content-Length {n} is more than the {most} bytes asked for")
+    return n
+
+
+def _content_range(resp, url: str, start: int, end: int) -> int:
+    """The bytes a 206 answer to ``bytes=start-(end-1)`` holds, from its Content-Range (RFC 9110: required):
+    from ``start``, up to ``end`` or the end of the file."""
+    raw = resp.headers.get("content-range", "")
+    m = _CONTENT_RANGE.fullmatch(raw)
+    if m is None:
+        raise HTTPReadError(f"{url}: a 206 answer without a valid Content-Range ({raw[:60]!r})")
+    first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+    ends_file = total != "*" and last == int(total) - 1
+    if first != start or not first <= last <= end - 1 or (last < end - 1 and not ends_file):
+        raise HTTPReadError(f"{url}: answered bytes {first}-{last}/{total} for bytes {start}-{end - 1}")
+    return last - first + 1
+
+
+def _read_body(resp, n: int, url: str) -> bytes:
+    """At most ``n`` bytes of the body, which must end there: more is an error, never read."""
+    parts, got = [], 0
+    while got <= n:
+        ask = min(n + 1 - got, 1 << 20)
+        chunk = resp.read(ask, decode_content=False)
+        parts.append(chunk)
+        got += len(chunk)
+        if len(chunk) < ask:  # (urllib3 returns fewer bytes than asked only at the end of the body)
+            break
+    if got > n:
+        raise HTTPReadError(f"{url}: the answer is longer than the {n} bytes asked for")
+    return b"".join(parts)
+
+
+class HTTPReader(RangeReader):
+    """``read(url, start, end)``: bytes ``[start, end)`` of ``url`` (fewer at its end) over urllib3's
+    pools, one pool manager per process (never inherited through a fork). ``headers``: sent with every
+    request (e.g. an ``Authorization``; dropped on redirects elsewhere). ``counters``: where a server
+    that ignores Range is counted (``range_ignored``; logged at the first). See the module doc."""
+
+    def __init__(self, headers: Optional[dict] = None, *, deadline: float = 120.0, connect_timeout: float = 10.0,
+                 read_timeout: float = 30.0, max_object: int = 4 << 30, pool_size: int = 32,
+                 counters: Optional[IOCounters] = None):
         self.headers = {str(k): str(v) for k, v in (headers or {}).items()}
-        self.timeout = float(timeout)
-        self._local = threading.local()
+        self.deadline, self.connect_timeout = float(deadline), float(connect_timeout)
+        self.read_timeout, self.max_object, self.pool_size = float(read_timeout), int(max_object), int(pool_size)
+        if min(self.deadline, self.connect_timeout, self.read_timeout) <= 0:
+            raise ValueError("HTTPReader: deadline, connect_timeout and read_timeout must be positive seconds")
+        self.counters = counters if counters is not None else IOCounters()
+        self._pm: Optional[tuple[int, urllib3.PoolManager]] = None
+        self._hosts: dict = {}  # origin -> its connection pool, in the process of ``_pm``
+        self._timeout = Timeout(connect=self.connect_timeout, read=self.read_timeout)
 
     def __getstate__(self):
-        return {"headers": self.headers, "timeout": self.timeout}
+        return {**self.__dict__, "_pm": None, "_hosts": {}}
 
-    def __setstate__(self, state):
-        self.__init__(**state)
+    def _pool(self) -> urllib3.PoolManager:
+        if self._pm is None or self._pm[0] != os.getpid():  # a forked child: its parent's sockets are not its own
+            pm = urllib3.PoolManager(num_pools=16, maxsize=self.pool_size, block=False, retries=False)
+            pm.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+            self._pm, self._hosts = (os.getpid(), pm), {}
+        return self._pm[1]
 
-    def _pool(self) -> dict:
-        loc = self._local
-        if getattr(loc, "pid", None) != os.getpid():  # a forked child: its parent's sockets are not its own
-            loc.pid, loc.conns = os.getpid(), {}
-        return loc.conns
+    def close(self) -> None:
+        if self._pm is not None and self._pm[0] == os.getpid():
+            self._pm[1].clear()
+            self._hosts = {}
 
-    def _connection(self, scheme: str, netloc: str) -> tuple[_Connection, bool]:
-        """(connection, reused) for ``scheme://netloc`` in this thread."""
-        if scheme not in ("http", "https"):
-            raise ValueError(f"HTTPRanges reads http:// and https:// URLs, not {scheme}://")
-        pool = self._pool()
-        conn = pool.get((scheme, netloc))
-        if conn is not None:
-            return conn, True
-        conn = pool[(scheme, netloc)] = _Connection(scheme, netloc, self.timeout)
-        return conn, False
+    def _host(self, url: str) -> tuple:
+        """(the connection pool of ``url``'s scheme, host and port; the request target): the pool is
+        looked up once per origin, not per request (urllib3's pool manager parses every URL)."""
+        origin, slash, path = url.partition("://")[2].partition("/")
+        key = url[:url.index("://") + 3] + origin
+        pools = self._hosts if self._pm is not None and self._pm[0] == os.getpid() else None
+        pool = None if pools is None else pools.get(key)
+        if pool is None:
+            scheme = url.partition("://")[0].lower()
+            if scheme not in ("http", "https"):
+                raise ValueError(f"{url}: HTTPReader reads http:// and https:// URLs, not {scheme}://")
+            pool = self._pool().connection_from_url(key)
+            self._hosts[key] = pool
+        return pool, "/" + path
 
-    def _discard(self, scheme: str, netloc: str) -> None:
-        conn = self._pool().pop((scheme, netloc), None)
-        if conn is not None:
-            conn.close()
+    # -------------------------------------------------------------- requests
+    def _open(self, url: str, headers: dict, limits: _Limits):
+        """The answer to one GET of ``url`` (its body unread), read within ``limits``."""
+        pool, target = self._host(url)
+        left = limits.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request's deadline passed")
+        # (every receive of the answer is bounded by the deadline itself: `_GuardedIO`)
+        timeout = self._timeout if left > self.connect_timeout else Timeout(connect=left, read=left)
+        _limits.now = limits
+        try:
+            resp = pool.urlopen("GET", target, headers=headers, redirect=False, retries=False, preload_content=False,
+                                decode_content=False, timeout=timeout)
+        finally:
+            _limits.now = None
+        return resp
 
-    def _request(self, url: str, headers: dict) -> tuple[int, str, dict, bytes]:
-        """One GET of ``url``: (status, reason, headers (lower-case names), body), read to its end."""
-        parts = urlsplit(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        for attempt in (0, 1):
-            conn, reused = self._connection(parts.scheme, parts.netloc)
-            try:
-                status, reason, head, body, close = conn.request(target, headers)
-            except _Stale:
-                self._discard(parts.scheme, parts.netloc)
-                if reused and attempt == 0:  # the server closed it while idle: once more, on a new one
-                    continue
-                raise
-            except BaseException:
-                self._discard(parts.scheme, parts.netloc)
-                raise
-            if close:
-                self._discard(parts.scheme, parts.netloc)
-            return status, reason, head, body
-        raise AssertionError("unreachable")
-
-    def get(self, url: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
-        """Bytes ``[start, end)`` of ``url`` (the whole object when both are None)."""
-        headers = dict(self.headers)
-        if start is not None or end is not None:
-            lo = int(start or 0)
-            if end is not None and int(end) <= lo:
-                return b""
-            headers["Range"] = f"bytes={lo}-" + ("" if end is None else str(int(end) - 1))
+    def _get(self, url: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
+        """Bytes ``[start, end)`` of ``url`` (the whole object when ``start`` is None), redirects followed."""
+        headers = {"Accept-Encoding": "identity", **self.headers}
+        if start is not None:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        deadline = time.monotonic() + self.deadline
         where = url
         for _ in range(6):
-            status, reason, head, body = self._request(where, headers)
-            if status in _REDIRECTS and "location" in head:
-                where = urljoin(where, head["location"])
-                continue
-            if status == 206:
-                return body
-            if status == 200:  # the server ignored the Range header: it sent the whole object
-                return body if "Range" not in headers else body[int(start or 0):None if end is None else int(end)]
-            if status == 416:  # the range starts at or past the end
-                return b""
-            error = HTTPStatusError(url, status, reason)
+            resp, limits = None, _Limits(deadline, HEADER_BYTES, self.read_timeout)
+            try:
+                resp = self._open(where, headers, limits)
+                if resp.status in _REDIRECTS and resp.headers.get("location"):
+                    nxt = urljoin(where, resp.headers["location"])
+                    headers, where = redirect_headers(headers, where, nxt), nxt
+                    continue
+                return self._answer(resp, limits, url, where, start, end)
+            except (HTTPStatusError, FileNotFoundError, PermissionError, ValueError):
+                raise
+            except Exception as e:  # noqa: BLE001 - urllib3, http.client and socket errors alike
+                raise self._failure(e, url, deadline, limits) from e
+            finally:
+                if resp is not None:
+                    self._finish(resp)
+        raise HTTPStatusError(url, 310, "too many redirects")
+
+    def _failure(self, e: BaseException, url: str, deadline: float, limits: _Limits) -> HTTPReadError:
+        """The error to raise for ``e`` (the deadline, a cap, or what went wrong), naming ``url``."""
+        if time.monotonic() >= deadline:
+            return HTTPReadError(f"{url}: no whole answer within the request's deadline of {self.deadline:g} s")
+        if limits.budget <= 0:
+            return HTTPReadError(f"{url}: the answer is larger than its cap (headers at most {HEADER_BYTES} bytes, "
+                                 f"the body at most the bytes asked for)")
+        if isinstance(e, HTTPReadError):
+            return e
+        return HTTPReadError(f"{url}: {type(e).__name__}: {e}")
+
+    @staticmethod
+    def _finish(resp) -> None:
+        """Hand the connection back: reusable when its answer was read to the end, else closed."""
+        if not resp.isclosed():
+            resp.close()  # an answer not read to its end (a redirect, an error, a cap): the connection goes
+        resp.release_conn()
+
+    def _answer(self, resp, limits: _Limits, url: str, where: str, start: Optional[int], end: Optional[int]) -> bytes:
+        status = resp.status
+        if status == 416 and start is not None:  # the range starts at or past the end
+            return b""
+        if status not in (200, 206):
+            error = HTTPStatusError(where if where == url else f"{url} (redirected to {where})", status, resp.reason)
             if status in (404, 410):
                 raise FileNotFoundError(str(error))
             if status in (401, 403):
                 raise PermissionError(str(error))
             raise error
-        raise HTTPStatusError(url, 310, "too many redirects")
+        if start is None:  # the whole object
+            size = _content_length(resp, url, self.max_object)
+            limits.budget += self.max_object + HEADER_BYTES
+            data = _read_body(resp, self.max_object, url)
+        elif status == 206:
+            size = _content_range(resp, url, start, end)
+            if _content_length(resp, url, end - start) not in (None, size):
+                raise HTTPReadError(f"{url}: Content-Length {resp.headers['content-length']} for a Content-Range of "
+                                    f"{size} bytes")
+            limits.budget += size + max(65536, size // 8)  # the body, plus chunked framing
+            data = _read_body(resp, size, url)
+        else:  # 200 to a ranged request: the server ignored Range and sends the whole file
+            data, size = self._from_whole_file(resp, limits, url, start, end)
+        if size is not None and len(data) != size:
+            raise HTTPReadError(f"{url}: a short answer ({len(data)} of {size} bytes)")
+        return data
 
-    def close(self) -> None:
-        """Close this thread's connections."""
-        for key in list(self._pool()):
-            self._discard(*key)
+    def _from_whole_file(self, resp, limits: _Limits, url: str, start: int, end: int) -> tuple[bytes, Optional[int]]:
+        """(bytes ``[start, end)`` of a whole file sent for a ranged request, their number when known):
+        the file's start read and dropped, its rest left unread (the connection is then closed)."""
+        if self.counters.add("range_ignored") == 1:
+            log.warning("%s: the server ignores HTTP Range requests (it answered 200 with the whole file): every "
+                        "sample read now downloads its shard from the first byte up to the sample (half a shard per "
+                        "sample on average) on a new connection; serve the shards with a server that supports Range "
+                        "(docs/scale-out.md lists some)", url)
+        total = _content_length(resp, url, self.max_object)
+        limits.budget += end + max(65536, end // 8)
+        skipped = 0
+        while skipped < start:
+            chunk = resp.read(min(start - skipped, 1 << 20), decode_content=False)
+            if not chunk:
+                break
+            skipped += len(chunk)
+        data = resp.read(end - start, decode_content=False) if skipped == start else b""
+        return data, None if total is None else max(0, min(end, total) - start)
+
+    # -------------------------------------------------------------- the reader
+    def read(self, name: str, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        return self._get(name, int(start), int(end))
+
+    def read_all(self, name: str) -> bytes:
+        """The whole object ``name`` (at most ``max_object`` bytes)."""
+        return self._get(name)
+
+    def exists(self, name: str) -> bool:
+        """Is there an object at ``name`` (its first byte read; 404 or 410: no)?"""
+        try:
+            self._get(name, 0, 1)
+        except FileNotFoundError:
+            return False
+        return True

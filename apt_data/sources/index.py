@@ -1,48 +1,69 @@
 """`IndexSource`: the samples of a shard set's Parquet index, and recognising a shard address (`open_shards`).
 
 Labels, sizes and (for a matching config and transform) exact token counts come from the index
-without opening a shard; each sample is one positional read of its members, checked by the shard
-reader (`apt_data.shards.reader.read_record`) against the index.
+without opening a shard; each sample is one ranged read of its members through a range reader
+(`apt_data.sources.readers`: local files, or a remote stack with read-ahead and a cache), checked
+by the shard reader (`apt_data.shards.reader.read_record`) against the index and its checksums.
 """
 from __future__ import annotations
 
+import logging
 import os
-from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..config import APTConfig
+from ..shards.errors import ShardDataError
 from ..shards.format import CHECKSUM, EXTRA_MEMBERS, INPLACE_FORMAT, MASK_MEMBER, MEMBERS, SampleRecord, member_column
 from ..shards.index import ShardIndex, find_index, read_index
-from ..shards.reader import ShardFiles, image_ext_spans, read_record
+from ..shards.reader import BLOCK, image_ext_spans, read_record
 from ..shards.urls import expand_urls
 from ..transforms import ImageTransform
 from .base import Source
+from .readers import FileReader, RangeReader, Span
+
+log = logging.getLogger("apt_data.sources")
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """Log ``message`` once per process for ``key``."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("%s", message)
 
 __all__ = ["IndexSource", "open_shards"]
 
 
 class IndexSource(Source):
-    """Samples of a Parquet index: every sample is one seek + read, labels and token counts known.
+    """Samples of a Parquet index: every sample is one ranged read of its members, labels and token
+    counts known up front.
 
-    ``shards``: keep only the rows of these shard files. Bad samples raise `ShardDataError`
-    (a ValueError, which the loader logs, counts and skips unless strict).
+    ``reader``: what reads the shards' bytes (`apt_data.sources.readers.RangeReader`; default: local
+    files); ``base``: the folder (a path or URL) the index's shard names are relative to (default: the
+    index's folder); ``shards``: keep only the rows of these shard files (paths, or for a ``base``
+    names relative to it). Bad samples raise `ShardDataError` (a ValueError, which the loader logs,
+    counts and skips unless strict). `apt_data.sources.remote.open_remote` makes one over URLs.
     """
 
-    def __init__(self, index: ShardIndex, shards: Optional[Sequence[str]] = None):
+    def __init__(self, index: ShardIndex, shards: Optional[Sequence[str]] = None,
+                 reader: Optional[RangeReader] = None, *, base: Optional[str] = None, name: Optional[str] = None):
         table = index.table
+        where = base if base is not None else str(index.root)
         if shards is not None:
             import pyarrow as pa
             import pyarrow.compute as pc
 
-            names = [os.path.relpath(os.path.abspath(s), index.root.resolve()) for s in shards]
+            names = list(shards) if base is not None else \
+                [os.path.relpath(os.path.abspath(s), index.root.resolve()) for s in shards]
             missing = set(names) - set(table.column("shard").to_pylist())
             if missing:
-                raise ValueError(f"{index.root}: the index has no rows for shards {sorted(missing)}")
+                raise ValueError(f"{where}: the index has no rows for shards {sorted(missing)}")
             table = table.filter(pc.is_in(table.column("shard"), value_set=pa.array(names)))
-        self.index, self.table = index, table
+        self.index, self.table, self.name = index, table, name or where
+        self.reader: RangeReader = reader if reader is not None else FileReader()
         self.keys = [str(k) for k in table.column("key").to_pylist()]
         self.labels = table.column("label").to_numpy().astype(np.int64)
         shard_names = table.column("shard").to_pylist()
@@ -55,18 +76,33 @@ class IndexSource(Source):
         # member checksums (an index of an older build has none: its reads are not verified)
         self._crc = {m: table.column(f"{c}_{CHECKSUM}").to_numpy() for m, c in cols.items()
                      if f"{c}_{CHECKSUM}" in table.column_names}
+        if not self._crc and len(table):
+            _warn_once(where, f"{where}: the index has no {CHECKSUM} columns (an index from an older build): "
+                              "samples are read without checksum verification; rebuild the index "
+                              "(tools/make_shards.py, or tools/index_shards.py for plain webdataset tars) to verify them")
         self._wh = (table.column("width").to_numpy(), table.column("height").to_numpy())
         self._has_masks = MASK_MEMBER in self._spans and bool((self._spans[MASK_MEMBER][0] >= 0).all())
         # an index of plain webdataset shards (`apt_data.shards.inplace`): images other than .jpg, and
         # labels from a JSON field (no .cls member: the index's label is the label)
         self._image_ext = (table.column("image_ext").to_pylist() if "image_ext" in table.column_names else None)
         self._labels_in_index = index.settings.get("format") == INPLACE_FORMAT
-        self._shard_paths = [str(index.root / n) for n in self._shard_names]
-        self._files = ShardFiles(self._shard_paths)
+        self._shard_paths = [f"{base.rstrip('/')}/{n}" if base is not None else str(index.root / n)
+                             for n in self._shard_names]
+        # each sample's whole span (all its members, from the tar header of the first, in whole blocks):
+        # what one read fetches, and the key of the read-ahead and the cache
+        present = [np.where(o >= 0, o, np.iinfo(np.int64).max) for o, _ in self._spans.values()]
+        ends = [np.where(o >= 0, o + n, -1) for o, n in self._spans.values()]
+        self._span_start = np.min(np.stack(present), axis=0) - BLOCK if present else np.zeros(len(table), np.int64)
+        end = np.max(np.stack(ends), axis=0) if ends else self._span_start
+        self._span_end = self._span_start + -(-(end - self._span_start) // BLOCK) * BLOCK
 
     def row(self, i: int) -> dict:
         """The index row of sample ``i`` (shard path relative to ``index.root``)."""
         return {c: v[0] for c, v in self.table.slice(int(i), 1).to_pydict().items()}
+
+    def span(self, i: int) -> Span:
+        """``(shard path or URL, start, end)``: the bytes one read of sample ``i`` fetches."""
+        return self._shard_paths[int(self._shard_of[i])], int(self._span_start[i]), int(self._span_end[i])
 
     def _read(self, i: int, members: Sequence[str] = MEMBERS, parse_meta: bool = True) -> SampleRecord:
         spans: dict[str, tuple[int, int]] = {}
@@ -77,19 +113,53 @@ class IndexSource(Source):
                 break
             offsets, sizes = self._spans[m]
             spans[m] = (int(offsets[i]), int(sizes[i]))
-        shard = int(self._shard_of[i])
         checksums = {m: int(self._crc[m][i]) for m in spans if m in self._crc}
         need_label = "cls" in members and ("cls" in spans or not self._labels_in_index)
         if self._image_ext is not None:  # shards indexed in place: .jpeg, .png, .webp images
             spans = image_ext_spans(spans, self._image_ext[i])
             checksums = image_ext_spans(checksums, self._image_ext[i])
-        return read_record(self._fetcher(i, shard), self._shard_paths[shard], self.keys[i], spans,
-                           strict=True, expect_label=int(self.labels[i]), parse_meta=parse_meta,
-                           need_label=need_label, checksums=checksums)
+        span = self.span(i)
+        got: list[bytes] = []
 
-    def _fetcher(self, i: int, shard: int):
-        """``fetch(offset, n)`` of sample ``i`` in shard number ``shard`` (a subclass reads elsewhere)."""
-        return partial(self._files.pread, shard)
+        def fetch(offset: int, n: int) -> bytes:  # the reader asks within the sample's span: one read of it
+            name, start, end = span
+            if not start <= offset <= offset + n <= end:
+                return self.reader.read(name, offset, offset + n)
+            if not got:
+                got.append(self.reader.read(name, start, end))
+            return got[0][offset - start:offset - start + n]
+
+        def check() -> SampleRecord:
+            return read_record(fetch, span[0], self.keys[i], spans, strict=True, expect_label=int(self.labels[i]),
+                               parse_meta=parse_meta, need_label=need_label, checksums=checksums)
+
+        try:
+            rec = check()
+        except ShardDataError as e:
+            # bytes from a copy (a cache) that fail the checks: the copy is dropped, read the store's
+            if not got or not self.reader.rejected(span, f"{e.reason}: {e.detail}"):
+                raise
+            got.clear()
+            rec = check()
+        if got:
+            self.reader.checked(span, got[0])
+        return rec
+
+    # -------------------------------------------------------------- reading ahead
+    def read_order(self, ids: Sequence[int]) -> None:
+        """The samples this process will read next, in order: a reader that reads ahead (remote
+        shards) reads along it (the loader's workers call this with their bins or stream)."""
+        if self.reader.reads_ahead:
+            self.reader.read_order([self.span(i) for i in np.asarray(ids, np.int64).reshape(-1).tolist()])
+
+    def prefetch(self, ids: Sequence[int]) -> None:
+        """Start reading samples ``ids`` in the background (a reader that reads ahead; else nothing)."""
+        self.reader.prefetch([self.span(i) for i in ids])
+
+    def io_stats(self) -> dict:
+        """The reader's counters over all processes (`apt_data.sources.readers.COUNTERS`: requests,
+        retries, failed reads, bytes, merged reads, cache hits ...); empty for local files."""
+        return self.reader.stats()
 
     def read(self, i: int) -> bytes:
         """The JPEG bytes of sample ``i``: one read of that member and its tar header."""

@@ -16,14 +16,14 @@ __all__ = ["open_source"]
 def open_source(source: Union[str, os.PathLike, Source, Any], remote: Optional[dict] = None) -> Source:
     """A `Source` for a shard folder (``shards`` or ``shards:val``), a Parquet index, a shard URL
     pattern (``shards/train-{000000..000003}.tar``, with an index beside it), any of these as an
-    fsspec URL (``https://``, ``s3://``, ``file://``: `open_remote`, given ``remote`` as its keyword
+    URL (``https://``, ``s3://``, ``file://``: `open_remote`, given ``remote`` as its keyword
     arguments, e.g. ``cache_dir``), an image folder, or a map-style dataset object of ``(image, label)``
     items (`DatasetSource`); a `Source` as is."""
     if isinstance(source, Source):
         return source
     if isinstance(source, (str, os.PathLike)):
         s = os.fspath(source)
-        if is_remote_url(s):  # http(s)://, file://, s3://, gs://, ...: ranged reads through fsspec
+        if is_remote_url(s):  # http(s):// (urllib3), file://, s3://, gs:// (fsspec): ranged reads
             return open_remote(s, **(remote or {}))
         src = open_shards(s)
         if src is not None:

@@ -1,0 +1,284 @@
+"""Byte reading as a layer: the range-reader protocol, its local and fsspec readers, counters and retries.
+
+A `RangeReader` reads bytes ``[start, end)`` of a named file (a path or a URL), fewer at its end.
+`apt_data.sources.index.IndexSource` reads every sample as one such span; what lies under it is a
+stack of small readers, each doing one thing:
+
+    IndexSource -> CachedReader (local copies, `apt_data.sources.cache`)
+                -> ReadAhead (a thread pool reading along the caller's order, `apt_data.sources.readahead`)
+                -> Retrying (backoff on transient errors, shared counters)
+                -> FileReader | FsspecReader | HTTPReader (`apt_data.sources.http`)
+
+`apt_data.sources.remote.open_remote` builds that stack for a URL; a local shard folder is read by a
+bare `FileReader`. The optional methods (`read_order`, `prefetch`, `passed`, `checked`, `rejected`,
+`stats`) are hints and feedback that a wrapper passes down and a plain reader ignores. Every reader
+is picklable and makes its process-local state (descriptors, clients, threads) lazily in the
+process that reads, so forked and spawned loader workers never share a socket.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Optional, Sequence
+
+log = logging.getLogger("apt_data.sources")
+
+__all__ = ["COUNTERS", "FileReader", "FsspecReader", "IOCounters", "RangeReader", "ReaderWrapper", "Retrying",
+           "Span", "is_permanent"]
+
+#: ``(name, start, end)``: bytes ``[start, end)`` of the file ``name``
+Span = tuple[str, int, int]
+#: the counters of `IndexSource.io_stats`
+COUNTERS = ("requests", "retries", "failed", "bytes", "merged", "cache_hits", "cache_misses", "cache_bytes",
+            "cache_evicted", "cache_corrupt", "range_ignored")
+
+
+class RangeReader:
+    """Reads bytes ``[start, end)`` of named files; the other methods are optional hints and feedback."""
+
+    #: True when `read_order` is worth calling (the reader reads ahead along it)
+    reads_ahead = False
+
+    def read(self, name: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``name`` (fewer at its end). Raises OSError when unreadable."""
+        raise NotImplementedError
+
+    def read_order(self, spans: Sequence[Span], skip: Optional[Callable[[Span], bool]] = None) -> None:
+        """A hint: the spans this process will read next, in order (``skip``: spans not to read ahead)."""
+
+    def prefetch(self, spans: Sequence[Span], skip: Optional[Callable[[Span], bool]] = None) -> None:
+        """A hint: start reading these spans now."""
+
+    def passed(self, span: Span) -> None:
+        """The caller got ``span`` elsewhere (a cache): a read-ahead moves past it without reading it."""
+
+    def checked(self, span: Span, data: bytes) -> None:
+        """``data``, read for ``span``, passed the caller's checks (a cache keeps it)."""
+
+    def rejected(self, span: Span, why: str) -> bool:
+        """The bytes read for ``span`` failed the caller's checks; True: they came from a copy that is
+        now dropped, so reading again gives the store's bytes."""
+        return False
+
+    def stats(self) -> dict:
+        """Counters (`COUNTERS`) over all processes; empty for a reader that counts nothing."""
+        return {}
+
+    def close(self) -> None:
+        """Release this process's descriptors, connections and threads."""
+
+
+class ReaderWrapper(RangeReader):
+    """A reader over another (``inner``): every method passes through unless overridden."""
+
+    def __init__(self, inner: RangeReader):
+        self.inner = inner
+
+    @property
+    def reads_ahead(self) -> bool:  # type: ignore[override]
+        return self.inner.reads_ahead
+
+    def read(self, name: str, start: int, end: int) -> bytes:
+        return self.inner.read(name, start, end)
+
+    def read_order(self, spans, skip=None) -> None:
+        self.inner.read_order(spans, skip)
+
+    def prefetch(self, spans, skip=None) -> None:
+        self.inner.prefetch(spans, skip)
+
+    def passed(self, span: Span) -> None:
+        self.inner.passed(span)
+
+    def checked(self, span: Span, data: bytes) -> None:
+        self.inner.checked(span, data)
+
+    def rejected(self, span: Span, why: str) -> bool:
+        return self.inner.rejected(span, why)
+
+    def stats(self) -> dict:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class FileReader(RangeReader):
+    """Positional reads of local files through a few cached descriptors (the least recently used one
+    is closed past ``max_open``). ``pread`` keeps no file position, so forked workers can share
+    inherited descriptors; descriptors do not travel to other processes (pickles)."""
+
+    def __init__(self, max_open: int = 32):
+        self.max_open = int(max_open)
+        self._fds: OrderedDict = OrderedDict()
+
+    def __getstate__(self):
+        return {"max_open": self.max_open}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def read(self, name: str, start: int, end: int) -> bytes:
+        fd = self._fds.pop(name, None)
+        if fd is None:
+            if len(self._fds) >= self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fds[name] = fd
+        n = max(0, end - start)
+        data = os.pread(fd, n, start)
+        while len(data) < n:  # a short read: continue (or stop at the end of the file)
+            more = os.pread(fd, n - len(data), start + len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+    def close(self) -> None:
+        while getattr(self, "_fds", None):
+            try:
+                os.close(self._fds.popitem()[1])
+            except OSError:
+                pass
+
+    def __del__(self):
+        self.close()
+
+
+def _fsspec():
+    try:
+        import fsspec
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading shards from this URL needs fsspec: pip install 'apt[remote]' (plus s3fs for "
+                          "s3://, gcsfs for gs://; http(s):// needs neither)") from e
+    return fsspec
+
+
+def fsspec_filesystem(url: str, storage_options: Optional[dict] = None):
+    """A fresh fsspec filesystem for ``url`` (not the instance cache: one per process)."""
+    fs, _ = _fsspec().core.url_to_fs(url, skip_instance_cache=True, **(storage_options or {}))
+    return fs
+
+
+class FsspecReader(RangeReader):
+    """Ranged reads of any fsspec URL (``file://``, ``s3://``, ``gs://``, ...): one filesystem per process,
+    shared by its threads. A back-end that ignores the range and returns the whole object is sliced."""
+
+    def __init__(self, url: str, storage_options: Optional[dict] = None):
+        self.url, self.storage_options = url, dict(storage_options or {})
+        self._fs: Optional[tuple[int, Any]] = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fs": None}
+
+    def fs(self):
+        if self._fs is None or self._fs[0] != os.getpid():
+            self._fs = (os.getpid(), fsspec_filesystem(self.url, self.storage_options))
+        return self._fs[1]
+
+    def read(self, name: str, start: int, end: int) -> bytes:
+        data = self.fs().cat_file(name, start=start, end=end)
+        if len(data) > end - start:  # the whole object
+            data = data[start:end]
+        return bytes(data)
+
+    def read_all(self, name: str) -> bytes:
+        """The whole object ``name``."""
+        return bytes(self.fs().cat_file(name))
+
+    def exists(self, name: str) -> bool:
+        return bool(self.fs().exists(name))
+
+
+class IOCounters:
+    """The counters of `COUNTERS`, shared by the loader's forked workers (made in the process that opens
+    the source); a plain pickle carries their values."""
+
+    def __init__(self):
+        self._values = mp.RawArray("q", len(COUNTERS))
+        self._lock = mp.Lock()
+
+    def __getstate__(self):
+        from multiprocessing.context import get_spawning_popen
+
+        if get_spawning_popen() is None:  # a plain pickle: the values, not the shared memory
+            return {"values": list(self._values)}
+        return {"shared": (self._values, self._lock)}
+
+    def __setstate__(self, state):
+        if "shared" in state:
+            self._values, self._lock = state["shared"]
+        else:
+            self._values, self._lock = mp.RawArray("q", state["values"]), mp.Lock()
+
+    def add(self, name: str, n: int = 1) -> int:
+        """Add ``n`` to counter ``name``; its new value."""
+        k = COUNTERS.index(name)
+        with self._lock:
+            self._values[k] += n
+            return self._values[k]
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(zip(COUNTERS, list(self._values)))
+
+
+def is_permanent(e: BaseException) -> bool:
+    """A missing or forbidden object: retrying will not help."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    status = getattr(e, "status", None) or getattr(e, "code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 425, 429)
+
+
+def retrying(fn: Callable[[], Any], what: str, retries: int, backoff: float,
+             count: Optional[Callable[[str], Any]] = None) -> Any:
+    """``fn()``, retried ``retries`` times with exponential backoff on transient errors; a permanent
+    one, or the last, is logged and raised as an OSError (``count``: "retries" / "failed" counters)."""
+    delay = backoff
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - every back-end has its own error types
+            permanent = is_permanent(e)
+            if permanent or attempt == retries:
+                if count is not None:
+                    count("failed")
+                why = f"{type(e).__name__}: {e}" + ("" if permanent else f" (failed after {retries} retries)")
+                log.warning("%s: %s", what, why)
+                if isinstance(e, OSError):
+                    raise
+                raise OSError(f"{what}: {why}") from e
+            if count is not None:
+                count("retries")
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+class Retrying(ReaderWrapper):
+    """Retries transient errors (5xx, resets, timeouts, malformed answers, any OSError) ``retries``
+    times with exponential backoff from ``backoff`` seconds; a permanent one (404, 403, a missing
+    file) is raised at once. Counts requests, retries, failed reads and bytes in ``counters``."""
+
+    def __init__(self, inner: RangeReader, retries: int = 5, backoff: float = 0.05,
+                 counters: Optional[IOCounters] = None):
+        super().__init__(inner)
+        self.retries, self.backoff = int(retries), float(backoff)
+        self.counters = counters if counters is not None else IOCounters()
+
+    def read(self, name: str, start: int, end: int) -> bytes:
+        def once() -> bytes:
+            self.counters.add("requests")
+            data = self.inner.read(name, start, end)
+            self.counters.add("bytes", len(data))
+            return data
+
+        return retrying(once, f"ranged read of {name} bytes {start}-{end}", self.retries, self.backoff,
+                        self.counters.add)
+
+    def stats(self) -> dict:
+        return self.counters.snapshot()
