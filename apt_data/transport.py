@@ -23,7 +23,7 @@ from torch.utils.data import get_worker_info
 
 from .batch import PackedBatch
 from .layout import PatchLayout
-from .packing import BatchSpec, fill_batch, new_buffer
+from .assemble import BatchSpec, fill_batch, new_buffer
 
 __all__ = ["SlotPool", "WireBatch", "host_buffer", "ship_batch", "take_pool"]
 

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from apt_data import APTConfig, warmup  # noqa: E402
 from apt_data.loader import APTLoader  # noqa: E402
-from apt_data.stream import partition  # noqa: E402
+from apt_data.loader.stream import partition  # noqa: E402
 from apt_data.transforms import ImageTransform  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
