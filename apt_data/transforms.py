@@ -83,6 +83,12 @@ class ImageTransform:
             raise AugmentationError(f"{name or 'image'}: augmentation failed on a decoded {pixels.shape} image "
                                     f"(seed {seed}): {type(e).__name__}: {e}") from e
 
+    def prepare(self) -> None:
+        """Build now what the transform would build on first use (timm's RandAugment and its imports),
+        e.g. once in a loader's main process before its workers fork, instead of in every worker."""
+        if self.augment and self.auto_augment:
+            _rand_augment(self.auto_augment, self.fill)
+
     def _augment(self, pixels: np.ndarray, seed: int) -> np.ndarray:
         from PIL import Image
 

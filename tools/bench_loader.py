@@ -4,6 +4,13 @@
     python tools/bench_loader.py [--source shards] [--max-tokens 4096] [--workers 2] [--epochs 5]
     python tools/bench_loader.py --fill [bench_fill.py's options]   # = python tools/bench_fill.py
     python tools/bench_loader.py --remote [bench_remote.py's options]   # = python tools/bench_remote.py
+    python tools/bench_loader.py --first-epoch --source DIR [--copies 4] [--image-size 384]
+
+``--first-epoch``: a fresh APTLoader over an image folder (``--copies`` copies of it, as symlinks),
+for the resize-only and the augmented pipeline in turn: images/s of its first epoch, timed from the
+loader's construction (so the epoch-length probe and the workers' start count; the process's
+one-time set-up, `apt_data.warmup()` and `ImageTransform.prepare()`, comes before), against its
+later epochs, and their ratio.
 
 Prints the packing fill (real tokens / budget; prefix tokens count as real) and images/s of the
 loaders in the same run, for two pipelines:
@@ -121,6 +128,53 @@ def fill_text(eps: list, budget: int) -> str:
             f"at most {total / (best * budget):.2%}")
 
 
+def photo_folder(src: Path, copies: int) -> Path:
+    """An ImageNet-layout folder of ``copies`` symlinked copies of every photo under ``src`` (one class per copy)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="bench_first_epoch_"))
+    photos = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    for c in range(copies):
+        (root / f"copy{c}").mkdir()
+        for p in photos:
+            (root / f"copy{c}" / f"{p.parent.name}_{p.name}").symlink_to(p.resolve())
+    return root
+
+
+def first_epoch(args) -> int:
+    """Fresh loaders: first-epoch images/s (from construction) against later epochs', per pipeline."""
+    from bench_fill import augmented_transform
+
+    print("# command: " + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]))
+    folder = photo_folder(Path(args.source), args.copies)
+    cfg = APTConfig()
+    pipelines = {"resize only (eval transform)": ImageTransform(size=args.image_size, multiple=cfg.patch_size),
+                 "augmented training": augmented_transform(args.image_size, cfg.patch_size)}
+    warmup()  # the process's one-time set-up, as in every bench (a trainer has it before its loader starts):
+    for tr in pipelines.values():  # compiled kernels loaded, timm's RandAugment built
+        tr.prepare()
+    print(f"# {len(open_source(str(folder)))} photos ({args.copies} x {args.source}), {args.image_size} px, "
+          f"max_tokens {args.max_tokens}, {args.workers} workers, streamed training epochs; first epoch timed from "
+          f"APTLoader(...), later epochs {args.epochs} (median)")
+    print("| pipeline | first epoch images/s | later epochs images/s | first / later |")
+    print("|---|---|---|---|")
+    for name, tr in pipelines.items():
+        t0 = time.perf_counter()
+        loader = APTLoader(str(folder), cfg, transform=tr, max_tokens=args.max_tokens, num_workers=args.workers,
+                           pin_memory=False)
+        rates = []
+        for epoch in range(1 + args.epochs):
+            loader.set_epoch(epoch)
+            n = sum(batch.num_images for batch, _ in loader)
+            t1 = time.perf_counter()
+            rates.append(n / (t1 - t0))
+            t0 = t1
+        later = float(np.median(rates[1:]))
+        print(f"| {name} | {rates[0]:.0f} | {later:.0f} | {rates[0] / later:.2f}x |")
+        loader.close()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default=str(ROOT / "shards"))
@@ -142,11 +196,18 @@ def main(argv=None) -> int:
         from bench_fill import main as fill_main
 
         return fill_main([a for a in argv if a != "--fill"])
-    if "--remote" in argv:  # every other argument is bench_remote.py's
-        from bench_remote import main as remote_main
+    if "--remote" in argv:  # every other argument is bench_remote.py's (run, not imported: no import circle)
+        import runpy
 
-        return remote_main([a for a in argv if a != "--remote"])
+        sys.argv = [str(Path(__file__).with_name("bench_remote.py"))] + [a for a in argv if a != "--remote"]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return 0
+    ap.add_argument("--first-epoch", action="store_true",
+                    help="images/s of a fresh loader's first epoch against its later ones (an image folder)")
+    ap.add_argument("--copies", type=int, default=1, help="--first-epoch: copies of the folder's photos")
     args = ap.parse_args(argv)
+    if args.first_epoch:
+        return first_epoch(args)
     from bench_fill import augmented_transform, epoch_fills
 
     print("# command: " + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]))

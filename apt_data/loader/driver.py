@@ -133,7 +133,6 @@ class APTLoader:
         self.probe_samples = int(probe_samples)
         self.max_skip_fraction = float(max_skip_fraction)
         self._epoch_skips: dict[int, int] = {}
-        self._mean_tokens: Optional[float] = None
         self._bound: Optional[np.ndarray] = None
         self._pool: Optional[SlotPool] = None
         self._plans: dict[int, list[np.ndarray]] = {}
@@ -213,18 +212,6 @@ class APTLoader:
                                              self.max_tokens, self.max_images, self.open_bins, self.world_size)}
         return self._plans[epoch]
 
-    def mean_tokens(self) -> float:
-        """Mean tokens per sample (prefix included) of this loader's pipeline: the index's exact
-        counts, else a deterministic probe of ``probe_samples`` samples (the same on every rank)."""
-        if self._mean_tokens is None:
-            if self._exact is not None:
-                self._mean_tokens = float(self._exact.mean()) + self.num_prefix_tokens
-            else:
-                n = len(self.source)
-                ids = np.random.default_rng([self.seed, 0x960BE]).choice(n, min(n, self.probe_samples), replace=False)
-                self._mean_tokens = self.pipeline.mean_tokens(np.sort(ids))
-        return self._mean_tokens
-
     def bytes_per_image(self) -> Optional[np.ndarray]:
         """Bytes of each sample in a batch buffer at its uniform-grid bound (None: sizes unknown)."""
         try:
@@ -299,6 +286,10 @@ class APTLoader:
         self.epoch = int(state["epoch"])
         self.strategy.resume_from(self.epoch, int(state.get("step", 0)), state)
 
+    def close(self) -> None:
+        """Stop the workers kept for the next epoch (iterating again starts new ones)."""
+        self._drop_live()
+
     def _drop_live(self) -> None:
         if self._live is not None:
             self._live.stop()
@@ -314,8 +305,9 @@ class APTLoader:
             live = None
         if live is None:
             pool = self._take_pool(strategy.batch_bytes()) if self.num_workers > 0 else None
-            if self.num_workers > 0:
-                warmup()  # compiled kernels are inherited by forked workers
+            if self.num_workers > 0:  # what forked workers inherit instead of each building it
+                warmup()
+                self.transform.prepare()
             data = strategy.dataset(pool)
             kw = (dict(prefetch_factor=self.prefetch_factor, persistent_workers=strategy.persistent_workers)
                   if self.num_workers else {})

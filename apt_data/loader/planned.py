@@ -106,6 +106,7 @@ class PlannedPacking:
 
     def __init__(self, loader: "APTLoader", start_step: int = 0):
         self.loader, self.start_step = loader, int(start_step)
+        self.done = 0  # bins received in the iteration under way
 
     def clone(self, loader: "APTLoader") -> "PlannedPacking":
         return PlannedPacking(loader, self.start_step)
@@ -130,19 +131,16 @@ class PlannedPacking:
 
     def set_epoch(self, epoch: int, changed: bool) -> None:
         if changed:
-            self.start_step = 0
+            self.start_step, self.done = 0, 0
 
     def resume_from(self, epoch: int, step: int, state: Optional[dict]) -> None:
-        if state is not None:
-            self.start_step = int(state["step"])
-        else:
-            self.start_step = int(step)
+        self.start_step, self.done = int(step if state is None else state["step"]), 0
 
     def state(self) -> dict:
-        return {"step": self.start_step}
+        return {"step": self.start_step + self.done}
 
     def begin(self) -> None:
-        """Nothing to do before an iteration: the plan is a function of the epoch."""
+        self.done = 0
 
     def reusable(self, live) -> bool:
         return False
@@ -160,7 +158,8 @@ class PlannedPacking:
 
     def receive(self, item) -> tuple[object, bool]:
         """A worker's item as ``(batch or SkippedOnly, the epoch's last)``."""
+        self.done += 1
         return (item.to_batch() if isinstance(item, WireBatch) else item), False
 
     def finish(self) -> None:
-        self.start_step = 0  # a resumed epoch continues once; iterating again starts it from 0
+        self.start_step, self.done = 0, 0  # a resumed epoch continues once; iterating again starts it from 0

@@ -1,10 +1,9 @@
 """Streamed packing: every worker packs its own share of the samples by their real token counts.
 
 `apt_data.loader.stream` holds the plain data (partitions, streams, the packer, `WorkerState`);
-here are its three live parts. `StreamEpoch` is what a worker process runs: it draws its samples,
+here are its two live parts. `StreamEpoch` is what a worker process runs: it draws its samples,
 runs each through the loader's per-sample pipeline, packs them and yields each batch tagged with
-its role and the `WorkerState` after it. `RankStream` is where one rank stands between batches
-(what the loader saves and resumes from). `StreamedPacking` is the loader's strategy: epoch length,
+its role and the `WorkerState` after it. `StreamedPacking` is the loader's strategy: epoch length,
 worker quotas, and which kept workers can serve the next epoch.
 
 A `StreamEpoch` keeps its stream, its open batches and their decoded images between epochs when
@@ -14,16 +13,17 @@ instead of decoding the carried-over samples again.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from torch.utils.data import IterableDataset
 
 from ..pipeline import SamplePipeline, SkipLimit, SkipLog
-from ..transport import WireBatch, worker_id
-from .stream import (Item, NothingReadable, SampleStream, StreamPacker, WorkerState, epoch_batches, estimate_steps,
-                     partition, worker_quotas)
+from ..transport import WireBatch, forks, worker_id
+from .probe import ProbeBoard, probe_ids
+from .stream import (Item, NothingReadable, RankStream, SampleStream, StreamPacker, WorkerState, epoch_batches,
+                     estimate_steps, partition, worker_quotas)
 
 if TYPE_CHECKING:
     from ..transport import SlotPool
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("apt_data.loader")
 
-__all__ = ["RankStream", "StreamEpoch", "StreamedPacking", "TaggedBatch"]
+__all__ = ["StreamEpoch", "StreamedPacking", "TaggedBatch"]
 
 
 class TaggedBatch:
@@ -76,18 +76,39 @@ class StreamEpoch(IterableDataset):
     after the last batch the main process consumed in this epoch (None: none yet). Worker ``id``
     plays role ``(id + offset) % num_workers``, so a run resumed after ``k`` batches continues the
     DataLoader's round-robin where it stood. ``quotas[role]``: batches per epoch (None: one pass,
-    evaluation).
+    evaluation; or, with a ``board``, the workers probe the epoch's length first: `apt_data.loader.probe`).
     """
 
     def __init__(self, pipeline: SamplePipeline, setup: StreamSetup, exact: Optional[np.ndarray], epoch: int,
                  starts: list[WorkerState], progress: list[Optional[WorkerState]], offset: int,
-                 quotas: Optional[list[int]], pool: Optional["SlotPool"] = None):
+                 quotas: Optional[list[int]], pool: Optional["SlotPool"] = None, board: Optional[ProbeBoard] = None):
         self.pipeline, self.setup, self.exact, self.epoch = pipeline, setup, exact, epoch
         self.starts, self.progress, self.offset, self.quotas, self.pool = starts, progress, offset, quotas, pool
+        self.board = board
         self.kept: Optional[_Kept] = None
+        self.probed: dict = {}  # (pass 0, sample) -> its Item (None: bad) from the probe, until drawn
+
+    def _probe(self, role: int, nw: int) -> list[int]:
+        """Probe this role's share of the epoch-length probe, wait for the other roles, and return every
+        role's quota (the same on every worker: the same numbers)."""
+        board, su = self.board, self.setup
+        try:
+            for j, i in enumerate(board.ids[role].tolist()):
+                item = self.probed[(0, i)] = self._process((0, i))
+                board.post(role, j, None if item is None else item.tokens)
+            board.wait()
+        except Exception as e:
+            board.fail(e)
+            raise
+        n, b = len(self.pipeline.source), self.pipeline.budget
+        sizes = [len(partition(n, su.seed, 0, 1, w, nw, su.shuffle)) for w in range(nw)]
+        mean = board.mean(self.pipeline.source.keys[int(board.ids[0][0])] if len(board.ids[0]) else "")
+        return worker_quotas(estimate_steps(sizes, mean, b.max_tokens, b.max_images, nw, su.open_bins), nw)
 
     def _process(self, ref) -> Optional[Item]:
         """One sample through the pipeline: an `Item`, or None when it is skipped as bad."""
+        if ref in self.probed:
+            return self.probed.pop(ref)
         p, i = ref
         loaded = self.pipeline.try_load(i, p, self.skips, self.exact)
         if loaded is None:
@@ -137,6 +158,8 @@ class StreamEpoch(IterableDataset):
         where = f"rank {su.rank}, worker {role}"
         self.skips.limit = SkipLimit(su.max_skip_fraction, len(stream), epoch, where)
         self.skips.count, self.skips.first = 0, []
+        if self.quotas is None and self.board is not None:
+            self.quotas = self._probe(role, nw)
         quota = None if self.quotas is None else self.quotas[role]
         state = stream.state(packer, emitted)
         # the samples this worker will draw next (deferred first, then its passes), for read-ahead
@@ -160,63 +183,7 @@ class StreamEpoch(IterableDataset):
             self.skips.limit.check(len(stream), f"{e}; first errors: " + "; ".join(self.skips.first))
             raise
         self.kept = _Kept(role, stream, packer, epoch, state)
-
-
-@dataclass
-class RankStream:
-    """Per-role stream states of one rank for ``epoch``; ``consumed`` batches of it taken so far.
-
-    For every worker role it keeps the `WorkerState` at the start of the current epoch and the one
-    after the role's last batch that the main process consumed. From these a fresh set of worker
-    processes continues the stream exactly (after a resume, or when workers were not kept), and the
-    next epoch starts where this one ended.
-    """
-
-    roles: int
-    epoch: int = 0
-    starts: list = field(default_factory=list)
-    progress: list = field(default_factory=list)
-    consumed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.starts:
-            self.restart(self.epoch)
-
-    def restart(self, epoch: int) -> None:
-        """Begin ``epoch`` with nothing carried over: every role at the start of pass ``epoch``."""
-        self.epoch, self.consumed = int(epoch), 0
-        self.starts = [WorkerState(pass_=int(epoch)) for _ in range(self.roles)]
-        self.progress = [None] * self.roles
-
-    def follow(self) -> None:
-        """Begin the next epoch where this one stands (its carried-over samples first)."""
-        self.starts = [(p or s).next_epoch() for p, s in zip(self.progress, self.starts)]
-        self.epoch, self.consumed, self.progress = self.epoch + 1, 0, [None] * self.roles
-
-    def record(self, role: int, state: WorkerState) -> None:
-        """A batch of ``role`` was consumed; ``state`` is its stream after that batch."""
-        self.progress[role] = state
-        self.consumed += 1
-
-    def as_dict(self) -> dict:
-        return {"state_epoch": self.epoch, "step": self.consumed, "starts": [s.as_dict() for s in self.starts],
-                "progress": [None if p is None else p.as_dict() for p in self.progress]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RankStream":
-        starts = [WorkerState.from_dict(s) for s in d["starts"]]
-        progress: list[Optional[WorkerState]] = [None if p is None else WorkerState.from_dict(p) for p in d["progress"]]
-        return cls(len(starts), int(d["state_epoch"]), starts, progress, int(d["step"]))
-
-    def carried_over(self, partition_sizes: list[int]) -> int:
-        """Sample visits of the passes under way not yet emitted: pending in open batches, deferred, or not
-        yet read in the current pass (a sample still pending from one pass may also wait unread in the
-        next, and then counts twice). ``partition_sizes``: each role's number of samples."""
-        total = 0
-        for role in range(self.roles):
-            st = self.progress[role] or self.starts[role]
-            total += len(st.pending()) + len(st.deferred) + ((partition_sizes[role] - st.index) if st.index else 0)
-        return total
+        self.probed.clear()
 
 
 class StreamedPacking:
@@ -228,12 +195,15 @@ class StreamedPacking:
 
     def __init__(self, loader: "APTLoader", steps: Optional[int] = None):
         self.loader, self.steps = loader, steps
+        self.mean: Optional[float] = None  # mean tokens per sample (prefix included), once known
+        self.board: Optional[ProbeBoard] = None
         self.roles = max(1, loader.num_workers)  # worker roles of a stream (the in-process loader plays one)
         self.stream = RankStream(self.roles)
         self.persistent_workers = loader.train  # the last batch's workers hold the start of the next epoch
 
     def clone(self, loader: "APTLoader") -> "StreamedPacking":
         other = StreamedPacking(loader, self.steps)
+        other.mean = self.mean_tokens() if self.board is not None else self.mean
         other.stream = RankStream.from_dict(self.stream.as_dict())
         return other
 
@@ -244,9 +214,26 @@ class StreamedPacking:
         return [len(partition(len(ld.source), ld.seed, r, ld.world_size, w, self.roles, ld.shuffle))
                 for r in ranks for w in range(self.roles)]
 
+    def probe_ids(self) -> list[np.ndarray]:
+        ld = self.loader
+        return probe_ids(len(ld.source), ld.seed, ld.world_size, self.roles, ld.shuffle, ld.probe_samples)
+
+    def mean_tokens(self) -> float:
+        """Mean tokens per sample (prefix included) of the loader's pipeline: the index's exact counts,
+        else the probe (`apt_data.loader.probe`): the workers' board once complete, else probed here."""
+        if self.mean is None:
+            ld = self.loader
+            if ld.index_counts is not None:
+                self.mean = float(ld.index_counts.mean()) + ld.budget.num_prefix_tokens
+            elif self.board is not None and self.board.complete():
+                self.mean = self.board.mean("")
+            else:
+                self.mean = ld.pipeline.mean_tokens(np.concatenate(self.probe_ids()))
+        return self.mean
+
     def per_batch(self) -> float:
         ld = self.loader
-        per = ld.budget.max_tokens * 0.99 / ld.mean_tokens()
+        per = ld.budget.max_tokens * 0.99 / self.mean_tokens()
         return float(min(per, ld.budget.max_images)) if ld.budget.max_images else float(per)
 
     def steps_per_epoch(self) -> int:
@@ -255,7 +242,7 @@ class StreamedPacking:
             return sum(int(np.ceil(n / self.per_batch())) for n in self.partition_sizes(ld.rank))
         if self.steps is None:
             b = ld.budget
-            self.steps = estimate_steps(self.partition_sizes(), ld.mean_tokens(), b.max_tokens, b.max_images,
+            self.steps = estimate_steps(self.partition_sizes(), self.mean_tokens(), b.max_tokens, b.max_images,
                                         self.roles, ld.open_bins)
         return self.steps
 
@@ -298,12 +285,18 @@ class StreamedPacking:
     def quotas(self) -> Optional[list[int]]:
         return worker_quotas(self.steps_per_epoch(), self.roles) if self.loader.train else None
 
+    def probe_in_workers(self) -> bool:
+        """The epoch's length is still unknown and the workers can probe it: one rank, forked workers."""
+        ld = self.loader
+        return (ld.train and self.steps is None and self.mean is None and ld.index_counts is None
+                and ld.world_size == 1 and ld.num_workers > 0 and forks())
+
     def begin(self) -> None:
         """Before an iteration: evaluation starts a fresh pass; a finished training epoch the next one."""
-        ld, quotas = self.loader, self.quotas()
-        if quotas is None and self.stream.consumed == 0:
+        ld = self.loader
+        if not ld.train and self.stream.consumed == 0:
             self.stream.restart(ld.epoch)
-        if quotas is not None and self.stream.consumed >= sum(quotas):
+        if ld.train and self.stream.consumed and self.stream.consumed >= self.steps_per_epoch():
             ld.set_epoch(ld.epoch + 1)
 
     def reusable(self, live) -> bool:
@@ -314,8 +307,9 @@ class StreamedPacking:
     def dataset(self, pool: Optional["SlotPool"]) -> StreamEpoch:
         ld, st = self.loader, self.stream
         setup = StreamSetup(ld.seed, ld.rank, ld.world_size, ld.shuffle, ld.open_bins, ld.max_skip_fraction)
+        self.board = ProbeBoard(self.probe_ids()) if self.probe_in_workers() else None
         return StreamEpoch(ld.pipeline, setup, ld.index_counts, ld.epoch, st.starts, st.progress,
-                           st.consumed % self.roles, self.quotas(), pool)
+                           st.consumed % self.roles, None if self.board else self.quotas(), pool, self.board)
 
     def batch_bytes(self) -> Optional[int]:
         ld = self.loader
@@ -323,7 +317,9 @@ class StreamedPacking:
         per_image = None if ld.transform.keep_aspect else ld.bytes_per_image()
         if per_image is None:
             return None
-        per_batch = ld.budget.max_images or int(np.ceil(ld.budget.max_tokens / max(1.0, ld.mean_tokens() * 0.7)))
+        # the probe's mean when known (never probed for this), else half the uniform grid's tokens
+        mean = self.mean or 0.5 * float(per_image.mean() - 16) / (3 * ld.cfg.patch_size ** 2 + 20)
+        per_batch = ld.budget.max_images or int(np.ceil(ld.budget.max_tokens / max(1.0, mean * 0.7)))
         return int(per_image.max()) * per_batch
 
     def receive(self, item: TaggedBatch) -> tuple[object, bool]:
