@@ -73,20 +73,35 @@ class SkipLimit:
 
 
 class SkipLog:
-    """The bad samples one worker met: each logged once as it happens, checked against ``limit`` at
-    once (whether or not a batch is shipped), and handed to the main process with the next batch
-    (`take`)."""
+    """The bad samples one worker met: each logged and handed to the main process once (with the next
+    batch, `take`), remembered so that it is not decoded again, and counted against ``limit`` for the
+    epoch as it happens, whether or not a batch is shipped (`begin_epoch` starts the count)."""
 
     def __init__(self, limit: Optional[SkipLimit] = None):
         self.limit, self.pending, self.count, self.first = limit, [], 0, []
+        self.bad: set[int] = set()  # sample indices known to be bad
 
-    def add(self, key: str, error: Exception) -> None:
+    def begin_epoch(self, limit: Optional[SkipLimit]) -> None:
+        self.limit, self.count, self.first = limit, 0, []
+
+    def known(self, i: int) -> bool:
+        """Sample ``i`` proved bad before: counted for this epoch again, not decoded, logged or reported."""
+        if i in self.bad:
+            self._count()
+            return True
+        return False
+
+    def add(self, i: int, key: str, error: Exception) -> None:
         text = str(error) if key in str(error) else f"{key}: {error}"
         log.warning("skipping sample %s", text)
         self.pending.append((key, skip_reason(error)))
-        self.count += 1
+        self.bad.add(i)
         if len(self.first) < 3:
             self.first.append(text)
+        self._count()
+
+    def _count(self) -> None:
+        self.count += 1
         if self.limit is not None:
             self.limit.check(self.count, "first errors: " + "; ".join(self.first))
 
@@ -197,6 +212,8 @@ class SamplePipeline:
                  exact: Optional[np.ndarray] = None) -> Optional[tuple[np.ndarray, PatchLayout, MixTarget]]:
         """`load`, with a bad sample added to ``skips`` (strict: raised). ``exact``: the index's token
         counts, which the layout must match."""
+        if skips.known(i):
+            return None
         try:
             loaded = self.load(i, epoch)
             if exact is not None and len(loaded[1]) != exact[i]:
@@ -208,7 +225,7 @@ class SamplePipeline:
             key = self.source.keys[i]
             if self.strict:
                 raise ValueError(str(e) if key in str(e) else f"sample {key}: {e}") from e
-            skips.add(key, e)
+            skips.add(i, key, e)
             return None
 
     def build(self, sample_ids: np.ndarray, epoch: int, skips: SkipLog, exact: Optional[np.ndarray] = None,

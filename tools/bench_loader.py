@@ -208,92 +208,103 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.first_epoch:
         return first_epoch(args)
-    from bench_fill import augmented_transform, epoch_fills
-
     print("# command: " + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]))
-    warmup()
-    cfg = APTConfig()
     src_path = Path(args.source)
     if src_path.is_dir() and not any(p.is_dir() or p.suffix == ".parquet" for p in src_path.iterdir()):
-        # a flat folder of photos: present it as one class (ImageNet layout) through symlinks
-        import tempfile
-        tmp = Path(tempfile.mkdtemp(prefix="bench_loader_")) / "all"
-        tmp.mkdir()
-        for p in src_path.iterdir():
-            if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
-                (tmp / p.name).symlink_to(p.resolve())
-        args.source = str(tmp.parent)
-    source = open_source(args.source)
-    kw = dict(max_tokens=args.max_tokens, num_workers=args.workers, seed=0, pin_memory=False)
-    if args.checksums and not getattr(source, "_crc", None):
-        ap.error("--checksums: the source is not a shard set whose index has member checksums")
+        args.source = str(photo_folder(src_path, 1))  # a flat folder of photos: one class, through symlinks
+    runs = loaders(args, ap)
+    report(args, runs)
+    return 0
 
-    def unverified():
-        """The same shards, read without verifying member checksums (the index's columns dropped)."""
-        other = open_source(args.source)
-        other._crc = {}
-        return other
-    runs = {}  # name -> (make_iter, row label, images/batch, fill text)
-    epoch_of = {}
 
-    def apt_iter(loader, name):
+class Runs(dict):
+    """The loaders to time, each after its warm-up pass: name -> (make_iter, row label, images/batch, fill text)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args, self.epoch_of = args, {}
+
+    def apt_iter(self, loader, name):
         def it():
-            for _ in range(args.repeat):
-                loader.set_epoch(epoch_of[name])
-                epoch_of[name] += 1
+            for _ in range(self.args.repeat):
+                loader.set_epoch(self.epoch_of[name])
+                self.epoch_of[name] += 1
                 for batch, _ in loader:
                     yield batch.num_images
         return it
 
-    def plain_iter(loader):
-        def it():
-            for _ in range(args.repeat):
-                for x, _ in loader:
-                    yield x.shape[0]
-        return it
+    def add_apt(self, name, label, loader) -> float:
+        from bench_fill import epoch_fills
 
-    def add_apt(name, label, loader):
-        eps = epoch_fills(loader, args.repeat)  # the warm-up pass, fills measured
-        epoch_of[name] = args.repeat
+        eps = epoch_fills(loader, self.args.repeat)  # the warm-up pass, fills measured
+        self.epoch_of[name] = self.args.repeat
         per_batch = sum(ep.images for ep in eps) / sum(len(ep.fills) for ep in eps)
-        runs[name] = (apt_iter(loader, name), label, per_batch, fill_text(eps, args.max_tokens))
+        self[name] = (self.apt_iter(loader, name), label, per_batch, fill_text(eps, self.args.max_tokens))
         return per_batch
 
-    def add_plain(name, label, transform, per_batch):
+    def add_plain(self, name, label, source, transform, per_batch) -> None:
         bs = max(1, round(per_batch))
-        dl = DataLoader(PlainDataset(source, transform), batch_size=bs, shuffle=True, num_workers=args.workers,
+        dl = DataLoader(PlainDataset(source, transform), batch_size=bs, shuffle=True, num_workers=self.args.workers,
                         persistent_workers=False, drop_last=False)
-        for _ in plain_iter(dl)():  # warm-up pass
-            pass
-        runs[name] = (plain_iter(dl), label, bs, "-")
 
-    header = []
+        def it():
+            for _ in range(self.args.repeat):
+                for x, _ in dl:
+                    yield x.shape[0]
+        for _ in it():  # warm-up pass
+            pass
+        self[name] = (it, label, bs, "-")
+
+
+def unverified(path: str):
+    """The same shards, read without verifying member checksums (the index's columns dropped)."""
+    other = open_source(path)
+    other._crc = {}
+    return other
+
+
+def loaders(args, ap) -> Runs:
+    """The loaders to time, each after its warm-up pass, and the table's header parts (``runs.header``)."""
+    from bench_fill import augmented_transform
+
+    warmup()
+    cfg = APTConfig()
+    source = open_source(args.source)
+    kw = dict(max_tokens=args.max_tokens, num_workers=args.workers, seed=0, pin_memory=False)
+    if args.checksums and not getattr(source, "_crc", None):
+        ap.error("--checksums: the source is not a shard set whose index has member checksums")
+    runs, runs.header = Runs(args), []
     if not args.no_eval:
         tr = ImageTransform(size=args.image_size, multiple=cfg.patch_size)
         apt = APTLoader(source, cfg, transform=tr, **kw)
-        how = ("planned from exact index token counts" if apt.exact_counts else
-               "planned from uniform-grid upper bounds" if apt.packing == "plan" else "streamed")
-        per_batch = add_apt("eval_apt", f"APTLoader ({how})", apt)
+        how = apt.describe()
+        per_batch = runs.add_apt("eval_apt", f"APTLoader ({how})", apt)
         if args.checksums:
-            add_apt("eval_apt_nocrc", f"APTLoader ({how}), checksums not verified", APTLoader(unverified(), cfg,
-                                                                                              transform=tr, **kw))
-        add_plain("eval_plain", "plain decode+resize+collate", tr, per_batch)
-        header.append(f"resize only: APTLoader {how}")
+            runs.add_apt("eval_apt_nocrc", f"APTLoader ({how}), checksums not verified",
+                         APTLoader(unverified(args.source), cfg, transform=tr, **kw))
+        runs.add_plain("eval_plain", "plain decode+resize+collate", source, tr, per_batch)
+        runs.header.append(f"resize only: APTLoader {how}")
     if not args.no_train:
         aug = augmented_transform(args.image_size, cfg.patch_size)
         stream = APTLoader(source, cfg, transform=aug, packing="stream", **kw)
         plan = APTLoader(source, cfg, transform=aug, packing="plan", **kw)
-        add_apt("train_plan", "APTLoader, `packing=\"plan\"` (uniform-grid upper bounds)", plan)
-        per_batch = add_apt("train_stream", "APTLoader, `packing=\"stream\"` (real token counts)", stream)
+        runs.add_apt("train_plan", "APTLoader, `packing=\"plan\"` (uniform-grid upper bounds)", plan)
+        per_batch = runs.add_apt("train_stream", "APTLoader, `packing=\"stream\"` (real token counts)", stream)
         if args.checksums:
-            add_apt("train_stream_nocrc", "APTLoader, `packing=\"stream\"`, checksums not verified",
-                    APTLoader(unverified(), cfg, transform=aug, packing="stream", **kw))
-        add_plain("train_plain", "plain decode+augment+collate", aug, per_batch)
-        header.append(f"augmented training (RandomResizedCrop + flip + RandAugment {aug.auto_augment} + random "
-                      f"erasing {aug.re_prob}): {stream.steps_per_epoch()} streamed vs {plan.steps_per_epoch()} "
-                      "planned batches per epoch")
+            runs.add_apt("train_stream_nocrc", "APTLoader, `packing=\"stream\"`, checksums not verified",
+                         APTLoader(unverified(args.source), cfg, transform=aug, packing="stream", **kw))
+        runs.add_plain("train_plain", "plain decode+augment+collate", source, aug, per_batch)
+        runs.header.append(f"augmented training (RandomResizedCrop + flip + RandAugment {aug.auto_augment} + random "
+                           f"erasing {aug.re_prob}): {stream.steps_per_epoch()} streamed vs {plan.steps_per_epoch()} "
+                           "planned batches per epoch")
+    return runs
 
-    # alternate the loaders, so that the other processes of a shared machine slow all alike
+
+def report(args, runs: Runs) -> None:
+    """Time the loaders, alternating (so that the other processes of a shared machine slow all alike),
+    and print the table and the ratios."""
+    header = runs.header
+    source = open_source(args.source)
     timed = {name: [] for name in runs}
     for _ in range(args.epochs):
         for name, (make_iter, *_) in runs.items():
@@ -321,7 +332,6 @@ def main(argv=None) -> int:
     ratio("train_stream", "train_plain", "augmented training, stream / plain")
     ratio("eval_apt", "eval_apt_nocrc", "resize only, checksums on / off")
     ratio("train_stream", "train_stream_nocrc", "augmented training, checksums on / off")
-    return 0
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from .streamed import StreamedPacking
 
 log = logging.getLogger("apt_data.loader")
 
+STRATEGIES = {"stream": StreamedPacking, "plan": PlannedPacking}  # how batches are filled (``packing``)
 PACKINGS = ("auto", "stream", "plan")
 STATE_VERSION = 1
 
@@ -128,17 +129,17 @@ class APTLoader:
         mixing = self.mix is not None  # mixed images have their own token counts and scores
         self._exact = None if mixing else self.source.exact_token_counts(self.cfg, self.transform)
         self._scores = not mixing and self.source.stored_scores_usable(self.cfg, self.transform)
-        planned = packing == "plan" or (packing == "auto" and self._exact is not None)
-        self.open_bins = int(open_bins or (8 if planned else 2))
+        kind = STRATEGIES[packing if packing != "auto" else "plan" if self._exact is not None else "stream"]
+        self.open_bins = int(open_bins or kind.default_open_bins)
         self.probe_samples = int(probe_samples)
         self.max_skip_fraction = float(max_skip_fraction)
         self._epoch_skips: dict[int, int] = {}
+        self._bad: set[str] = set()  # keys of the samples skipped as bad so far
         self._bound: Optional[np.ndarray] = None
         self._pool: Optional[SlotPool] = None
         self._plans: dict[int, list[np.ndarray]] = {}
         self._live: Optional[LiveWorkers] = None
-        self.strategy = (PlannedPacking(self, start_step) if planned else
-                         StreamedPacking(self, None if steps_per_epoch is None else int(steps_per_epoch)))
+        self.strategy = kind(self, start_step=start_step, steps=steps_per_epoch)
         smallest = (self.transform.size // self.cfg.max_patch_size) ** 2 if not self.transform.keep_aspect else 1
         self.budget.check_image_fits(smallest)
 
@@ -156,8 +157,8 @@ class APTLoader:
         return transform
 
     def with_layout_fn(self, layout_fn: Optional[LayoutFn]) -> "APTLoader":
-        """This loader with other layouts: the same samples per epoch, epoch and ``stats`` (skipped
-        samples are counted in both), its own workers."""
+        """This loader with other layouts: the same samples per epoch, epoch and ``stats`` (a bad
+        sample met by both counts once), its own workers."""
         other = copy.copy(self)
         other.layout_fn, other._pool, other._plans, other._live = layout_fn, None, dict(self._plans), None
         other.strategy = self.strategy.clone(other)
@@ -182,7 +183,7 @@ class APTLoader:
     @property
     def exact_counts(self) -> bool:
         """True when batches are planned from exact token counts (the index matches this setup)."""
-        return self.packing == "plan" and self._exact is not None
+        return self.strategy.plans_from_index
 
     @property
     def pipeline(self) -> SamplePipeline:
@@ -328,10 +329,12 @@ class APTLoader:
                 live.stop()
 
     def _account(self, batch):
-        """Count a batch's skipped samples against the rank's limit for the epoch."""
+        """Count a batch's skipped samples: once each in ``stats``, and against the rank's limit for the epoch."""
         for key, reason in zip(batch.skipped, batch.skip_reasons):
-            self.stats.skipped[reason] += 1
-            self.stats.skipped_keys.append(key)
+            if key not in self._bad:  # a bad file counts once, however often it is met
+                self._bad.add(key)
+                self.stats.skipped[reason] += 1
+                self.stats.skipped_keys.append(key)
         if batch.skipped:
             n = self._epoch_skips[self.epoch] = self._epoch_skips.get(self.epoch, 0) + len(batch.skipped)
             limit = SkipLimit(self.max_skip_fraction, -(-len(self.source) // self.world_size), self.epoch,

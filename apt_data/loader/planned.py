@@ -102,11 +102,17 @@ class PlannedPacking:
     """Planned packing as a strategy of `apt_data.loader.APTLoader`: epochs of pre-planned bins."""
 
     name = "plan"
+    default_open_bins = 8
     persistent_workers = False  # a planned epoch's workers stop at its end
 
-    def __init__(self, loader: "APTLoader", start_step: int = 0):
+    def __init__(self, loader: "APTLoader", start_step: int = 0, steps: Optional[int] = None):
+        """``steps`` (a streamed epoch's length) has no meaning here: a plan's length is its bins."""
         self.loader, self.start_step = loader, int(start_step)
         self.done = 0  # bins received in the iteration under way
+
+    @property
+    def plans_from_index(self) -> bool:
+        return self.loader.index_counts is not None
 
     def clone(self, loader: "APTLoader") -> "PlannedPacking":
         return PlannedPacking(loader, self.start_step)

@@ -156,8 +156,7 @@ class StreamEpoch(IterableDataset):
         self.skips = getattr(self, "skips", None) or SkipLog()
         role, stream, packer, epoch, emitted = self._begin(nw, wid)
         where = f"rank {su.rank}, worker {role}"
-        self.skips.limit = SkipLimit(su.max_skip_fraction, len(stream), epoch, where)
-        self.skips.count, self.skips.first = 0, []
+        self.skips.begin_epoch(SkipLimit(su.max_skip_fraction, len(stream), epoch, where))
         if self.quotas is None and self.board is not None:
             self.quotas = self._probe(role, nw)
         quota = None if self.quotas is None else self.quotas[role]
@@ -192,9 +191,12 @@ class StreamedPacking:
     unless given), dealt to the workers as the DataLoader reads them; evaluation reads one pass."""
 
     name = "stream"
+    default_open_bins = 2
+    plans_from_index = False
 
-    def __init__(self, loader: "APTLoader", steps: Optional[int] = None):
-        self.loader, self.steps = loader, steps
+    def __init__(self, loader: "APTLoader", start_step: int = 0, steps: Optional[int] = None):
+        """``start_step`` has no meaning here: a stream resumes from its state (`resume_from`)."""
+        self.loader, self.steps = loader, None if steps is None else int(steps)
         self.mean: Optional[float] = None  # mean tokens per sample (prefix included), once known
         self.board: Optional[ProbeBoard] = None
         self.roles = max(1, loader.num_workers)  # worker roles of a stream (the in-process loader plays one)
@@ -202,7 +204,7 @@ class StreamedPacking:
         self.persistent_workers = loader.train  # the last batch's workers hold the start of the next epoch
 
     def clone(self, loader: "APTLoader") -> "StreamedPacking":
-        other = StreamedPacking(loader, self.steps)
+        other = StreamedPacking(loader, steps=self.steps)
         other.mean = self.mean_tokens() if self.board is not None else self.mean
         other.stream = RankStream.from_dict(self.stream.as_dict())
         return other
