@@ -4,7 +4,7 @@
     python tools/bench_loader.py [--source shards] [--max-tokens 4096] [--workers 2] [--epochs 5]
     python tools/bench_loader.py --fill [bench_fill.py's options]   # = python tools/bench_fill.py
     python tools/bench_loader.py --remote [bench_remote.py's options]   # = python tools/bench_remote.py
-    python tools/bench_loader.py --first-epoch --source DIR [--copies 4] [--image-size 384]
+    python tools/bench_loader.py --first-epoch --source DIR [--copies 4] [--image-size 384] [--trials 3]
 
 ``--first-epoch``: a fresh APTLoader over an image folder (``--copies`` copies of it, as symlinks),
 for the resize-only and the augmented pipeline in turn: images/s of its first epoch, timed from the
@@ -155,24 +155,35 @@ def first_epoch(args) -> int:
         tr.prepare()
     print(f"# {len(open_source(str(folder)))} photos ({args.copies} x {args.source}), {args.image_size} px, "
           f"max_tokens {args.max_tokens}, {args.workers} workers, streamed training epochs; first epoch timed from "
-          f"APTLoader(...), later epochs {args.epochs} (median)")
-    print("| pipeline | first epoch images/s | later epochs images/s | first / later |")
+          f"APTLoader(...), later epochs {args.epochs} (median); medians of {args.trials} fresh loaders each")
+    print("| pipeline | first epoch images/s | later epochs images/s | first / later (per trial) |")
     print("|---|---|---|---|")
     for name, tr in pipelines.items():
-        t0 = time.perf_counter()
-        loader = APTLoader(str(folder), cfg, transform=tr, max_tokens=args.max_tokens, num_workers=args.workers,
-                           pin_memory=False)
-        rates = []
-        for epoch in range(1 + args.epochs):
-            loader.set_epoch(epoch)
-            n = sum(batch.num_images for batch, _ in loader)
-            t1 = time.perf_counter()
-            rates.append(n / (t1 - t0))
-            t0 = t1
-        later = float(np.median(rates[1:]))
-        print(f"| {name} | {rates[0]:.0f} | {later:.0f} | {rates[0] / later:.2f}x |")
-        loader.close()
+        first, later = [], []
+        for _ in range(args.trials):  # a fresh loader each: its first epoch, then its later ones
+            rates = epoch_rates(str(folder), cfg, tr, args)
+            first.append(rates[0])
+            later.append(float(np.median(rates[1:])))
+        ratios = [f / v for f, v in zip(first, later)]
+        print(f"| {name} | {np.median(first):.0f} | {np.median(later):.0f} | {np.median(ratios):.2f}x "
+              f"({', '.join(f'{r:.2f}' for r in ratios)}) |")
     return 0
+
+
+def epoch_rates(folder: str, cfg, tr, args) -> list[float]:
+    """Images/s of a fresh loader's epochs, the first timed from its construction."""
+    t0 = time.perf_counter()
+    loader = APTLoader(folder, cfg, transform=tr, max_tokens=args.max_tokens, num_workers=args.workers,
+                       pin_memory=False)
+    rates = []
+    for epoch in range(1 + args.epochs):
+        loader.set_epoch(epoch)
+        n = sum(batch.num_images for batch, _ in loader)
+        t1 = time.perf_counter()
+        rates.append(n / (t1 - t0))
+        t0 = t1
+    loader.close()
+    return rates
 
 
 def main(argv=None) -> int:
@@ -205,6 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--first-epoch", action="store_true",
                     help="images/s of a fresh loader's first epoch against its later ones (an image folder)")
     ap.add_argument("--copies", type=int, default=1, help="--first-epoch: copies of the folder's photos")
+    ap.add_argument("--trials", type=int, default=3, help="--first-epoch: fresh loaders per pipeline (medians)")
     args = ap.parse_args(argv)
     if args.first_epoch:
         return first_epoch(args)
