@@ -60,16 +60,12 @@ class LiveWorkers:
     pool: Optional[SlotPool]
 
     def stop(self) -> None:
-        stop_workers(self.iterator, self.pool)
-
-
-def stop_workers(it: Iterator, pool: Optional[SlotPool]) -> None:
-    """Stop a DataLoader iterator's workers, then free its slot pool (no worker writes into it any more)."""
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-    if pool is not None:
-        pool.busy = False
+        """Stop the workers, then free the slot pool (no worker writes into it any more)."""
+        shutdown = getattr(self.iterator, "_shutdown_workers", None)  # torch's DataLoader iterator
+        if shutdown is not None:
+            shutdown()
+        if self.pool is not None:
+            self.pool.busy = False
 
 
 class APTLoader:
@@ -244,7 +240,7 @@ class APTLoader:
 
     def carried_over(self) -> int:
         """Sample visits this rank's stream holds for later epochs (0 with planned packing)."""
-        return getattr(self.strategy, "carried_over", lambda: 0)()
+        return self.strategy.carried_over()
 
     # ---------------------------------------------------------------- epochs and state
     def set_epoch(self, epoch: int) -> None:

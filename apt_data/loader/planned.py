@@ -167,5 +167,8 @@ class PlannedPacking:
         self.done += 1
         return (item.to_batch() if isinstance(item, WireBatch) else item), False
 
+    def carried_over(self) -> int:
+        return 0  # a planned epoch reads every sample once
+
     def finish(self) -> None:
         self.start_step, self.done = 0, 0  # a resumed epoch continues once; iterating again starts it from 0
