@@ -9,7 +9,7 @@
 ``--first-epoch``: a fresh APTLoader over an image folder (``--copies`` copies of it, as symlinks),
 for the resize-only and the augmented pipeline in turn: images/s of its first epoch, timed from the
 loader's construction (so the epoch-length probe and the workers' start count; the process's
-one-time set-up, `apt_data.warmup()` and `ImageTransform.prepare()`, comes before), against its
+one-time set-up, `apt_data.warmup()` and one run of each transform, comes before), against its
 later epochs, and their ratio.
 
 Prints the packing fill (real tokens / budget; prefix tokens count as real) and images/s of the
@@ -151,8 +151,9 @@ def first_epoch(args) -> int:
     pipelines = {"resize only (eval transform)": ImageTransform(size=args.image_size, multiple=cfg.patch_size),
                  "augmented training": augmented_transform(args.image_size, cfg.patch_size)}
     warmup()  # the process's one-time set-up, as in every bench (a trainer has it before its loader starts):
-    for tr in pipelines.values():  # compiled kernels loaded, timm's RandAugment built
-        tr.prepare()
+    photo = next(p for p in sorted(folder.rglob("*")) if p.is_file())
+    for tr in pipelines.values():  # compiled kernels loaded, each transform run once (timm's RandAugment built)
+        tr(str(photo), seed=0)
     print(f"# {len(open_source(str(folder)))} photos ({args.copies} x {args.source}), {args.image_size} px, "
           f"max_tokens {args.max_tokens}, {args.workers} workers, streamed training epochs; first epoch timed from "
           f"APTLoader(...), later epochs {args.epochs} (median); medians of {args.trials} fresh loaders each")
@@ -182,7 +183,7 @@ def epoch_rates(folder: str, cfg, tr, args) -> list[float]:
         t1 = time.perf_counter()
         rates.append(n / (t1 - t0))
         t0 = t1
-    loader.close()
+    getattr(loader, "close", lambda: None)()  # (a loader from before `close` keeps its workers until collected)
     return rates
 
 
