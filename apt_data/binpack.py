@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import numpy as np
 from numba import njit
 
+from .config import SettingError, TokenBudget
+
 
 @njit(cache=True, nogil=True, inline="always")
 def _close(k, n_open, open_id, open_used, open_cnt, emit_order, emitted):
@@ -76,51 +78,76 @@ def pack_greedy(token_counts: Sequence[int], max_tokens: int, max_images: Option
     """Pack items (token counts, prefix tokens included) into bins of at most ``max_tokens``.
 
     Returns the bins in emission order, each an int64 array of item indices in input order.
-    An item larger than the budget raises ``ValueError`` naming it (``names[i]`` or its index).
+    An item larger than the budget raises `OverBudget` naming it (``names[i]`` or its index).
     """
     counts = np.ascontiguousarray(token_counts, dtype=np.int64).reshape(-1)
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    if max_images is not None and max_images <= 0:
-        raise ValueError(f"max_images must be positive or None, got {max_images}")
+    budget = TokenBudget(max_tokens, max_images)
     if open_bins < 1:
-        raise ValueError(f"open_bins must be >= 1, got {open_bins}")
+        raise SettingError(f"open_bins must be >= 1, got {open_bins}", "open_bins")
     if counts.size == 0:
         return []
     if counts.min() <= 0:
         i = int(np.argmin(counts))
         raise ValueError(f"sample {names[i] if names is not None else i} has {counts[i]} tokens")
-    too_big = np.nonzero(counts > max_tokens)[0]
-    if too_big.size:
-        i = int(too_big[0])
-        raise ValueError(f"sample {names[i] if names is not None else i} needs {counts[i]} tokens, more than the "
-                         f"batch budget max_tokens={max_tokens}; raise --max-tokens or lower the image size")
-    bin_of, n_bins = _first_fit(counts, int(max_tokens), int(max_images or np.iinfo(np.int64).max), int(open_bins))
+    i = int(np.argmax(counts))
+    budget.check(int(counts[i]), names[i] if names is not None else i)
+    bin_of, n_bins = _first_fit(counts, budget.max_tokens, int(max_images or np.iinfo(np.int64).max), int(open_bins))
     order = np.argsort(bin_of, kind="stable")
     bounds = np.searchsorted(bin_of[order], np.arange(n_bins + 1))
     return [order[bounds[b]:bounds[b + 1]] for b in range(n_bins)]
 
 
+class FirstFit:
+    """Online first fit over ``open_bins`` open bins: the one packing rule, step by step.
+
+    `add` puts an item into the first open bin with room; when none has room and all are open, the
+    fullest (the first of them) leaves; a bin leaves at once when it is exactly full (``max_tokens``
+    or ``max_images``). Left bins wait in ``ready``. `_first_fit` is the same rule compiled for a
+    whole array of counts (`pack_greedy`); this class packs streamed samples as they come
+    (`apt_data.loader.stream.StreamPacker`) and is the kernel's reference in the tests.
+    """
+
+    def __init__(self, max_tokens: int, max_images: Optional[int] = None, open_bins: int = 8):
+        if open_bins < 1:
+            raise SettingError(f"open_bins must be >= 1, got {open_bins}", "open_bins")
+        self.budget = TokenBudget(max_tokens, max_images)
+        self.max_tokens, self.max_images, self.open_bins = self.budget.max_tokens, self.budget.max_images, int(open_bins)
+        self.bins: list[list] = []
+        self.used: list[int] = []
+        self.ready: list[list] = []
+
+    def _fits(self, k: int, tokens: int) -> bool:
+        return self.used[k] + tokens <= self.max_tokens and (self.max_images is None or len(self.bins[k]) < self.max_images)
+
+    def _full(self, k: int) -> bool:
+        return self.used[k] == self.max_tokens or (self.max_images is not None and len(self.bins[k]) >= self.max_images)
+
+    def _close(self, k: int) -> None:
+        self.ready.append(self.bins.pop(k))
+        self.used.pop(k)
+
+    def add(self, item, tokens: int, leave: bool = True) -> None:
+        """Place ``item`` of ``tokens`` tokens; ``leave=False``: no bin leaves (any number stay open)."""
+        self.budget.check(tokens, item)
+        slot = next((k for k in range(len(self.bins)) if self._fits(k, tokens)), -1)
+        if slot < 0:
+            if leave and len(self.bins) >= self.open_bins:
+                self._close(self.used.index(max(self.used)))  # the first of the fullest
+            self.bins.append([])
+            self.used.append(0)
+            slot = len(self.bins) - 1
+        self.bins[slot].append(item)
+        self.used[slot] += int(tokens)
+        if leave and self._full(slot):
+            self._close(slot)
+
+
 def pack_greedy_reference(token_counts, max_tokens, max_images=None, open_bins=8) -> list[list[int]]:
-    """Plain-Python twin of `pack_greedy` (tests only)."""
-    max_images = max_images or float("inf")
-    open_, out = [], []  # open_: list of [items, used]
+    """`pack_greedy` by `FirstFit` (tests compare the two)."""
+    ff = FirstFit(max_tokens, max_images, open_bins)
     for i, c in enumerate(token_counts):
-        slot = next((b for b in open_ if b[1] + c <= max_tokens and len(b[0]) < max_images), None)
-        if slot is None:
-            if len(open_) == open_bins:
-                best = max(open_, key=lambda b: b[1])  # first of the fullest
-                open_.remove(best)
-                out.append(best[0])
-            slot = [[], 0]
-            open_.append(slot)
-        slot[0].append(i)
-        slot[1] += c
-        if slot[1] == max_tokens or len(slot[0]) == max_images:
-            open_.remove(slot)
-            out.append(slot[0])
-    out.extend(b[0] for b in open_)
-    return out
+        ff.add(i, c)
+    return ff.ready + ff.bins
 
 
 def split_for_ranks(bins: list[np.ndarray], world_size: int) -> list[np.ndarray]:

@@ -15,10 +15,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .config import APTConfig
+from .config import APTConfig, TokenBudget
 from .layout import PatchLayout, layout_from_flat_scores, patchify
 from .mixing import MixConfig, apply_mix, draw_mix
-from .packing import prepare_batch
+from .assemble import prepare_batch
 from .sources import Source
 from .transforms import ImageTransform
 from .transport import SlotPool, ship_batch
@@ -33,7 +33,8 @@ LayoutFn = Callable[[np.ndarray, APTConfig, int], PatchLayout]
 #: partner's (`apt_data.mixing`); None for a sample that was not mixed.
 MixTarget = Optional[tuple[int, float]]
 
-__all__ = ["LayoutFn", "LoaderStats", "SamplePipeline", "SkippedOnly", "TooManySkipped", "sample_seed", "skip_reason"]
+__all__ = ["LayoutFn", "LoaderStats", "SamplePipeline", "SkipLimit", "SkipLog", "SkippedOnly", "TooManySkipped",
+           "probe_mean", "sample_seed", "skip_reason"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -42,7 +43,71 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class TooManySkipped(ValueError):
-    """More samples of an epoch were bad than the loader's ``max_skip_fraction`` allows."""
+    """More samples of an epoch were bad than the loader's ``max_skip_fraction`` allows, or a worker's
+    whole share was unreadable."""
+
+    @classmethod
+    def of(cls, count: int, epoch: int, where: str, why: str, detail: str) -> "TooManySkipped":
+        """The one text of this error: ``where`` (a rank, or a rank's worker) skipped ``count`` samples."""
+        return cls(f"{count} bad samples skipped in epoch {epoch} of {where}: {why} ({detail}); fix the data, or "
+                   "raise max_skip_fraction")
+
+
+@dataclass
+class SkipLimit:
+    """When the bad samples of one share of an epoch (a rank's, or one worker's) stop it: more than
+    ``max_fraction`` of its ``share`` samples and more than 10, or every one of them."""
+
+    max_fraction: float
+    share: int
+    epoch: int
+    where: str
+
+    def check(self, count: int, detail: str) -> None:
+        if count >= self.share > 0:
+            raise TooManySkipped.of(count, self.epoch, self.where, f"none of its {self.share} samples is readable",
+                                    detail)
+        if count > max(10.0, self.max_fraction * self.share):
+            raise TooManySkipped.of(count, self.epoch, self.where, f"more than {self.max_fraction:.1%} of its "
+                                    f"{self.share} samples", detail)
+
+
+class SkipLog:
+    """The bad samples one worker met: each logged and handed to the main process once (with the next
+    batch, `take`), remembered so that it is not decoded again, and counted against ``limit`` for the
+    epoch as it happens, whether or not a batch is shipped (`begin_epoch` starts the count)."""
+
+    def __init__(self, limit: Optional[SkipLimit] = None):
+        self.limit, self.pending, self.count, self.first = limit, [], 0, []
+        self.bad: set[int] = set()  # sample indices known to be bad
+
+    def begin_epoch(self, limit: Optional[SkipLimit]) -> None:
+        self.limit, self.count, self.first = limit, 0, []
+
+    def known(self, i: int) -> bool:
+        """Sample ``i`` proved bad before: counted for this epoch again, not decoded, logged or reported."""
+        if i in self.bad:
+            self._count()
+            return True
+        return False
+
+    def add(self, i: int, key: str, error: Exception) -> None:
+        text = str(error) if key in str(error) else f"{key}: {error}"
+        log.warning("skipping sample %s", text)
+        self.pending.append((key, skip_reason(error)))
+        self.bad.add(i)
+        if len(self.first) < 3:
+            self.first.append(text)
+        self._count()
+
+    def _count(self) -> None:
+        self.count += 1
+        if self.limit is not None:
+            self.limit.check(self.count, "first errors: " + "; ".join(self.first))
+
+    def take(self) -> list:
+        out, self.pending = self.pending, []
+        return out
 
 
 class ScoresMismatch(ValueError):
@@ -53,6 +118,7 @@ class SkippedOnly:
     """What a planned bin whose samples were all bad yields instead of an empty batch: its skips."""
 
     def __init__(self, skipped: list):
+        self.num_images = 0
         self.skipped = tuple(k for k, _ in skipped)
         self.skip_reasons = tuple(r for _, r in skipped)
 
@@ -100,9 +166,7 @@ class SamplePipeline:
     seed: int = 0
     layout_fn: Optional[LayoutFn] = None
     use_scores: bool = False
-    num_prefix_tokens: int = 1
-    max_tokens: int = 4096
-    static_shapes: bool = False
+    budget: TokenBudget = TokenBudget(4096)
     strict: bool = False
     mix: Optional[MixConfig] = None
 
@@ -163,10 +227,12 @@ class SamplePipeline:
             mixed, lam, mask = apply_mix(img, other, draw, self.mix.correct_lam, mask, other_mask)
         return mixed, (int(self.source.labels[j]), lam), mask
 
-    def try_load(self, i: int, epoch: int, skipped: list,
-                 exact: Optional[np.ndarray] = None, with_mask: bool = False) -> Optional[tuple]:
-        """`load` (``with_mask``: `load_with_mask`), with a bad sample logged and appended to ``skipped``
-        as ``(key, reason)`` (strict: raised). ``exact``: the index's token counts, which the layout must match."""
+    def try_load(self, i: int, epoch: int, skips: SkipLog, exact: Optional[np.ndarray] = None,
+                 with_mask: bool = False) -> Optional[tuple]:
+        """`load` (``with_mask``: `load_with_mask`), with a bad sample added to ``skips`` (strict: raised).
+        ``exact``: the index's token counts, which the layout must match."""
+        if skips.known(i):
+            return None
         try:
             loaded = self.load_with_mask(i, epoch) if with_mask else self.load(i, epoch)
             if exact is not None and len(loaded[-2]) != exact[i]:
@@ -177,18 +243,17 @@ class SamplePipeline:
         except (ValueError, OSError) as e:
             key = self.source.keys[i]
             if self.strict:
-                raise ValueError(f"sample {key}: {e}") from e
-            log.warning("skipping sample %s: %s", key, e)
-            skipped.append((key, skip_reason(e)))
+                raise ValueError(str(e) if key in str(e) else f"sample {key}: {e}") from e
+            skips.add(i, key, e)
             return None
 
-    def build(self, sample_ids: np.ndarray, epoch: int, exact: Optional[np.ndarray] = None,
+    def build(self, sample_ids: np.ndarray, epoch: int, skips: SkipLog, exact: Optional[np.ndarray] = None,
               pool: Optional[SlotPool] = None):
         """Load and pack one planned bin (``exact``: the index's counts, checked)."""
-        images, layouts, labels, keys, mixes, skipped = [], [], [], [], [], []
+        images, layouts, labels, keys, mixes = [], [], [], [], []
         dense, masks = self.source.has_masks, []
         for i in sample_ids.tolist():
-            loaded = self.try_load(i, epoch, skipped, exact, with_mask=dense)
+            loaded = self.try_load(i, epoch, skips, exact, with_mask=dense)
             if loaded is None:
                 continue
             if dense:  # the mask travels beside its image
@@ -201,8 +266,8 @@ class SamplePipeline:
             keys.append(self.source.keys[i])
             mixes.append(mixed)
         if not images:  # never an empty batch: the skips alone travel to the main process
-            return SkippedOnly(skipped)
-        return self.ship(images, layouts, labels, keys, skipped, pool, mixes, masks if dense else None)
+            return SkippedOnly(skips.take())
+        return self.ship(images, layouts, labels, keys, skips.take(), pool, mixes, masks if dense else None)
 
     def ship(self, images: list, layouts: list, labels: list, keys: list, skipped: list,
              pool: Optional[SlotPool] = None, mixes: Optional[list] = None, masks: Optional[list] = None):
@@ -210,15 +275,16 @@ class SamplePipeline:
         ``mixes``: each sample's `MixTarget` (with `mix` set, the batch carries ``mix_labels`` and
         ``mix_lam`` for every image: an unmixed one has its own label and ``lam = 1``). ``masks``:
         each sample's segmentation mask (`PackedBatch.masks`)."""
-        real = sum(len(lay) for lay in layouts) + self.num_prefix_tokens * len(layouts)
-        if real > self.max_tokens:
-            raise RuntimeError(f"batch of {keys} needs {real} tokens > max_tokens={self.max_tokens} (packing bug)")
-        pad = self.max_tokens - real if self.static_shapes else 0
+        b = self.budget
+        real = sum(len(lay) for lay in layouts) + b.num_prefix_tokens * len(layouts)
+        if real > b.max_tokens:
+            raise RuntimeError(f"batch of {keys} holds {real} tokens > max_tokens={b.max_tokens} (packing bug)")
+        pad = b.max_tokens - real if b.static_shapes else 0
         mix = None
         if self.mix is not None and mixes is not None:
             mix = ([lab if m is None else m[0] for lab, m in zip(labels, mixes)],
                    [1.0 if m is None else m[1] for m in mixes])
-        spec, images, layouts, labels = prepare_batch(images, self.cfg, labels, self.num_prefix_tokens, layouts, pad,
+        spec, images, layouts, labels = prepare_batch(images, self.cfg, labels, b.num_prefix_tokens, layouts, pad,
                                                       keys=keys, skipped=[k for k, _ in skipped],
                                                       skip_reasons=[r for _, r in skipped], mix=mix)
         batch = ship_batch(spec, images, layouts, labels, pool)
@@ -226,19 +292,25 @@ class SamplePipeline:
             return batch
         return batch.with_masks(masks, same_size=not self.transform.keep_mask_size)  # packed beside the tokens
 
+    def tokens(self, i: int, epoch: int = 0) -> Optional[int]:
+        """Tokens of sample ``i`` (prefix included) through the pipeline, checked against the budget;
+        None for an unreadable sample."""
+        try:
+            n = len(self.load(i, epoch)[1]) + self.budget.num_prefix_tokens
+        except (ValueError, OSError):
+            return None
+        return self.budget.check(n, self.source.keys[i])
+
     def mean_tokens(self, ids: np.ndarray) -> float:
         """Mean tokens per sample (prefix included) over samples ``ids`` run through the pipeline (pass 0's
         augmentation): the probe that sizes streamed epochs. Unreadable samples are left out; a sample
         over the budget is an error."""
-        counts = []
-        for i in ids.tolist():
-            try:
-                counts.append(len(self.load(i, 0)[1]) + self.num_prefix_tokens)
-            except (ValueError, OSError):
-                continue
-            if counts[-1] > self.max_tokens:
-                raise ValueError(f"sample {self.source.keys[i]} needs {counts[-1]} tokens, more than the batch "
-                                 f"budget max_tokens={self.max_tokens}; raise --max-tokens or lower the image size")
-        if not counts:
-            raise ValueError(f"none of the {len(ids)} probed samples could be read: {self.source.keys[int(ids[0])]}, ...")
-        return float(np.mean(counts))
+        return probe_mean([self.tokens(i) for i in ids.tolist()], [self.source.keys[i] for i in ids[:1]])
+
+
+def probe_mean(counts: list, first_keys: list) -> float:
+    """The mean of the probed token counts that are not None (unreadable samples)."""
+    good = [c for c in counts if c is not None and c > 0]
+    if not good:
+        raise ValueError(f"none of the {len(counts)} probed samples could be read: {', '.join(first_keys)}, ...")
+    return float(np.mean(good))

@@ -145,6 +145,12 @@ class ImageTransform:
         img, out = resample_pair(pixels, None if self.keep_mask_size else mask, (0, 0, w, h), (ow, oh), False)
         return img, mask if self.keep_mask_size else out
 
+    def prepare(self) -> None:
+        """Build now what the transform would build on first use (timm's RandAugment and its imports),
+        e.g. once in a loader's main process before its workers fork, instead of in every worker."""
+        if self.augment and self.auto_augment:
+            _rand_augment(self.auto_augment, self.fill)
+
     def decode_scale(self, width: int, height: int) -> float:
         """How far (a fraction per side, <= 1) a ``width x height`` image may be reduced before the random
         crop: the smallest crop `_crop_box` can draw (area ``scale[0]``, the extreme ``ratio``) keeps at

@@ -23,9 +23,9 @@ from torch.utils.data import get_worker_info
 
 from .batch import PackedBatch
 from .layout import PatchLayout
-from .packing import BatchSpec, fill_batch, new_buffer
+from .assemble import BatchSpec, fill_batch, new_buffer
 
-__all__ = ["SlotPool", "WireBatch", "host_buffer", "ship_batch", "take_pool"]
+__all__ = ["SlotPool", "WireBatch", "forks", "host_buffer", "ship_batch", "take_pool"]
 
 _POOLS: "weakref.WeakValueDictionary[int, SlotPool]" = weakref.WeakValueDictionary()
 _POOL_IDS = itertools.count()
@@ -166,13 +166,19 @@ def ship_batch(spec: BatchSpec, images: Sequence[np.ndarray], layouts: Sequence[
     return WireBatch(spec, pool.id, info.id, slot)
 
 
+def forks() -> bool:
+    """True where DataLoader workers are forked (they then share mappings made before; asking this way
+    does not fix the start method)."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return method == "fork"
+
+
 def take_pool(current: Optional[SlotPool], num_workers: int, prefetch_factor: Optional[int],
               slot_bytes: Optional[int]) -> Optional[SlotPool]:
     """A reset slot pool for one iteration with forked workers: ``current`` when it is idle and fits,
     else a new one; None where workers are not forked (a spawned worker cannot share the mapping) or
     the batch size is unknown (every batch then takes a fresh segment)."""
-    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
-    if method != "fork" or not slot_bytes:  # (asking this way does not fix the start method)
+    if not forks() or not slot_bytes:
         return None
     slots = min(255, max(2, int(prefetch_factor or 2) + 1))  # slot numbers travel as one byte
     pool = current

@@ -119,7 +119,7 @@ def pack_windowed(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None,
                   layouts: Optional[Sequence[PatchLayout]] = None):
     """`pack_images` for a windowed ViT (e.g. ``window=model.window_size`` of an APT SAM model):
     layouts from `patchify_windowed`, or the given ``layouts`` passed through `split_for_windows`."""
-    from .packing import pack_images
+    from .assemble import pack_images
 
     cfg = cfg or APTConfig()
     if layouts is None:

@@ -182,14 +182,13 @@ class Trainer:
             self.scheduler.apply()
         rngs = state.get("rng") or []
         loaders = state.get("loader") or []
-        if len(loaders) == self.info.world_size and not self.config.overfit_batches:
+        if not self.config.overfit_batches:
+            saved = loaders[self.info.rank] if len(loaders) == self.info.world_size else None
             try:
-                self.loader.load_state_dict(loaders[self.info.rank])
+                self.loader.resume_from(self.epoch, self.step_in_epoch, saved)
             except ValueError as e:
-                raise SetupError(f"{path}: {e}") from None
-        elif self.loader.packing != "plan":
-            raise SetupError(f"{path}: the checkpoint holds no loader state for {self.info.world_size} rank(s); "
-                             "a streamed loader resumes only with the world size it was saved with")
+                raise SetupError(f"{path}: {e}" + ("" if saved else f" (the checkpoint holds no loader state for "
+                                                                   f"{self.info.world_size} rank(s))")) from None
         if len(rngs) == self.info.world_size:
             self.resume_state = rngs[self.info.rank]
         else:
@@ -226,8 +225,6 @@ class Trainer:
                     self._cached_batches = list(itertools.islice(iter(self.loader), self.config.overfit_batches))
             return iter(self._cached_batches[self.step_in_epoch:]), len(self._cached_batches)
         self.loader.set_epoch(self.epoch)
-        if self.loader.packing == "plan":
-            self.loader.resume(self.epoch, self.step_in_epoch)
         return iter(self.loader), self.step_in_epoch + len(self.loader)
 
     @staticmethod
@@ -339,8 +336,8 @@ class Trainer:
             self._log.print(self._val_note)
         self._log.print(
             f"data {c.data}: {len(self.loader.source)} images, {self.steps_per_epoch} steps/epoch of <= "
-            f"{c.max_tokens} tokens per rank ({'planned' if self.loader.packing == 'plan' else 'streamed'} packing), {self.images_per_step:.2f} images "
-            f"per global step ({self.loader.mean_images_source()}); {self.total_steps} steps; peak lr {self.lr:.3g}"
+            f"{c.max_tokens} tokens per rank ({self.loader.describe()}), {self.images_per_step:.2f} images "
+            f"per global step; {self.total_steps} steps; peak lr {self.lr:.3g}"
             f"{'' if c.lr is not None else f' = {c.blr:g} x {self.images_per_step:.2f} / 256'}, "
             f"warmup {self.scheduler.warmup_steps} steps, layer decay {c.layer_decay}")
         mix = self.loader.mix

@@ -9,7 +9,7 @@ from apt_data import APTConfig
 from apt_data.loader import APTLoader
 from apt_data.masks import IGNORE_INDEX, MaskLabels, encode_mask
 from apt_data.mixing import MixConfig, MixDraw, apply_mix
-from apt_data.pipeline import SamplePipeline
+from apt_data.pipeline import SamplePipeline, SkipLog
 from apt_data.sources import DatasetSource, MaskFolderSource, open_mask_folder
 from apt_data.transforms import ImageTransform
 from conftest import IMAGE_PATHS, load_resized
@@ -155,7 +155,7 @@ def test_mis_sized_mask_is_a_counted_skip(dense_root, tmp_path):
     assert loader.stats.skipped == {"bad_mask": 1} and "img001.png" in loader.stats.skipped_keys
     strict = SamplePipeline(src, APTConfig(), tr, strict=True)
     with pytest.raises(ValueError, match=r"img001\.png \(mask\): mask is 10x10 \(WxH\), its image 120x160"):
-        strict.try_load(1, 0, [])
+        strict.try_load(1, 0, SkipLog())
 
 
 def test_eval_batches_keep_original_masks(dense_root):

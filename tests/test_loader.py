@@ -8,7 +8,7 @@ import torch
 
 from apt_data import APTConfig, patchify
 from apt_data.loader import APTLoader
-from apt_data.packing import pack_images
+from apt_data.assemble import pack_images
 from apt_data.sources import FolderSource, open_source
 from apt_data.transforms import ImageTransform
 from apt_data.transport import SlotPool, WireBatch
@@ -259,7 +259,7 @@ def test_pinning_copies_a_slot_once_into_page_locked_memory(folder, monkeypatch)
     """The DataLoader's pin-memory thread calls `WireBatch.pin_memory`: one copy, slot -> pinned
     buffer (on a machine without CUDA, a stand-in records the request)."""
     import apt_data.transport as T
-    from apt_data.packing import fill_batch, prepare_batch
+    from apt_data.assemble import fill_batch, prepare_batch
 
     if not torch.cuda.is_available():
         asked = []
@@ -285,7 +285,7 @@ def test_pinning_copies_a_slot_once_into_page_locked_memory(folder, monkeypatch)
 
 _WARMUP_CHECK = r"""
 import sys, numba, apt_data
-from apt_data.packing import pack_images
+from apt_data.assemble import pack_images
 apt_data.warmup()
 def versions():
     return {f"{m}.{n}": len(d.signatures) for m, mod in list(sys.modules.items()) if m.startswith("apt_data")

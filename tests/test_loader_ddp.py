@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import IMAGE_PATHS
 
-from apt_data.stream import SampleStream, WorkerState, partition
+from apt_data.loader.stream import SampleStream, WorkerState, partition
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

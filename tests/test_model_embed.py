@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from apt_data import APTConfig
-from apt_data.packing import pack_images
+from apt_data.assemble import pack_images
 from apt_model import PackedContext, from_timm, resolve_backend, varlen_attention
 from apt_model.pos_embed import gather_pos_embed
 from conftest import IMAGE_PATHS, load_resized

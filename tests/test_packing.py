@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from apt_data import APTConfig, patchify
-from apt_data.packing import extract_tokens_reference, pack_images
+from apt_data.assemble import extract_tokens_reference, pack_images
 from conftest import IMAGE_PATHS, load_resized
 
 
@@ -124,7 +124,7 @@ def test_one_buffer_per_batch_and_specs_travel(photos):
     bytes rebuild the same batch (what a loader worker sends)."""
     import pickle
 
-    from apt_data.packing import fill_batch, prepare_batch
+    from apt_data.assemble import fill_batch, prepare_batch
 
     batch = pack_images(photos, labels=[3, 1, 4, 1, 5], num_padding=3)
     tensors = [*batch.pixels, *batch.coords, *batch.seq_index, batch.labels]

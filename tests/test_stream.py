@@ -1,4 +1,4 @@
-"""Streaming packing (apt_data.stream): no repeat within an epoch, every sample once per pass, full
+"""Streaming packing (apt_data.loader.stream): no repeat within an epoch, every sample once per pass, full
 batches, exact continuation from a saved state. Token counts here are drawn per (pass, sample), as
 augmentation makes them; the loader tests run the same logic over real photos."""
 from collections import Counter
@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from apt_data.stream import (Item, SampleStream, StreamPacker, WorkerState, epoch_batches, estimate_steps,
+from apt_data.loader.stream import (Item, SampleStream, StreamPacker, WorkerState, epoch_batches, estimate_steps,
                              partition, worker_quotas)
 
 MAX_TOKENS = 4096

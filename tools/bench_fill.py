@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from apt_data import APTConfig, warmup  # noqa: E402
 from apt_data.loader import APTLoader  # noqa: E402
-from apt_data.stream import partition  # noqa: E402
+from apt_data.loader.stream import partition  # noqa: E402
 from apt_data.transforms import ImageTransform  # noqa: E402
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -96,9 +96,9 @@ class EpochFill:
 def role_finder(loader: APTLoader) -> Callable[[int, tuple], int]:
     """``(batch number in the epoch, keys) -> worker role`` of the batches of a fresh epoch: a plan
     deals bins round-robin; a stream's worker owns its partition of the samples."""
-    if loader.packing == "plan":
+    if loader.strategy.name != "stream":
         return lambda k, keys: k % max(1, loader.num_workers)
-    W, n = loader.stream_workers, len(loader.source)
+    W, n = max(1, loader.num_workers), len(loader.source)
     owner = np.empty(n, np.int64)
     for role in range(W):
         owner[partition(n, loader.seed, loader.rank, loader.world_size, role, W, loader.shuffle)] = role
@@ -118,7 +118,7 @@ def epoch_fills(loader: APTLoader, epochs: int, first: int = 0) -> list[EpochFil
             ep.roles.append(role_of(k, batch.keys))
             ep.keys.extend(batch.keys)
         ep.seconds = time.perf_counter() - t0
-        ep.carried = loader.stats.carried_over.get(e) if loader.train and loader.packing == "stream" else None
+        ep.carried = loader.stats.carried_over.get(e)
         dup = [k for k, c in Counter(ep.keys).items() if c > 1]
         if dup:
             print(f"!! epoch {e}: {len(dup)} samples twice, e.g. {dup[:3]}")

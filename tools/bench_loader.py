@@ -4,6 +4,13 @@
     python tools/bench_loader.py [--source shards] [--max-tokens 4096] [--workers 2] [--epochs 5]
     python tools/bench_loader.py --fill [bench_fill.py's options]   # = python tools/bench_fill.py
     python tools/bench_loader.py --remote [bench_remote.py's options]   # = python tools/bench_remote.py
+    python tools/bench_loader.py --first-epoch --source DIR [--copies 4] [--image-size 384] [--trials 3]
+
+``--first-epoch``: a fresh APTLoader over an image folder (``--copies`` copies of it, as symlinks),
+for the resize-only and the augmented pipeline in turn: images/s of its first epoch, timed from the
+loader's construction (so the epoch-length probe and the workers' start count; the process's
+one-time set-up, `apt_data.warmup()` and one run of each transform, comes before), against its
+later epochs, and their ratio.
 
 Prints the packing fill (real tokens / budget; prefix tokens count as real) and images/s of the
 loaders in the same run, for two pipelines:
@@ -121,6 +128,65 @@ def fill_text(eps: list, budget: int) -> str:
             f"at most {total / (best * budget):.2%}")
 
 
+def photo_folder(src: Path, copies: int) -> Path:
+    """An ImageNet-layout folder of ``copies`` symlinked copies of every photo under ``src`` (one class per copy)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="bench_first_epoch_"))
+    photos = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    for c in range(copies):
+        (root / f"copy{c}").mkdir()
+        for p in photos:
+            (root / f"copy{c}" / f"{p.parent.name}_{p.name}").symlink_to(p.resolve())
+    return root
+
+
+def first_epoch(args) -> int:
+    """Fresh loaders: first-epoch images/s (from construction) against later epochs', per pipeline."""
+    from bench_fill import augmented_transform
+
+    print("# command: " + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]))
+    folder = photo_folder(Path(args.source), args.copies)
+    cfg = APTConfig()
+    pipelines = {"resize only (eval transform)": ImageTransform(size=args.image_size, multiple=cfg.patch_size),
+                 "augmented training": augmented_transform(args.image_size, cfg.patch_size)}
+    warmup()  # the process's one-time set-up, as in every bench (a trainer has it before its loader starts):
+    photo = next(p for p in sorted(folder.rglob("*")) if p.is_file())
+    for tr in pipelines.values():  # compiled kernels loaded, each transform run once (timm's RandAugment built)
+        tr(str(photo), seed=0)
+    print(f"# {len(open_source(str(folder)))} photos ({args.copies} x {args.source}), {args.image_size} px, "
+          f"max_tokens {args.max_tokens}, {args.workers} workers, streamed training epochs; first epoch timed from "
+          f"APTLoader(...), later epochs {args.epochs} (median); medians of {args.trials} fresh loaders each")
+    print("| pipeline | first epoch images/s | later epochs images/s | first / later (per trial) |")
+    print("|---|---|---|---|")
+    for name, tr in pipelines.items():
+        first, later = [], []
+        for _ in range(args.trials):  # a fresh loader each: its first epoch, then its later ones
+            rates = epoch_rates(str(folder), cfg, tr, args)
+            first.append(rates[0])
+            later.append(float(np.median(rates[1:])))
+        ratios = [f / v for f, v in zip(first, later)]
+        print(f"| {name} | {np.median(first):.0f} | {np.median(later):.0f} | {np.median(ratios):.2f}x "
+              f"({', '.join(f'{r:.2f}' for r in ratios)}) |")
+    return 0
+
+
+def epoch_rates(folder: str, cfg, tr, args) -> list[float]:
+    """Images/s of a fresh loader's epochs, the first timed from its construction."""
+    t0 = time.perf_counter()
+    loader = APTLoader(folder, cfg, transform=tr, max_tokens=args.max_tokens, num_workers=args.workers,
+                       pin_memory=False)
+    rates = []
+    for epoch in range(1 + args.epochs):
+        loader.set_epoch(epoch)
+        n = sum(batch.num_images for batch, _ in loader)
+        t1 = time.perf_counter()
+        rates.append(n / (t1 - t0))
+        t0 = t1
+    getattr(loader, "close", lambda: None)()  # (a loader from before `close` keeps its workers until collected)
+    return rates
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default=str(ROOT / "shards"))
@@ -142,97 +208,116 @@ def main(argv=None) -> int:
         from bench_fill import main as fill_main
 
         return fill_main([a for a in argv if a != "--fill"])
-    if "--remote" in argv:  # every other argument is bench_remote.py's
-        from bench_remote import main as remote_main
+    if "--remote" in argv:  # every other argument is bench_remote.py's (run, not imported: no import circle)
+        import runpy
 
-        return remote_main([a for a in argv if a != "--remote"])
+        sys.argv = [str(Path(__file__).with_name("bench_remote.py"))] + [a for a in argv if a != "--remote"]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return 0
+    ap.add_argument("--first-epoch", action="store_true",
+                    help="images/s of a fresh loader's first epoch against its later ones (an image folder)")
+    ap.add_argument("--copies", type=int, default=1, help="--first-epoch: copies of the folder's photos")
+    ap.add_argument("--trials", type=int, default=3, help="--first-epoch: fresh loaders per pipeline (medians)")
     args = ap.parse_args(argv)
-    from bench_fill import augmented_transform, epoch_fills
-
+    if args.first_epoch:
+        return first_epoch(args)
     print("# command: " + " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]))
-    warmup()
-    cfg = APTConfig()
     src_path = Path(args.source)
     if src_path.is_dir() and not any(p.is_dir() or p.suffix == ".parquet" for p in src_path.iterdir()):
-        # a flat folder of photos: present it as one class (ImageNet layout) through symlinks
-        import tempfile
-        tmp = Path(tempfile.mkdtemp(prefix="bench_loader_")) / "all"
-        tmp.mkdir()
-        for p in src_path.iterdir():
-            if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
-                (tmp / p.name).symlink_to(p.resolve())
-        args.source = str(tmp.parent)
-    source = open_source(args.source)
-    kw = dict(max_tokens=args.max_tokens, num_workers=args.workers, seed=0, pin_memory=False)
-    if args.checksums and not getattr(source, "_crc", None):
-        ap.error("--checksums: the source is not a shard set whose index has member checksums")
+        args.source = str(photo_folder(src_path, 1))  # a flat folder of photos: one class, through symlinks
+    runs = loaders(args, ap)
+    report(args, runs)
+    return 0
 
-    def unverified():
-        """The same shards, read without verifying member checksums (the index's columns dropped)."""
-        other = open_source(args.source)
-        other._crc = {}
-        return other
-    runs = {}  # name -> (make_iter, row label, images/batch, fill text)
-    epoch_of = {}
 
-    def apt_iter(loader, name):
+class Runs(dict):
+    """The loaders to time, each after its warm-up pass: name -> (make_iter, row label, images/batch, fill text)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args, self.epoch_of = args, {}
+
+    def apt_iter(self, loader, name):
         def it():
-            for _ in range(args.repeat):
-                loader.set_epoch(epoch_of[name])
-                epoch_of[name] += 1
+            for _ in range(self.args.repeat):
+                loader.set_epoch(self.epoch_of[name])
+                self.epoch_of[name] += 1
                 for batch, _ in loader:
                     yield batch.num_images
         return it
 
-    def plain_iter(loader):
-        def it():
-            for _ in range(args.repeat):
-                for x, _ in loader:
-                    yield x.shape[0]
-        return it
+    def add_apt(self, name, label, loader) -> float:
+        from bench_fill import epoch_fills
 
-    def add_apt(name, label, loader):
-        eps = epoch_fills(loader, args.repeat)  # the warm-up pass, fills measured
-        epoch_of[name] = args.repeat
+        eps = epoch_fills(loader, self.args.repeat)  # the warm-up pass, fills measured
+        self.epoch_of[name] = self.args.repeat
         per_batch = sum(ep.images for ep in eps) / sum(len(ep.fills) for ep in eps)
-        runs[name] = (apt_iter(loader, name), label, per_batch, fill_text(eps, args.max_tokens))
+        self[name] = (self.apt_iter(loader, name), label, per_batch, fill_text(eps, self.args.max_tokens))
         return per_batch
 
-    def add_plain(name, label, transform, per_batch):
+    def add_plain(self, name, label, source, transform, per_batch) -> None:
         bs = max(1, round(per_batch))
-        dl = DataLoader(PlainDataset(source, transform), batch_size=bs, shuffle=True, num_workers=args.workers,
+        dl = DataLoader(PlainDataset(source, transform), batch_size=bs, shuffle=True, num_workers=self.args.workers,
                         persistent_workers=False, drop_last=False)
-        for _ in plain_iter(dl)():  # warm-up pass
-            pass
-        runs[name] = (plain_iter(dl), label, bs, "-")
 
-    header = []
+        def it():
+            for _ in range(self.args.repeat):
+                for x, _ in dl:
+                    yield x.shape[0]
+        for _ in it():  # warm-up pass
+            pass
+        self[name] = (it, label, bs, "-")
+
+
+def unverified(path: str):
+    """The same shards, read without verifying member checksums (the index's columns dropped)."""
+    other = open_source(path)
+    other._crc = {}
+    return other
+
+
+def loaders(args, ap) -> Runs:
+    """The loaders to time, each after its warm-up pass, and the table's header parts (``runs.header``)."""
+    from bench_fill import augmented_transform
+
+    warmup()
+    cfg = APTConfig()
+    source = open_source(args.source)
+    kw = dict(max_tokens=args.max_tokens, num_workers=args.workers, seed=0, pin_memory=False)
+    if args.checksums and not getattr(source, "_crc", None):
+        ap.error("--checksums: the source is not a shard set whose index has member checksums")
+    runs, runs.header = Runs(args), []
     if not args.no_eval:
         tr = ImageTransform(size=args.image_size, multiple=cfg.patch_size)
         apt = APTLoader(source, cfg, transform=tr, **kw)
-        how = ("planned from exact index token counts" if apt.exact_counts else
-               "planned from uniform-grid upper bounds" if apt.packing == "plan" else "streamed")
-        per_batch = add_apt("eval_apt", f"APTLoader ({how})", apt)
+        how = apt.describe()
+        per_batch = runs.add_apt("eval_apt", f"APTLoader ({how})", apt)
         if args.checksums:
-            add_apt("eval_apt_nocrc", f"APTLoader ({how}), checksums not verified", APTLoader(unverified(), cfg,
-                                                                                              transform=tr, **kw))
-        add_plain("eval_plain", "plain decode+resize+collate", tr, per_batch)
-        header.append(f"resize only: APTLoader {how}")
+            runs.add_apt("eval_apt_nocrc", f"APTLoader ({how}), checksums not verified",
+                         APTLoader(unverified(args.source), cfg, transform=tr, **kw))
+        runs.add_plain("eval_plain", "plain decode+resize+collate", source, tr, per_batch)
+        runs.header.append(f"resize only: APTLoader {how}")
     if not args.no_train:
         aug = augmented_transform(args.image_size, cfg.patch_size)
         stream = APTLoader(source, cfg, transform=aug, packing="stream", **kw)
         plan = APTLoader(source, cfg, transform=aug, packing="plan", **kw)
-        add_apt("train_plan", "APTLoader, `packing=\"plan\"` (uniform-grid upper bounds)", plan)
-        per_batch = add_apt("train_stream", "APTLoader, `packing=\"stream\"` (real token counts)", stream)
+        runs.add_apt("train_plan", "APTLoader, `packing=\"plan\"` (uniform-grid upper bounds)", plan)
+        per_batch = runs.add_apt("train_stream", "APTLoader, `packing=\"stream\"` (real token counts)", stream)
         if args.checksums:
-            add_apt("train_stream_nocrc", "APTLoader, `packing=\"stream\"`, checksums not verified",
-                    APTLoader(unverified(), cfg, transform=aug, packing="stream", **kw))
-        add_plain("train_plain", "plain decode+augment+collate", aug, per_batch)
-        header.append(f"augmented training (RandomResizedCrop + flip + RandAugment {aug.auto_augment} + random "
-                      f"erasing {aug.re_prob}): {stream.steps_per_epoch()} streamed vs {plan.steps_per_epoch()} "
-                      "planned batches per epoch")
+            runs.add_apt("train_stream_nocrc", "APTLoader, `packing=\"stream\"`, checksums not verified",
+                         APTLoader(unverified(args.source), cfg, transform=aug, packing="stream", **kw))
+        runs.add_plain("train_plain", "plain decode+augment+collate", source, aug, per_batch)
+        runs.header.append(f"augmented training (RandomResizedCrop + flip + RandAugment {aug.auto_augment} + random "
+                           f"erasing {aug.re_prob}): {stream.steps_per_epoch()} streamed vs {plan.steps_per_epoch()} "
+                           "planned batches per epoch")
+    return runs
 
-    # alternate the loaders, so that the other processes of a shared machine slow all alike
+
+def report(args, runs: Runs) -> None:
+    """Time the loaders, alternating (so that the other processes of a shared machine slow all alike),
+    and print the table and the ratios."""
+    header = runs.header
+    source = open_source(args.source)
     timed = {name: [] for name in runs}
     for _ in range(args.epochs):
         for name, (make_iter, *_) in runs.items():
@@ -260,7 +345,6 @@ def main(argv=None) -> int:
     ratio("train_stream", "train_plain", "augmented training, stream / plain")
     ratio("eval_apt", "eval_apt_nocrc", "resize only, checksums on / off")
     ratio("train_stream", "train_stream_nocrc", "augmented training, checksums on / off")
-    return 0
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from apt_data.scoring.laplacian import laplacian_pyramid
 from apt_data.scoring.upsample import upsample_pyramid
 from apt_data.layout import select_patches, _paint_scales
 from apt_data.scoring.entropy import _entropy_layout_flat
-from apt_data.packing import extract_tokens
+from apt_data.assemble import extract_tokens
 hits = misses = 0
 for d in (entropy_pyramid, laplacian_pyramid, upsample_pyramid, select_patches, _paint_scales, _entropy_layout_flat,
           extract_tokens):

@@ -206,7 +206,7 @@ def _run_tasks(tasks: list[ShardTask], pending: list[ShardTask], done: set, work
     ``scope``: the task numbers this run is for (a part of a split build; default all)."""
     from tqdm import tqdm
 
-    from .. import warmup
+    from ..scoring.warmup import warmup
 
     scope = set(range(len(tasks))) if scope is None else scope
     bar = tqdm(total=sum(len(tasks[i].samples) for i in scope), initial=sum(len(tasks[i].samples) for i in done & scope),

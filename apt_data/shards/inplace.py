@@ -188,7 +188,7 @@ def index_webdataset(tars: Union[PathLike, Sequence[PathLike]], index_path: Path
             results[k] = scan_webdataset_shard(job)
             bar.update()
     else:
-        from .. import warmup
+        from ..scoring.warmup import warmup
 
         warmup()
         with mp.get_context("fork").Pool(workers) as pool:

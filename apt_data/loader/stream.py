@@ -16,8 +16,9 @@ already drawn this epoch is deferred to the next epoch (`SampleStream`); a worke
 its whole partition in one epoch stops drawing and empties its open batches.
 
 Everything here is plain data (no decoding): `SampleStream` says which sample comes next,
-`StreamPacker` groups processed samples into batches, and `WorkerState` is the small picklable
-record from which a worker continues, exactly, after a restart (resume) or a new epoch.
+`StreamPacker` groups processed samples into batches, `WorkerState` is the small picklable
+record from which a worker continues, exactly, after a restart (resume) or a new epoch, and
+`RankStream` holds those of one rank's workers between batches (what the loader saves).
 """
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
+
+from ..binpack import FirstFit
+
+#: a worker's partition that leaves fewer full batches than this under one pass is streamed a whole
+#: pass per epoch (`estimate_steps`): small sources see every sample in every epoch
+PASS_BATCHES = 3
 
 Ref = tuple[int, int]  # (pass, sample index): a sample's identity in the stream (its augmentation seed)
 
@@ -41,19 +48,23 @@ def partition(num_samples: int, seed: int, rank: int, world_size: int, worker: i
 
 def estimate_steps(partition_sizes: list[int], mean_tokens: float, max_tokens: int, max_images: Optional[int],
                    num_workers: int, open_bins: int = 2, margin: float = 0.03, fill: float = 0.99) -> int:
-    """Batches per rank and epoch such that every worker fills its share from under one pass of its
-    partition: ``margin`` below it (for the error of ``mean_tokens``), less the samples its
-    ``open_bins`` open batches hold at the epoch's end (drawn in this epoch, emitted in the next).
-    The same on every rank, since ``partition_sizes`` are all ranks' and workers' partition sizes
-    and ``mean_tokens`` comes from a deterministic probe."""
+    """Batches per rank and epoch, the same on every rank (``partition_sizes`` are all ranks' and
+    workers' partition sizes; ``mean_tokens`` comes from a deterministic probe).
+
+    Every worker fills its share from under one pass of its partition: ``margin`` below it (for the
+    error of ``mean_tokens``), less the samples its ``open_bins`` open batches hold at the epoch's
+    end (drawn in this epoch, emitted in the next). A partition too small for that to leave
+    `PASS_BATCHES` batches makes every epoch one whole pass instead: enough batches to hold the
+    partition at 90% of the estimated fill (the last ones, split if need be, empty the packer).
+    """
     per_batch = max_tokens * fill / max(float(mean_tokens), 1.0)
     if max_images:
         per_batch = min(per_batch, float(max_images))
-    per_worker = (min(partition_sizes) * (1.0 - margin) - (open_bins - 0.5) * per_batch) / per_batch
-    w = max(1, num_workers)
-    if per_worker >= 1:
+    size, w = min(partition_sizes), max(1, num_workers)
+    per_worker = (size * (1.0 - margin) - (open_bins - 0.5) * per_batch) / per_batch
+    if per_worker >= PASS_BATCHES:
         return w * int(per_worker)
-    return max(1, int(w * per_worker))
+    return w * max(1, min(size, int(np.ceil(size / (0.9 * per_batch)))))
 
 
 def worker_quotas(steps: int, num_workers: int) -> list[int]:
@@ -197,49 +208,16 @@ class Item:
     tokens: int
     payload: Any = None
 
+    def __str__(self) -> str:
+        return f"{self.ref[1]} (pass {self.ref[0]})"
 
-class StreamPacker:
-    """Online first fit over ``open_bins`` open batches of at most ``max_tokens`` tokens and ``max_images``.
 
-    `add` puts an item into the first open batch with room; when none has room and all are open,
-    the fullest leaves first. A batch leaves at once when it is exactly full. Left batches wait in
-    ``ready`` until taken with `pop`.
-    """
+class StreamPacker(FirstFit):
+    """`FirstFit` over ``open_bins`` open batches of processed samples (`Item`); left batches wait in
+    ``ready`` until taken with `pop`."""
 
-    def __init__(self, max_tokens: int, max_images: Optional[int] = None, open_bins: int = 2):
-        if open_bins < 1:
-            raise ValueError(f"open_bins must be >= 1, got {open_bins}")
-        self.max_tokens, self.open_bins = int(max_tokens), int(open_bins)
-        self.max_images = int(max_images) if max_images else None
-        self.bins: list[list[Item]] = []
-        self.used: list[int] = []
-        self.ready: list[list[Item]] = []
-
-    def _full(self, k: int) -> bool:
-        return self.used[k] == self.max_tokens or (self.max_images is not None and len(self.bins[k]) >= self.max_images)
-
-    def _fits(self, k: int, tokens: int) -> bool:
-        return self.used[k] + tokens <= self.max_tokens and (self.max_images is None or len(self.bins[k]) < self.max_images)
-
-    def _close(self, k: int) -> None:
-        self.ready.append(self.bins.pop(k))
-        self.used.pop(k)
-
-    def add(self, item: Item) -> None:
-        if item.tokens > self.max_tokens:
-            raise ValueError(f"needs {item.tokens} tokens, more than the batch budget max_tokens={self.max_tokens}; "
-                             "raise --max-tokens or lower the image size")
-        slot = next((k for k in range(len(self.bins)) if self._fits(k, item.tokens)), -1)
-        if slot < 0:
-            if len(self.bins) == self.open_bins:
-                self._close(int(np.argmax(self.used)))  # the first of the fullest
-            self.bins.append([])
-            self.used.append(0)
-            slot = len(self.bins) - 1
-        self.bins[slot].append(item)
-        self.used[slot] += item.tokens
-        if self._full(slot):
-            self._close(slot)
+    def add(self, item: Item, tokens: Optional[int] = None, leave: bool = True) -> None:
+        super().add(item, item.tokens if tokens is None else tokens, leave)
 
     def pop(self) -> Optional[list[Item]]:
         """The oldest batch that left, or None."""
@@ -251,31 +229,20 @@ class StreamPacker:
         are halved until there are ``count`` (fewer when there are not enough items)."""
         items = sorted((it for b in self.bins for it in b), key=lambda it: -it.tokens)
         self.bins, self.used = [], []
-        saved_open, self.open_bins = self.open_bins, max(1, len(items))
-        for it in items:  # first fit decreasing, nothing leaves early
-            slot = next((k for k in range(len(self.bins)) if self._fits(k, it.tokens)), -1)
-            if slot < 0:
-                self.bins.append([])
-                self.used.append(0)
-                slot = len(self.bins) - 1
-            self.bins[slot].append(it)
-            self.used[slot] += it.tokens
-        self.open_bins = saved_open
-        if count is not None:
-            while len(self.bins) < count:
-                k = max(range(len(self.bins)), key=lambda j: (len(self.bins[j]), -j), default=-1)
-                if k < 0 or len(self.bins[k]) < 2:
-                    break
-                b = self.bins[k]
-                half = len(b) // 2
-                self.bins[k:k + 1] = [b[:half], b[half:]]
-                self.used[k:k + 1] = [sum(it.tokens for it in b[:half]), sum(it.tokens for it in b[half:])]
+        for it in items:
+            self.add(it, leave=False)
+        while count is not None and len(self.bins) < count:
+            k = max(range(len(self.bins)), key=lambda j: (len(self.bins[j]), -j), default=-1)
+            if k < 0 or len(self.bins[k]) < 2:
+                break
+            b, half = self.bins[k], len(self.bins[k]) // 2
+            self.bins[k:k + 1] = [b[:half], b[half:]]
+            self.used[k:k + 1] = [sum(it.tokens for it in b[:half]), sum(it.tokens for it in b[half:])]
         order = sorted(range(len(self.bins)), key=lambda k: -self.used[k])
-        leave = order if count is None else order[:count]
-        left = [self.bins[k] for k in leave]
-        keep = [k for k in range(len(self.bins)) if k not in set(leave)]
+        leave = set(order if count is None else order[:count])
+        self.ready.extend(self.bins[k] for k in order if k in leave)
+        keep = [k for k in range(len(self.bins)) if k not in leave]
         self.bins, self.used = [self.bins[k] for k in keep], [self.used[k] for k in keep]
-        self.ready.extend(left)
 
     def snapshot(self) -> list[list[tuple[int, int, int]]]:
         """Ready then open batches as (pass, sample, tokens) lists: the packer's whole content."""
@@ -287,6 +254,10 @@ class StreamPacker:
         self.used = [sum(it.tokens for it in b) for b in self.bins]
 
 
+class NothingReadable(Exception):
+    """A worker drew its whole partition and could use none of its samples."""
+
+
 def epoch_batches(stream: SampleStream, packer: StreamPacker, quota: Optional[int], process,
                   emitted: int = 0, on_reset=None):
     """Yield ``(batch items, state after it)`` for one worker's share of an epoch.
@@ -296,7 +267,9 @@ def epoch_batches(stream: SampleStream, packer: StreamPacker, quota: Optional[in
     leaves (evaluation: each sample exactly once). ``emitted``: batches already emitted (resume).
     When the partition is drawn out before the quota is met, the open batches leave, halved if
     needed; only if even that cannot meet the quota does the stream `reset` (``on_reset`` is told).
+    A whole partition drawn without one usable sample raises `NothingReadable` (never drawn again).
     """
+    usable = bool(packer.bins or packer.ready)
     while quota is None or emitted < quota:
         items = packer.pop()
         if items is not None:
@@ -306,8 +279,11 @@ def epoch_batches(stream: SampleStream, packer: StreamPacker, quota: Optional[in
         ref = stream.draw()
         if ref is None:
             if not packer.bins:
+                if not usable and len(stream):
+                    raise NothingReadable(f"none of the {len(stream)} samples of this partition is readable")
                 if quota is None:
                     return
+                usable = False
                 if on_reset is not None:
                     on_reset(quota - emitted)
                 stream.reset()
@@ -316,4 +292,62 @@ def epoch_batches(stream: SampleStream, packer: StreamPacker, quota: Optional[in
             continue
         item = process(ref)
         if item is not None:
+            usable = True
             packer.add(item)
+
+
+@dataclass
+class RankStream:
+    """Per-role stream states of one rank for ``epoch``; ``consumed`` batches of it taken so far.
+
+    For every worker role it keeps the `WorkerState` at the start of the current epoch and the one
+    after the role's last batch that the main process consumed. From these a fresh set of worker
+    processes continues the stream exactly (after a resume, or when workers were not kept), and the
+    next epoch starts where this one ended.
+    """
+
+    roles: int
+    epoch: int = 0
+    starts: list = field(default_factory=list)
+    progress: list = field(default_factory=list)
+    consumed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.starts:
+            self.restart(self.epoch)
+
+    def restart(self, epoch: int) -> None:
+        """Begin ``epoch`` with nothing carried over: every role at the start of pass ``epoch``."""
+        self.epoch, self.consumed = int(epoch), 0
+        self.starts = [WorkerState(pass_=int(epoch)) for _ in range(self.roles)]
+        self.progress = [None] * self.roles
+
+    def follow(self) -> None:
+        """Begin the next epoch where this one stands (its carried-over samples first)."""
+        self.starts = [(p or s).next_epoch() for p, s in zip(self.progress, self.starts)]
+        self.epoch, self.consumed, self.progress = self.epoch + 1, 0, [None] * self.roles
+
+    def record(self, role: int, state: WorkerState) -> None:
+        """A batch of ``role`` was consumed; ``state`` is its stream after that batch."""
+        self.progress[role] = state
+        self.consumed += 1
+
+    def as_dict(self) -> dict:
+        return {"state_epoch": self.epoch, "step": self.consumed, "starts": [s.as_dict() for s in self.starts],
+                "progress": [None if p is None else p.as_dict() for p in self.progress]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RankStream":
+        starts = [WorkerState.from_dict(s) for s in d["starts"]]
+        progress: list[Optional[WorkerState]] = [None if p is None else WorkerState.from_dict(p) for p in d["progress"]]
+        return cls(len(starts), int(d["state_epoch"]), starts, progress, int(d["step"]))
+
+    def carried_over(self, partition_sizes: list[int]) -> int:
+        """Sample visits of the passes under way not yet emitted: pending in open batches, deferred, or not
+        yet read in the current pass (a sample still pending from one pass may also wait unread in the
+        next, and then counts twice). ``partition_sizes``: each role's number of samples."""
+        total = 0
+        for role in range(self.roles):
+            st = self.progress[role] or self.starts[role]
+            total += len(st.pending()) + len(st.deferred) + ((partition_sizes[role] - st.index) if st.index else 0)
+        return total
