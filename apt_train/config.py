@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
-from apt_data import APTConfig, config_from_args
+from apt_data import APTConfig
 from apt_data.mixing import MixConfig
+
+from .flags import config_from_args
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # as apt_data.add_loader_args
 _PATHS = ("checkpoint", "data", "val_data", "data_cache", "output", "resume")

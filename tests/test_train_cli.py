@@ -7,11 +7,28 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from test_evaluate import load_tool  # noqa: E402
+from apt_train.commands import evaluate as evaluate_command
+from apt_train.commands import sweep as sweep_command
+from apt_train.commands import train as train_command
 
-train_main = load_tool("train").main  # tools/train.py: the sample shards are its default data
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_main(argv):
+    """``apt-train`` as its script runs it (``sys.exit(main())``): a status other than 0 is a SystemExit.
+    Its default data is the sample ``shards/``."""
+    code = train_command.main(argv)
+    if code:
+        raise SystemExit(code)
+    return code
+
+
+def exit_status(main, argv) -> int:
+    """A command's status: what ``main`` returns, or the code of argparse's SystemExit (wrong flags)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 FAST = ["--steps", "1", "--workers", "0", "--no-eval", "--quiet"]
 
@@ -21,7 +38,7 @@ FAST = ["--steps", "1", "--workers", "0", "--no-eval", "--quiet"]
     (["--thresholds", "5.5", "4.0", "3.0"], "one value per scale"),
     (["--max-tokens", "5"], "cannot hold a single image"),
     (["--max-tokens", "150"], "more than the batch budget max_tokens=150"),
-    (["--max-tokens", "0"], "--max-tokens must be positive"),
+    (["--max-tokens", "0"], "must be positive, got 0"),
     (["--checkpoint", "/nonexistent/vit.pth"], "checkpoint /nonexistent/vit.pth does not exist"),
     (["--model", "vit_not_a_model"], "unknown timm model 'vit_not_a_model'"),
     (["--model", "resnet18"], "supports timm VisionTransformer"),
@@ -60,9 +77,9 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path, capsys):
     (["--data", "/nonexistent/x:val"], "--data /nonexistent/x:val: /nonexistent/x does not exist"),
 ])
 def test_evaluate_rejects_bad_flags(flags, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        load_tool("evaluate").main(["--workers", "0"] + flags)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert exit_status(evaluate_command.main, ["--workers", "0"] + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage:" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_config_raises_in_the_library_and_exits_2_on_the_command_line(tmp_path):
@@ -185,7 +202,7 @@ def test_curves_png_from_a_metrics_file(tmp_path):
 
 def test_sweep_and_evaluate_share_the_baseline_and_output_flags(tmp_path):
     out = tmp_path / "sweep"
-    assert load_tool("sweep").main(["--grid", "5.5,4", "--baseline", "random", "--max-batches", "1", "--workers", "0",
+    assert sweep_command.main(["--grid", "5.5,4", "--baseline", "random", "--max-batches", "1", "--workers", "0",
                                     "--output", str(out)]) == 0
     rows = (out / "sweep.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["uniform", "APT", "random"] and (out / "sweep.png").is_file()
@@ -228,8 +245,10 @@ def test_finetune_a_1000_class_checkpoint_on_10_classes(tmp_path, capsys):
         train_main(FAST + ["--output", str(tmp_path), "--initial-checkpoint", str(path)])
     assert e.value.code == 2
     assert "1000-class head but the data has 10 classes; pass --num-classes 10 to drop" in capsys.readouterr().err
-    result = load_tool("train").cli.run(FAST + ["--data", str(ROOT / "shards"), "--max-tokens", "2048", "--output", str(tmp_path / "out"),
-                                                "--initial-checkpoint", str(path), "--num-classes", "10"])
+    from apt_train.cli import run
+
+    result = run(FAST + ["--data", str(ROOT / "shards"), "--max-tokens", "2048", "--output", str(tmp_path / "out"),
+                 "--initial-checkpoint", str(path), "--num-classes", "10"])
     model = result.model
     assert model.num_classes == 10 and result.global_step == 1
     # the checkpoint's body was loaded (the embedding is frozen by nothing but moved by one tiny step)
