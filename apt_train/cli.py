@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from apt_data import APTConfig
 
-from .config import TrainConfig, check_device, loader_config, validate
+from .config import SetupError, TrainConfig, check_device, loader_config, validate
 from .data import AUTO, open_data
 from .dist import DistInfo, cleanup, init_distributed
 from .flags import add_loader_args
@@ -173,7 +173,11 @@ def make_trainer(argv: Argv = None, *, default_data: Optional[str] = None,
     """Parse ``argv``, join the process group under torchrun and build the `Trainer`. Wrong flags exit
     with argparse's usage (SystemExit 2); a bad setting raises `SetupError`, after leaving the process group."""
     ap = build_parser(default_data, default_val_data, prog)
-    config = validate(apply_recipe(train_config(parse_args(ap, argv))))  # before joining the process group
+    args = parse_args(ap, argv)
+    args.data = split_folder(args.data, "train")
+    if args.val_data not in (None, AUTO):
+        args.val_data = split_folder(args.val_data, "val", "--val-data")
+    config = validate(apply_recipe(train_config(args)))  # before joining the process group
     info = init_distributed(config.device, config.dist_timeout)
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -185,6 +189,29 @@ def make_trainer(argv: Argv = None, *, default_data: Optional[str] = None,
     if info.is_main:
         note_image_size(config.image_size, trainer.model)
     return trainer
+
+
+SPLIT_NAMES = ("train", "val", "validation", "test")
+
+
+def split_folder(data: Optional[str], split: str, flag: str = "--data") -> Optional[str]:
+    """``data``, or its ``split`` sub-folder where ``data`` is a local folder of splits (``train/``,
+    ``val/``, ``test/`` holding class folders) rather than of classes: logged, so that a parent folder
+    never trains a "train vs val" classifier. A folder of splits without ``split`` raises `SetupError`
+    naming the folder to pass."""
+    if not data or "://" in data or not os.path.isdir(data):
+        return data
+    folders = {e.name: e.path for e in os.scandir(data) if e.is_dir()}
+    splits = sorted(n for n in folders if n in SPLIT_NAMES)
+    if not any(any(e.is_dir() for e in os.scandir(folders[n])) for n in splits):
+        return data  # no split-named folder holds folders: they are classes (or there are none)
+    if split in folders and len(folders) == len(splits):
+        log.warning("%s %s holds the splits %s, not classes: %s uses %s", flag, data, ", ".join(splits), flag,
+                    folders[split])
+        return folders[split]
+    want = split if split in folders else splits[0]
+    raise SetupError(f"{flag} {data}: its folders {', '.join(sorted(folders))} look like splits (a class folder per "
+                     f"split), not classes; pass {flag} {os.path.join(data, want)}")
 
 
 def note_image_size(requested: Optional[int], model: APTViT) -> None:
@@ -249,6 +276,7 @@ def eval_setup(args: argparse.Namespace) -> EvalSetup:
     batching = dict(num_scales=args.num_scales, thresholds=args.thresholds, scorer=args.scorer,
                     max_tokens=args.max_tokens, max_images=args.max_images)
     checkpoint = args.checkpoint
+    args.data = split_folder(args.data, "val")
     loader_config(patch_size=args.patch_size or 16, **batching)  # before any model is built
     if checkpoint and os.path.isdir(checkpoint):  # a training output folder: its newest checkpoint
         checkpoint = str(resolve_checkpoint(checkpoint))

@@ -62,7 +62,8 @@ from study_parts import (
     ROOT, DEFAULT_DATA, DEFAULT_WEIGHTS, HEADER, MODEL, NEG, PATCH, SCORER_BASE, SIZE, SPEED, backbone, cls_features, eval_rows, finetune, fit_head, fmt_row, load_images, log, lowres_size, paired_delta, parse_pair, plot, scored, stratified_split, subset_folder, write_text)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The study's flags (``--quick``: a few images, one step per fine-tune); a missing weights file exits 2."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="ImageNet-layout folder of 224-px images")
@@ -99,10 +100,31 @@ def main(argv=None) -> int:
         args.grid, args.ft_grid, args.batch = args.grid[:1], args.ft_grid[:1], 6
         args.scorers = args.scorers[:1]
         args.speed_images, args.speed_reps = 6, 1
+    if not Path(args.weights).is_file():
+        ap.error(f"weights {args.weights} not found")
+    return args
+
+
+def cached_features(vit, entries, head_idx, val_idx, val_images, args, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The backbone's CLS features of the head-train and val images, read from ``cache`` when there."""
+    t0 = time.perf_counter()
+    fpath = cache / f"feat-{len(entries)}-v{len(val_idx)}-h{len(head_idx)}-s{args.seed}.npz"
+    if fpath.is_file():
+        z = np.load(fpath)
+        log(f"features: read {fpath}")
+        return z["train"], z["val"]
+    ftrain = cls_features(vit, load_images([entries[i][0] for i in head_idx]), args.batch)
+    fval = cls_features(vit, val_images, args.batch)
+    np.savez(fpath.with_suffix(".tmp.npz"), train=ftrain, val=fval)
+    os.replace(fpath.with_suffix(".tmp.npz"), fpath)
+    log(f"features: {len(head_idx) + len(val_idx)} images in {time.perf_counter() - t0:.0f} s -> {fpath}")
+    return ftrain, fval
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     weights, data, out, cache = Path(args.weights), Path(args.data), Path(args.output), Path(args.cache)
-    if not weights.is_file():
-        ap.error(f"weights {weights} not found")
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     command = "python studies/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -122,18 +144,7 @@ def main(argv=None) -> int:
     val_images = load_images([entries[i][0] for i in val_idx])
     val_labels = labels_all[val_idx].tolist()
     vit = backbone(weights).to(args.device)
-    key = f"feat-{len(entries)}-v{len(val_idx)}-h{len(head_idx)}-s{args.seed}.npz"
-    fpath = cache / key
-    if fpath.is_file():
-        z = np.load(fpath)
-        ftrain, fval = z["train"], z["val"]
-        log(f"features: read {fpath}")
-    else:
-        ftrain = cls_features(vit, load_images([entries[i][0] for i in head_idx]), args.batch)
-        fval = cls_features(vit, val_images, args.batch)
-        np.savez(fpath.with_suffix(".tmp.npz"), train=ftrain, val=fval)
-        os.replace(fpath.with_suffix(".tmp.npz"), fpath)
-        log(f"features: {len(head_idx) + len(val_idx)} images in {time.perf_counter() - t0:.0f} s -> {fpath}")
+    ftrain, fval = cached_features(vit, entries, head_idx, val_idx, val_images, args, cache)
     if args.eval_images and args.eval_images < len(val_idx):  # evaluate on a (still stratified) prefix of val
         val_idx, fval, val_images = val_idx[:args.eval_images], fval[:args.eval_images], val_images[:args.eval_images]
         val_labels = val_labels[:args.eval_images]

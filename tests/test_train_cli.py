@@ -297,3 +297,98 @@ def test_timm_flag_names_and_yaml_config(tmp_path):
     with pytest.raises(SystemExit) as e:
         parse_args(build_parser("shards"), ["--config", str(cfg)])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("columns", [160, 100])
+def test_the_progress_bar_keeps_loss_and_lr_when_the_terminal_cuts_it(tmp_path, monkeypatch, columns):
+    """tqdm trims the bar to the terminal's width: loss and lr come first, so a narrow terminal cuts the rest."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from apt_train.run_log import RunLog
+
+    master, slave = pty.openpty()  # a real terminal of `columns` columns
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    terminal = os.fdopen(slave, "w")
+    monkeypatch.setattr(sys, "stderr", terminal)
+    log = RunLog(is_main=True)
+    log.open(tmp_path, total_steps=128000, step=0, resume=False, tensorboard=False)
+    log.step({"step": 1234, "epoch": 12, "loss": 2.2596, "lr": 0.000178, "images_per_s": 1234.5,
+              "tokens_per_s": 1512345, "tokens_per_image": 1225.9, "fill": 0.998})
+    log.bar.refresh()
+    terminal.flush()
+    line = os.read(master, 1 << 16).decode().replace("\x1b[A", "").split("\r")[-1].rstrip()
+    log.close()
+    terminal.close()
+    os.close(master)
+    assert 0 < len(line) <= columns and "loss 2.2596 lr 0.000178" in line, line
+
+
+def test_a_parent_folder_of_splits_trains_on_its_train_folder(tmp_path, capsys, caplog):
+    """``--data mydata`` holding ``train/`` and ``val/`` (each a folder of class folders) is not a 2-class
+    "train vs val" set: the train folder trains, the val folder beside it validates, and a line says so."""
+    image_folder(tmp_path)
+    parent = tmp_path / "photos"
+    with caplog.at_level("WARNING", logger="apt_train"):
+        assert train_main(TINY + ["--data", str(parent), "--output", str(tmp_path / "out")]) == 0
+    assert f"--data {parent} holds the splits train, val, not classes: --data uses {parent / 'train'}" in caplog.text
+    assert f"train data {parent / 'train'}: 12 images, 3 classes; val data {parent / 'val'}: 6 images" in \
+        capsys.readouterr().out
+    (parent / "train").rename(parent / "test")  # no train split: say which folder to pass
+    assert exit_status(train_command.main, TINY + ["--data", str(parent), "--output", str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"apt-train: error: --data {parent}: its folders test, val look like splits (a class folder per split), "
+        f"not classes; pass --data {parent / 'test'}")
+    from apt_train.cli import split_folder
+
+    assert split_folder(str(parent / "val"), "train") == str(parent / "val")  # a folder of classes stays
+    assert split_folder(str(ROOT / "shards"), "train") == str(ROOT / "shards")
+
+
+def test_an_image_size_the_model_rounds_is_logged_once(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="apt_train"):
+        assert train_main(TINY + ["--img-size", "100", "--no-eval", "--output", str(tmp_path)]) == 0
+    lines = [r.getMessage() for r in caplog.records if "--img-size" in r.getMessage()]
+    assert lines == ["--img-size 100 is not a multiple of the patch size 16: the model runs at 96 px"]
+
+
+def test_runtime_errors_are_one_line_naming_the_path_and_the_reason(tmp_path, capsys):
+    from apt_train.commands import calibrate, make_shards, visualize
+
+    missing = tmp_path / "nothing-here"
+    assert make_shards.main([str(missing), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"apt-make-shards: error: {missing}: no such file or folder\n"
+    assert visualize.main([str(missing / "a.jpg"), "--out", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "apt-visualize: error: none of the 1 images could be drawn (see the warnings above)"
+    assert calibrate.main(["--target-fraction", "0.5", "--data", str(missing)]) == 2
+    assert capsys.readouterr().err.startswith(f"apt-calibrate: error: {missing}")
+    assert exit_status(make_shards.main, ["--no-such-flag"]) == 2  # wrong flags: argparse's usage
+    assert "usage: apt-make-shards" in capsys.readouterr().err
+
+
+def test_a_library_setting_error_is_named_by_its_flag(capsys):
+    from apt_train.commands.common import error_text, run_command
+    from apt_train.flags import SettingError
+
+    e = SettingError("max_tokens", "sample x needs 300 tokens, more than the batch budget max_tokens=150")
+    assert error_text(e) == "--max-tokens: sample x needs 300 tokens, more than the batch budget max_tokens=150"
+    assert error_text(SettingError("image_size", "must be positive")) == "--img-size: must be positive"
+    assert error_text(SettingError("thresholds", "one value per scale"), {"thresholds": "--base-thresholds"}) == \
+        "--base-thresholds: one value per scale"
+    try:  # a wrapper raised from the library's error keeps its setting
+        try:
+            raise SettingError("max_images", "max_images must be positive, got 0")
+        except ValueError as inner:
+            raise ValueError(str(inner)) from None
+    except ValueError as outer:
+        assert error_text(outer) == "--max-images: max_images must be positive, got 0"
+
+    def body(argv):
+        raise FileNotFoundError(2, "No such file or directory", "/data/x.tar")
+
+    assert run_command("apt-eval", body) == 2
+    assert capsys.readouterr().err == "apt-eval: error: /data/x.tar: no such file or folder\n"

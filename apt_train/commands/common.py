@@ -85,14 +85,19 @@ class _Plain(logging.Formatter):
 
 def setup_logging(level: int = logging.INFO, stream=None) -> None:
     """The one log format of every command, on stderr: the message alone on a terminal, timestamped
-    with the level and logger where the output goes to a file (a batch job's log). Replaces any
-    earlier set-up (a second command in one process logs the same way)."""
+    with the level and logger where the output goes to a file (a batch job's log). Replaces the handler
+    of an earlier command in this process, and leaves any other handler (pytest's, an embedding app's)."""
     stream = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(stream)
     tty = getattr(stream, "isatty", lambda: False)()
     handler.setFormatter(_Plain("%(message)s") if tty else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    handler.set_name("apt-command")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "apt-command"]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def sample_data(split: Optional[str] = None) -> Optional[str]:
