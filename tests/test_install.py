@@ -46,10 +46,12 @@ def test_pip_install_puts_every_command_on_path_and_each_runs_help(installed, tm
         proc = subprocess.run([name, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.startswith(f"usage: {name} "), proc.stdout[:200]
-    # the installed copy runs (not this checkout), and far from a checkout a missing default data is one line
-    proc = subprocess.run(["apt-train", "--steps", "1", "-c", "/nonexistent.yaml"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 2 and "apt-train: error: --config /nonexistent.yaml" in proc.stderr
+    # far from a checkout, the default data (./shards) is missing: one line naming it, status 2
+    proc = subprocess.run(["apt-train", "--steps", "1", "--workers", "0"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert [l for l in proc.stderr.splitlines() if "error" in l] == \
+        ["apt-train: error: --data shards: shards does not exist"], proc.stderr[-2000:]
     where = subprocess.run([sys.executable, "-c", "import apt_train; print(apt_train.__file__)"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=60).stdout
     assert where.startswith(str(installed)), where
