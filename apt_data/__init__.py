@@ -3,7 +3,6 @@
 Decode, score every patch at several scales (Numba), choose patch sizes with a quadtree, and
 (later stages) extract token pixels and pack images into token-budget batches.
 """
-from .args import add_loader_args, config_from_args
 from .batch import PackedBatch
 from .binpack import pack_greedy
 from .config import SCORER_NAMES, APTConfig
@@ -17,7 +16,7 @@ from .transforms import ImageTransform, transform_from_data_config
 __all__ = [
     "APTConfig", "PatchLayout", "PackedBatch", "SCORER_NAMES", "ImageTransform",
     "check_image", "decode_image", "load_image", "patchify", "layout_from_scores", "score_maps", "to_rgb_uint8",
-    "pack_greedy", "add_loader_args", "config_from_args", "transform_from_data_config",
+    "pack_greedy", "transform_from_data_config",
     "read_index", "read_sample", "iter_shards", "list_image_folder", "SampleRecord", "ShardStats", "ShardDataError",
     "APTLoader", "pack_images", "warmup",
 ]

@@ -1,8 +1,8 @@
 """apt_train: the trainer and evaluation tools of Adaptive Patch Transformers.
 
-`Trainer(TrainConfig(...)).fit()` trains from Python; `apt_train.cli` is the command-line edge that
-`tools/train.py`, `tools/evaluate.py` and `tools/sweep.py` are thin wrappers around (`tools/calibrate.py`
-uses `apt_train.calibrate`). It builds on `apt_data` (APTLoader, pack_images) and `apt_model` (from_timm).
+`Trainer(TrainConfig(...)).fit()` trains from Python; `apt_train.commands` holds the user's commands
+(the console scripts ``apt-train``, ``apt-eval``, ...; `apt_train.cli` turns their flags into configs).
+It builds on `apt_data` (APTLoader, pack_images) and `apt_model` (from_timm).
 """
 from .config import SetupError, TrainConfig
 from .evaluation import MODES, EvalResult, evaluate, evaluate_mode, random_base_layout, random_token_batches

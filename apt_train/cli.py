@@ -1,23 +1,24 @@
-"""The command-line edge of the tools: flags to configs, and `SetupError` to ``prog: error: ...`` with exit 2.
+"""The flags of training and evaluation, and the flags-to-config step of the commands.
 
-``tools/train.py`` is `main` with the sample data as defaults; ``tools/evaluate.py`` and
-``tools/sweep.py`` use `add_eval_args` and `eval_setup`. The library below never sees argparse.
+`apt_train.commands.train` (``apt-train``, ``tools/train.py``) runs `run`; ``apt-eval`` and
+``apt-sweep`` use `add_eval_args` and `eval_setup`. Bad settings raise `SetupError` (or the library's
+ValueError naming its ``setting``); `apt_train.commands.common.run_command` prints them as one
+``<command>: error: ...`` line. The library below never sees argparse.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import sys
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from apt_data import APTConfig, add_loader_args
-from apt_data.loader import TooManySkipped
+from apt_data import APTConfig
 
 from .config import SetupError, TrainConfig, check_device, loader_config, validate
 from .data import AUTO, open_data
 from .dist import DistInfo, cleanup, init_distributed
+from .flags import add_loader_args
 from .recipes import RECIPES, apply_recipe
 from .trainer import Trainer, TrainResult
 
@@ -25,13 +26,16 @@ if TYPE_CHECKING:
     from apt_data.loader import Source
     from apt_model import APTViT
 
+log = logging.getLogger("apt_train")
+
 Argv = Optional[Sequence[str]]
 
 
-def build_parser(default_data: Optional[str] = None, default_val_data: Optional[str] = None) -> argparse.ArgumentParser:
-    """The flags of ``tools/train.py``; ``default_data`` / ``default_val_data``: the tool's datasets."""
+def build_parser(default_data: Optional[str] = None, default_val_data: Optional[str] = None,
+                 prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The flags of ``apt-train``; ``default_data`` / ``default_val_data``: the command's datasets."""
     ap = argparse.ArgumentParser(
-        prog="train.py", description="Fine-tune a timm ViT as an Adaptive Patch Transformer on token-budget batches. "
+        prog=prog, description="Fine-tune a timm ViT as an Adaptive Patch Transformer on token-budget batches. "
                                      "Recipe flags left unset take the recipe's value (README.md, 'Training and evaluation').")
     g = ap.add_argument_group("model and data")
     g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (default: %(default)s)")
@@ -164,30 +168,59 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _logging(info: DistInfo) -> None:
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
-
-
 def make_trainer(argv: Argv = None, *, default_data: Optional[str] = None,
-                 default_val_data: Optional[str] = None) -> Trainer:
-    """Parse ``argv``, join the process group under torchrun and build the `Trainer`. A bad setting
-    exits with status 2 and ``train.py: error: ...`` (SystemExit), after leaving the process group."""
-    ap = build_parser(default_data, default_val_data)
-    try:
-        config = validate(apply_recipe(train_config(parse_args(ap, argv))))  # before joining the process group
-    except SetupError as e:
-        ap.error(str(e))
+                 default_val_data: Optional[str] = None, prog: Optional[str] = None) -> Trainer:
+    """Parse ``argv``, join the process group under torchrun and build the `Trainer`. Wrong flags exit
+    with argparse's usage (SystemExit 2); a bad setting raises `SetupError`, after leaving the process group."""
+    ap = build_parser(default_data, default_val_data, prog)
+    args = parse_args(ap, argv)
+    args.data = split_folder(args.data, "train")
+    if args.val_data not in (None, AUTO):
+        args.val_data = split_folder(args.val_data, "val", "--val-data")
+    config = validate(apply_recipe(train_config(args)))  # before joining the process group
     info = init_distributed(config.device, config.dist_timeout)
-    _logging(info)
+    if not info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
     try:
-        return Trainer(config, info)
-    except SetupError as e:
-        cleanup(info)
-        ap.error(str(e))
+        trainer = Trainer(config, info)
     except BaseException:
         cleanup(info)
         raise
+    if info.is_main:
+        note_image_size(config.image_size, trainer.model)
+    return trainer
+
+
+SPLIT_NAMES = ("train", "val", "validation", "test")
+
+
+def split_folder(data: Optional[str], split: str, flag: str = "--data") -> Optional[str]:
+    """``data``, or its ``split`` sub-folder where ``data`` is a local folder of splits (``train/``,
+    ``val/``, ``test/`` holding class folders) rather than of classes: logged, so that a parent folder
+    never trains a "train vs val" classifier. A folder of splits without ``split`` raises `SetupError`
+    naming the folder to pass."""
+    if not data or "://" in data or not os.path.isdir(data):
+        return data
+    folders = {e.name: e.path for e in os.scandir(data) if e.is_dir()}
+    splits = sorted(n for n in folders if n in SPLIT_NAMES)
+    if not any(any(e.is_dir() for e in os.scandir(folders[n])) for n in splits):
+        return data  # no split-named folder holds folders: they are classes (or there are none)
+    if split in folders and len(folders) == len(splits):
+        log.warning("%s %s holds the splits %s, not classes: %s uses %s", flag, data, ", ".join(splits), flag,
+                    folders[split])
+        return folders[split]
+    want = split if split in folders else splits[0]
+    raise SetupError(f"{flag} {data}: its folders {', '.join(sorted(folders))} look like splits (a class folder per "
+                     f"split), not classes; pass {flag} {os.path.join(data, want)}")
+
+
+def note_image_size(requested: Optional[int], model: APTViT) -> None:
+    """Log, once, an image size the model rounded down to a multiple of its patch size."""
+    from .build import model_image_size
+
+    if requested is not None and model_image_size(model) != requested:
+        log.warning("--img-size %d is not a multiple of the patch size %d: the model runs at %d px", requested,
+                    int(model.patch_size), model_image_size(model))
 
 
 def run(argv: Argv = None, **defaults: Optional[str]) -> TrainResult:
@@ -199,20 +232,9 @@ def run(argv: Argv = None, **defaults: Optional[str]) -> TrainResult:
         cleanup(trainer.info)
 
 
-def main(argv: Argv = None, **defaults: Optional[str]) -> int:
-    """``tools/train.py``: train, return 0 (bad settings, or too much bad data, exit 2). ``defaults``: see
-    `make_trainer`."""
-    try:
-        run(argv, **defaults)
-    except TooManySkipped as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 # ------------------------------------------------------------------------------------ evaluation
 def add_eval_args(ap: argparse.ArgumentParser, default_data: Optional[str] = None) -> None:
-    """Flags shared by tools/evaluate.py and tools/sweep.py; ``default_data``: the tool's dataset."""
+    """Flags shared by ``apt-eval`` and ``apt-sweep``; ``default_data``: the command's dataset."""
     ap.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (pretrained=False)")
     ap.add_argument("--checkpoint", "--initial-checkpoint", dest="checkpoint", default=None,
                     help="local timm or APT weights: a file, or a training output folder (its newest checkpoint)")
@@ -243,8 +265,9 @@ class EvalSetup:
     amp: bool
 
 
-def eval_setup(args: argparse.Namespace, ap: argparse.ArgumentParser) -> EvalSetup:
-    """Model, config and data for the flags of `add_eval_args`; a bad setting exits 2 via ``ap.error``."""
+def eval_setup(args: argparse.Namespace) -> EvalSetup:
+    """Model, config and data for the flags of `add_eval_args`; a bad setting raises `SetupError` (a
+    missing file: the OSError)."""
     import torch
 
     from .build import build_model, infer_num_classes, model_image_size, model_patch_size
@@ -253,13 +276,11 @@ def eval_setup(args: argparse.Namespace, ap: argparse.ArgumentParser) -> EvalSet
     batching = dict(num_scales=args.num_scales, thresholds=args.thresholds, scorer=args.scorer,
                     max_tokens=args.max_tokens, max_images=args.max_images)
     checkpoint = args.checkpoint
-    try:
-        loader_config(patch_size=args.patch_size or 16, **batching)  # before any model is built
-        if checkpoint and os.path.isdir(checkpoint):  # a training output folder: its newest checkpoint
-            checkpoint = str(resolve_checkpoint(checkpoint))
-        check_device(args.device)
-    except (SetupError, FileNotFoundError) as e:
-        ap.error(str(e))
+    args.data = split_folder(args.data, "val")
+    loader_config(patch_size=args.patch_size or 16, **batching)  # before any model is built
+    if checkpoint and os.path.isdir(checkpoint):  # a training output folder: its newest checkpoint
+        checkpoint = str(resolve_checkpoint(checkpoint))
+    check_device(args.device)
     info = init_distributed(args.device)
     torch.manual_seed(args.seed)
     try:
@@ -269,8 +290,11 @@ def eval_setup(args: argparse.Namespace, ap: argparse.ArgumentParser) -> EvalSet
                             num_scales=args.num_scales, attn_backend=args.attn_backend,
                             explicit_classes=args.num_classes is not None).to(info.device).eval()
         cfg = loader_config(patch_size=model_patch_size(model, args.patch_size, args.num_scales), **batching)
-    except (SetupError, ValueError, OSError) as e:
-        ap.error(str(e))
+    except BaseException:
+        cleanup(info)
+        raise
+    if info.is_main:
+        note_image_size(args.image_size, model)
     kw = dict(max_tokens=args.max_tokens, max_images=args.max_images, image_size=model_image_size(model),
               num_prefix_tokens=model.num_prefix_tokens, num_workers=args.workers, crop_pct=args.crop_pct)
     amp = info.device.type == "cuda" if args.amp is None else bool(args.amp)

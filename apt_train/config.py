@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
-from apt_data import APTConfig, config_from_args
+from apt_data import APTConfig
 from apt_data.mixing import MixConfig
+
+from .flags import config_from_args, flag_message
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # as apt_data.add_loader_args
 _PATHS = ("checkpoint", "data", "val_data", "data_cache", "output", "resume")
@@ -136,7 +138,7 @@ def loader_config(*, patch_size: int, num_scales: int = 3, thresholds: Optional[
     try:
         return config_from_args(settings)
     except ValueError as e:
-        raise SetupError(str(e).replace("APTConfig.thresholds", "--thresholds").replace("APTConfig.", "--")) from None
+        raise SetupError(flag_message(e)) from None
 
 
 def validate(config: TrainConfig) -> TrainConfig:

@@ -74,9 +74,10 @@ class RunLog:
         self.record(rec)
         bar = self.bar
         bar.update(1)
-        bar.set_postfix_str(f"{rec['images_per_s']:.1f} img/s {rec['tokens_per_s']:.0f} tok/s "
-                            f"{rec['tokens_per_image']:.1f} tok/img fill {rec['fill']:.1%} loss {rec['loss']:.4f} "
-                            f"lr {rec['lr']:.3g}")
+        # loss and lr first: a narrow terminal cuts the line's end
+        bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.3g} fill {rec['fill']:.1%} "
+                            f"{rec['images_per_s']:.1f} img/s {rec['tokens_per_s']:.0f} tok/s "
+                            f"{rec['tokens_per_image']:.1f} tok/img")
         step = rec["step"]
         if bar.disable and not self.quiet and (every(step, max(self.log_every, 1)) or step in (1, self.total_steps)):
             print(f"step {step}/{self.total_steps} epoch {rec['epoch']} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "

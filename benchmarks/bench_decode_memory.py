@@ -23,8 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench_common import ROOT
 
 PHOTO = ROOT / "tests" / "data" / "images" / "n01440764_tench.JPEG"
 CASES = {"png12k": "12000x12000 PNG", "png9k": "9000x9000 PNG", "jpeg8k": "8000x8000 JPEG"}

@@ -1,21 +1,20 @@
-"""tools/calibrate.py reaches a target token fraction (checked by patchifying the decoded images);
-tools/sweep.py writes its CSV and plot."""
+"""``apt-calibrate`` reaches a target token fraction (checked by patchifying the decoded images);
+``apt-sweep`` writes its CSV and plot."""
 from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from apt_data import APTConfig, ImageTransform, patchify
+from apt_data.loader import open_source
+from test_evaluate import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from apt_data import APTConfig, ImageTransform, patchify  # noqa: E402
-from apt_data.loader import open_source  # noqa: E402
-from test_evaluate import load_tool  # noqa: E402
 
 
 def patchify_fraction(source: str, thresholds, size: int = 224) -> float:
@@ -50,10 +49,12 @@ def test_calibrate_scores_images_when_the_index_does_not_fit(tmp_path):
     assert patchify_fraction(str(ROOT / "shards") + ":val", res["thresholds"], 192) == pytest.approx(res["fraction"])
 
 
-def test_calibrate_rejects_an_unreachable_target(capsys):
-    with pytest.raises(SystemExit) as e:
-        load_tool("calibrate").main(["--target-fraction", "0.01", "--samples", "50"])
-    assert e.value.code == 2 and "out of reach" in capsys.readouterr().err
+def test_calibrate_rejects_an_unreachable_target_and_bad_base_thresholds(capsys):
+    assert load_tool("calibrate").main(["--target-fraction", "0.01", "--samples", "50"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("apt-calibrate: error: target fraction 0.01 is out of reach") and len(err.splitlines()) == 1
+    assert load_tool("calibrate").main(["--target-fraction", "0.5", "--base-thresholds", "5.5"]) == 2
+    assert "one value per scale" in capsys.readouterr().err
 
 
 def test_sweep_writes_csv_and_plot(tmp_path):

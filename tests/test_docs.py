@@ -184,3 +184,35 @@ def test_visualize_does_not_upscale_by_default(tmp_path):
     assert "224x224" in proc.stdout and "legend: 16 px untinted, 32 px blue, 64 px orange" in proc.stdout
     with Image.open(mosaic) as im:
         assert im.width >= 224 and im.height > 224 + 20  # caption and legend below the layout
+
+
+# ------------------------------------------------------------------ docs/development.md's code layout
+LAYOUT_FOLDERS = ("apt_data", "apt_model", "apt_train", "tools", "benchmarks", "studies", "examples")
+LAYOUT_NAME = re.compile(r"(?<![\w/.])((?:\w+/)*\w+\.py)\b")
+
+
+def layout_names() -> dict[str, set[str]]:
+    """The ``.py`` paths the layout block names under each folder (``sources/base.py`` under apt_data)."""
+    text = (ROOT / "docs" / "development.md").read_text(encoding="utf-8")
+    block = text.split("## Layout of the code", 1)[1].split("```", 2)[1]
+    named: dict[str, set[str]] = {f: set() for f in LAYOUT_FOLDERS}
+    folder = None
+    for line in block.splitlines():
+        head = re.match(r"^([\w.]+)/?\s", line)
+        if head:
+            folder = head.group(1) if head.group(1) in LAYOUT_FOLDERS else None
+            line = line[head.end():]
+        if folder:
+            named[folder].update(LAYOUT_NAME.findall(line))
+    return named
+
+
+def test_development_layout_names_every_module_and_nothing_else():
+    missing, stale = [], []
+    for folder, names in layout_names().items():
+        files = {p.relative_to(ROOT / folder).as_posix() for p in (ROOT / folder).rglob("*.py")
+                 if p.name != "__init__.py" and "__pycache__" not in p.parts}
+        missing += [f"{folder}/{f}" for f in sorted(files - names)]
+        stale += [f"{folder}/{f}" for f in sorted(names - files)]
+    assert not missing and not stale, (f"docs/development.md's layout block misses {missing or 'nothing'} "
+                                       f"and names files that do not exist: {stale or 'none'}")

@@ -1,28 +1,25 @@
-"""tools/evaluate.py and its baselines on the sample shards; the random baseline's batches; analytic FLOPs."""
+"""``apt-eval`` (tools/evaluate.py) and its baselines on the sample shards; the random baseline's batches; analytic FLOPs."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from apt_data import APTConfig
+from apt_model import from_timm
+from apt_train.evaluation import RandomBaseLayout, eval_loader, random_token_batches
+from apt_train.flops import vit_flops
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from apt_data import APTConfig  # noqa: E402
-from apt_model import from_timm  # noqa: E402
-from apt_train.evaluation import RandomBaseLayout, eval_loader, random_token_batches  # noqa: E402
-from apt_train.flops import vit_flops  # noqa: E402
 
 
 def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The code of ``tools/<name>.py``: the command module ``apt_train.commands.<name>``."""
+    return importlib.import_module(f"apt_train.commands.{name}")
 
 
 def test_evaluate_json_keeps_numbers_as_numbers_and_old_flag_names(tmp_path):

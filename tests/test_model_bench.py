@@ -1,4 +1,4 @@
-"""tools/bench_model.py runs and prints its tables; apt_model stands alone (never imports apt_data)."""
+"""benchmarks/bench_model.py runs and prints its tables; apt_model stands alone (never imports apt_data)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_model_prints_the_comparison_table():
-    proc = subprocess.run([sys.executable, "tools/bench_model.py", "--models", "vit_tiny_patch16_224", "--sizes", "224",
+    proc = subprocess.run([sys.executable, "benchmarks/bench_model.py", "--models", "vit_tiny_patch16_224", "--sizes", "224",
                            "--batch", "2", "--iters", "1", "--attention"], cwd=ROOT, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

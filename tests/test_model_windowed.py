@@ -412,7 +412,7 @@ def _run(*args, timeout=300):
 
 
 def test_bench_sam_prints_tokens_speed_and_parity():
-    out = _run("tools/bench_sam.py", "--source", "tests/data/images", "--images", "2", "--size", "448", "--depth", "3")
+    out = _run("benchmarks/bench_sam.py", "--source", "tests/data/images", "--images", "2", "--size", "448", "--depth", "3")
     rows = [l for l in out.splitlines() if l.startswith("| `tests/data/images` |")]
     assert len(rows) == 1, out
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
@@ -420,13 +420,13 @@ def test_bench_sam_prints_tokens_speed_and_parity():
     assert 0 < float(cells[2].split()[0]) < 784
     assert all(float(cells[i].rstrip("x")) > 0 for i in (7, 8, 9, 10))
     assert float(cells[11]) <= 1e-4  # no reduction == timm, in the same run
-    out = _run("tools/bench_sam.py", "--source", "tests/data/images", "--images", "3", "--tokens-only", "--size", "1024")
+    out = _run("benchmarks/bench_sam.py", "--source", "tests/data/images", "--images", "3", "--tokens-only", "--size", "1024")
     row = [l for l in out.splitlines() if l.startswith("| `tests/data/images` |")][0]
     assert 0 < float(row.split("|")[3]) < 4096
 
 
 def test_dense_example_trains_on_the_sample_shards():
-    out = _run("tools/dense_example.py", "--steps", "8", "--batch", "4", "--image-size", "448", "--embed-dim", "64",
+    out = _run("examples/dense_example.py", "--steps", "8", "--batch", "4", "--image-size", "448", "--embed-dim", "64",
                "--depth", "3", "--heads", "2")
     last = out.strip().splitlines()[-1]
     assert last.startswith("val loss after 8 steps")

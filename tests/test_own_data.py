@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 PAGE = ROOT / "docs" / "own-data.md"
 
 TINY = {  # what the page says -> what the test runs

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from apt_model import from_timm
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from apt_model import from_timm  # noqa: E402
 
 
 def _saved_vit(tmp_path: Path) -> tuple[Path, dict]:

@@ -122,8 +122,8 @@ def test_the_read_ahead_and_the_retries_wrap_any_reader(tmp_path):
 def test_bench_remote_prints_local_and_http_in_one_run(tmp_path):
     import subprocess
 
-    # tools/bench_loader.py --remote: tools/bench_remote.py
-    r = subprocess.run([sys.executable, str(SHARDS.parent / "tools" / "bench_loader.py"), "--remote", "--split", "val",
+    # benchmarks/bench_loader.py --remote: benchmarks/bench_remote.py
+    r = subprocess.run([sys.executable, str(SHARDS.parent / "benchmarks" / "bench_loader.py"), "--remote", "--split", "val",
                         "--epochs", "1", "--latency", "0.005", "--cache-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -6,7 +6,8 @@ import pytest
 
 import apt_data
 import apt_data.config
-from apt_data import APTConfig, add_loader_args, config_from_args, decode_image, patchify, score_maps
+from apt_data import APTConfig, decode_image, patchify, score_maps
+from apt_train.flags import add_loader_args, config_from_args
 from apt_data.layout import layout_from_flat_scores, layout_from_scores, select_patches_reference
 from apt_data.scoring import (REFERENCE_SCORERS, SCORER_NAMES, get_scorer, register_scorer, scorer_names,
                               unregister_scorer)
@@ -188,5 +189,5 @@ def test_cli_flags_take_the_scorers_defaults(capsys):
         config_from_args(ap.parse_args(["--num-scales", "4"]))
     with pytest.raises(SystemExit):
         config_from_args(ap.parse_args(["--num-scales", "4"]), ap)
-    assert "--thresholds: scorer 'entropy' has no default thresholds for num_scales=4" in capsys.readouterr().err
+    assert "scorer 'entropy' has no default thresholds for num_scales=4" in capsys.readouterr().err
     assert "entropy 5.5 4 (bits)" in " ".join(ap.format_help().split())

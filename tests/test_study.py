@@ -1,4 +1,4 @@
-"""`tools/study.py --quick`: every stage of the issue-14 study on a tiny slice, so the command cannot rot.
+"""`studies/study.py --quick`: every stage of the issue-14 study on a tiny slice, so the command cannot rot.
 
 Needs the DINOv2 ViT-S/14 weights of ``../shared/models`` (not part of the project: skipped without
 them). The images are the test photos of ``tests/data/images``, spread over 10 class folders, so
@@ -28,9 +28,9 @@ def test_study_quick_writes_table_plot_json(tmp_path):
         d.mkdir(parents=True, exist_ok=True)
         os.symlink(p, d / p.name)
     out, cache = tmp_path / "results", tmp_path / "cache"
-    printed = run(ROOT / "tools" / "study.py", "--quick", "--data", data, "--output", out, "--cache", cache, timeout=300)
+    printed = run(ROOT / "studies" / "study.py", "--quick", "--data", data, "--output", out, "--cache", cache, timeout=300)
     md = (out / "study.md").read_text()
-    assert "tools/study.py --quick" in md and "| stage | method |" in md
+    assert "studies/study.py --quick" in md and "| stage | method |" in md
     assert (out / "study.png").stat().st_size > 1000
     res = json.loads((out / "study.json").read_text())
     methods = {(r["stage"], r["method"]) for r in res["rows"]}

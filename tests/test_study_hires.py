@@ -1,4 +1,4 @@
-"""`tools/study_hires.py --quick`: the label-free high-resolution study on 2 photos at 448 px, so the command
+"""`studies/study_hires.py --quick`: the label-free high-resolution study on 2 photos at 448 px, so the command
 cannot rot and its comparison is checked (the APT path with no large patches equals the timm reference).
 
 Needs ``../shared/models`` (the DINOv2 ViT-S/14 weights) and ``../shared/data/hires-photos``; neither is part
@@ -23,9 +23,9 @@ def test_study_hires_quick(tmp_path):
         if not need.exists():
             pytest.skip(f"the study's {what} {need} are absent (../shared is not part of the project)")
     out = tmp_path / "results"
-    printed = run(ROOT / "tools" / "study_hires.py", "--quick", "--output", out)
+    printed = run(ROOT / "studies" / "study_hires.py", "--quick", "--output", out)
     md = (out / "hires.md").read_text()
-    assert "tools/study_hires.py --quick" in md and "| size | method |" in md
+    assert "studies/study_hires.py --quick" in md and "| size | method |" in md
     assert (out / "hires.png").stat().st_size > 1000
     res = json.loads((out / "hires.json").read_text())
     assert len(res["photos"]) == 2

@@ -1,4 +1,4 @@
-"""`tools/study_start.py --quick`: the large-token embedding ablation on a tiny slice, so the command cannot rot,
+"""`studies/study_start.py --quick`: the large-token embedding ablation on a tiny slice, so the command cannot rot,
 and `MixedLargeTokenEmbed` checked against its definition on a real photo.
 
 The end-to-end test needs the DINOv2 ViT-S/14 weights of ``../shared/models`` (not part of the project:
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,10 @@ WEIGHTS = ROOT.parent / "shared" / "models" / "vit_small_patch14_dinov2.imgfocus
 IMAGES = sorted((ROOT / "tests" / "data" / "images").glob("*.JPEG"))
 
 
-def test_mixed_embedding_is_resize_at_alpha_1_and_subpatch_mean_at_0():
+def test_mixed_embedding_is_resize_at_alpha_1_and_subpatch_mean_at_0(monkeypatch):
     import timm
 
-    sys.path.insert(0, str(ROOT / "tools"))
+    monkeypatch.syspath_prepend(str(ROOT / "studies"))  # as `python studies/study_start.py` runs: its folder first
     from study_start import MixedLargeTokenEmbed
 
     from apt_data import APTConfig, decode_image, pack_images
@@ -63,7 +62,7 @@ def test_study_start_quick_writes_table(tmp_path):
         d.mkdir(parents=True, exist_ok=True)
         os.symlink(p, d / p.name)
     out = tmp_path / "results"
-    printed = run(ROOT / "tools" / "study_start.py", "--quick", "--data", data, "--output", out,
+    printed = run(ROOT / "studies" / "study_start.py", "--quick", "--data", data, "--output", out,
                   "--cache", tmp_path / "cache", timeout=300)
     assert "sub-patch mean" in (out / "start.md").read_text() and "| thresholds |" in printed
     rows = json.loads((out / "start.json").read_text())["rows"]

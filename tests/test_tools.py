@@ -53,7 +53,7 @@ def test_visualize_rejects_bad_thresholds(tmp_path):
 
 
 def test_demo_runs_the_loader_on_the_sample_shards(tmp_path):
-    out = run(ROOT / "tools/demo.py", "--out", tmp_path, "--workers", "2")
+    out = run(ROOT / "examples/demo.py", "--out", tmp_path, "--workers", "2")
     assert "400 images from" in out and "planned from exact index token counts" in out
     total = [l for l in out.splitlines() if l.startswith("total:")][0]
     assert "400 images" in total and "of the uniform grid" in total
@@ -61,7 +61,7 @@ def test_demo_runs_the_loader_on_the_sample_shards(tmp_path):
 
 
 def test_bench_fill_quick_streams_fuller_batches_than_upper_bound_plans():
-    out = run(ROOT / "tools/bench_loader.py", "--fill", "--quick", "--epochs", "1")
+    out = run(ROOT / "benchmarks/bench_loader.py", "--fill", "--quick", "--epochs", "1")
     assert out.startswith("# command: ") and "bench_loader.py --fill --quick --epochs 1" in out.splitlines()[0]
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
     shards = rows["sample `shards/`, 224 px, 4,096 tokens, augmented training"]

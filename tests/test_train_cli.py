@@ -7,11 +7,28 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from test_evaluate import load_tool  # noqa: E402
+from apt_train.commands import evaluate as evaluate_command
+from apt_train.commands import sweep as sweep_command
+from apt_train.commands import train as train_command
 
-train_main = load_tool("train").main  # tools/train.py: the sample shards are its default data
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_main(argv):
+    """``apt-train`` as its script runs it (``sys.exit(main())``): a status other than 0 is a SystemExit.
+    Its default data is the sample ``shards/``."""
+    code = train_command.main(argv)
+    if code:
+        raise SystemExit(code)
+    return code
+
+
+def exit_status(main, argv) -> int:
+    """A command's status: what ``main`` returns, or the code of argparse's SystemExit (wrong flags)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 FAST = ["--steps", "1", "--workers", "0", "--no-eval", "--quiet"]
 
@@ -21,7 +38,7 @@ FAST = ["--steps", "1", "--workers", "0", "--no-eval", "--quiet"]
     (["--thresholds", "5.5", "4.0", "3.0"], "one value per scale"),
     (["--max-tokens", "5"], "cannot hold a single image"),
     (["--max-tokens", "150"], "more than the batch budget max_tokens=150"),
-    (["--max-tokens", "0"], "--max-tokens must be positive"),
+    (["--max-tokens", "0"], "must be positive, got 0"),
     (["--checkpoint", "/nonexistent/vit.pth"], "checkpoint /nonexistent/vit.pth does not exist"),
     (["--model", "vit_not_a_model"], "unknown timm model 'vit_not_a_model'"),
     (["--model", "resnet18"], "supports timm VisionTransformer"),
@@ -60,9 +77,9 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path, capsys):
     (["--data", "/nonexistent/x:val"], "--data /nonexistent/x:val: /nonexistent/x does not exist"),
 ])
 def test_evaluate_rejects_bad_flags(flags, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        load_tool("evaluate").main(["--workers", "0"] + flags)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert exit_status(evaluate_command.main, ["--workers", "0"] + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage:" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_config_raises_in_the_library_and_exits_2_on_the_command_line(tmp_path):
@@ -185,7 +202,7 @@ def test_curves_png_from_a_metrics_file(tmp_path):
 
 def test_sweep_and_evaluate_share_the_baseline_and_output_flags(tmp_path):
     out = tmp_path / "sweep"
-    assert load_tool("sweep").main(["--grid", "5.5,4", "--baseline", "random", "--max-batches", "1", "--workers", "0",
+    assert sweep_command.main(["--grid", "5.5,4", "--baseline", "random", "--max-batches", "1", "--workers", "0",
                                     "--output", str(out)]) == 0
     rows = (out / "sweep.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["uniform", "APT", "random"] and (out / "sweep.png").is_file()
@@ -228,8 +245,10 @@ def test_finetune_a_1000_class_checkpoint_on_10_classes(tmp_path, capsys):
         train_main(FAST + ["--output", str(tmp_path), "--initial-checkpoint", str(path)])
     assert e.value.code == 2
     assert "1000-class head but the data has 10 classes; pass --num-classes 10 to drop" in capsys.readouterr().err
-    result = load_tool("train").cli.run(FAST + ["--data", str(ROOT / "shards"), "--max-tokens", "2048", "--output", str(tmp_path / "out"),
-                                                "--initial-checkpoint", str(path), "--num-classes", "10"])
+    from apt_train.cli import run
+
+    result = run(FAST + ["--data", str(ROOT / "shards"), "--max-tokens", "2048", "--output", str(tmp_path / "out"),
+                 "--initial-checkpoint", str(path), "--num-classes", "10"])
     model = result.model
     assert model.num_classes == 10 and result.global_step == 1
     # the checkpoint's body was loaded (the embedding is frozen by nothing but moved by one tiny step)
@@ -278,3 +297,96 @@ def test_timm_flag_names_and_yaml_config(tmp_path):
     with pytest.raises(SystemExit) as e:
         parse_args(build_parser("shards"), ["--config", str(cfg)])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("columns", [160, 100])
+def test_the_progress_bar_keeps_loss_and_lr_when_the_terminal_cuts_it(tmp_path, monkeypatch, columns):
+    """tqdm trims the bar to the terminal's width: loss and lr come first, so a narrow terminal cuts the rest."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from apt_train.run_log import RunLog
+
+    master, slave = pty.openpty()  # a real terminal of `columns` columns
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    terminal = os.fdopen(slave, "w")
+    monkeypatch.setattr(sys, "stderr", terminal)
+    log = RunLog(is_main=True)
+    log.open(tmp_path, total_steps=128000, step=0, resume=False, tensorboard=False)
+    log.step({"step": 1234, "epoch": 12, "loss": 2.2596, "lr": 0.000178, "images_per_s": 1234.5,
+              "tokens_per_s": 1512345, "tokens_per_image": 1225.9, "fill": 0.998})
+    line = str(log.bar)  # the bar as tqdm draws it on this terminal (whatever its row)
+    log.close()
+    terminal.close()
+    os.close(master)
+    assert 0 < len(line) <= columns and "loss 2.2596 lr 0.000178" in line, line
+
+
+def test_a_parent_folder_of_splits_trains_on_its_train_folder(tmp_path, capsys, caplog):
+    """``--data mydata`` holding ``train/`` and ``val/`` (each a folder of class folders) is not a 2-class
+    "train vs val" set: the train folder trains, the val folder beside it validates, and a line says so."""
+    image_folder(tmp_path)
+    parent = tmp_path / "photos"
+    with caplog.at_level("WARNING", logger="apt_train"):
+        assert train_main(TINY + ["--data", str(parent), "--output", str(tmp_path / "out")]) == 0
+    assert f"--data {parent} holds the splits train, val, not classes: --data uses {parent / 'train'}" in caplog.text
+    assert f"train data {parent / 'train'}: 12 images, 3 classes; val data {parent / 'val'}: 6 images" in \
+        capsys.readouterr().out
+    (parent / "train").rename(parent / "test")  # no train split: say which folder to pass
+    assert exit_status(train_command.main, TINY + ["--data", str(parent), "--output", str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"apt-train: error: --data {parent}: its folders test, val look like splits (a class folder per split), "
+        f"not classes; pass --data {parent / 'test'}")
+    from apt_train.cli import split_folder
+
+    assert split_folder(str(parent / "val"), "train") == str(parent / "val")  # a folder of classes stays
+    assert split_folder(str(ROOT / "shards"), "train") == str(ROOT / "shards")
+
+
+def test_an_image_size_the_model_rounds_is_logged_once(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="apt_train"):
+        assert train_main(TINY + ["--img-size", "100", "--no-eval", "--output", str(tmp_path)]) == 0
+    lines = [r.getMessage() for r in caplog.records if "--img-size" in r.getMessage()]
+    assert lines == ["--img-size 100 is not a multiple of the patch size 16: the model runs at 96 px"]
+
+
+def test_runtime_errors_are_one_line_naming_the_path_and_the_reason(tmp_path, capsys):
+    from apt_train.commands import calibrate, make_shards, visualize
+
+    missing = tmp_path / "nothing-here"
+    assert make_shards.main([str(missing), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"apt-make-shards: error: {missing}: no such file or folder\n"
+    assert visualize.main([str(missing / "a.jpg"), "--out", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "apt-visualize: error: none of the 1 images could be drawn (see the warnings above)"
+    assert calibrate.main(["--target-fraction", "0.5", "--data", str(missing)]) == 2
+    assert capsys.readouterr().err.startswith(f"apt-calibrate: error: {missing}")
+    assert exit_status(make_shards.main, ["--no-such-flag"]) == 2  # wrong flags: argparse's usage
+    assert "usage: apt-make-shards" in capsys.readouterr().err
+
+
+def test_a_library_setting_error_is_named_by_its_flag(capsys):
+    from apt_train.commands.common import error_text, run_command
+    from apt_train.flags import SettingError
+
+    e = SettingError("max_tokens", "sample x needs 300 tokens, more than the batch budget max_tokens=150")
+    assert error_text(e) == "--max-tokens: sample x needs 300 tokens, more than the batch budget max_tokens=150"
+    assert error_text(SettingError("image_size", "must be positive")) == "--img-size: must be positive"
+    assert error_text(SettingError("thresholds", "one value per scale"), {"thresholds": "--base-thresholds"}) == \
+        "--base-thresholds: one value per scale"
+    try:  # a wrapper raised from the library's error keeps its setting
+        try:
+            raise SettingError("max_images", "max_images must be positive, got 0")
+        except ValueError as inner:
+            raise ValueError(str(inner)) from None
+    except ValueError as outer:
+        assert error_text(outer) == "--max-images: max_images must be positive, got 0"
+
+    def body(argv):
+        raise FileNotFoundError(2, "No such file or directory", "/data/x.tar")
+
+    assert run_command("apt-eval", body) == 2
+    assert capsys.readouterr().err == "apt-eval: error: /data/x.tar: no such file or folder\n"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The data side alone: `APTLoader` batches of the embedded sample dataset ``shards/``, no model.
 
-    python tools/demo.py [--source shards] [--max-tokens 4096] [--workers 2] [--out out/]
+    python examples/demo.py [--source shards] [--max-tokens 4096] [--workers 2] [--out out/]
 
 Runs `APTLoader` over the sample shards (token-budget batches planned from the index, built by
 worker processes), prints per-batch and total token counts against the uniform ViT grid, and
@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from apt_data import add_loader_args, config_from_args, patchify  # noqa: E402
-from apt_data.loader import APTLoader  # noqa: E402
-from apt_data.visualize import draw_layout  # noqa: E402
+from apt_data import patchify
+from apt_data.loader import APTLoader
+from apt_data.visualize import draw_layout
+from apt_train.flags import add_loader_args, config_from_args
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its sample shards/
 
 
 def mosaic(tiles: list[np.ndarray], cols: int = 4, pad: int = 4) -> np.ndarray:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: APT scoring + patch selection against JPEG decode + resize, same images, same run.
 
-    python tools/bench_patchify.py [--images DIR] [--sizes 224 384 512 1024] [--repeats 5]
+    python benchmarks/bench_patchify.py [--images DIR] [--sizes 224 384 512 1024] [--repeats 5]
 
 For each size, every real sample image is decoded from its JPEG bytes and resized + centre-cropped
 to SIZE x SIZE (`apt_data.decode_image`, what a loader does), then `patchify` runs on the result.
@@ -28,13 +28,12 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from apt_data import APTConfig, decode_image, patchify, warmup  # noqa: E402
-from apt_data.layout import layout_from_flat_scores  # noqa: E402
-from apt_data.scoring import score_flat  # noqa: E402
-from apt_data.scoring._gray import as_rows  # noqa: E402
-from apt_data.scoring.entropy import _count_cell, band_bins  # noqa: E402
+from apt_data import APTConfig, decode_image, patchify, warmup
+from apt_data.layout import layout_from_flat_scores
+from apt_data.scoring import score_flat
+from apt_data.scoring._gray import as_rows
+from apt_data.scoring.entropy import _count_cell, band_bins
+from bench_common import ROOT
 
 DEFAULT_IMAGES = ROOT / "tests" / "data" / "images"
 

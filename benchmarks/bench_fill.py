@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Batch fill of APTLoader: streaming packing (real token counts) against planning from upper bounds.
 
-    python tools/bench_fill.py [--workers 2] [--epochs 2] [--shared ../shared/data]
+    python benchmarks/bench_fill.py [--workers 2] [--epochs 2] [--shared ../shared/data]
 
 Fill = real tokens of a batch (prefix tokens included) / ``max_tokens``. For each case the loader
 runs ``--epochs`` epochs with ``--workers`` workers and this prints one table row: images and
@@ -26,7 +26,7 @@ Cases (augmented training = the ``full``/``sample`` recipes' transform, built by
 - evaluation (``train=False``) of ``shards/:val`` at thresholds (6.0, 4.5), not the index's: layouts
   from the stored score maps, streamed (every sample once per epoch).
 
-`tools/bench_loader.py` imports `augmented_transform` and `epoch_fills` from here.
+`benchmarks/bench_loader.py` imports `augmented_transform` and `epoch_fills` from here.
 """
 from __future__ import annotations
 
@@ -43,12 +43,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from apt_data import APTConfig, warmup  # noqa: E402
-from apt_data.loader import APTLoader  # noqa: E402
-from apt_data.loader.stream import partition  # noqa: E402
-from apt_data.transforms import ImageTransform  # noqa: E402
+from apt_data import APTConfig, warmup
+from apt_data.loader import APTLoader
+from apt_data.loader.stream import partition
+from apt_data.transforms import ImageTransform
+from bench_common import ROOT
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 

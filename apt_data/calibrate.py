@@ -14,8 +14,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from apt_data import APTConfig, ImageTransform, score_maps
-from apt_data.layout import layout_from_flat_scores
+from .config import APTConfig
+from .layout import layout_from_flat_scores
+from .scoring import score_maps
+from .transforms import ImageTransform
 
 
 @dataclass

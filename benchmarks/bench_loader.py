@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Benchmark: APTLoader against a plain decode + transform + collate loader, same data, same workers.
 
-    python tools/bench_loader.py [--source shards] [--max-tokens 4096] [--workers 2] [--epochs 5]
-    python tools/bench_loader.py --fill [bench_fill.py's options]   # = python tools/bench_fill.py
-    python tools/bench_loader.py --remote [bench_remote.py's options]   # = python tools/bench_remote.py
-    python tools/bench_loader.py --first-epoch --source DIR [--copies 4] [--image-size 384] [--trials 3]
+    python benchmarks/bench_loader.py [--source shards] [--max-tokens 4096] [--workers 2] [--epochs 5]
+    python benchmarks/bench_loader.py --fill [bench_fill.py's options]   # = python benchmarks/bench_fill.py
+    python benchmarks/bench_loader.py --remote [bench_remote.py's options]   # = python benchmarks/bench_remote.py
+    python benchmarks/bench_loader.py --first-epoch --source DIR [--copies 4] [--image-size 384] [--trials 3]
 
 ``--first-epoch``: a fresh APTLoader over an image folder (``--copies`` copies of it, as symlinks),
 for the resize-only and the augmented pipeline in turn: images/s of its first epoch, timed from the
@@ -27,7 +27,7 @@ with the same one-seek source, JPEG bytes only), each decoded and transformed by
 `ImageTransform`, default-collated into fixed-size uint8 batches of the APT loader's mean images
 per batch. Every loader first runs one warm-up pass (``--repeat`` epochs), whose batches give the
 fill: the mean over every batch, and without at most one partial batch per worker and epoch (its
-last: see tools/bench_fill.py). Then the loaders alternate, ``--epochs`` timed passes each, and the
+last: see benchmarks/bench_fill.py). Then the loaders alternate, ``--epochs`` timed passes each, and the
 medians are reported, with the CPU time per image of the main process and its workers (steadier
 than images/s when other jobs share the cores). A streamed training epoch is a fixed number of
 batches (under one pass: the rest carries over), so images/s, not time per epoch, compares them.
@@ -36,8 +36,6 @@ Targets (issue 4): fill >= 99%, APT images/s >= 0.95x the plain loader's.
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import shlex
 import sys
 import time
@@ -47,13 +45,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_fill
-from apt_data import APTConfig, warmup  # noqa: E402
-from apt_data.loader import APTLoader  # noqa: E402
-from apt_data.sources import open_source  # noqa: E402
-from apt_data.transforms import ImageTransform  # noqa: E402
+from apt_data import APTConfig, warmup
+from apt_data.loader import APTLoader
+from apt_data.sources import open_source
+from apt_data.transforms import ImageTransform
+from bench_common import ROOT, CpuClock
 
 
 class PlainDataset(Dataset):
@@ -67,44 +63,6 @@ class PlainDataset(Dataset):
         seed = int(np.random.SeedSequence([i, torch.initial_seed() % 2**32]).generate_state(1)[0])
         img = self.transform(self.source.read(i), self.source.keys[i], seed=seed)  # (ignored without augment)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1), int(self.source.labels[i])
-
-
-def _live_children() -> dict[int, float]:
-    """CPU seconds (user + system) of this process's live child processes, by pid (Linux /proc)."""
-    me, tick, out = os.getpid(), os.sysconf("SC_CLK_TCK"), {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me:  # fields[0] is the state; then ppid, ...; utime, stime are fields 14, 15 of stat
-            out[int(d)] = (int(fields[11]) + int(fields[12])) / tick
-    return out
-
-
-class CpuClock:
-    """CPU time of this process and its children (the loaders' workers) between `start` and `stop`:
-    finished children through getrusage, live ones (persistent workers) through /proc."""
-
-    @staticmethod
-    def _own() -> tuple[float, float]:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
-
-    def start(self) -> None:
-        self.me, self.reaped = self._own()
-        self.live = _live_children()
-
-    def stop(self) -> float:
-        me, reaped = self._own()
-        live = _live_children()
-        # a child alive at start and reaped since counts in `reaped` with its CPU before `start` too
-        gone = sum(c for pid, c in self.live.items() if pid not in live)
-        return (me - self.me) + (reaped - self.reaped - gone) + sum(c - self.live.get(pid, 0.0)
-                                                                     for pid, c in live.items())
 
 
 def timed_pass(make_iter) -> tuple[float, float]:
@@ -200,9 +158,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checksums", action="store_true",
                     help="also time the APT loaders over shards with member checksum verification off")
     ap.add_argument("--fill", action="store_true",
-                    help="print tools/bench_fill.py's fill table instead (remaining arguments go to it)")
+                    help="print benchmarks/bench_fill.py's fill table instead (remaining arguments go to it)")
     ap.add_argument("--remote", action="store_true",
-                    help="time local disk against HTTP instead: tools/bench_remote.py (remaining arguments go to it)")
+                    help="time local disk against HTTP instead: benchmarks/bench_remote.py (remaining arguments go to it)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--fill" in argv:  # every other argument is bench_fill.py's
         from bench_fill import main as fill_main

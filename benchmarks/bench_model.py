@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: APT ViT against the original timm ViT, same real images, same run, same machine.
 
-    python tools/bench_model.py [--models vit_small_patch16_224 vit_base_patch16_224] [--sizes 224 384]
+    python benchmarks/bench_model.py [--models vit_small_patch16_224 vit_base_patch16_224] [--sizes 224 384]
                                 [--batch 8] [--iters 3] [--thresholds 5.5 4.0] [--device cpu]
                                 [--dtype float32|bfloat16] [--backend auto] [--skip-train] [--attention]
 
@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from apt_data import APTConfig, decode_image, pack_images, warmup  # noqa: E402
-from apt_model import PackedContext, from_timm, varlen_attention  # noqa: E402
-from apt_train.flops import timm_vit_flops, vit_flops  # noqa: E402
+from apt_data import APTConfig, decode_image, pack_images, warmup
+from apt_model import PackedContext, from_timm, varlen_attention
+from apt_train.flops import timm_vit_flops, vit_flops
+from bench_common import ROOT
 
 
 def timed(fns: list, iters: int, warm: int = 1, repeat: int = 1) -> list[float]:

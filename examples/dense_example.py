@@ -2,7 +2,7 @@
 """Dense prediction with APT: a per-pixel head on an APT SAM encoder's dense feature map, trained a
 few steps on the sample shards against a synthetic per-pixel target (the image's edge map).
 
-    python tools/dense_example.py [--shards shards] [--steps 20] [--batch 8] [--image-size 448]
+    python examples/dense_example.py [--shards shards] [--steps 20] [--batch 8] [--image-size 448]
                                   [--model samvit_base_patch16] [--embed-dim 192 --depth 4 --heads 3]
                                   [--thresholds 5.5 4.0] [--lr 1e-3] [--seed 0]
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import time
 from pathlib import Path
 
@@ -29,12 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from apt_data import APTConfig, decode_image  # noqa: E402
-from apt_data.shards import iter_shards  # noqa: E402
-from apt_data.windows import pack_windowed  # noqa: E402
-from apt_model import from_timm  # noqa: E402
+from apt_data import APTConfig, decode_image
+from apt_data.shards import iter_shards
+from apt_data.windows import pack_windowed
+from apt_model import from_timm
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its sample shards/
 
 
 def edge_target(images: list[np.ndarray], thresh: float = 0.15) -> torch.Tensor:

@@ -1,27 +1,24 @@
-"""The pieces of `tools/study.py`: the split, features, linear head, evaluation rows at equal tokens, paired
+"""The pieces of `studies/study.py`: the split, features, linear head, evaluation rows at equal tokens, paired
 speed, calibration to a token count, lower resolution, fine-tunes, and the table and plot."""
 from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from apt_data import APTConfig, decode_image, pack_images, patchify, score_maps  # noqa: E402
-from apt_data.io import atomic_write, atomic_write_bytes  # noqa: E402
-from apt_train.calibrate import ScoredImage  # noqa: E402
-from apt_train.flops import timm_vit_flops, vit_flops  # noqa: E402
+from apt_data import APTConfig, decode_image, pack_images, patchify, score_maps
+from apt_data.io import atomic_write, atomic_write_bytes
+from apt_data.calibrate import ScoredImage
+from apt_train.flops import timm_vit_flops, vit_flops
 
 MODEL = "vit_small_patch14_dinov2"
 PATCH = 14
 SIZE = 224
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (../shared beside it holds the data)
 DEFAULT_WEIGHTS = ROOT.parent / "shared" / "models" / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-224-train"
 SCORER_BASE = {"laplacian": (4.4, 1.2), "upsample": (6.8, 0.7)}  # the scorers' default thresholds: search directions

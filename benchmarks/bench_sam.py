@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: APT on timm's SAM ViT image encoder against the original, same real images, same run.
 
-    python tools/bench_sam.py [--source tests/data/images ../shared/data/hires-photos] [--images 8]
+    python benchmarks/bench_sam.py [--source tests/data/images ../shared/data/hires-photos] [--images 8]
                               [--size 1024] [--model samvit_base_patch16] [--depth N] [--thresholds 5.5 4.0]
                               [--batch 1] [--iters 2] [--backend auto] [--skip-no-reduction] [--device cpu]
 
@@ -19,18 +19,16 @@ them; the rel-pos tables and pos_embed get random values so the parity figure me
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from apt_data import APTConfig, decode_image, patchify, warmup  # noqa: E402
-from apt_data.windows import pack_windowed, patchify_windowed  # noqa: E402
-from apt_model import from_timm  # noqa: E402
+from apt_data import APTConfig, decode_image, patchify, warmup
+from apt_data.windows import pack_windowed, patchify_windowed
+from apt_model import from_timm
+from bench_common import ROOT
 
 EXTS = (".jpg", ".jpeg", ".png")
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Batch fill of APTLoader on dense (segmentation) data: images with masks, the mmseg recipe.
 
-    python tools/bench_dense_fill.py [--workers 2] [--epochs 2] [--shared ../shared/data] [--quick]
+    python benchmarks/bench_dense_fill.py [--workers 2] [--epochs 2] [--shared ../shared/data] [--quick]
 
-Fill = real tokens of a batch (prefix tokens included) / ``max_tokens``, as in `tools/bench_fill.py`
+Fill = real tokens of a batch (prefix tokens included) / ``max_tokens``, as in `benchmarks/bench_fill.py`
 (whose `epoch_fills` this uses; `dense_row` is the dense row it can print). Streamed packing of
 segmentation samples: every batch carries its images' masks. Cases:
 
@@ -27,15 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-from apt_data import APTConfig, warmup  # noqa: E402
-from apt_data.loader import APTLoader  # noqa: E402
-from apt_data.masks import MaskLabels, encode_mask  # noqa: E402
-from apt_data.sources import MaskFolderSource  # noqa: E402
-from apt_data.transforms import segmentation_transform  # noqa: E402
-from bench_fill import epoch_fills, pct, per_epoch  # noqa: E402
+from apt_data import APTConfig, warmup
+from apt_data.loader import APTLoader
+from apt_data.masks import MaskLabels, encode_mask
+from apt_data.sources import MaskFolderSource
+from apt_data.transforms import segmentation_transform
+from bench_common import ROOT
+from bench_fill import epoch_fills, pct, per_epoch
 
 
 def dense_row(name: str, source: MaskFolderSource, *, crop: int, max_tokens: int, train: bool, workers: int,

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmark: APTLoader reading shards from local disk against the same shards over HTTP, same run.
 
-    python tools/bench_remote.py [--shards shards] [--latency 0.01] [--workers 2] [--epochs 5]
+    python benchmarks/bench_remote.py [--shards shards] [--latency 0.01] [--workers 2] [--epochs 5]
         [--max-tokens 4096] [--inflight 16] [--drop-rate 0] [--pipelines eval train] [--cache-dir DIR]
-    python tools/bench_loader.py --remote --source shards ...   # the same (--source: --shards)
+    python benchmarks/bench_loader.py --remote --source shards ...   # the same (--source: --shards)
 
 Starts the loopback object store of the tests (tests/http_server.py: Range requests, keep-alive,
 ``--latency`` seconds waited before every answer) over ``--shards`` in a child process on 127.0.0.1,
@@ -42,14 +42,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_fill
-from apt_data import APTConfig  # noqa: E402
-from apt_data.loader import APTLoader  # noqa: E402
-from apt_data.sources import open_remote, open_source  # noqa: E402
-from bench_loader import CpuClock  # noqa: E402
+from apt_data import APTConfig
+from apt_data.loader import APTLoader
+from apt_data.sources import open_remote, open_source
+from bench_common import ROOT, CpuClock
 
 
 #: the loaders timed: planned evaluation epochs, and the trainer's augmented streamed epochs

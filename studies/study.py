@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """APT on a real pretrained ViT (DINOv2 ViT-S/14) against vanilla and the honest baselines (issue 14).
 
-    python tools/study.py [--weights ../shared/models/vit_small_patch14_dinov2.imgfocus.fp16.safetensors]
+    python studies/study.py [--weights ../shared/models/vit_small_patch14_dinov2.imgfocus.fp16.safetensors]
         [--data ../shared/data/imagenette-224-train] [--output docs/results] [--cache out/study]
         [--val 1000] [--head-train 2000] [--finetune 1000] [--grid 5.5,4.0 6.0,4.5 6.5,5.0 7.0,5.5]
         [--ft-grid 6.0,4.5 6.5,5.0] [--extra-lr 1e-5] [--quick]
@@ -17,7 +17,7 @@ Stages (fixed seed; every figure printed and written by this command):
    --checkpoint``; those need ``--model vit_small_patch14_dinov2 --image-size 224``).
 2. **Zero-shot at equal tokens**, for each threshold pair of ``--grid``: vanilla (uniform grid); APT
    (entropy); APT with the Laplacian and upsample scorers, thresholds calibrated
-   (`apt_train.calibrate`) on the val images to entropy APT's token fraction; random base-cell
+   (`apt_data.calibrate`) on the val images to entropy APT's token fraction; random base-cell
    dropping at APT's count per image (`random_base_layout`); lower resolution (the whole image
    resized to the multiple of 14 px whose uniform grid is closest to APT's mean token count;
    positions resampled as timm's ``dynamic_img_size``); resize-only (APT's layouts without the
@@ -51,21 +51,19 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from apt_data import APTConfig, list_image_folder, patchify
+from apt_data.calibrate import calibrate
+from apt_train.evaluation import random_base_layout
 
-from apt_data import APTConfig, list_image_folder, patchify  # noqa: E402
-from apt_train.calibrate import calibrate  # noqa: E402
-from apt_train.evaluation import random_base_layout  # noqa: E402
-
-from study_parts import (  # noqa: E402
-    DEFAULT_DATA, DEFAULT_WEIGHTS, HEADER, MODEL, NEG, PATCH, SCORER_BASE, SIZE, SPEED, backbone, cls_features, eval_rows, finetune, fit_head, fmt_row, load_images, log, lowres_size, paired_delta, parse_pair, plot, scored, stratified_split, subset_folder, write_text)
+from study_parts import (
+    ROOT, DEFAULT_DATA, DEFAULT_WEIGHTS, HEADER, MODEL, NEG, PATCH, SCORER_BASE, SIZE, SPEED, backbone, cls_features, eval_rows, finetune, fit_head, fmt_row, load_images, log, lowres_size, paired_delta, parse_pair, plot, scored, stratified_split, subset_folder, write_text)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The study's flags (``--quick``: a few images, one step per fine-tune); a missing weights file exits 2."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="ImageNet-layout folder of 224-px images")
@@ -102,13 +100,34 @@ def main(argv=None) -> int:
         args.grid, args.ft_grid, args.batch = args.grid[:1], args.ft_grid[:1], 6
         args.scorers = args.scorers[:1]
         args.speed_images, args.speed_reps = 6, 1
+    if not Path(args.weights).is_file():
+        ap.error(f"weights {args.weights} not found")
+    return args
+
+
+def cached_features(vit, entries, head_idx, val_idx, val_images, args, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The backbone's CLS features of the head-train and val images, read from ``cache`` when there."""
+    t0 = time.perf_counter()
+    fpath = cache / f"feat-{len(entries)}-v{len(val_idx)}-h{len(head_idx)}-s{args.seed}.npz"
+    if fpath.is_file():
+        z = np.load(fpath)
+        log(f"features: read {fpath}")
+        return z["train"], z["val"]
+    ftrain = cls_features(vit, load_images([entries[i][0] for i in head_idx]), args.batch)
+    fval = cls_features(vit, val_images, args.batch)
+    np.savez(fpath.with_suffix(".tmp.npz"), train=ftrain, val=fval)
+    os.replace(fpath.with_suffix(".tmp.npz"), fpath)
+    log(f"features: {len(head_idx) + len(val_idx)} images in {time.perf_counter() - t0:.0f} s -> {fpath}")
+    return ftrain, fval
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     weights, data, out, cache = Path(args.weights), Path(args.data), Path(args.output), Path(args.cache)
-    if not weights.is_file():
-        ap.error(f"weights {weights} not found")
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
-    command = "python tools/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python studies/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     t_all = time.perf_counter()
     timings = {}
 
@@ -125,18 +144,7 @@ def main(argv=None) -> int:
     val_images = load_images([entries[i][0] for i in val_idx])
     val_labels = labels_all[val_idx].tolist()
     vit = backbone(weights).to(args.device)
-    key = f"feat-{len(entries)}-v{len(val_idx)}-h{len(head_idx)}-s{args.seed}.npz"
-    fpath = cache / key
-    if fpath.is_file():
-        z = np.load(fpath)
-        ftrain, fval = z["train"], z["val"]
-        log(f"features: read {fpath}")
-    else:
-        ftrain = cls_features(vit, load_images([entries[i][0] for i in head_idx]), args.batch)
-        fval = cls_features(vit, val_images, args.batch)
-        np.savez(fpath.with_suffix(".tmp.npz"), train=ftrain, val=fval)
-        os.replace(fpath.with_suffix(".tmp.npz"), fpath)
-        log(f"features: {len(head_idx) + len(val_idx)} images in {time.perf_counter() - t0:.0f} s -> {fpath}")
+    ftrain, fval = cached_features(vit, entries, head_idx, val_idx, val_images, args, cache)
     if args.eval_images and args.eval_images < len(val_idx):  # evaluate on a (still stratified) prefix of val
         val_idx, fval, val_images = val_idx[:args.eval_images], fval[:args.eval_images], val_images[:args.eval_images]
         val_labels = val_labels[:args.eval_images]
@@ -268,7 +276,7 @@ def main(argv=None) -> int:
                 f"or to the same stage's vanilla control, on the same images, ± its paired SE (sd of the per-image "
                 f"differences / sqrt(n)), which is what says whether two rows differ beyond noise\n"
                 f"- run times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "\n")
-    md = (f"# APT on a real pretrained ViT: the study (generated by `tools/study.py`)\n\n"
+    md = (f"# APT on a real pretrained ViT: the study (generated by `studies/study.py`)\n\n"
           f"Command (from the repository root, with `../shared` present):\n\n```bash\n.venv/bin/{command}\n```\n\n"
           f"{settings}\n{table}\n\n![top-1 against tokens kept](study.png)\n")
     write_text(out / "study.md", md)

@@ -2,7 +2,7 @@
 """Cost of verifying shard member checksums: `IndexSource` reads of every sample of a shard set with
 CRC32C verification on vs off, alternating in one run; prints the medians and their ratio.
 
-    .venv/bin/python tools/bench_checksum.py --checksums [--data shards] [--rounds 15]
+    .venv/bin/python benchmarks/bench_checksum.py --checksums [--data shards] [--rounds 15]
 """
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apt_data.sources.index import open_shards  # noqa: E402
+from apt_data.sources.index import open_shards
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,96 @@
+"""``apt-eval`` (``tools/evaluate.py``): evaluate an APT model and the paper's baselines on the same images (logic: apt_train/evaluation.py).
+
+    apt-eval [--model vit_tiny_patch16_224] [--checkpoint out/train/checkpoint-0000100.pt]
+        [--data shards:val] [--baseline none resize random] [--uniform] [--thresholds 5.5 4.0]
+        [--max-tokens 4096] [--output results.json]
+
+Per method: top-1 / top-5, images/s of the model forward (data loading and the first batch
+excluded), patch tokens per image against the uniform ViT grid, and analytic encoder GFLOPs per
+image. ``--baseline``: ``none`` = APT as configured; ``resize`` = the same layouts without the detail
+path (``model.resize_only``); ``random`` = APT's token count per image, but random base-scale cells
+of the uniform grid. ``--uniform`` adds the plain ViT (every token at the base scale).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..checkpoint import atomic_write_text
+from ..cli import add_eval_args, eval_setup
+from ..dist import cleanup
+from ..evaluation import evaluate_mode
+from .common import Argv, prog_name, run_command, sample_data, setup_logging
+
+COMMAND = "apt-eval"
+
+
+def row(name: str, r) -> str:
+    return (f"| {name} | {r.top1:.2%} | {r.top5:.2%} | {r.images_per_s:.1f} | {r.tokens_per_image:.1f} | "
+            f"{r.uniform_tokens / max(1, r.images):.0f} | {r.token_fraction:.1%} | {r.gflops_per_image:.3f} |")
+
+
+HEADER = ("| method | top-1 | top-5 | images/s | tokens/img | uniform tokens/img | kept | GFLOPs/img |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def plain(value):
+    """A flag's value as JSON: numbers, booleans, null, strings and lists as they are; anything else as text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return str(value)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog_name(COMMAND), description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_args(ap, default_data=sample_data("val") or "shards:val")
+    ap.add_argument("--baseline", "--baselines", dest="baseline", nargs="+", default=["none"],
+                    choices=["none", "resize", "random"], help="methods to run (several allowed; default: none)")
+    ap.add_argument("--uniform", action="store_true", help="also the plain ViT on the uniform grid")
+    ap.add_argument("--output", "--json", dest="output", default=None, help="write the results here as JSON (atomic)")
+    return ap
+
+
+def _evaluate(argv: Argv) -> int:
+    args = parser().parse_args(argv)
+    setup = eval_setup(args)
+    model, cfg, source, info, kw, amp = setup.model, setup.cfg, setup.source, setup.info, setup.loader_kw, setup.amp
+    modes = list(dict.fromkeys(args.baseline)) + (["uniform"] if args.uniform else [])
+    results, skipped = {}, {}
+    try:
+        if info.is_main:
+            print(f"evaluate: {args.model}{' from ' + setup.checkpoint if setup.checkpoint else ' (random init)'} on "
+                  f"{args.data} ({len(source)} images) at {kw['image_size']} px, {cfg}, <= {args.max_tokens} "
+                  f"tokens per batch, {info.device}{', bf16' if amp else ''}")
+            print(HEADER)
+        for mode in modes:
+            res, loader = evaluate_mode(model, source, cfg, mode, device=info.device, amp=amp, info=info,
+                                        seed=args.seed, max_batches=args.max_batches, progress=mode, **kw)
+            results[mode] = res.as_dict()
+            skipped[mode] = dict(loader.stats.skipped)
+            if info.is_main:
+                print(row({"none": "APT", "resize": "resize", "random": "random", "uniform": "uniform"}[mode], res),
+                      flush=True)
+        if info.is_main:
+            bad = {m: s for m, s in skipped.items() if s}
+            print(f"skipped bad samples: {bad if bad else 'none'}")
+            if args.output:
+                flags = {**vars(args), "checkpoint": setup.checkpoint}  # a folder's newest checkpoint: the file read
+                atomic_write_text(args.output, json.dumps({"args": {k: plain(v) for k, v in flags.items()},
+                                                           "config": str(cfg), "results": results}, indent=1))
+    finally:
+        cleanup(info)
+    return 0
+
+
+def main(argv: Argv = None) -> int:
+    """Evaluate; 0 when done, 2 on a bad flag, setting or input (one ``error:`` line)."""
+    setup_logging()
+    return run_command(COMMAND, _evaluate, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

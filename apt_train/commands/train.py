@@ -1,0 +1,34 @@
+"""``apt-train`` (``tools/train.py``): fine-tune a timm ViT as an Adaptive Patch Transformer.
+
+    apt-train                                   # the demo: vit_tiny (random init) on ./shards, recipe 'sample'
+    apt-train --model vit_base_patch16_384 --initial-checkpoint W.pth --data IMAGENET_SHARDS \\
+        --val-data IMAGENET_SHARDS:val --recipe short --max-tokens 16384
+    torchrun --nproc_per_node=8 -m apt_train.commands.train ...   # DDP (nccl on CUDA, gloo on the CPU)
+
+Flags: `apt_train.cli.build_parser`; the loop: `apt_train.trainer`. ``--data`` defaults to the sample
+dataset ``shards/`` (of the working directory, or of the checkout ``tools/train.py`` runs from).
+"""
+from __future__ import annotations
+
+import sys
+
+from ..cli import run
+from .common import Argv, prog_name, run_command, sample_data, setup_logging
+
+COMMAND = "apt-train"
+
+
+def _train(argv: Argv) -> int:
+    # no sample data here: "shards" all the same, so that a run without --data says which path is missing
+    run(argv, default_data=sample_data() or "shards", prog=prog_name(COMMAND))
+    return 0
+
+
+def main(argv: Argv = None) -> int:
+    """Train; 0 when done, 2 on a bad flag, setting or input (one ``error:`` line)."""
+    setup_logging()
+    return run_command(COMMAND, _train, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
