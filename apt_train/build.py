@@ -5,7 +5,7 @@ import logging
 import os
 from typing import Optional, Sequence
 
-from apt_data import ImageTransform
+from apt_data import APTConfig, ImageTransform
 from apt_model import APTViT, from_timm
 from apt_model.convert import load_apt_checkpoint
 
@@ -13,7 +13,7 @@ from .config import SetupError
 
 log = logging.getLogger("apt_train")
 
-__all__ = ["SetupError", "build_model", "checkpoint_num_classes", "compile_blocks", "infer_num_classes",
+__all__ = ["SetupError", "build_model", "build_run_model", "checkpoint_num_classes", "compile_blocks", "infer_num_classes",
            "model_image_size", "model_patch_size", "train_transform"]
 
 
@@ -111,6 +111,23 @@ def build_model(name: str, *, checkpoint: Optional[str] = None, num_classes: Opt
         return apt
     except (TypeError, ValueError, RuntimeError, FileNotFoundError) as e:
         raise SetupError(f"model {name!r}: {e}") from None
+
+
+def build_run_model(config, labels: Sequence[int], device) -> tuple[APTViT, APTConfig, int]:
+    """(model on ``device``, its batching `APTConfig`, its image size) for a `TrainConfig` whose
+    training data has ``labels``: the head has ``model.num_classes`` classes, else the checkpoint's,
+    else max label + 1."""
+    m, d = config.model, config.data
+    num_classes = m.num_classes or infer_num_classes(labels)
+    model = build_model(m.name, checkpoint=m.checkpoint, num_classes=num_classes, image_size=m.image_size,
+                        num_scales=d.num_scales, drop_path=m.drop_path, attn_backend=m.attn_backend,
+                        pretrained=m.pretrained, reset_head=m.num_classes is not None).to(device)
+    if model.num_classes != num_classes:
+        raise SetupError(f"the model has {model.num_classes} classes, the data {num_classes}")
+    cfg = config.batching_for(model_patch_size(model, d.patch_size, d.num_scales))
+    if m.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model, cfg, model_image_size(model)
 
 
 def model_image_size(model: APTViT) -> int:

@@ -8,17 +8,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
-from dataclasses import dataclass, fields
+from signal import Signals
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from apt_data import APTConfig, add_loader_args
 from apt_data.loader import TooManySkipped
 
-from .config import SetupError, TrainConfig, check_device, loader_config, validate
+from .config import SetupError, TrainConfig, check_device, loader_config
 from .data import AUTO, open_data
 from .dist import DistInfo, cleanup, init_distributed
-from .recipes import RECIPES, apply_recipe
+from .interrupt import TrainingInterrupted
+from .recipes import RECIPES
 from .trainer import Trainer, TrainResult
 
 if TYPE_CHECKING:
@@ -157,11 +160,8 @@ def parse_args(ap: argparse.ArgumentParser, argv: Argv = None) -> argparse.Names
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The `TrainConfig` of parsed train flags (``--no-eval``: no ``val_data``)."""
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    if getattr(args, "no_eval", False):
-        values["val_data"] = None
-    return TrainConfig(**values)
+    """The `TrainConfig` of parsed train flags (filled from its recipe and validated; ``--no-eval``: no val data)."""
+    return TrainConfig.from_flat({k: v for k, v in vars(args).items() if k != "config"})
 
 
 def _logging(info: DistInfo) -> None:
@@ -175,7 +175,7 @@ def make_trainer(argv: Argv = None, *, default_data: Optional[str] = None,
     exits with status 2 and ``train.py: error: ...`` (SystemExit), after leaving the process group."""
     ap = build_parser(default_data, default_val_data)
     try:
-        config = validate(apply_recipe(train_config(parse_args(ap, argv))))  # before joining the process group
+        config = train_config(parse_args(ap, argv))  # before joining the process group
     except SetupError as e:
         ap.error(str(e))
     info = init_distributed(config.device, config.dist_timeout)
@@ -207,7 +207,28 @@ def main(argv: Argv = None, **defaults: Optional[str]) -> int:
     except TooManySkipped as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(interrupted_line(e, sys.argv[1:] if argv is None else list(argv)), file=sys.stderr, flush=True)
+        return e.exit_status
+    except KeyboardInterrupt:  # before the first step: nothing was saved
+        print("train.py: interrupted while setting up, before the first step: nothing to resume", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_line(e: TrainingInterrupted, argv: Sequence[str]) -> str:
+    """``interrupted at step N; resume with: <the command> --resume DIR`` (or what was lost, when a
+    second signal aborted the run)."""
+    if e.checkpoint is None:
+        return f"aborted at step {e.step} by a second {Signals(e.signum).name}: no checkpoint written for it"
+    args, skip = [], False
+    for a in argv:  # the command as given, less any earlier --resume
+        if skip or a == "--resume" or a.startswith("--resume="):
+            skip = a == "--resume"
+            continue
+        args.append(a)
+    command = shlex.join([sys.executable, sys.argv[0], *args, "--resume", str(e.checkpoint.parent)])
+    return f"interrupted at step {e.step}; resume with: {command}"
 
 
 # ------------------------------------------------------------------------------------ evaluation

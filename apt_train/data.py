@@ -10,7 +10,7 @@ from .config import SetupError
 
 AUTO = "auto"  # --val-data's default: the training source's own val split, if it has one
 
-__all__ = ["AUTO", "check_classes", "class_count", "default_val_data", "open_data"]
+__all__ = ["AUTO", "build_loaders", "check_classes", "class_count", "default_val_data", "open_data"]
 
 
 def _path_part(source: str) -> str:
@@ -97,3 +97,33 @@ def check_classes(num_classes: int, train, val=None, *, train_name: str = "", va
                          f"{'not in --data: ' + str(extra[:5]) + '; ' if extra else ''}"
                          f"{'missing: ' + str(missing[:5]) if missing else 'another order'}; "
                          f"give val a sub-folder (with images) per training class, or --no-eval")
+
+
+def build_loaders(config, model, cfg, image_size: int, train_source):
+    """(train loader, validation loader or None) of a `TrainConfig` for ``model`` at ``image_size`` with
+    the batching `APTConfig` ``cfg``; a budget or source that does not fit is a `SetupError`."""
+    from apt_data.loader import APTLoader
+
+    from .build import train_transform
+    from .config import mix_config
+    from .evaluation import eval_loader
+
+    d = config.data
+    prefix = model.num_prefix_tokens
+    transform = train_transform(model, image_size, augment=d.augment, auto_augment=d.auto_augment, re_prob=d.re_prob)
+    try:
+        loader = APTLoader(train_source, cfg, max_tokens=d.max_tokens, max_images=d.max_images, num_workers=d.workers,
+                           shuffle=True, seed=config.run.seed, train=True, transform=transform,
+                           num_prefix_tokens=prefix, static_shapes=d.static_shapes, strict=d.strict,
+                           max_skip_fraction=d.max_skip_fraction, mix=mix_config(config, model.num_classes))
+        loader.set_epoch(0)
+        loader.steps_per_epoch()  # budget errors surface here, before the first step
+        val_loader = None
+        if d.val:
+            val_loader = eval_loader(open_data(d.val, "--val-data", d.remote_options()), cfg, max_tokens=d.max_tokens,
+                                     max_images=d.max_images, image_size=image_size, num_prefix_tokens=prefix,
+                                     num_workers=d.workers, crop_pct=d.crop_pct, strict=d.strict)
+            val_loader.steps_per_epoch()
+    except (ValueError, OSError) as e:
+        raise SetupError(str(e)) from None
+    return loader, val_loader

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -101,3 +102,54 @@ class WarmupCosine:
         for k in ("step_count", "base_lr", "min_lr", "total_steps", "warmup_steps"):
             setattr(self, k, type(getattr(self, k))(state[k]))
         self.apply()
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """A run's length and peak lr, fixed at its start (`plan_schedule`)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    images_per_step: float       # what the lr rule scales by
+    lr: float
+    warmup: int                  # steps
+    note: Optional[str] = None   # a line saying what was capped, if anything
+
+
+def plan_schedule(config, loader, world_size: int) -> SchedulePlan:
+    """Steps, images per global step and peak lr of ``config`` (a `TrainConfig`) on ``loader``: the
+    epoch length is the loader's, the images per step its mean images per batch times ``world_size``,
+    capped at the training data's size (a step never holds more images than there are), and the lr
+    ``blr * images_per_step / 256`` unless given. `SetupError` when the data gives no batch."""
+    from .config import SetupError
+
+    o, r = config.optim, config.run
+    steps_per_epoch = r.overfit_batches or loader.steps_per_epoch()
+    if steps_per_epoch == 0:
+        raise SetupError("the training data gives no batch")
+    budget_images = loader.mean_images_per_batch() * world_size
+    n = len(loader.source)
+    images_per_step = min(budget_images, float(n))
+    note = None
+    if budget_images > images_per_step:
+        note = (f"lr rule: the token budget fits {budget_images:.2f} images per global step but the training data "
+                f"has {n}: the lr is scaled for {n} images per step")
+    total = o.epochs * steps_per_epoch
+    if o.steps is not None:  # a cap; with overfit_batches (an "epoch" is N batches) the length
+        total = o.steps if r.overfit_batches else min(total, o.steps)
+    lr = o.lr if o.lr is not None else o.blr * images_per_step / 256
+    warmup = o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_epochs * steps_per_epoch))
+    return SchedulePlan(steps_per_epoch, total, images_per_step, lr, warmup, note)
+
+
+def trainable_parameters(model: nn.Module, new_only: bool = False) -> list[nn.Parameter]:
+    """The parameters to train: all, or (``new_only``) APT's new ones, the rest frozen."""
+    if new_only:
+        from .config import SetupError
+
+        new = {id(p) for p in model.apt_parameters()}
+        if not new:
+            raise SetupError("--train-new-only: the model has no APT parameters (num_scales 1)")
+        for p in model.parameters():
+            p.requires_grad_(id(p) in new)
+    return [p for p in model.parameters() if p.requires_grad]

@@ -71,15 +71,15 @@ def test_bad_config_raises_in_the_library_and_exits_2_on_the_command_line(tmp_pa
     from apt_train import SetupError, TrainConfig, Trainer
 
     data = str(ROOT / "shards")
-    for config, message in [(TrainConfig(data=data, steps=0), "--steps must be positive, got 0"),
-                            (TrainConfig(), "no training data"),
-                            (TrainConfig(data=data, thresholds=(5.5,)), "one value per scale"),
-                            (TrainConfig(data=data, patch_size=14, workers=0), "but the model's patch size is 16"),
-                            (TrainConfig(data=data, resume=tmp_path / "none.pt"), "does not exist"),
-                            (TrainConfig(data=data, val_data="/nonexistent/v:val", workers=0, max_tokens=2048),
-                             "--val-data /nonexistent/v:val: /nonexistent/v does not exist")]:
+    for flat, message in [(dict(data=data, steps=0), "--steps must be positive, got 0"),
+                          (dict(), "no training data"),
+                          (dict(data=data, thresholds=(5.5,)), "one value per scale"),
+                          (dict(data=data, patch_size=14, workers=0), "but the model's patch size is 16"),
+                          (dict(data=data, resume=tmp_path / "none.pt"), "does not exist"),
+                          (dict(data=data, val_data="/nonexistent/v:val", workers=0, max_tokens=2048),
+                           "--val-data /nonexistent/v:val: /nonexistent/v does not exist")]:
         with pytest.raises(SetupError, match=message) as e:
-            Trainer(config)
+            Trainer(TrainConfig.from_flat(flat))
         assert isinstance(e.value, ValueError)
     proc = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), "--steps", "0", "--output", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -154,9 +154,9 @@ def test_a_failing_evaluation_keeps_the_checkpoint(tmp_path):
 
     train = image_folder(tmp_path)
     out = tmp_path / "out"
-    trainer = Trainer(TrainConfig(data=str(train), val_data="auto", steps=2, eval_every=1, save_every=0, workers=0,
-                                  max_tokens=2048, quiet=True, output=str(out)))
-    assert trainer.config.val_data == str(tmp_path / "photos" / "val")
+    trainer = Trainer(TrainConfig.from_flat(dict(data=str(train), val_data="auto", steps=2, eval_every=1, save_every=0,
+                                                 workers=0, max_tokens=2048, quiet=True, output=str(out))))
+    assert trainer.config.data.val == str(tmp_path / "photos" / "val")
 
     def broken():
         raise IndexError("Target 7 is out of bounds")
