@@ -82,7 +82,7 @@ class RunTotals:
 
 def epoch_line(epoch: int, steps: int, images: int, fill: float, source_images: int, carried: Optional[int]) -> str:
     """``epoch 0: 8 steps, 245 images (0.61 passes over the 400 training images), mean fill 99.7%``."""
-    return (f"epoch {epoch}: {steps} steps, {images} images ({images / max(source_images, 1):.2g} passes over the "
+    return (f"epoch {epoch}: {steps} step{'' if steps == 1 else 's'}, {images} images ({images / max(source_images, 1):.2g} passes over the "
             f"{source_images} training images), mean fill {fill:.1%}"
             + (f"; {carried} sample visits read ahead (rank 0) carry over into the next epoch" if carried else ""))
 

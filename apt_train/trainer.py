@@ -113,7 +113,7 @@ class Trainer:
         o = self.config.optim
         plan = plan_schedule(self.config, self.loader, self.info.world_size)
         self.steps_per_epoch, self.total_steps, self.lr = plan.steps_per_epoch, plan.total_steps, plan.lr
-        self.images_per_step, self._lr_note = plan.images_per_step, plan.note
+        self.images_per_step, self.eval_epochs, self._notes = plan.images_per_step, plan.eval_epochs, plan.notes
         if plan.warmup >= self.total_steps > 0 and self.info.is_main:
             log.warning("warmup of %d steps >= the run's %d steps: the lr never reaches its peak %.3g (set "
                         "--warmup-steps or --warmup-epochs lower, or train longer)", plan.warmup, self.total_steps,
@@ -248,8 +248,11 @@ class Trainer:
             raise
 
     def _eval_due(self, epoch_end: bool) -> bool:
-        """Evaluate every ``eval_every`` steps, or at each epoch end when it is 0."""
-        return every(self.global_step, self.config.run.eval_every) if self.config.run.eval_every else epoch_end
+        """Evaluate every ``eval_every`` steps, or when it is 0 at each ``eval_epochs``-th epoch end (the
+        epoch has just ended: ``self.epoch`` counts it)."""
+        if self.config.run.eval_every:
+            return every(self.global_step, self.config.run.eval_every)
+        return epoch_end and every(self.epoch, self.eval_epochs)
 
     def _save_due(self) -> bool:
         """Checkpoint every ``save_every`` steps (0: only at the end)."""
@@ -292,9 +295,9 @@ class Trainer:
                         + f"; label smoothing {c.label_smoothing}")
 
     def _print_start(self) -> None:
-        """Rank 0: what the header does not say: a capped lr rule, and where a resumed run continues."""
-        if self._lr_note:
-            self._log.print(self._lr_note)
+        """Rank 0: what the header does not say: settings changed to fit the data, where a resume continues."""
+        for note in self._notes:
+            self._log.print(note)
         if getattr(self, "_resumed_from", None) is not None:
             self._log.print(f"resuming {self._resumed_from}: continuing after step {self.global_step} of "
                             f"{self.total_steps} (epoch {self.epoch}, {self.step_in_epoch} steps into it), "
