@@ -3,6 +3,7 @@ and the class-count checks between train data, val data and the model's head (`S
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,7 @@ def open_data(source: str, flag: str = "--data", remote: Optional[dict] = None):
     path = _path_part(source)
     if not any(m in source for m in ("://", "{", "::")) and not os.path.exists(path):
         raise SetupError(f"{flag} {source}: {path} does not exist")
+    _check_not_split_parent(source, flag)
     try:
         return open_source(source, remote)
     except (ValueError, OSError) as e:
@@ -37,11 +39,49 @@ def open_data(source: str, flag: str = "--data", remote: Optional[dict] = None):
         raise SetupError(msg if msg.startswith(f"{flag} ") else f"{flag} {source}: {msg}") from None
 
 
-def default_val_data(data: str) -> tuple[Optional[str], str]:
+SPLIT_NAMES = ("train", "val", "validation", "test")
+
+
+def _check_not_split_parent(source: str, flag: str) -> None:
+    """An image folder whose class folders are all named like splits (``train``, ``val``, ...) is a
+    folder of splits, not of classes: a `SetupError` saying which folder to pass."""
+    p = Path(source)
+    if not p.is_dir() or list(p.glob("*.parquet")):
+        return
+    subs = sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if subs and "train" in subs and all(d in SPLIT_NAMES for d in subs):
+        others = [d for d in subs if d != "train"]
+        raise SetupError(f"{flag} {source}: its folders {', '.join(subs)} are splits, not classes: pass "
+                         f"{flag} {p / 'train'}" + (f" (its val split {p / others[0]} is found by itself)"
+                                                     if flag == "--data" and "val" in others else ""))
+
+
+def _url_val(data: str, remote: Optional[dict]) -> Optional[str]:
+    """The val split beside a training source at a URL: ``URL:val`` for a folder URL (or ``URL:train``),
+    ``.../val.parquet`` for ``.../train.parquet``, when the server has it (its index can be read)."""
+    m = re.match(r"^(.*://.*?)(?::([A-Za-z_][A-Za-z0-9_-]*))?$", data)
+    base, split = m.group(1), m.group(2)
+    if base.endswith(".parquet"):
+        if base.rsplit("/", 1)[-1] == "val.parquet":
+            return None
+        candidate = base.rsplit("/", 1)[0] + "/val.parquet"
+    elif base.endswith(".tar") or "{" in base or "::" in base or (split or "train") == "val":
+        return None
+    else:
+        candidate = base.rstrip("/") + ":val"
+    try:
+        open_data(candidate, "--val-data", remote)
+    except SetupError:
+        return None
+    return candidate
+
+
+def default_val_data(data: str, remote: Optional[dict] = None) -> tuple[Optional[str], str]:
     """The validation source beside the training source ``data`` and a line saying what was chosen:
     ``X:val`` for a shard folder ``X`` (or ``X:train``) with a ``val.parquet``; ``X/val.parquet`` for
     ``X/train.parquet``; a folder ``.../val`` beside an image folder ``.../train``. None when there is
-    none (the run then does not evaluate)."""
+    none (the run then does not evaluate). The same beside a URL (``remote``: its options), when the
+    server has it."""
     s = str(data)
     split = None
     base = s
@@ -49,7 +89,9 @@ def default_val_data(data: str) -> tuple[Optional[str], str]:
         base, split = s.rsplit(":", 1)
     p = Path(base)
     found = None
-    if p.is_dir() and list(p.glob("*.parquet")):  # a shard folder
+    if "://" in s:  # a URL: what the server has beside it
+        found = _url_val(s, remote)
+    elif p.is_dir() and list(p.glob("*.parquet")):  # a shard folder
         if (split or "train") != "val" and (p / "val.parquet").is_file():
             found = f"{base}:val"
     elif base.endswith(".parquet") and p.name != "val.parquet" and (p.parent / "val.parquet").is_file():

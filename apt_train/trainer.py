@@ -81,7 +81,7 @@ class Trainer:
         train_source = open_data(c.data.train, "--data", c.data.remote_options())
         self._val_note = None
         if c.data.val == AUTO:  # the training source's own val split, else none (said in the header)
-            val_data, self._val_note = default_val_data(c.data.train)
+            val_data, self._val_note = default_val_data(c.data.train, c.data.remote_options())
             self.config = c = c.with_val_data(val_data)
         self.model, self.cfg, self.image_size = build_run_model(c, train_source.labels, self.device)
         num_classes = self.model.num_classes
