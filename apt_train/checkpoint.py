@@ -106,11 +106,10 @@ def _unreadable(path: Path, e: BaseException) -> str:
     except OSError as oe:
         return f"checkpoint {path} cannot be read: {oe.strerror or oe}"
     first = (str(e).strip().splitlines() or [""])[0][:200]
-    if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
-        m = re.search(r"GLOBAL ([\w.]+)", str(e))
-        return (f"checkpoint {path} is not a plain weights file: it names Python code that loading would run"
-                + (f" ({m.group(1)})" if m else "") + "; refused, nothing was run (only tensors and plain values "
-                "are read)")
+    unsafe = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+    if unsafe:  # a pickle that names a callable: what a malicious "checkpoint" does
+        return (f"checkpoint {path} is not a plain weights file: it names Python code that loading would run "
+                f"({unsafe.group(1)}); refused, nothing was run (only tensors and plain values are read)")
     if size == 0:
         what = "empty file (0 bytes)"
     elif head.startswith(b"PK\x03\x04"):

@@ -27,11 +27,11 @@ import torch
 from apt_data import PackedBatch
 
 from .build import build_run_model, compile_blocks
-from .checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints, resolve_checkpoint,
+from .checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints, resolve_checkpoint,
                          restore_weights, rng_state, save_checkpoint, set_rng_state)
 from .config import SetupError, TrainConfig
 from .data import AUTO, build_loaders, check_classes, class_count, default_val_data, open_data
-from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, sum_counts
+from .dist import DistInfo, all_gather_objects, all_reduce_sum, init_distributed, sum_counts
 from .evaluation import EvalResult, evaluate
 from .interrupt import StopSignals, TrainingInterrupted
 from .loss import scaled_cross_entropy
@@ -89,9 +89,7 @@ class Trainer:
         check_classes(num_classes, train_source, self.val_loader.source if self.val_loader is not None else None,
                       train_name=c.data.train, val_name=c.data.val or "")
         self._plan_schedule()
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.resume_state = None
-        self.totals = RunTotals()
+        self.epoch, self.step_in_epoch, self.global_step, self.resume_state, self.totals = 0, 0, 0, None, RunTotals()
         if c.run.resume:
             self._load(c.run.resume)
         self.ddp = self.model
@@ -160,7 +158,7 @@ class Trainer:
         checkpoints stay."""
         rngs = all_gather_objects(rng_state(), self.info)  # every rank's stream (drop path differs per rank)
         loaders = all_gather_objects(self.loader.state_dict(), self.info)  # where every rank's data stands
-        path = None
+        path, error = None, None
         if self.info.is_main:
             state = {"format": "apt_train/2", "model": self.model.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -169,9 +167,14 @@ class Trainer:
                      "rng": rngs, "loader": loaders, "config": self.config.to_dict(),
                      "totals": self.totals.state_dict()}
             path = checkpoint_path(self.out, self.global_step)
-            save_checkpoint(path, state)
-            prune_checkpoints(self.out, self.config.run.keep_checkpoints)
-        barrier(self.info)
+            try:
+                save_checkpoint(path, state)
+                prune_checkpoints(self.out, self.config.run.keep_checkpoints)
+            except CheckpointError as e:
+                error = str(e)
+        for e in all_gather_objects(error, self.info):  # every rank waits for the file and learns of a failure
+            if e:
+                raise CheckpointError(e)
         return path
 
     # ------------------------------------------------------------------ data
