@@ -328,7 +328,7 @@ class Trainer:
         try:
             with self._stop:
                 while self.global_step < self.total_steps:
-                    if self._advance() and self.stop_requested:
+                    if self._advance() and self.stop_requested and self.global_step < self.total_steps:
                         path = self._last_saved if self._saved_now else self.save()
                         raise TrainingInterrupted(self.stop_requested, self.global_step, path)
                 if not self._save_due() or self._last_saved is None:

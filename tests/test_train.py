@@ -210,4 +210,5 @@ def test_config_is_validated_once_when_it_is_made():
             TrainConfig.from_flat(dict(data="d", **flat))
     config = TrainConfig.from_flat(dict(data="d", no_eval=True))
     assert config.data.val is None and config.batching.patch_size == 16
+    assert TrainConfig.from_dict({**config.to_dict(), "a_setting_of_an_older_version": 1}) == config
     assert config.batching_for(16) is config.batching and config.batching_for(14).patch_size == 14
