@@ -5,7 +5,7 @@ import logging
 import os
 from typing import Optional, Sequence
 
-from apt_data import ImageTransform
+from apt_data import APTConfig, ImageTransform
 from apt_model import APTViT, from_timm
 from apt_model.convert import load_apt_checkpoint
 
@@ -13,7 +13,7 @@ from .config import SetupError
 
 log = logging.getLogger("apt_train")
 
-__all__ = ["SetupError", "build_model", "checkpoint_num_classes", "compile_blocks", "infer_num_classes",
+__all__ = ["SetupError", "build_model", "build_run_model", "checkpoint_num_classes", "compile_blocks", "infer_num_classes",
            "model_image_size", "model_patch_size", "train_transform"]
 
 
@@ -48,6 +48,28 @@ def _read_weights(checkpoint: str) -> dict:
     return clean_state_dict(raw)
 
 
+def _checkpoint_state(checkpoint: str, num_classes: Optional[int], reset_head: bool,
+                      explicit_classes: bool) -> tuple[dict, Optional[int]]:
+    """(the weights of ``checkpoint`` to load, the head's class count): see `build_model`."""
+    state = _read_weights(checkpoint)  # read once: the head size here, the weights in build_model
+    ckpt_classes = checkpoint_num_classes(state)
+    if num_classes is None:
+        num_classes = ckpt_classes
+    elif ckpt_classes is not None and ckpt_classes != num_classes:
+        if not reset_head and explicit_classes:
+            raise SetupError(f"checkpoint {checkpoint} has a {ckpt_classes}-class head but --num-classes is "
+                             f"{num_classes}; leave --num-classes out to use the checkpoint's head")
+        if not reset_head:
+            raise SetupError(f"checkpoint {checkpoint} has a {ckpt_classes}-class head but the data has "
+                             f"{num_classes} classes; pass --num-classes {num_classes} to drop the checkpoint's "
+                             f"head and train a new one, or --num-classes {ckpt_classes} if the labels are the "
+                             f"checkpoint's classes")
+        log.info("checkpoint %s: its %d-class head is dropped, a new %d-class head is trained", checkpoint,
+                 ckpt_classes, num_classes)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return state, num_classes
+
+
 def build_model(name: str, *, checkpoint: Optional[str] = None, num_classes: Optional[int] = None,
                 image_size: Optional[int] = None, num_scales: int = 3, drop_path: float = 0.0,
                 attn_backend: str = "auto", pretrained: bool = False, reset_head: bool = False,
@@ -70,22 +92,7 @@ def build_model(name: str, *, checkpoint: Optional[str] = None, num_classes: Opt
         raise SetupError(f"checkpoint {checkpoint} does not exist")
     state = None
     if checkpoint is not None:
-        state = _read_weights(checkpoint)  # read once: the head size here, the weights below
-        ckpt_classes = checkpoint_num_classes(state)
-        if num_classes is None:
-            num_classes = ckpt_classes
-        elif ckpt_classes is not None and ckpt_classes != num_classes:
-            if not reset_head and explicit_classes:
-                raise SetupError(f"checkpoint {checkpoint} has a {ckpt_classes}-class head but --num-classes is "
-                                 f"{num_classes}; leave --num-classes out to use the checkpoint's head")
-            if not reset_head:
-                raise SetupError(f"checkpoint {checkpoint} has a {ckpt_classes}-class head but the data has "
-                                 f"{num_classes} classes; pass --num-classes {num_classes} to drop the checkpoint's "
-                                 f"head and train a new one, or --num-classes {ckpt_classes} if the labels are the "
-                                 f"checkpoint's classes")
-            log.info("checkpoint %s: its %d-class head is dropped, a new %d-class head is trained", checkpoint,
-                     ckpt_classes, num_classes)
-            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        state, num_classes = _checkpoint_state(checkpoint, num_classes, reset_head, explicit_classes)
     kw = {"drop_path_rate": drop_path}
     if num_classes is not None:
         kw["num_classes"] = int(num_classes)
@@ -111,6 +118,23 @@ def build_model(name: str, *, checkpoint: Optional[str] = None, num_classes: Opt
         return apt
     except (TypeError, ValueError, RuntimeError, FileNotFoundError) as e:
         raise SetupError(f"model {name!r}: {e}") from None
+
+
+def build_run_model(config, labels: Sequence[int], device) -> tuple[APTViT, APTConfig, int]:
+    """(model on ``device``, its batching `APTConfig`, its image size) for a `TrainConfig` whose
+    training data has ``labels``: the head has ``model.num_classes`` classes, else the checkpoint's,
+    else max label + 1."""
+    m, d = config.model, config.data
+    num_classes = m.num_classes or infer_num_classes(labels)
+    model = build_model(m.name, checkpoint=m.checkpoint, num_classes=num_classes, image_size=m.image_size,
+                        num_scales=d.num_scales, drop_path=m.drop_path, attn_backend=m.attn_backend,
+                        pretrained=m.pretrained, reset_head=m.num_classes is not None).to(device)
+    if model.num_classes != num_classes:
+        raise SetupError(f"the model has {model.num_classes} classes, the data {num_classes}")
+    cfg = config.batching_for(model_patch_size(model, d.patch_size, d.num_scales))
+    if m.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model, cfg, model_image_size(model)
 
 
 def model_image_size(model: APTViT) -> int:

@@ -1,4 +1,4 @@
-"""Checkpoints (atomic, loadable with ``weights_only=True``), RNG state capture, JSONL metrics.
+"""Checkpoints (atomic, loadable with ``weights_only=True``) and RNG state capture.
 
 A checkpoint is a dict: ``model`` (the `APTViT` state dict, so `apt_model.from_timm(name,
 checkpoint_path=...)` and timm's ``load_state_dict`` read it), ``optimizer``, ``scheduler``,
@@ -14,10 +14,11 @@ bad tensor, or, for a file that cannot be read at all, what is wrong with it.
 """
 from __future__ import annotations
 
-import json
 import os
+import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -71,9 +72,29 @@ def tensor_checksums(state: dict) -> dict[str, int]:
 
 
 def save_checkpoint(path: PathLike, state: dict) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically, with the checksum of every tensor."""
+    """``torch.save`` ``state`` to ``path`` atomically, with the checksum of every tensor. A file that
+    cannot be written (a full disk, no permission) is a `CheckpointError` naming it and the reason;
+    ``path`` and every other file stay as they were."""
     state = {**state, INTEGRITY_KEY: {"algorithm": "crc32c", "tensors": tensor_checksums(state)}}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # through Python's file object, so a failed write is an OSError with errno
+            torch.save(state, f)
+
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        free = _free_bytes(Path(path).parent)
+        raise CheckpointError(f"checkpoint {path} not written: {e.strerror or e}"
+                              + (f" ({free / 2 ** 20:.0f} MiB free there)" if free is not None else "")
+                              + "; the earlier checkpoints are kept") from None
+
+
+def _free_bytes(folder: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def _unreadable(path: Path, e: BaseException) -> str:
@@ -85,6 +106,10 @@ def _unreadable(path: Path, e: BaseException) -> str:
     except OSError as oe:
         return f"checkpoint {path} cannot be read: {oe.strerror or oe}"
     first = (str(e).strip().splitlines() or [""])[0][:200]
+    unsafe = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+    if unsafe:  # a pickle that names a callable: what a malicious "checkpoint" does
+        return (f"checkpoint {path} is not a plain weights file: it names Python code that loading would run "
+                f"({unsafe.group(1)}); refused, nothing was run (only tensors and plain values are read)")
     if size == 0:
         what = "empty file (0 bytes)"
     elif head.startswith(b"PK\x03\x04"):
@@ -136,6 +161,23 @@ def load_checkpoint(path: PathLike) -> dict:
     if "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint (no 'model' entry)")
     return state
+
+
+def restore_weights(path: PathLike, state: dict, model, optimizer, scheduler, model_name: str = "") -> None:
+    """Load a training checkpoint's model, optimiser and schedule; one saved from another model (or
+    another head, scale count, ...) is a `CheckpointError` naming the file and the first mismatch."""
+    saved = (state.get("config") or {}).get("model")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = [line.strip() for line in str(e).strip().splitlines()] or [""]
+        detail = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                      lines[0])[:300]
+        other = f" ({saved}; this run: {model_name})" if saved and model_name and saved != model_name else ""
+        raise CheckpointError(f"--resume {path}: a checkpoint of another model{other}: {detail}; resume with that "
+                              "run's flags, or start from its weights with --initial-checkpoint") from None
 
 
 def resolve_checkpoint(path: PathLike) -> Path:
@@ -190,41 +232,3 @@ def set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# -------------------------------------------------------------------------------------- metrics
-def read_jsonl(path: PathLike) -> list[dict]:
-    """Every object of a JSONL file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-class MetricsWriter:
-    """Append-only JSONL, one object per line, flushed per line (a killed run loses at most the line
-    being written). On resume, records past the resumed step are dropped first (atomic rewrite), so
-    the file reads as one uninterrupted run."""
-
-    def __init__(self, path: PathLike, resume_step: Optional[int] = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            keep = []
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by the kill
-                        continue
-                    if int(rec.get("step", 0)) <= resume_step:
-                        keep.append(json.dumps(rec) + "\n")
-            atomic_write_text(self.path, "".join(keep))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        self._f = open(self.path, "a")
-
-    def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, allow_nan=True) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()

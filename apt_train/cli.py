@@ -10,16 +10,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import dataclass, fields
+import shlex
+import sys
+from dataclasses import dataclass
+from signal import Signals
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from apt_data import APTConfig
 
-from .config import SetupError, TrainConfig, check_device, loader_config, validate
+from .config import SetupError, TrainConfig, check_device, loader_config
 from .data import AUTO, open_data
 from .dist import DistInfo, cleanup, init_distributed
 from .flags import add_loader_args
-from .recipes import RECIPES, apply_recipe
+from .interrupt import TrainingInterrupted
+from .recipes import RECIPES
 from .trainer import Trainer, TrainResult
 
 if TYPE_CHECKING:
@@ -161,11 +165,8 @@ def parse_args(ap: argparse.ArgumentParser, argv: Argv = None) -> argparse.Names
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The `TrainConfig` of parsed train flags (``--no-eval``: no ``val_data``)."""
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    if getattr(args, "no_eval", False):
-        values["val_data"] = None
-    return TrainConfig(**values)
+    """The `TrainConfig` of parsed train flags (filled from its recipe and validated; ``--no-eval``: no val data)."""
+    return TrainConfig.from_flat({k: v for k, v in vars(args).items() if k != "config"})
 
 
 def make_trainer(argv: Argv = None, *, default_data: Optional[str] = None,
@@ -177,7 +178,7 @@ def make_trainer(argv: Argv = None, *, default_data: Optional[str] = None,
     args.data = split_folder(args.data, "train")
     if args.val_data not in (None, AUTO):
         args.val_data = split_folder(args.val_data, "val", "--val-data")
-    config = validate(apply_recipe(train_config(args)))  # before joining the process group
+    config = train_config(args)  # filled from its recipe and validated, before joining the process group
     info = init_distributed(config.device, config.dist_timeout)
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -230,6 +231,21 @@ def run(argv: Argv = None, **defaults: Optional[str]) -> TrainResult:
         return trainer.fit()
     finally:
         cleanup(trainer.info)
+
+
+def interrupted_line(e: TrainingInterrupted, argv: Sequence[str]) -> str:
+    """``interrupted at step N; resume with: <the command> --resume DIR`` (or what was lost, when a
+    second signal aborted the run)."""
+    if e.checkpoint is None:
+        return f"aborted at step {e.step} by a second {Signals(e.signum).name}: no checkpoint written for it"
+    args, skip = [], False
+    for a in argv:  # the command as given, less any earlier --resume
+        if skip or a == "--resume" or a.startswith("--resume="):
+            skip = a == "--resume"
+            continue
+        args.append(a)
+    command = shlex.join([sys.executable, sys.argv[0], *args, "--resume", str(e.checkpoint.parent)])
+    return f"interrupted at step {e.step}; resume with: {command}"
 
 
 # ------------------------------------------------------------------------------------ evaluation

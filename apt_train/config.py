@@ -1,53 +1,64 @@
-"""`TrainConfig`: every setting of a training run as one frozen, typed value, and its validation.
+"""`TrainConfig`: every setting of a training run as one frozen value in four sections (model, data,
+optimisation, run), filled from its recipe and validated once, in its constructor.
 
-Built at the command-line edge (`apt_train.cli`) or directly in Python; the trainer reads nothing
-else. Hyper-parameters left at ``None`` take the recipe's value (`apt_train.recipes.apply_recipe`).
-Bad settings raise `SetupError`, a ``ValueError`` whose message names the setting by its flag
-(``--max-tokens``), so the CLI can print it as is.
+Built at the command-line edge (`apt_train.cli`, from the flat flag names with `TrainConfig.from_flat`)
+or directly in Python; the trainer takes it as given. Hyper-parameters left at ``None`` take the
+recipe's value (`apt_train.recipes`). Bad settings raise `SetupError`, a ``ValueError`` whose message
+names the setting by its flag (``--max-tokens``), so the CLI can print it as is.
 """
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 from apt_data import APTConfig
+from apt_data.config import TokenBudget
 from apt_data.mixing import MixConfig
 
-from .flags import config_from_args, flag_message
+from .flags import flag_message
+from .recipes import RECIPES, apply_recipe
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # as apt_data.add_loader_args
 _PATHS = ("checkpoint", "data", "val_data", "data_cache", "output", "resume")
+_TUPLES = ("thresholds", "cutmix_minmax")
 
 
 class SetupError(ValueError):
     """A bad setting or input found while setting up: the tools print it and exit with status 2."""
 
 
+def _flat(name: str) -> Any:
+    """Field metadata: the flat name (argparse dest, checkpoint key) of a section field named otherwise."""
+    return {"flat": name}
+
+
 @dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one training run; field ``x_y`` is the flag ``--x-y`` of ``tools/train.py`` (but
-    ``auto_augment``: ``--aa``, ``re_prob``: ``--reprob``, ``checkpoint``: ``--initial-checkpoint``, and
-    ``--no-eval`` sets ``val_data=None``).
+class ModelSettings:
+    """The network: which timm ViT, its starting weights, head and how it runs."""
 
-    ``data`` is required (no default dataset); ``val_data=None`` skips evaluation. Path-like values
-    are stored as strings and ``thresholds`` as a tuple, so the config is hashable and `to_dict`
-    gives plain values (what checkpoints store under ``"config"``).
-    """
-
-    # model and data
-    model: str = "vit_tiny_patch16_224"
-    pretrained: bool = False                # timm's pretrained weights for `model` (timm downloads them)
+    name: str = field(default="vit_tiny_patch16_224", metadata=_flat("model"))
+    pretrained: bool = False                # timm's pretrained weights for `name` (timm downloads them)
     checkpoint: Optional[str] = None        # --initial-checkpoint: local timm / APT / trainer weights to start from
-    num_classes: Optional[int] = None       # None: the checkpoint's head, else max label of `data` + 1
-    data: Optional[str] = None              # anything APTLoader reads
-    val_data: Optional[str] = None          # None: no evaluation; "auto": the val split beside `data`, if any
-    data_cache: Optional[str] = None        # URL data: keep read byte ranges in this local folder (RangeCache)
-    data_cache_size: str = "10GB"           # its bound
-    crop_pct: float = 1.0                   # eval centre-crop fraction
+    num_classes: Optional[int] = None       # None: the checkpoint's head, else max label of the data + 1
+    image_size: Optional[int] = None        # None: the model's
+    drop_path: Optional[float] = None
     attn_backend: str = "auto"
-    # batching (the flags of apt_data.add_loader_args)
+    compile: bool = False
+    grad_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What the loaders read and how they batch and augment it."""
+
+    train: Optional[str] = field(default=None, metadata=_flat("data"))     # anything APTLoader reads (required)
+    val: Optional[str] = field(default=None, metadata=_flat("val_data"))   # None: no evaluation; "auto": the split beside
+    cache: Optional[str] = field(default=None, metadata=_flat("data_cache"))  # URL data: keep read ranges here
+    cache_size: str = field(default="10GB", metadata=_flat("data_cache_size"))
+    crop_pct: float = 1.0                   # eval centre-crop fraction
     max_tokens: int = 4096
     max_images: Optional[int] = None
     patch_size: Optional[int] = None        # None: the model's
@@ -56,8 +67,26 @@ class TrainConfig:
     scorer: str = "entropy"
     static_shapes: bool = False
     workers: int = DEFAULT_WORKERS
-    image_size: Optional[int] = None        # None: the model's
-    # recipe: None takes the recipe's value
+    augment: Optional[bool] = None
+    auto_augment: Optional[str] = None      # timm RandAugment string; "none": off
+    re_prob: Optional[float] = None
+    mixup: Optional[float] = None           # Mixup alpha (0: off), timm's --mixup
+    cutmix: Optional[float] = None          # CutMix alpha (0: off), timm's --cutmix
+    cutmix_minmax: Optional[tuple[float, ...]] = None  # CutMix box side ratios (min, max) instead of alpha
+    mixup_prob: float = 1.0                 # probability that a sample is mixed
+    mixup_switch_prob: float = 0.5          # probability of CutMix instead of Mixup when both are on
+    strict: bool = False
+    max_skip_fraction: float = 0.01         # more bad samples in an epoch stop the run
+
+    def remote_options(self) -> dict:
+        """Options of URL data sources (`apt_data.sources.open_remote`): the local cache, if any."""
+        return {} if self.cache is None else {"cache_dir": self.cache, "cache_size": self.cache_size}
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """The optimisation: recipe, length, learning-rate schedule and regularisation."""
+
     recipe: str = "sample"
     epochs: Optional[int] = None
     steps: Optional[int] = None             # a cap on optimiser steps (the schedule spans them)
@@ -69,18 +98,14 @@ class TrainConfig:
     weight_decay: Optional[float] = None
     layer_decay: Optional[float] = None
     label_smoothing: Optional[float] = None
-    drop_path: Optional[float] = None
     clip_grad: Optional[float] = None       # max gradient norm (None: no clipping)
-    augment: Optional[bool] = None
-    auto_augment: Optional[str] = None      # timm RandAugment string; "none": off
-    re_prob: Optional[float] = None
-    mixup: Optional[float] = None           # Mixup alpha (0: off), timm's --mixup
-    cutmix: Optional[float] = None          # CutMix alpha (0: off), timm's --cutmix
-    cutmix_minmax: Optional[tuple[float, ...]] = None  # CutMix box side ratios (min, max) instead of alpha
-    mixup_prob: float = 1.0                 # probability that a sample is mixed
-    mixup_switch_prob: float = 0.5          # probability of CutMix instead of Mixup when both are on
     train_new_only: bool = False
-    # run
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where the run writes, when it saves, evaluates and logs, and on what device."""
+
     seed: int = 0
     output: str = "out/train"
     resume: Optional[str] = None            # a checkpoint file, or a folder (its newest checkpoint)
@@ -90,94 +115,179 @@ class TrainConfig:
     overfit_batches: int = 0
     device: str = "auto"
     amp: Optional[bool] = None              # None: on CUDA only
-    compile: bool = False
-    grad_checkpointing: bool = False
-    strict: bool = False
-    max_skip_fraction: float = 0.01      # more bad samples in an epoch stop the run
     log_every: int = 10
     log_tensorboard: bool = False           # also log to OUTPUT/tensorboard (needs the tensorboard package)
     quiet: bool = False
     dist_timeout: float = 1800.0
 
-    def __post_init__(self) -> None:
-        for name in _PATHS:
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, os.fspath(value))
-        for name in ("thresholds", "cutmix_minmax"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, tuple(float(t) for t in getattr(self, name)))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (tuples as lists): JSON-able and ``torch.load(weights_only=True)``-loadable."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+_SECTIONS = {"model": ModelSettings, "data": DataSettings, "optim": OptimSettings, "run": RunSettings}
+
+
+def _flat_names(section: type) -> dict[str, str]:
+    """``{flat name: field name}`` of a section."""
+    return {f.metadata.get("flat", f.name): f.name for f in fields(section)}
+
+
+FLAT_NAMES: dict[str, tuple[str, str]] = {flat: (sec, name) for sec, cls in _SECTIONS.items()
+                                          for flat, name in _flat_names(cls).items()}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run, in sections. Flat name ``x_y`` (`from_flat`, `to_dict`, the
+    checkpoint's ``"config"``) is the flag ``--x-y`` of ``tools/train.py`` (but ``auto_augment``: ``--aa``,
+    ``re_prob``: ``--reprob``, ``checkpoint``: ``--initial-checkpoint``; ``--no-eval`` sets ``val_data=None``).
+
+    The constructor fills the hyper-parameters left at None from ``optim.recipe`` and validates every
+    setting that needs no file, model or data (`SetupError`); ``batching`` is the `APTConfig` it built
+    (patch size: ``data.patch_size``, else 16). Path-like values are stored as strings and
+    ``thresholds`` as a tuple, so the config is hashable.
+    """
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    batching: APTConfig = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        values = _normalised(self.to_dict())
+        try:
+            values = apply_recipe(values)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
+        for sec, cls in _SECTIONS.items():
+            object.__setattr__(self, sec, cls(**{name: values[flat] for flat, name in _flat_names(cls).items()}))
+        object.__setattr__(self, "batching", _validate(self))
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> "TrainConfig":
+        """The config of flat setting names (argparse dests of ``tools/train.py``; ``no_eval=True``
+        sets ``val_data=None``); an unknown name is a `SetupError`."""
+        values = dict(values)
+        if values.pop("no_eval", False):
+            values["val_data"] = None
+        unknown = sorted(set(values) - set(FLAT_NAMES))
+        if unknown:
+            raise SetupError(f"unknown training settings: {', '.join(unknown)}")
+        parts: dict[str, dict] = {sec: {} for sec in _SECTIONS}
+        for flat, value in values.items():
+            sec, name = FLAT_NAMES[flat]
+            parts[sec][name] = value
+        return cls(**{sec: _SECTIONS[sec](**kw) for sec, kw in parts.items()})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """The config `to_dict` gave (keys this version does not know are ignored)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        """The config `to_dict` gave (checkpoints' ``"config"``); names this version does not know are ignored."""
+        return cls.from_flat({k: v for k, v in values.items() if k in FLAT_NAMES})
 
-    def remote_options(self) -> dict:
-        """Options of URL data sources (`apt_data.sources.open_remote`): the local cache, if any."""
-        return {} if self.data_cache is None else {"cache_dir": self.data_cache, "cache_size": self.data_cache_size}
+    def to_dict(self) -> dict[str, Any]:
+        """Flat plain values (tuples as lists): JSON-able and ``torch.load(weights_only=True)``-loadable."""
+        out = {}
+        for sec, cls in _SECTIONS.items():
+            part = getattr(self, sec)
+            for flat, name in _flat_names(cls).items():
+                v = getattr(part, name)
+                out[flat] = list(v) if isinstance(v, tuple) else v
+        return out
 
-    def apt_config(self, patch_size: Optional[int] = None) -> APTConfig:
-        """The batching `APTConfig` (``patch_size`` defaults to this config's, else 16); raises `SetupError`."""
-        return loader_config(patch_size=patch_size or self.patch_size or 16, num_scales=self.num_scales,
-                             thresholds=self.thresholds, scorer=self.scorer, max_tokens=self.max_tokens,
-                             max_images=self.max_images)
+    def __getattr__(self, name: str) -> Any:
+        """A flat name other than a section's reads through to its section (``config.max_tokens`` is
+        ``config.data.max_tokens``), for code that speaks in flags; ``model`` and ``data`` are sections."""
+        where = FLAT_NAMES.get(name)
+        if where is None or name.startswith("_"):
+            raise AttributeError(f"TrainConfig has no setting {name!r}")
+        return getattr(object.__getattribute__(self, where[0]), where[1])
+
+    def flags(self) -> SimpleNamespace:
+        """Every setting by its flat (flag) name, for messages."""
+        return SimpleNamespace(**self.to_dict())
+
+    def warnings(self) -> list[str]:
+        """Settings that run but are probably not what was meant, one line each."""
+        out = []
+        if self.optim.recipe == "short" and self.model.checkpoint is None:
+            out.append("recipe short fine-tunes a trained model for one epoch at lr 1e-6; without --checkpoint the "
+                       "model starts from random weights")
+        if self.model.compile and not self.data.static_shapes:
+            out.append("--compile without --static-shapes: compiled for dynamic sequence lengths after the first change")
+        return out
+
+    def with_val_data(self, val: Optional[str]) -> "TrainConfig":
+        """This config with ``data.val`` resolved (``"auto"`` to a path or None); nothing to validate again."""
+        new = copy.copy(self)
+        object.__setattr__(new, "data", replace(self.data, val=val))
+        return new
+
+    def batching_for(self, patch_size: int) -> APTConfig:
+        """``batching`` at the model's ``patch_size`` (the same object when it is already that size)."""
+        b = self.batching
+        return b if b.patch_size == patch_size else replace(b, patch_size=patch_size)
+
+
+def _normalised(values: dict[str, Any]) -> dict[str, Any]:
+    """Paths as strings, thresholds and CutMix bounds as float tuples."""
+    for name in _PATHS:
+        if values[name] is not None and not isinstance(values[name], str):
+            values[name] = os.fspath(values[name])
+    for name in _TUPLES:
+        if values[name] is not None:
+            try:
+                values[name] = tuple(float(t) for t in values[name])
+            except (TypeError, ValueError):
+                raise SetupError(f"--{name.replace('_', '-')}: expected numbers, got {values[name]!r}") from None
+    return values
 
 
 def loader_config(*, patch_size: int, num_scales: int = 3, thresholds: Optional[Sequence[float]] = None,
                   scorer: str = "entropy", max_tokens: int = 4096, max_images: Optional[int] = None) -> APTConfig:
-    """`APTConfig` for these batching settings (``thresholds=None``: the scorer's defaults, as
-    `apt_data.config_from_args`); a bad value or combination raises `SetupError` naming the flag."""
-    settings = SimpleNamespace(patch_size=patch_size, num_scales=num_scales, scorer=scorer, max_tokens=max_tokens,
-                               max_images=max_images, thresholds=None if thresholds is None else list(thresholds))
+    """`APTConfig` for these batching settings (``thresholds=None``: the scorer's defaults) after checking
+    the budget; a bad value or combination raises `SetupError` naming the flag."""
     try:
-        return config_from_args(settings)
+        TokenBudget(max_tokens=max_tokens, max_images=max_images)  # the budget's own checks
+        return APTConfig(patch_size=patch_size, num_scales=num_scales, scorer=scorer,
+                         thresholds=None if thresholds is None else tuple(thresholds))
     except ValueError as e:
         raise SetupError(flag_message(e)) from None
 
 
-def validate(config: TrainConfig) -> TrainConfig:
-    """Check the settings that need no file, model or data (counts, batching); returns ``config``.
-
-    Call it on a config the recipe was applied to (`apply_recipe`): unset hyper-parameters are skipped.
-    """
-    if not config.data:
-        raise SetupError("no training data: set --data (TrainConfig.data)")
-    for name in ("epochs", "steps"):
-        v = getattr(config, name)
+def _validate(config: TrainConfig) -> APTConfig:
+    """Check the settings that need no file, model or data; returns the run's `APTConfig`."""
+    d, o, r = config.data, config.optim, config.run
+    if not d.train:
+        raise SetupError("no training data: set --data (TrainConfig.data.train)")
+    for name, v in (("epochs", o.epochs), ("steps", o.steps)):
         if v is not None and v <= 0:
             raise SetupError(f"--{name} must be positive, got {v}")
-    for name in ("warmup_steps", "overfit_batches", "save_every", "eval_every", "log_every"):
-        v = getattr(config, name)
+    for name, v in (("warmup_steps", o.warmup_steps), ("overfit_batches", r.overfit_batches),
+                    ("save_every", r.save_every), ("eval_every", r.eval_every), ("log_every", r.log_every),
+                    ("workers", d.workers)):
         if v is not None and v < 0:
             raise SetupError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
-    config.apt_config()
+    batching = loader_config(patch_size=d.patch_size or 16, num_scales=d.num_scales, thresholds=d.thresholds,
+                             scorer=d.scorer, max_tokens=d.max_tokens, max_images=d.max_images)
     mix_config(config, 2)  # the mixing settings alone (the class count is known only with the model)
-    if config.data_cache is not None:
+    if d.cache is not None:
         from apt_data.sources.cache import parse_size
 
         try:
-            parse_size(config.data_cache_size)
+            parse_size(d.cache_size)
         except ValueError as e:
             raise SetupError(f"--data-cache-size: {e}") from None
-    check_device(config.device)
-    return config
+    check_device(r.device)
+    return batching
 
 
 def mix_config(config: TrainConfig, num_classes: int) -> Optional[MixConfig]:
     """The loader's `MixConfig` of these settings (None: no mixing); a bad value raises `SetupError`."""
-    if not (config.mixup or config.cutmix or config.cutmix_minmax):
+    d = config.data
+    if not (d.mixup or d.cutmix or d.cutmix_minmax):
         return None
     try:
-        return MixConfig(mixup_alpha=config.mixup or 0.0, cutmix_alpha=config.cutmix or 0.0,
-                         cutmix_minmax=config.cutmix_minmax, prob=config.mixup_prob,
-                         switch_prob=config.mixup_switch_prob, label_smoothing=config.label_smoothing or 0.0,
-                         num_classes=num_classes)
+        return MixConfig(mixup_alpha=d.mixup or 0.0, cutmix_alpha=d.cutmix or 0.0, cutmix_minmax=d.cutmix_minmax,
+                         prob=d.mixup_prob, switch_prob=d.mixup_switch_prob,
+                         label_smoothing=config.optim.label_smoothing or 0.0, num_classes=num_classes)
     except ValueError as e:
         raise SetupError(f"--mixup/--cutmix settings: {e}") from None
 
@@ -190,3 +300,7 @@ def check_device(device: str) -> None:
         if not torch.cuda.is_available():
             raise SetupError("--device cuda but CUDA is not available on this machine "
                              f"(torch {torch.__version__}); use --device cpu or --device auto")
+
+
+__all__ = ["DataSettings", "FLAT_NAMES", "ModelSettings", "OptimSettings", "RECIPES", "RunSettings", "SetupError",
+           "TrainConfig", "check_device", "loader_config", "mix_config"]

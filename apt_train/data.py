@@ -3,6 +3,7 @@ and the class-count checks between train data, val data and the model's head (`S
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +11,7 @@ from .config import SetupError
 
 AUTO = "auto"  # --val-data's default: the training source's own val split, if it has one
 
-__all__ = ["AUTO", "check_classes", "class_count", "default_val_data", "open_data"]
+__all__ = ["AUTO", "build_loaders", "check_classes", "class_count", "default_val_data", "open_data"]
 
 
 def _path_part(source: str) -> str:
@@ -37,11 +38,32 @@ def open_data(source: str, flag: str = "--data", remote: Optional[dict] = None):
         raise SetupError(msg if msg.startswith(f"{flag} ") else f"{flag} {source}: {msg}") from None
 
 
-def default_val_data(data: str) -> tuple[Optional[str], str]:
+def _url_val(data: str, remote: Optional[dict]) -> Optional[str]:
+    """The val split beside a training source at a URL: ``URL:val`` for a folder URL (or ``URL:train``),
+    ``.../val.parquet`` for ``.../train.parquet``, when the server has it (its index can be read)."""
+    m = re.match(r"^(.*://.*?)(?::([A-Za-z_][A-Za-z0-9_-]*))?$", data)
+    base, split = m.group(1), m.group(2)
+    if base.endswith(".parquet"):
+        if base.rsplit("/", 1)[-1] == "val.parquet":
+            return None
+        candidate = base.rsplit("/", 1)[0] + "/val.parquet"
+    elif base.endswith(".tar") or "{" in base or "::" in base or (split or "train") == "val":
+        return None
+    else:
+        candidate = base.rstrip("/") + ":val"
+    try:
+        open_data(candidate, "--val-data", remote)
+    except SetupError:
+        return None
+    return candidate
+
+
+def default_val_data(data: str, remote: Optional[dict] = None) -> tuple[Optional[str], str]:
     """The validation source beside the training source ``data`` and a line saying what was chosen:
     ``X:val`` for a shard folder ``X`` (or ``X:train``) with a ``val.parquet``; ``X/val.parquet`` for
     ``X/train.parquet``; a folder ``.../val`` beside an image folder ``.../train``. None when there is
-    none (the run then does not evaluate)."""
+    none (the run then does not evaluate). The same beside a URL (``remote``: its options), when the
+    server has it."""
     s = str(data)
     split = None
     base = s
@@ -49,7 +71,9 @@ def default_val_data(data: str) -> tuple[Optional[str], str]:
         base, split = s.rsplit(":", 1)
     p = Path(base)
     found = None
-    if p.is_dir() and list(p.glob("*.parquet")):  # a shard folder
+    if "://" in s:  # a URL: what the server has beside it
+        found = _url_val(s, remote)
+    elif p.is_dir() and list(p.glob("*.parquet")):  # a shard folder
         if (split or "train") != "val" and (p / "val.parquet").is_file():
             found = f"{base}:val"
     elif base.endswith(".parquet") and p.name != "val.parquet" and (p.parent / "val.parquet").is_file():
@@ -97,3 +121,33 @@ def check_classes(num_classes: int, train, val=None, *, train_name: str = "", va
                          f"{'not in --data: ' + str(extra[:5]) + '; ' if extra else ''}"
                          f"{'missing: ' + str(missing[:5]) if missing else 'another order'}; "
                          f"give val a sub-folder (with images) per training class, or --no-eval")
+
+
+def build_loaders(config, model, cfg, image_size: int, train_source):
+    """(train loader, validation loader or None) of a `TrainConfig` for ``model`` at ``image_size`` with
+    the batching `APTConfig` ``cfg``; a budget or source that does not fit is a `SetupError`."""
+    from apt_data.loader import APTLoader
+
+    from .build import train_transform
+    from .config import mix_config
+    from .evaluation import eval_loader
+
+    d = config.data
+    prefix = model.num_prefix_tokens
+    transform = train_transform(model, image_size, augment=d.augment, auto_augment=d.auto_augment, re_prob=d.re_prob)
+    try:
+        loader = APTLoader(train_source, cfg, max_tokens=d.max_tokens, max_images=d.max_images, num_workers=d.workers,
+                           shuffle=True, seed=config.run.seed, train=True, transform=transform,
+                           num_prefix_tokens=prefix, static_shapes=d.static_shapes, strict=d.strict,
+                           max_skip_fraction=d.max_skip_fraction, mix=mix_config(config, model.num_classes))
+        loader.set_epoch(0)
+        loader.steps_per_epoch()  # budget errors surface here, before the first step
+        val_loader = None
+        if d.val:
+            val_loader = eval_loader(open_data(d.val, "--val-data", d.remote_options()), cfg, max_tokens=d.max_tokens,
+                                     max_images=d.max_images, image_size=image_size, num_prefix_tokens=prefix,
+                                     num_workers=d.workers, crop_pct=d.crop_pct, strict=d.strict)
+            val_loader.steps_per_epoch()
+    except (ValueError, OSError) as e:
+        raise SetupError(str(e)) from None
+    return loader, val_loader

@@ -11,7 +11,7 @@ import argparse
 import os
 from typing import Mapping, Optional
 
-from apt_data.config import SCORER_NAMES, APTConfig
+from apt_data.config import SCORER_NAMES, APTConfig, TokenBudget
 from apt_data.scoring import get_scorer, scorer_names
 
 #: library parameter -> command-line flag, where the flag is not ``--`` + the name with ``-`` for ``_``
@@ -46,14 +46,6 @@ def flag_message(error: BaseException, overrides: Optional[Mapping[str, str]] = 
         return text
     flag = flag_of(setting, overrides)
     return text if text.startswith(flag) else f"{flag}: {text}"
-
-
-class SettingError(ValueError):
-    """A bad value of one setting; ``setting`` is the library parameter's name."""
-
-    def __init__(self, setting: str, message: str):
-        super().__init__(message)
-        self.setting = setting
 
 
 def add_loader_args(parser: argparse.ArgumentParser, max_tokens: int = 4096) -> argparse.ArgumentParser:
@@ -102,10 +94,8 @@ def config_from_args(args: argparse.Namespace, parser: Optional[argparse.Argumen
     raises a ValueError with ``setting`` (or, given ``parser``, exits with its usage and the flag's name)."""
     try:
         cfg = apt_config_from_flags(args)
-        for name in ("max_tokens", "max_images"):
-            value = getattr(args, name, None)
-            if value is not None and value <= 0:
-                raise SettingError(name, f"{name} must be positive, got {value}")
+        if getattr(args, "max_tokens", None) is not None:  # the budget's own checks (`TokenBudget`)
+            TokenBudget(max_tokens=args.max_tokens, max_images=getattr(args, "max_images", None))
     except ValueError as e:
         if parser is not None:
             parser.error(flag_message(e))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -101,3 +102,70 @@ class WarmupCosine:
         for k in ("step_count", "base_lr", "min_lr", "total_steps", "warmup_steps"):
             setattr(self, k, type(getattr(self, k))(state[k]))
         self.apply()
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """A run's length and peak lr, fixed at its start (`plan_schedule`)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    images_per_step: float       # what the lr rule scales by
+    lr: float
+    warmup: int                  # steps
+    eval_epochs: int = 1         # evaluate at every eval_epochs-th epoch end (eval_every 0)
+    notes: tuple[str, ...] = ()  # one line for each setting changed to fit the data
+
+
+MIN_EVAL_STEPS = 5  # epoch-end evaluations at least this many steps apart (a tiny data set's epoch is 1 step)
+
+
+def plan_schedule(config, loader, world_size: int) -> SchedulePlan:
+    """Steps, images per global step, peak lr, warm-up and evaluation cadence of ``config`` (a
+    `TrainConfig`) on ``loader``. The epoch length is the loader's; the images per step its mean images
+    per batch times ``world_size``, capped at the training data's size (a step never holds more images
+    than there are); the lr ``blr * images_per_step / 256`` unless given. On a data set of a few steps
+    per epoch, a warm-up given in epochs is capped at half the run and epoch-end evaluations are
+    ``MIN_EVAL_STEPS`` apart, each change said in ``notes``. `SetupError` when the data gives no batch."""
+    from .config import SetupError
+
+    o, r = config.optim, config.run
+    spe = r.overfit_batches or loader.steps_per_epoch()
+    if spe == 0:
+        raise SetupError("the training data gives no batch")
+    notes = []
+    budget_images, n = loader.mean_images_per_batch() * world_size, len(loader.source)
+    images_per_step = min(budget_images, float(n))
+    if budget_images > images_per_step:
+        notes.append(f"lr rule: the token budget fits {budget_images:.2f} images per global step but the training "
+                     f"data has {n}: the lr is scaled for {n} images per step")
+    total = o.epochs * spe
+    if o.steps is not None:  # a cap; with overfit_batches (an "epoch" is N batches) the length
+        total = o.steps if r.overfit_batches else min(total, o.steps)
+    lr = o.lr if o.lr is not None else o.blr * images_per_step / 256
+    warmup = o.warmup_steps
+    if warmup is None:
+        warmup = int(round(o.warmup_epochs * spe))
+        if warmup > total // 2 and total > 1:
+            notes.append(f"warm-up: {o.warmup_epochs:g} epochs are {warmup} steps of the run's {total}: capped at "
+                         f"{total // 2} steps (half the run); --warmup-steps to choose")
+            warmup = total // 2
+    eval_epochs = 1 if r.eval_every or spe >= MIN_EVAL_STEPS else -(-MIN_EVAL_STEPS // spe)
+    if eval_epochs > 1 and total > spe:
+        notes.append(f"evaluation: an epoch is {spe} step{'s' if spe > 1 else ''} of at most {budget_images:.0f} "
+                     f"images on these {n}, so the run evaluates every {eval_epochs} epochs ({eval_epochs * spe} "
+                     "steps) and at the end; --eval-every N to choose")
+    return SchedulePlan(spe, total, images_per_step, lr, warmup, eval_epochs, tuple(notes))
+
+
+def trainable_parameters(model: nn.Module, new_only: bool = False) -> list[nn.Parameter]:
+    """The parameters to train: all, or (``new_only``) APT's new ones, the rest frozen."""
+    if new_only:
+        from .config import SetupError
+
+        new = {id(p) for p in model.apt_parameters()}
+        if not new:
+            raise SetupError("--train-new-only: the model has no APT parameters (num_scales 1)")
+        for p in model.parameters():
+            p.requires_grad_(id(p) in new)
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""Training recipes: default hyper-parameters that fill the `TrainConfig` fields the user left unset.
+"""Training recipes: default hyper-parameters that fill the `TrainConfig` settings the user left unset.
 
 - ``short`` (the paper's): 1 epoch from a fine-tuned checkpoint at lr 1e-6 (absolute, not scaled),
   layer decay 0.99, no data augmentation (so token counts and score maps come from the shard
@@ -16,10 +16,6 @@
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
-from .config import SetupError, TrainConfig
-
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 _FULL = dict(epochs=100, lr=None, blr=1.5e-3, min_lr=1e-6, warmup_epochs=5.0, weight_decay=0.05, layer_decay=0.75,
@@ -34,13 +30,15 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def apply_recipe(config: TrainConfig) -> TrainConfig:
-    """A copy of ``config`` whose hyper-parameters left at None take ``config.recipe``'s values. An
-    explicit ``blr`` beats the recipe's absolute lr; an explicit ``lr`` beats everything. Applying it
-    twice gives the same config."""
-    if config.recipe not in RECIPES:
-        raise SetupError(f"--recipe {config.recipe!r}: not one of {sorted(RECIPES)}")
-    filled = {key: value for key, value in RECIPES[config.recipe].items() if getattr(config, key) is None}
-    if config.blr is not None and config.lr is None:
+def apply_recipe(values: dict) -> dict:
+    """A copy of the flat settings ``values`` (`TrainConfig.to_dict`'s names) whose hyper-parameters left
+    at None take ``values["recipe"]``'s values. An explicit ``blr`` beats the recipe's absolute lr; an
+    explicit ``lr`` beats everything. Applying it twice gives the same values; an unknown recipe is a
+    ValueError. `TrainConfig`'s constructor applies it."""
+    recipe = values.get("recipe")
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe {recipe!r}: not one of {sorted(RECIPES)}")
+    filled = {key: value for key, value in RECIPES[recipe].items() if values.get(key) is None}
+    if values.get("blr") is not None and values.get("lr") is None:
         filled["lr"] = None
-    return replace(config, **filled)
+    return {**values, **filled}

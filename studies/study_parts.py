@@ -227,10 +227,11 @@ def finetune(start: Path, data: Path, thresholds, out: Path, *, lr=None, steps=N
         model = build_model(MODEL, checkpoint=str(list_checkpoints(out)[-1]), image_size=image_size).to(device)
         log(f"fine-tune {out.name}: read back ({info['steps']} steps, trained in {info['seconds']:.0f} s)")
         return model, info["seconds"], info["steps"]
-    cfg = TrainConfig(model=MODEL, checkpoint=str(start), data=str(data), val_data=None, image_size=image_size,
-                      patch_size=PATCH, thresholds=tuple(thresholds), recipe="short", lr=lr, steps=steps,
-                      max_tokens=max_tokens, workers=workers, output=str(out), device=device, save_every=0,
-                      keep_checkpoints=1, quiet=True, log_every=10 ** 6, seed=0)
+    cfg = TrainConfig.from_flat(dict(model=MODEL, checkpoint=str(start), data=str(data), val_data=None,
+                                     image_size=image_size, patch_size=PATCH, thresholds=tuple(thresholds),
+                                     recipe="short", lr=lr, steps=steps, max_tokens=max_tokens, workers=workers,
+                                     output=str(out), device=device, save_every=0, keep_checkpoints=1, quiet=True,
+                                     log_every=10 ** 6, seed=0))
     t0 = time.perf_counter()
     res = Trainer(cfg).fit()
     model = res.model

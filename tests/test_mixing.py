@@ -127,12 +127,11 @@ def test_mixing_is_for_training_and_the_full_recipe_turns_it_on(tmp_path, capsys
     with pytest.raises(ValueError, match="training augmentation"):
         APTLoader(SHARDS, APTConfig(), max_tokens=4096, num_workers=0, train=False, mix=MixConfig())
     from apt_train.config import TrainConfig
-    from apt_train.recipes import apply_recipe
 
-    full = apply_recipe(TrainConfig(data="shards", recipe="full"))
-    assert (full.mixup, full.cutmix) == (0.8, 1.0)
-    assert (apply_recipe(TrainConfig(data="shards", recipe="short")).mixup, apply_recipe(TrainConfig(
-        data="shards")).cutmix) == (0.0, 0.0)
+    full = TrainConfig.from_flat(dict(data="shards", recipe="full"))  # the recipe fills unset settings
+    assert (full.data.mixup, full.data.cutmix) == (0.8, 1.0)
+    assert (TrainConfig.from_flat(dict(data="shards", recipe="short")).data.mixup, TrainConfig.from_flat(dict(
+        data="shards")).data.cutmix) == (0.0, 0.0)
     from test_train_cli import FAST, train_main
 
     rc = train_main(["--mixup", "0.8", "--cutmix", "1.0", "--augment", "--max-tokens", "2048", "--output",

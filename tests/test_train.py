@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from apt_data import read_index  # noqa: E402
 from apt_data.shards import write_index  # noqa: E402
-from apt_train.checkpoint import list_checkpoints, load_checkpoint, read_jsonl  # noqa: E402
-from apt_train import SetupError, TrainConfig, Trainer, apply_recipe  # noqa: E402
+from apt_train.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from apt_train.metrics import read_jsonl  # noqa: E402
+from apt_train import DataSettings, OptimSettings, RunSettings, SetupError, TrainConfig, Trainer  # noqa: E402
+from apt_train.recipes import apply_recipe  # noqa: E402
 from apt_train.cli import run  # noqa: E402
 
 STEP_FIELDS = {"step", "epoch", "loss", "lr", "images", "tokens", "tokens_per_image", "images_per_s", "tokens_per_s",
@@ -79,7 +81,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert math.isfinite(r["loss"]) and r["lr"] > 0 and 0.9 < r["fill"] <= 1
     assert [r["epoch"] for r in train_a] == [0, 0, 0, 1, 1, 1, 2]
     evals = [r for r in recs_a if r["split"] == "val"]
-    assert [r["step"] for r in evals] == [3, 6, 7] and all(r["images"] == 20 and 0 <= r["top1"] <= 1 for r in evals)
+    # 3 steps per epoch: epoch-end evaluations every 2 epochs (at least 5 steps apart), and at the end
+    assert [r["step"] for r in evals] == [6, 7] and all(r["images"] == 20 and 0 <= r["top1"] <= 1 for r in evals)
     epochs = [r for r in recs_a if r["split"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1] and all(r["fill"] > 0.9 and r["carried_over"] > 0 for r in epochs)
 
@@ -103,8 +106,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [(r["split"], r["step"]) for r in recs_b] == [(r["split"], r["step"]) for r in recs_a]
     for ra, rb in zip(recs_a, recs_b):
         assert ra["epoch"] == rb["epoch"]
-        if ra["split"] == "epoch":  # (a resumed run's epoch fill covers only its own steps)
-            assert ra["carried_over"] == rb["carried_over"]
+        if ra["split"] == "epoch":  # the whole epoch, though the resumed run did only part of it
+            assert (ra["carried_over"], ra["steps"], ra["images"]) == (rb["carried_over"], rb["steps"], rb["images"])
+            assert ra["fill"] == pytest.approx(rb["fill"]) and ra["passes"] == pytest.approx(rb["passes"])
         elif ra["split"] == "train":
             assert (ra["images"], ra["tokens"], ra["lr"]) == (rb["images"], rb["tokens"], rb["lr"])
             assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra, rb)
@@ -149,15 +153,22 @@ def test_bad_samples_are_skipped_counted_and_reported(tmp_path, capsys):
 
 
 def test_trainer_runs_from_a_python_config(tmp_path):
-    """No argparse: a frozen TrainConfig, the recipe filling what was left unset, two steps and an
-    evaluation on the sample shards, and the config stored in the checkpoint as a plain dict."""
-    config = TrainConfig(data=ROOT / "shards", val_data=subset_index(tmp_path, "val", 10), recipe="short", lr=1e-4,
-                         steps=2, max_tokens=1024, workers=0, quiet=True, output=tmp_path / "o")
-    assert config.data == str(ROOT / "shards") and config.layer_decay is None
+    """No argparse: a frozen TrainConfig in sections, the recipe filling what was left unset, two steps
+    and an evaluation on the sample shards, and the config stored in the checkpoint as a flat dict."""
+    config = TrainConfig(data=DataSettings(train=ROOT / "shards", val=subset_index(tmp_path, "val", 10),
+                                           max_tokens=1024, workers=0),
+                         optim=OptimSettings(recipe="short", lr=1e-4, steps=2),
+                         run=RunSettings(quiet=True, output=tmp_path / "o"))
+    assert config.data.train == str(ROOT / "shards") and config.run.output == str(tmp_path / "o")
+    assert config.optim.layer_decay == 0.99 and config.optim.lr == 1e-4 and config.optim.epochs == 1  # the recipe's
+    assert config.max_tokens == 1024 == config.data.max_tokens  # flat names read through to their section
+    assert config == TrainConfig.from_flat(dict(data=ROOT / "shards", val_data=subset_index(tmp_path, "val", 10),
+                                                max_tokens=1024, workers=0, recipe="short", lr=1e-4, steps=2,
+                                                quiet=True, output=tmp_path / "o"))
     with pytest.raises(AttributeError):  # frozen
-        config.steps = 3
+        config.optim = OptimSettings()
     trainer = Trainer(config)
-    assert trainer.config.layer_decay == 0.99 and trainer.config.lr == 1e-4 and trainer.config.epochs == 1
+    assert trainer.config is config  # taken as given
     res = trainer.fit()
     assert res.global_step == 2 and res.final_eval is not None and res.final_eval.images == 10
     recs = read_jsonl(tmp_path / "o" / "metrics.jsonl")
@@ -165,18 +176,39 @@ def test_trainer_runs_from_a_python_config(tmp_path):
     assert all(r["lr"] == pytest.approx(1e-4 * (1 + math.cos(math.pi * (r["step"] - 1) / 2)) / 2)
                for r in recs if r["split"] == "train")  # cosine from the absolute lr to 0, no warmup
     state = load_checkpoint(res.checkpoint)
-    assert isinstance(state["config"], dict) and TrainConfig.from_dict(state["config"]) == trainer.config
+    assert isinstance(state["config"], dict) and state["config"]["data"] == str(ROOT / "shards")
+    assert TrainConfig.from_dict(state["config"]) == trainer.config
     json.dumps(state["config"])
 
 
 def test_recipes_fill_only_unset_fields():
-    base = TrainConfig(data="d", recipe="short")
-    short = apply_recipe(base)
-    assert (short.lr, short.blr, short.epochs, short.augment) == (1e-6, None, 1, False)
-    assert apply_recipe(short) == short and base.lr is None  # idempotent; the input is not changed
-    blr = apply_recipe(TrainConfig(data="d", recipe="short", blr=1e-3))  # an explicit blr beats the recipe's lr
-    assert (blr.lr, blr.blr) == (None, 1e-3) and apply_recipe(blr) == blr
-    mine = apply_recipe(TrainConfig(data="d", recipe="full", epochs=2, lr=3e-4, auto_augment="none"))
-    assert (mine.epochs, mine.lr, mine.auto_augment, mine.layer_decay) == (2, 3e-4, "none", 0.75)
+    short = TrainConfig.from_flat(dict(data="d", recipe="short"))
+    assert (short.optim.lr, short.optim.blr, short.optim.epochs, short.data.augment) == (1e-6, None, 1, False)
+    assert TrainConfig.from_dict(short.to_dict()) == short  # idempotent
+    flat = dict(recipe="short", lr=None, epochs=None)
+    assert apply_recipe(flat)["lr"] == 1e-6 and flat["lr"] is None  # the input is not changed
+    blr = TrainConfig.from_flat(dict(data="d", recipe="short", blr=1e-3))  # an explicit blr beats the recipe's lr
+    assert (blr.optim.lr, blr.optim.blr) == (None, 1e-3) and TrainConfig.from_dict(blr.to_dict()) == blr
+    mine = TrainConfig.from_flat(dict(data="d", recipe="full", epochs=2, lr=3e-4, auto_augment="none"))
+    assert (mine.optim.epochs, mine.optim.lr, mine.data.auto_augment, mine.optim.layer_decay) == (2, 3e-4, "none", 0.75)
     with pytest.raises(SetupError, match="recipe"):
-        apply_recipe(TrainConfig(data="d", recipe="nope"))
+        TrainConfig.from_flat(dict(data="d", recipe="nope"))
+
+
+def test_config_is_validated_once_when_it_is_made():
+    """Bad values fail in the constructor, naming the flag; unknown flat names too. The APTConfig is
+    built there, once, and the trainer reuses it for a model of that patch size."""
+    with pytest.raises(SetupError, match="no training data"):
+        TrainConfig()
+    for flat, message in [(dict(steps=0), "--steps must be positive, got 0"),
+                          (dict(max_tokens=0), "--max-tokens must be positive"),
+                          (dict(thresholds=(5.5,)), "one value per scale"),
+                          (dict(workers=-1), "--workers must be >= 0"),
+                          (dict(mixup=-1.0), "--mixup/--cutmix"),
+                          (dict(max_tokenz=5), "unknown training settings: max_tokenz")]:
+        with pytest.raises(SetupError, match=message):
+            TrainConfig.from_flat(dict(data="d", **flat))
+    config = TrainConfig.from_flat(dict(data="d", no_eval=True))
+    assert config.data.val is None and config.batching.patch_size == 16
+    assert TrainConfig.from_dict({**config.to_dict(), "a_setting_of_an_older_version": 1}) == config
+    assert config.batching_for(16) is config.batching and config.batching_for(14).patch_size == 14

@@ -38,7 +38,7 @@ FAST = ["--steps", "1", "--workers", "0", "--no-eval", "--quiet"]
     (["--thresholds", "5.5", "4.0", "3.0"], "one value per scale"),
     (["--max-tokens", "5"], "cannot hold a single image"),
     (["--max-tokens", "150"], "more than the batch budget max_tokens=150"),
-    (["--max-tokens", "0"], "must be positive, got 0"),
+    (["--max-tokens", "0"], "--max-tokens: max_tokens must be a positive int, got 0"),
     (["--checkpoint", "/nonexistent/vit.pth"], "checkpoint /nonexistent/vit.pth does not exist"),
     (["--model", "vit_not_a_model"], "unknown timm model 'vit_not_a_model'"),
     (["--model", "resnet18"], "supports timm VisionTransformer"),
@@ -88,15 +88,15 @@ def test_bad_config_raises_in_the_library_and_exits_2_on_the_command_line(tmp_pa
     from apt_train import SetupError, TrainConfig, Trainer
 
     data = str(ROOT / "shards")
-    for config, message in [(TrainConfig(data=data, steps=0), "--steps must be positive, got 0"),
-                            (TrainConfig(), "no training data"),
-                            (TrainConfig(data=data, thresholds=(5.5,)), "one value per scale"),
-                            (TrainConfig(data=data, patch_size=14, workers=0), "but the model's patch size is 16"),
-                            (TrainConfig(data=data, resume=tmp_path / "none.pt"), "does not exist"),
-                            (TrainConfig(data=data, val_data="/nonexistent/v:val", workers=0, max_tokens=2048),
-                             "--val-data /nonexistent/v:val: /nonexistent/v does not exist")]:
+    for flat, message in [(dict(data=data, steps=0), "--steps must be positive, got 0"),
+                          (dict(), "no training data"),
+                          (dict(data=data, thresholds=(5.5,)), "one value per scale"),
+                          (dict(data=data, patch_size=14, workers=0), "but the model's patch size is 16"),
+                          (dict(data=data, resume=tmp_path / "none.pt"), "does not exist"),
+                          (dict(data=data, val_data="/nonexistent/v:val", workers=0, max_tokens=2048),
+                           "--val-data /nonexistent/v:val: /nonexistent/v does not exist")]:
         with pytest.raises(SetupError, match=message) as e:
-            Trainer(config)
+            Trainer(TrainConfig.from_flat(flat))
         assert isinstance(e.value, ValueError)
     proc = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), "--steps", "0", "--output", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -171,9 +171,9 @@ def test_a_failing_evaluation_keeps_the_checkpoint(tmp_path):
 
     train = image_folder(tmp_path)
     out = tmp_path / "out"
-    trainer = Trainer(TrainConfig(data=str(train), val_data="auto", steps=2, eval_every=1, save_every=0, workers=0,
-                                  max_tokens=2048, quiet=True, output=str(out)))
-    assert trainer.config.val_data == str(tmp_path / "photos" / "val")
+    trainer = Trainer(TrainConfig.from_flat(dict(data=str(train), val_data="auto", steps=2, eval_every=1, save_every=0,
+                                                 workers=0, max_tokens=2048, quiet=True, output=str(out))))
+    assert trainer.config.data.val == str(tmp_path / "photos" / "val")
 
     def broken():
         raise IndexError("Target 7 is out of bounds")
@@ -370,16 +370,16 @@ def test_runtime_errors_are_one_line_naming_the_path_and_the_reason(tmp_path, ca
 
 def test_a_library_setting_error_is_named_by_its_flag(capsys):
     from apt_train.commands.common import error_text, run_command
-    from apt_train.flags import SettingError
+    from apt_data.config import SettingError
 
-    e = SettingError("max_tokens", "sample x needs 300 tokens, more than the batch budget max_tokens=150")
+    e = SettingError("sample x needs 300 tokens, more than the batch budget max_tokens=150", "max_tokens")
     assert error_text(e) == "--max-tokens: sample x needs 300 tokens, more than the batch budget max_tokens=150"
-    assert error_text(SettingError("image_size", "must be positive")) == "--img-size: must be positive"
-    assert error_text(SettingError("thresholds", "one value per scale"), {"thresholds": "--base-thresholds"}) == \
+    assert error_text(SettingError("must be positive", "image_size")) == "--img-size: must be positive"
+    assert error_text(SettingError("one value per scale", "thresholds"), {"thresholds": "--base-thresholds"}) == \
         "--base-thresholds: one value per scale"
     try:  # a wrapper raised from the library's error keeps its setting
         try:
-            raise SettingError("max_images", "max_images must be positive, got 0")
+            raise SettingError("max_images must be positive, got 0", "max_images")
         except ValueError as inner:
             raise ValueError(str(inner)) from None
     except ValueError as outer:

@@ -25,7 +25,7 @@ def test_torchrun_two_ranks(tmp_path):
     sys.path.insert(0, str(ROOT))
     from apt_data import APTConfig
     from apt_data.loader import APTLoader
-    from apt_train.checkpoint import read_jsonl
+    from apt_train.metrics import read_jsonl
 
     train, val = subset_index(tmp_path, "train", 40), subset_index(tmp_path, "val", 20)
     out = tmp_path / "out"

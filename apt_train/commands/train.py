@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import run
+from ..cli import interrupted_line, run
+from ..interrupt import TrainingInterrupted
 from .common import Argv, prog_name, run_command, sample_data, setup_logging
 
 COMMAND = "apt-train"
@@ -20,7 +21,15 @@ COMMAND = "apt-train"
 
 def _train(argv: Argv) -> int:
     # no sample data here: "shards" all the same, so that a run without --data says which path is missing
-    run(argv, default_data=sample_data() or "shards", prog=prog_name(COMMAND))
+    try:
+        run(argv, default_data=sample_data() or "shards", prog=prog_name(COMMAND))
+    except TrainingInterrupted as e:  # SIGINT / SIGTERM: a checkpoint was written (or a second signal aborted)
+        print(interrupted_line(e, sys.argv[1:] if argv is None else list(argv)), file=sys.stderr, flush=True)
+        return e.exit_status
+    except KeyboardInterrupt:  # before the first step: nothing was saved
+        print(f"{prog_name(COMMAND)}: interrupted while setting up, before the first step: nothing to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 
