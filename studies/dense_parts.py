@@ -37,7 +37,9 @@ def load_camvid(root: Path, args) -> dict:
     out = {}
     for split, limit in (("train", max(args.head_train, args.ft_train) if args.quick else 0), ("val", args.val)):
         files = sorted((root / "images" / split).glob("*.jpg")) + sorted((root / "images" / split).glob("*.png"))
-        files = files[:limit] if limit else files
+        if limit and limit < len(files):  # a seeded choice across the split's sequences, in name order
+            pick = np.sort(np.random.default_rng(args.seed).choice(len(files), limit, replace=False))
+            files = [files[i] for i in pick]
         imgs, masks = [], []
         for f in files:
             mp = root / "annotations" / split / (f.stem + ".png")
@@ -105,13 +107,18 @@ def fit_head(model: SegmentationModel, train: dict, size, args, path: Path, n: i
     if path.is_file():
         return torch.load(path)
     dev = torch.device(args.device)
-    imgs = train["images"][:n] if n else train["images"]
-    half = [resize_mask(m, (m.shape[1] // 2, m.shape[0] // 2)) for m in train["masks"][:len(imgs)]]
+    pick = (np.sort(np.random.default_rng(args.seed).choice(len(train["images"]), n, replace=False))
+            if n and n < len(train["images"]) else np.arange(len(train["images"])))
+    imgs = [train["images"][i] for i in pick]  # a seeded choice across the split's sequences
+    half = [resize_mask(train["masks"][i], (train["masks"][i].shape[1] // 2, train["masks"][i].shape[0] // 2))
+            for i in pick]
     t0 = time.perf_counter()
     feats = []
     for i in range(0, len(imgs), args.eval_batch):
         b = pack_images([resize_image(im, size) for im in imgs[i:i + args.eval_batch]], uniform(), num_prefix_tokens=1)
         feats.append(model.backbone.forward_dense(b.to(dev)).to(torch.float16).cpu())
+        if (i // args.eval_batch) % 8 == 7:
+            log(f"  head {size[0]}x{size[1]}: features {i + len(b.seqlens)}/{len(imgs)} ({time.perf_counter() - t0:.0f} s)")
     feats = torch.cat(feats)
     log(f"  head {size[0]}x{size[1]}: features of {len(imgs)} train images in {time.perf_counter() - t0:.0f} s")
     head = LinearSegHead(model.backbone.num_features, NUM_CLASSES).to(dev).train()
@@ -127,7 +134,7 @@ def fit_head(model: SegmentationModel, train: dict, size, args, path: Path, n: i
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tot += float(loss) * len(ix)
+                tot += float(loss.detach()) * len(ix)
             if ep in (0, args.head_epochs - 1):
                 log(f"  head epoch {ep + 1}/{args.head_epochs}: train loss {tot / len(feats):.4f}")
     state = {k: v.cpu() for k, v in head.state_dict().items()}
@@ -271,7 +278,7 @@ def train_arm(model: SegmentationModel, data: dict, size, method: str, cfg: APTC
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds += time.perf_counter() - t0
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         tokens += sum(b.seqlens) - b.num_images
         flops += vit_flops(b, model.backbone)
         ref_flops += timm_vit_flops(model.backbone, len(ims), G2)

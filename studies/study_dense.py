@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from apt_data import APTConfig, patchify  # noqa: E402
 from apt_train.calibrate import calibrate  # noqa: E402
 from apt_train.evaluation import random_base_layout  # noqa: E402
-from apt_train.segmentation import SegmentationTask  # noqa: E402
+from apt_train.segmentation import SegmentationTask, lowres_grid  # noqa: E402
 
 from study_parts import DEFAULT_WEIGHTS, NEG, PATCH, SCORER_BASE, log, parse_pair, scored, write_text  # noqa: E402
 
@@ -112,19 +112,23 @@ def frozen_stage(args, data, weights, size, cache: Path) -> list[dict]:
     return rows
 
 
-def finetune_stage(args, data, weights, size, frozen_rows, cache: Path) -> list[dict]:
-    """Fine-tune arms at ``size``: control, APT per ``--ft-grid`` pair, lower resolution at its frozen match."""
+def finetune_stage(args, data, weights, size, cache: Path) -> list[dict]:
+    """Fine-tune arms at ``size``: control, APT per ``--ft-grid`` pair, lower resolution at the grid closest to
+    that pair's mean APT token count on val (the frozen stage's lower-resolution match, from the layouts alone)."""
     tag = f"{size[0]}x{size[1]}"
     head = cache / f"head-{tag}.pt"
+    if not head.is_file():
+        model = dp.build_model(weights, args.device)
+        n_head = args.head_train if size[0] <= 480 else args.hires_head_train
+        dp.fit_head(model, data["train"], size, args, head, n_head)
+    grid_hw = (size[1] // PATCH, size[0] // PATCH)
+    imgs = [dp.resize_image(im, size) for im in data["val"]["images"]]
     arms = [("full grid", None, None)]
     for th in args.ft_grid:
-        low = next((r for r in frozen_rows if r["method"] == "lower resolution" and tuple(r["pair"]) == tuple(th)), None)
-        if low is None:
-            raise SystemExit(f"--ft-grid {th}: no frozen lower-resolution row for that pair (add it to --grid)")
-        arms += [("APT entropy", th, None), ("lower resolution", th, tuple(low["grid"]))]
-    rows = []
-    for method, th, low in arms:
-        rows.append(dp.finetune_arm(weights, head, data, size, method, th, low, args, cache))
+        cfg = APTConfig(patch_size=PATCH, num_scales=3, thresholds=th)
+        tokens = float(np.mean([len(patchify(im, cfg)) for im in imgs]))
+        arms += [("APT entropy", th, None), ("lower resolution", th, lowres_grid(tokens, grid_hw))]
+    rows = [dp.finetune_arm(weights, head, data, size, method, th, low, args, cache) for method, th, low in arms]
     dp.add_paired(rows, args.bootstrap)
     for r in rows:
         log(dp.fmt_row(r))
@@ -183,11 +187,11 @@ def main(argv=None) -> int:
     frozen, ft = {}, []
     for size in args.sizes:
         tag = f"{size[0]}x{size[1]}"
-        if "frozen" in args.stages or (cache / f"frozen-{tag}.json").is_file():
+        if "frozen" in args.stages or ("report" in args.stages and (cache / f"frozen-{tag}.json").is_file()):
             frozen[tag] = frozen_stage(args, data, weights, size, cache)
     first = args.sizes[0]
     if "finetune" in args.stages:
-        ft = finetune_stage(args, data, weights, first, frozen[f"{first[0]}x{first[1]}"], cache)
+        ft = finetune_stage(args, data, weights, first, cache)
     elif "report" in args.stages:
         ft = dp.cached_finetunes(cache, first)
         dp.add_paired(ft, args.bootstrap)
