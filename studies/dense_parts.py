@@ -384,6 +384,10 @@ def summary(rows: list[dict], size: str) -> str:
     return "\n".join(out)
 
 
+COLOURS = {"APT entropy": "C0", "APT laplacian": "C1", "APT upsample": "C2", "random drop": "C3",
+           "lower resolution": "C4"}
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """mIoU against tokens kept, one panel per size; fine-tuned arms as large markers on the first."""
     import matplotlib
@@ -402,7 +406,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                 if pts:
                     fmt = st if stage == "frozen" else st[0] + "-"
                     ax.errorbar([r["fraction"] * 100 for r in pts], [r["miou"] * 100 for r in pts],
-                                yerr=[r["se"] * 100 for r in pts], fmt=fmt, capsize=3, alpha=alpha,
+                                yerr=[r["se"] * 100 for r in pts], fmt=fmt, capsize=3, alpha=alpha, color=COLOURS[m],
                                 ms=5 if stage == "frozen" else 9, label=f"{m} ({stage})")
             for r in pts_all:
                 if r["method"] == "full grid":
@@ -412,7 +416,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel("CamVid val mIoU (%), ± bootstrap SE")
         ax.set_title(size, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=6, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
@@ -438,7 +442,7 @@ def overlays(out: Path, rows: list[dict], data: dict, cache: Path, size, args) -
     if not panels:
         return []
     name = "overlays.png"
-    save_dense_panels(out / name, panels, CAMVID_PALETTE, CLASSES, IGNORE, dpi=60,
+    save_dense_panels(out / name, panels, CAMVID_PALETTE, CLASSES, IGNORE, dpi=50,
                       title="fine-tuned DINOv2 ViT-S/14 + linear head, CamVid val (research use only)")
     return [name]
 
@@ -466,9 +470,12 @@ def write_report(out: Path, rows: list[dict], args, command: str, data: dict, we
           f"- model: DINOv2 ViT-S/14 (`{weights.name}`) as `from_timm` (APT scales 14/28/56 px, at init = "
           f"resize-only) + `LinearSegHead` (BatchNorm + 1x1 conv), logits upsampled bilinearly to the native "
           f"480x360 masks; mIoU over the 11 classes, void ignored\n"
-          f"- frozen head: fitted on the full-grid features of the train split ({args.head_epochs} epochs AdamW)\n"
+          f"- frozen head: fitted on the full-grid features of {args.head_train or 'all'} train images "
+          f"({args.hires_head_train or 'all'} above 480 px; a seeded choice), {args.head_epochs} epochs AdamW\n"
           f"{recipe}"
-          f"- SE: bootstrap over the {len(data['val']['images'])} val images ({args.bootstrap} resamples); Δ and "
+          f"- val images per size (a seeded choice from the val split; every row of a size uses the same ones): "
+          f"{', '.join(f'{n} at {sz}' for sz, n in dict((r['size'], r['n']) for r in rows).items())}\n"
+          f"- SE: bootstrap over the row's val images ({args.bootstrap} resamples); Δ and "
           f"APT - lower res: paired bootstrap (the same resampled images for both)\n"
           f"- speeds: {args.device.upper()} with {torch.get_num_threads()} threads, shared with other jobs: "
           f"compare them with the FLOP ratios\n\n"
