@@ -452,7 +452,7 @@ def write_report(out: Path, rows: list[dict], args, command: str, data: dict, we
     table = "\n".join([HEADER] + [fmt_row(r) for r in rows])
     sums = "\n\n".join(f"### Frozen, {s}\n\n{summary(rows, s)}" for s in dict.fromkeys(r["size"] for r in rows
                                                                                       if r["stage"] == "frozen"))
-    plot(rows, out / "dense.png", f"CamVid val ({len(data['val']['images'])} images), DINOv2 ViT-S/14 + linear head")
+    plot(rows, out / "dense.png", "CamVid val (val images per size: dense.md), DINOv2 ViT-S/14 + linear head")
     pics = overlays(out, rows, data, cache, args.sizes[0], args)
     ft = [r for r in rows if r["stage"] == "fine-tuned"]
     recipe = ""
