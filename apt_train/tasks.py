@@ -86,6 +86,20 @@ class ClassificationTask:
     def log_eval(self, run_log, res, step: int, epoch: int, out: Path) -> None:
         run_log.eval_result(res, step, epoch, out)
 
+    def class_count(self, source) -> str:
+        from .data import class_count
+
+        return f"{class_count(source)} classes"
+
+    def augmentation_line(self, c, mix) -> str:
+        """The header's line on augmentation (``c``: the run's flags by name, ``mix``: the loader's)."""
+        return ("augmentation: " + (f"RandomResizedCrop + flip, RandAugment {c.auto_augment or 'off'}, random "
+                                    f"erasing {c.re_prob}" if c.augment else "none")
+                + (f"; Mixup {mix.mixup_alpha} / CutMix {mix.cutmix_alpha}"
+                   f"{f' (box sides {mix.cutmix_minmax})' if mix.cutmix_minmax else ''}, prob {mix.prob}, "
+                   f"switch {mix.switch_prob}, soft targets" if mix is not None else "; no Mixup / CutMix")
+                + f"; label smoothing {c.label_smoothing}")
+
     def final_line(self, res) -> str:
         return f"final val: top-1 {res.top1:.2%}, top-5 {res.top5:.2%} on {res.images} images"
 
@@ -274,6 +288,14 @@ class SegmentTrainTask:
                         "images_per_s": res.images_per_s, **{"per_class_iou": m.as_dict(self.seg.class_names)[
                             "per_class_iou"]}})
         run_log.print(f"eval step {step} epoch {epoch}: {self.final_line(res)[len('final val: '):]}")
+
+    def class_count(self, source) -> str:
+        return "masks" + (f" of {self.seg.num_classes} classes" if self.seg is not None else "")
+
+    def augmentation_line(self, c, mix) -> str:
+        return ("augmentation: " + ("mmseg's ADE20K recipe (random resize 0.5-2x, crop with cat_max_ratio 0.75, "
+                                    "flip, photometric distortion)" if c.augment is not False else "none (resize to fit)")
+                + "; no Mixup / CutMix, RandAugment, random erasing or label smoothing (segmentation)")
 
     def final_line(self, res) -> str:
         m = res.metrics

@@ -30,7 +30,7 @@ from .build import compile_blocks
 from .checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints, resolve_checkpoint,
                          restore_weights, rng_state, save_checkpoint, set_rng_state)
 from .config import SetupError, TrainConfig
-from .data import AUTO, check_classes, class_count
+from .data import AUTO, check_classes
 from .dist import DistInfo, all_gather_objects, all_reduce_sum, init_distributed, sum_counts
 from .evaluation import EvalResult
 from .interrupt import StopSignals, TrainingInterrupted
@@ -270,8 +270,9 @@ class Trainer:
             f"at {self.image_size} px, {self.cfg}; recipe {c.recipe}; {info.world_size} process(es) on "
             f"{self.device}{', bf16 autocast' if self.amp else ''}")
         val = self.val_loader
-        self._log.print(f"train data {c.data}: {len(self.loader.source)} images, {class_count(self.loader.source)} classes; "
-                    + (f"val data {c.val_data}: {len(val.source)} images, {class_count(val.source)} classes; "
+        count = self.task.class_count
+        self._log.print(f"train data {c.data}: {len(self.loader.source)} images, {count(self.loader.source)}; "
+                    + (f"val data {c.val_data}: {len(val.source)} images, {count(val.source)}; "
                        if val is not None else "val data: none; ")
                     + f"head: {self.model.num_classes} classes")
         if self._val_note:
@@ -282,13 +283,7 @@ class Trainer:
             f"per global step; {self.total_steps} steps; peak lr {self.lr:.3g}"
             f"{'' if c.lr is not None else f' = {c.blr:g} x {self.images_per_step:.2f} / 256'}, "
             f"warmup {self.scheduler.warmup_steps} steps, layer decay {c.layer_decay}")
-        mix = self.loader.mix
-        self._log.print("augmentation: " + (f"RandomResizedCrop + flip, RandAugment {c.auto_augment or 'off'}, random "
-                                            f"erasing {c.re_prob}" if c.augment else "none")
-                        + (f"; Mixup {mix.mixup_alpha} / CutMix {mix.cutmix_alpha}"
-                           f"{f' (box sides {mix.cutmix_minmax})' if mix.cutmix_minmax else ''}, prob {mix.prob}, "
-                           f"switch {mix.switch_prob}, soft targets" if mix is not None else "; no Mixup / CutMix")
-                        + f"; label smoothing {c.label_smoothing}")
+        self._log.print(self.task.augmentation_line(c, self.loader.mix))
 
     def _print_start(self) -> None:
         """Rank 0: what the header does not say: settings changed to fit the data, where a resume continues."""
