@@ -24,6 +24,7 @@ from .dist import DistInfo, cleanup, init_distributed
 from .flags import add_loader_args
 from .interrupt import TrainingInterrupted
 from .recipes import RECIPES
+from .tasks import backbone_of
 from .trainer import Trainer, TrainResult
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def build_parser(default_data: Optional[str] = None, default_val_data: Optional[
                    help="validation source (default: --data's own val split: DIR:val for shards, a val.parquet "
                         "beside train.parquet, a folder val beside an image folder .../train; else none)")
     g.add_argument("--no-eval", action="store_true", help="skip validation")
+    add_task_args(g)
     g.add_argument("--data-cache", default=None, metavar="DIR",
                    help="data at URLs (https://, s3://, gs://): keep the byte ranges read in this local folder, so "
                         "later epochs read them from disk (shared by workers and local ranks)")
@@ -124,6 +126,18 @@ def build_parser(default_data: Optional[str] = None, default_val_data: Optional[
     return ap
 
 
+def add_task_args(g) -> None:
+    """``--task`` and the segmentation data flags (``apt-train`` and ``apt-eval``)."""
+    g.add_argument("--task", choices=["classification", "segmentation"], default="classification",
+                   help="segmentation: --data DIR in ADE20K's layout (images/<split> + annotations/<split>), or "
+                        "an image folder with --masks DIR; needs --num-classes (docs/dense.md)")
+    g.add_argument("--masks", default=None, metavar="DIR", help="segmentation: the masks of --data's images (by stem)")
+    g.add_argument("--reduce-zero-label", action="store_true",
+                   help="segmentation: mask id 0 is ignored, 1..K become 0..K-1 (ADE20K)")
+    g.add_argument("--void", type=int, nargs="+", default=None, metavar="ID",
+                   help="segmentation: mask ids that are ignored, like 255 (CamVid: 11)")
+
+
 def _model_defaults(ap: argparse.ArgumentParser) -> None:
     """``--patch-size`` / ``--image-size`` default to the model's; ``--img-size``: timm's name."""
     ap.set_defaults(patch_size=None)
@@ -175,8 +189,9 @@ def make_trainer(argv: Argv = None, *, default_data: Optional[str] = None,
     with argparse's usage (SystemExit 2); a bad setting raises `SetupError`, after leaving the process group."""
     ap = build_parser(default_data, default_val_data, prog)
     args = parse_args(ap, argv)
-    args.data = split_folder(args.data, "train")
-    if args.val_data not in (None, AUTO):
+    if args.task == "classification":
+        args.data = split_folder(args.data, "train")
+    if args.val_data not in (None, AUTO) and args.task == "classification":
         args.val_data = split_folder(args.val_data, "val", "--val-data")
     config = train_config(args)  # filled from its recipe and validated, before joining the process group
     info = init_distributed(config.device, config.dist_timeout)
@@ -188,7 +203,7 @@ def make_trainer(argv: Argv = None, *, default_data: Optional[str] = None,
         cleanup(info)
         raise
     if info.is_main:
-        note_image_size(config.image_size, trainer.model)
+        note_image_size(config.image_size, backbone_of(trainer.model))
     return trainer
 
 

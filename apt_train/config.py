@@ -22,7 +22,7 @@ from .flags import flag_message
 from .recipes import RECIPES, apply_recipe
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # as apt_data.add_loader_args
-_PATHS = ("checkpoint", "data", "val_data", "data_cache", "output", "resume")
+_PATHS = ("checkpoint", "data", "val_data", "data_cache", "output", "resume", "masks")
 _TUPLES = ("thresholds", "cutmix_minmax")
 
 
@@ -48,6 +48,7 @@ class ModelSettings:
     attn_backend: str = "auto"
     compile: bool = False
     grad_checkpointing: bool = False
+    task: str = "classification"            # or "segmentation" (`apt_train.tasks`)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class DataSettings:
     mixup_switch_prob: float = 0.5          # probability of CutMix instead of Mixup when both are on
     strict: bool = False
     max_skip_fraction: float = 0.01         # more bad samples in an epoch stop the run
+    masks: Optional[str] = None             # segmentation: the mask folder of --data's images (else ADE20K's layout)
+    reduce_zero_label: bool = False         # segmentation: mask id 0 ignored, 1..K -> 0..K-1 (ADE20K)
+    void: Optional[tuple[int, ...]] = None  # segmentation: mask ids ignored (CamVid's 11)
 
     def remote_options(self) -> dict:
         """Options of URL data sources (`apt_data.sources.open_remote`): the local cache, if any."""
@@ -231,6 +235,8 @@ def _normalised(values: dict[str, Any]) -> dict[str, Any]:
     for name in _PATHS:
         if values[name] is not None and not isinstance(values[name], str):
             values[name] = os.fspath(values[name])
+    if values.get("void") is not None:
+        values["void"] = tuple(int(v) for v in values["void"])
     for name in _TUPLES:
         if values[name] is not None:
             try:
@@ -257,6 +263,8 @@ def _validate(config: TrainConfig) -> APTConfig:
     d, o, r = config.data, config.optim, config.run
     if not d.train:
         raise SetupError("no training data: set --data (TrainConfig.data.train)")
+    if config.model.task not in ("classification", "segmentation"):
+        raise SetupError(f"--task {config.model.task!r}: not one of classification, segmentation")
     for name, v in (("epochs", o.epochs), ("steps", o.steps)):
         if v is not None and v <= 0:
             raise SetupError(f"--{name} must be positive, got {v}")

@@ -26,17 +26,17 @@ import torch
 
 from apt_data import PackedBatch
 
-from .build import build_run_model, compile_blocks
+from .build import compile_blocks
 from .checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints, resolve_checkpoint,
                          restore_weights, rng_state, save_checkpoint, set_rng_state)
 from .config import SetupError, TrainConfig
-from .data import AUTO, build_loaders, check_classes, class_count, default_val_data, open_data
+from .data import AUTO, check_classes
 from .dist import DistInfo, all_gather_objects, all_reduce_sum, init_distributed, sum_counts
-from .evaluation import EvalResult, evaluate
+from .evaluation import EvalResult
 from .interrupt import StopSignals, TrainingInterrupted
-from .loss import scaled_cross_entropy
-from .optim import WarmupCosine, param_groups, plan_schedule, trainable_parameters
+from .optim import WarmupCosine, plan_schedule, trainable_parameters
 from .run_log import RunLog, RunTotals, every, skip_line
+from .tasks import backbone_of, make_task
 
 log = logging.getLogger("apt_train")
 
@@ -78,14 +78,15 @@ class Trainer:
             log.warning("%s", warning)
         torch.manual_seed(c.run.seed)
         np.random.seed(c.run.seed)
-        train_source = open_data(c.data.train, "--data", c.data.remote_options())
+        self.task = task = make_task(c)  # classification (default) or segmentation: `apt_train.tasks`
+        train_source = task.open_train(c)
         self._val_note = None
         if c.data.val == AUTO:  # the training source's own val split, else none (said in the header)
-            val_data, self._val_note = default_val_data(c.data.train, c.data.remote_options())
+            val_data, self._val_note = task.default_val(c)
             self.config = c = c.with_val_data(val_data)
-        self.model, self.cfg, self.image_size = build_run_model(c, train_source.labels, self.device)
+        self.model, self.cfg, self.image_size = task.build_model(c, train_source, self.device)
         num_classes = self.model.num_classes
-        self.loader, self.val_loader = build_loaders(c, self.model, self.cfg, self.image_size, train_source)
+        self.loader, self.val_loader = task.build_loaders(c, self.model, self.cfg, self.image_size, train_source)
         check_classes(num_classes, train_source, self.val_loader.source if self.val_loader is not None else None,
                       train_name=c.data.train, val_name=c.data.val or "")
         self._plan_schedule()
@@ -99,7 +100,7 @@ class Trainer:
             # batches differ in which scales they hold: APT parameters of an absent scale get no gradient
             self.ddp = DDP(self.model, device_ids=None, find_unused_parameters=True)
         if c.model.compile:
-            compile_blocks(self.model, c.data.static_shapes)
+            compile_blocks(backbone_of(self.model), c.data.static_shapes)
         self.forward = self.ddp
         torch.manual_seed(c.run.seed + self.info.rank)  # drop path differs per rank
         self._cached_batches = None
@@ -117,7 +118,7 @@ class Trainer:
                         "--warmup-steps or --warmup-epochs lower, or train longer)", plan.warmup, self.total_steps,
                         self.lr)
         self.params = trainable_parameters(self.model, o.train_new_only)
-        groups = param_groups(self.model, o.weight_decay, o.layer_decay)
+        groups = self.task.param_groups(self.model, o.weight_decay, o.layer_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999), weight_decay=o.weight_decay)
         self.scheduler = WarmupCosine(self.optimizer, self.lr, self.total_steps, plan.warmup, o.min_lr)
 
@@ -165,6 +166,8 @@ class Trainer:
                      "images_per_step": self.images_per_step, "world_size": self.info.world_size,
                      "rng": rngs, "loader": loaders, "config": self.config.to_dict(),
                      "totals": self.totals.state_dict()}
+            if self.task.state_dict() is not None:  # segmentation: its class count and names
+                state["task"] = self.task.state_dict()
             path = checkpoint_path(self.out, self.global_step)
             try:
                 save_checkpoint(path, state)
@@ -204,14 +207,7 @@ class Trainer:
         local_tokens = b.num_real_tokens - b.num_images * b.num_prefix_tokens
         counts = all_reduce_sum(torch.tensor([float(b.num_images), float(local_tokens), float(b.num_real_tokens),
                                               float(self._stop.signum)], device=self.device), info)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.forward(b)
-        if b.mixed:  # soft targets, smoothed as timm's Mixup smooths them
-            target, smoothing = b.soft_targets(self.model.num_classes, c.optim.label_smoothing), 0.0
-        else:
-            target, smoothing = b.labels, c.optim.label_smoothing
-        loss = scaled_cross_entropy(logits, target, label_smoothing=smoothing, global_images=counts[0],
-                                    world_size=info.world_size)
+        loss = self.task.loss(self.forward, b, c, counts[0], info.world_size, self.amp, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = None
@@ -232,9 +228,9 @@ class Trainer:
         """Evaluate on ``data.val`` (all ranks); rank 0 prints it and, inside `fit`, writes its metrics record."""
         if self.val_loader is None:
             return None
-        res = evaluate(self.model, self.val_loader, self.device, amp=self.amp, info=self.info,
-                       progress=None if self.config.run.quiet else f"eval (step {self.global_step})")
-        self._log.eval_result(res, self.global_step, self.epoch, self.out)
+        res = self.task.evaluate(self.model, self.val_loader, self.device, self.amp, self.info,
+                                 None if self.config.run.quiet else f"eval (step {self.global_step})")
+        self.task.log_eval(self._log, res, self.global_step, self.epoch, self.out)
         return res
 
     def _eval_saved(self, saved: Optional[Path]) -> Optional[EvalResult]:
@@ -274,8 +270,9 @@ class Trainer:
             f"at {self.image_size} px, {self.cfg}; recipe {c.recipe}; {info.world_size} process(es) on "
             f"{self.device}{', bf16 autocast' if self.amp else ''}")
         val = self.val_loader
-        self._log.print(f"train data {c.data}: {len(self.loader.source)} images, {class_count(self.loader.source)} classes; "
-                    + (f"val data {c.val_data}: {len(val.source)} images, {class_count(val.source)} classes; "
+        count = self.task.class_count
+        self._log.print(f"train data {c.data}: {len(self.loader.source)} images, {count(self.loader.source)}; "
+                    + (f"val data {c.val_data}: {len(val.source)} images, {count(val.source)}; "
                        if val is not None else "val data: none; ")
                     + f"head: {self.model.num_classes} classes")
         if self._val_note:
@@ -286,13 +283,7 @@ class Trainer:
             f"per global step; {self.total_steps} steps; peak lr {self.lr:.3g}"
             f"{'' if c.lr is not None else f' = {c.blr:g} x {self.images_per_step:.2f} / 256'}, "
             f"warmup {self.scheduler.warmup_steps} steps, layer decay {c.layer_decay}")
-        mix = self.loader.mix
-        self._log.print("augmentation: " + (f"RandomResizedCrop + flip, RandAugment {c.auto_augment or 'off'}, random "
-                                            f"erasing {c.re_prob}" if c.augment else "none")
-                        + (f"; Mixup {mix.mixup_alpha} / CutMix {mix.cutmix_alpha}"
-                           f"{f' (box sides {mix.cutmix_minmax})' if mix.cutmix_minmax else ''}, prob {mix.prob}, "
-                           f"switch {mix.switch_prob}, soft targets" if mix is not None else "; no Mixup / CutMix")
-                        + f"; label smoothing {c.label_smoothing}")
+        self._log.print(self.task.augmentation_line(c, self.loader.mix))
 
     def _print_start(self) -> None:
         """Rank 0: what the header does not say: settings changed to fit the data, where a resume continues."""
@@ -339,8 +330,7 @@ class Trainer:
         if info.is_main:
             self._log.print(self.totals.summary(self.global_step, c.data.max_tokens, seconds))
             if self._final_eval is not None:
-                self._log.print(f"final val: top-1 {self._final_eval.top1:.2%}, top-5 {self._final_eval.top5:.2%} on "
-                                f"{self._final_eval.images} images")
+                self._log.print(self.task.final_line(self._final_eval))
             self._log.print(f"checkpoint: {self._last_saved}; metrics: {self.out / 'metrics.jsonl'}")
         return TrainResult(model=self.model, global_step=self.global_step, epoch=self.epoch,
                            metrics_path=self.out / "metrics.jsonl", checkpoint=self._last_saved,

@@ -17,7 +17,7 @@ import json
 import sys
 
 from ..checkpoint import atomic_write_text
-from ..cli import add_eval_args, eval_setup
+from ..cli import add_eval_args, add_task_args, eval_setup
 from ..dist import cleanup
 from ..evaluation import evaluate_mode
 from .common import Argv, prog_name, run_command, sample_data, setup_logging
@@ -51,11 +51,52 @@ def parser() -> argparse.ArgumentParser:
                     choices=["none", "resize", "random"], help="methods to run (several allowed; default: none)")
     ap.add_argument("--uniform", action="store_true", help="also the plain ViT on the uniform grid")
     ap.add_argument("--output", "--json", dest="output", default=None, help="write the results here as JSON (atomic)")
+    add_task_args(ap.add_argument_group("task"))
     return ap
+
+
+def _evaluate_segmentation(args: argparse.Namespace) -> int:
+    """``--task segmentation``: mIoU, per-class IoU and pixel accuracy of APT at the masks' original sizes."""
+    import torch
+
+    from ..build import model_image_size, model_patch_size
+    from ..config import check_device, loader_config
+    from ..segmentation import evaluate_segmentation
+    from ..tasks import mask_pairs, open_segmentation, segmentation_loader, segmentation_model
+
+    check_device(args.device)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    torch.manual_seed(args.seed)
+    source = open_segmentation(args.data, args.masks, "val", "--data", args.reduce_zero_label, args.void)
+    model, task = segmentation_model(args.model, args.checkpoint, args.num_classes, image_size=args.image_size,
+                                     num_scales=args.num_scales, attn_backend=args.attn_backend)
+    model = model.to(device).eval()
+    size = model_image_size(model.backbone)
+    cfg = loader_config(patch_size=model_patch_size(model.backbone, args.patch_size, args.num_scales),
+                        num_scales=args.num_scales, thresholds=args.thresholds, scorer=args.scorer,
+                        max_tokens=args.max_tokens, max_images=args.max_images)
+    loader = segmentation_loader(source, cfg, model, size, train=False, max_tokens=args.max_tokens,
+                                 max_images=args.max_images, workers=args.workers)
+    amp = device.type == "cuda" if args.amp is None else bool(args.amp)
+    print(f"evaluate segmentation: {args.model}{' from ' + args.checkpoint if args.checkpoint else ' (random init)'} "
+          f"on {args.data} ({len(source)} images), short side {size} px, {cfg}, {task.num_classes} classes, {device}")
+    res = evaluate_segmentation(model, mask_pairs(loader), task, device, caption="eval", amp=amp)
+    out = res.metrics.as_dict(task.class_names)
+    print(f"mIoU {res.metrics.miou:.2%}, pixel accuracy {res.metrics.pixel_accuracy:.2%} on {res.images} images, "
+          f"{res.images_per_s:.1f} images/s")
+    print("per-class IoU: " + ", ".join(f"{k} {'-' if v is None else f'{v:.2%}'}" for k, v in out["per_class_iou"].items()))
+    print(f"skipped bad samples: {dict(loader.stats.skipped) or 'none'}")
+    if args.output:
+        atomic_write_text(args.output, json.dumps({"args": {k: plain(v) for k, v in vars(args).items()},
+                                                   "config": str(cfg), "results": {"segmentation": out}}, indent=1))
+    return 0
 
 
 def _evaluate(argv: Argv) -> int:
     args = parser().parse_args(argv)
+    if args.task == "segmentation":
+        return _evaluate_segmentation(args)
     setup = eval_setup(args)
     model, cfg, source, info, kw, amp = setup.model, setup.cfg, setup.source, setup.info, setup.loader_kw, setup.amp
     modes = list(dict.fromkeys(args.baseline)) + (["uniform"] if args.uniform else [])
