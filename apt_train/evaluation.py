@@ -71,12 +71,12 @@ class EvalResult:
         return d
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _progress_bar(batches, caption: Optional[str], is_main: bool, max_batches: Optional[int]):
+def progress_bar(batches, caption: Optional[str], is_main: bool, max_batches: Optional[int]):
     """A tqdm bar over the evaluation's batches (their count: ``len(batches)``, an estimate for a
     streamed loader), or None."""
     if caption is None or not is_main:
@@ -108,18 +108,18 @@ def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device, am
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, images
     host = np.zeros(5, np.float64)                             # tokens, uniform, flops, seconds, timed images
     times = []
-    bar = _progress_bar(batches, progress, info.is_main, max_batches)
+    bar = progress_bar(batches, progress, info.is_main, max_batches)
     try:
         with torch.random.fork_rng(devices=[]):
             for k, (batch, _) in enumerate(batches):
                 if max_batches is not None and k >= max_batches:
                     break
                 b = batch.to(device, non_blocking=True)
-                _sync(device)
+                sync_device(device)
                 t0 = time.perf_counter()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = model(b)
-                _sync(device)
+                sync_device(device)
                 dt = time.perf_counter() - t0
                 labels = b.labels
                 top = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from apt_model.dense import to_dense
 
-from .evaluation import _progress_bar, _sync
+from .evaluation import progress_bar, sync_device
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -166,16 +166,16 @@ def evaluate_segmentation(model: nn.Module, batches: Iterable, task: Segmentatio
     confusion matrices and forward images/s. A tqdm progress bar shows on a terminal."""
     model.eval()
     task.reset()
-    bar = _progress_bar(batches, caption, True, None)
+    bar = progress_bar(batches, caption, True, None)
     times = []
     try:
         for batch, masks in batches:
             masks = [torch.as_tensor(m).to(device) for m in masks]
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(batch.to(device), [tuple(m.shape) for m in masks])
-            _sync(device)
+            sync_device(device)
             times.append((time.perf_counter() - t0, len(masks)))
             task.update([lg.float() for lg in logits], masks)
             if bar is not None:

@@ -201,7 +201,7 @@ def test_config_is_validated_once_when_it_is_made():
     with pytest.raises(SetupError, match="no training data"):
         TrainConfig()
     for flat, message in [(dict(steps=0), "--steps must be positive, got 0"),
-                          (dict(max_tokens=0), "--max-tokens must be positive"),
+                          (dict(max_tokens=0), "--max-tokens: max_tokens must be a positive int"),
                           (dict(thresholds=(5.5,)), "one value per scale"),
                           (dict(workers=-1), "--workers must be >= 0"),
                           (dict(mixup=-1.0), "--mixup/--cutmix"),

@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
-_WR, _WG, _WB = (np.float32(w) for w in GRAY_WEIGHTS)
+WR, WG, WB = (np.float32(w) for w in GRAY_WEIGHTS)
 
 
 def as_rows(image: np.ndarray) -> tuple[np.ndarray, int]:
@@ -27,7 +27,7 @@ def gray_row(row, channels, out):
             out[x] = np.float32(row[x])
     else:
         for x in range(out.shape[0]):
-            out[x] = (_WR * np.float32(row[3 * x]) + _WG * np.float32(row[3 * x + 1])) + _WB * np.float32(row[3 * x + 2])
+            out[x] = (WR * np.float32(row[3 * x]) + WG * np.float32(row[3 * x + 1])) + WB * np.float32(row[3 * x + 2])
 
 
 @njit(cache=True, nogil=True)
@@ -46,4 +46,4 @@ def gray_plane_reference(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         return image.astype(np.float32)
     f = image.astype(np.float32)
-    return ((_WR * f[..., 0]) + (_WG * f[..., 1])) + (_WB * f[..., 2])
+    return ((WR * f[..., 0]) + (WG * f[..., 1])) + (WB * f[..., 2])

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._gray import _WB, _WG, _WR, as_rows, gray_plane_reference
+from ._gray import WB, WG, WR, as_rows, gray_plane_reference
 from .registry import register_scorer
 
 NUM_BINS = 512
@@ -62,7 +62,7 @@ def band_bins(rows, channels, y0, nrows, ncols, r, g, b, out):
                 g[x] = row[3 * x + 1]
                 b[x] = row[3 * x + 2]
             for x in range(ncols):
-                gray = (_WR * np.float32(r[x]) + _WG * np.float32(g[x])) + _WB * np.float32(b[x])
+                gray = (WR * np.float32(r[x]) + WG * np.float32(g[x])) + WB * np.float32(b[x])
                 q = np.int32((gray / np.float32(255.0)) * np.float32(512.0))
                 o[x] = q if q < 511 else 511
         else:

@@ -31,7 +31,7 @@ from .errors import ShardStats, report_bad
 from .format import (CHECKSUM, EXTRA_MEMBERS, IMAGE_EXTS, INPLACE_FORMAT, MASK_MEMBER, MEMBERS, member_checksum,
                      member_column, split_key)
 from .index import index_table, write_index
-from .reader import _scan_tar, _TarCorrupt, _TarTruncated
+from .reader import scan_tar, TarCorrupt, TarTruncated
 from .urls import expand_urls
 
 PathLike = Union[str, os.PathLike]
@@ -127,14 +127,14 @@ def scan_webdataset_shard(job: tuple) -> tuple[list[dict], list[tuple]]:
     members: dict = {}
     try:
         with open(path, "rb") as f:
-            for name, off, data in _scan_tar(f):
+            for name, off, data in scan_tar(f):
                 k, ext = split_key(name)
                 if k != key and key is not None:
                     finish(key, members)
                     members = {}
                 key = k
                 members[ext] = (off, data)
-    except (_TarCorrupt, _TarTruncated, OSError) as e:
+    except (TarCorrupt, TarTruncated, OSError) as e:
         bad(key, "corrupt_tar", f"{type(e).__name__}: {e}; the rest of the shard is skipped")
         return rows, skipped
     if key is not None:

@@ -28,11 +28,11 @@ __all__ = ["ShardFiles", "iter_shard", "iter_shards", "read_record", "read_sampl
            "row_checksums", "row_spans"]
 
 
-class _TarTruncated(Exception):
+class TarTruncated(Exception):
     pass
 
 
-class _TarCorrupt(Exception):
+class TarCorrupt(Exception):
     pass
 
 
@@ -47,11 +47,11 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _scan_tar(f: BinaryIO, start: int = 0, until_eof_ok: bool = False) -> Iterator[tuple[str, int, bytes]]:
+def scan_tar(f: BinaryIO, start: int = 0, until_eof_ok: bool = False) -> Iterator[tuple[str, int, bytes]]:
     """Yield ``(name, data_offset, data)`` for each regular file of a tar stream, in order.
 
-    Raises `_TarTruncated` (with the member name, if its header was read) when the stream ends
-    before the end-of-archive blocks, `_TarCorrupt` on a header with a bad checksum. PAX ``path``
+    Raises `TarTruncated` (with the member name, if its header was read) when the stream ends
+    before the end-of-archive blocks, `TarCorrupt` on a header with a bad checksum. PAX ``path``
     records and GNU long names are honoured; directories and other entries are skipped.
     ``until_eof_ok``: a clean end at a header boundary is fine (reading a span of a shard).
     """
@@ -62,20 +62,20 @@ def _scan_tar(f: BinaryIO, start: int = 0, until_eof_ok: bool = False) -> Iterat
         if len(header) == 0 and until_eof_ok:
             return
         if len(header) < BLOCK:
-            raise _TarTruncated(None)
+            raise TarTruncated(None)
         if header == b"\0" * BLOCK:
             return  # end-of-archive marker
         try:
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
         except tarfile.HeaderError as e:
-            raise _TarCorrupt(f"bad tar header at byte {pos}: {e}") from None
+            raise TarCorrupt(f"bad tar header at byte {pos}: {e}") from None
         name = long_name or info.name
         long_name = None
         pos += BLOCK
         padded = -(-info.size // BLOCK) * BLOCK
         data = _read_exact(f, padded)
         if len(data) < info.size:
-            raise _TarTruncated(name)
+            raise TarTruncated(name)
         data = data[:info.size]
         if info.type == tarfile.GNUTYPE_LONGNAME:
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
@@ -112,7 +112,7 @@ def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardSta
     members: dict[str, bytes] = {}
     with f:
         try:
-            for name, _, data in _scan_tar(f):
+            for name, _, data in scan_tar(f):
                 k, ext = split_key(name)
                 if k != key and key is not None:
                     rec, members = record(key, members), {}
@@ -120,7 +120,7 @@ def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardSta
                         yield rec
                 key = k
                 members[ext] = data
-        except _TarTruncated as e:
+        except TarTruncated as e:
             culprit = split_key(e.args[0])[0] if e.args[0] else key
             if key is not None and culprit != key:  # the cut is in the next sample's first member
                 rec = record(key, members)
@@ -130,7 +130,7 @@ def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardSta
                        "shard ends inside this sample" if e.args[0] else "shard ends after a member of this "
                        "sample without an end-of-archive marker; the sample may be incomplete", strict, stats)
             return
-        except _TarCorrupt as e:
+        except TarCorrupt as e:
             report_bad(shard, key, "corrupt_tar", f"{e}; the rest of the shard is skipped", strict, stats)
             return
         except OSError as e:
@@ -164,7 +164,7 @@ def _header_matches(span: bytes, at: int, name: bytes, size: int) -> bool:
 def _members_at(span: bytes, start: int, key: str, spans: Spans) -> dict[str, bytes]:
     """The members of ``key`` at the index's offsets in ``span`` (the shard's bytes from ``start``).
 
-    Raises `_TarCorrupt` / `_TarTruncated` when the span does not hold exactly those members there.
+    Raises `TarCorrupt` / `TarTruncated` when the span does not hold exactly those members there.
     """
     members = {}
     for ext, (off, size) in spans.items():
@@ -174,13 +174,13 @@ def _members_at(span: bytes, start: int, key: str, spans: Spans) -> dict[str, by
     else:
         return members
     members = {}  # not a plain ustar header: parse the span as a tar stream
-    for name, off, data in _scan_tar(io.BytesIO(span), start, until_eof_ok=True):
+    for name, off, data in scan_tar(io.BytesIO(span), start, until_eof_ok=True):
         k, ext = split_key(name)
         if k != key or spans.get(ext, (None,))[0] != off:
-            raise _TarCorrupt(f"found {name!r} at byte {off}")
+            raise TarCorrupt(f"found {name!r} at byte {off}")
         members[ext] = data
     if set(members) != set(spans):
-        raise _TarCorrupt(f"members {sorted(members)} != index {sorted(spans)}")
+        raise TarCorrupt(f"members {sorted(members)} != index {sorted(spans)}")
     return members
 
 
@@ -230,7 +230,7 @@ def read_record(fetch: Callable[[int, int], bytes], shard: str, key: str, spans:
     span += b"\0" * (length - len(span))  # pad a last member cut exactly at its data end
     try:
         members = _members_at(span, start, key, spans)
-    except (_TarCorrupt, _TarTruncated) as e:
+    except (TarCorrupt, TarTruncated) as e:
         return report_bad(shard, key, "index_mismatch", f"the shard does not match the index: {e}", strict, stats)
     if checksums:
         wrong = _check_members(members, checksums)

@@ -83,13 +83,29 @@ class _Plain(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written, not when the command started:
+    a command run in-process (tests, notebooks) must not keep writing to a stream that was replaced
+    and closed since."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO, stream=None) -> None:
     """The one log format of every command, on stderr: the message alone on a terminal, timestamped
     with the level and logger where the output goes to a file (a batch job's log). Replaces the handler
     of an earlier command in this process, and leaves any other handler (pytest's, an embedding app's)."""
-    stream = sys.stderr if stream is None else stream
-    handler = logging.StreamHandler(stream)
-    tty = getattr(stream, "isatty", lambda: False)()
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
+    tty = getattr(handler.stream, "isatty", lambda: False)()
     handler.setFormatter(_Plain("%(message)s") if tty else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     handler.set_name("apt-command")
