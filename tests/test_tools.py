@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from apt_data.visualize import SCALE_COLORS
 from conftest import IMAGE_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +22,12 @@ def test_visualize_writes_layout_pngs(tmp_path):
     out = run(ROOT / "tools/visualize.py", IMAGE_PATHS[0], IMAGE_PATHS[5], "--out", tmp_path, "--size", "224")
     pngs = sorted(tmp_path.glob("*.layout.png"))
     assert len(pngs) == 2
+    swatch = np.round(np.asarray(SCALE_COLORS[1])).astype(np.uint8)  # the 2x patches' tint, in the legend
     for png in pngs:
         im = np.asarray(Image.open(png))
-        assert im.ndim == 3 and min(im.shape[:2]) == 224 and im.shape[0] % 16 == 0 and im.shape[1] % 16 == 0
+        assert im.ndim == 3 and im.shape[0] > 224 + 40 and im.shape[1] >= 224  # the layout, its caption, the legend
         assert (im == 255).all(axis=2).any()  # white patch borders are drawn
+        assert (im[-30:] == swatch).all(axis=2).any()  # the legend strip below the layout has the 2x swatch
     assert "tokens" in out and "total:" in out and not list(tmp_path.glob("*.tmp*"))
 
 

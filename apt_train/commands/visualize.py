@@ -4,7 +4,8 @@
     apt-visualize IMAGE [IMAGE ...] --mosaic FILE.png [--size PX] [--cols N]
 
 Per image, ``DIR/<name>.layout.png`` is the image with its layout drawn on it (white patch borders,
-each scale above the base one tinted its own colour; same size as the image); files of one name
+each scale above the base one tinted its own colour), captioned with its token count, above the legend
+of the patch sizes' colours; files of one name
 from different folders get the folder in their name (``cats__img_001.layout.png``). ``--mosaic`` writes
 all the layouts side by side in one PNG, each captioned with its token count, above a legend of
 the patch sizes (the picture in the README is made this way). Without ``--size`` an image keeps
@@ -190,12 +191,12 @@ def _visualize(argv: Argv) -> int:
         total += len(layout)
         uniform += layout.uniform_tokens
         where = ""
-        if args.out:
-            out = Path(args.out) / (out_name + ".layout.png")
-            save_png(drawn, out)
-            where = f"  -> {out}"
         name = Path(path).stem.split("_", 1)[-1].replace("_", " ")
         tiles.append((drawn, f"{name}: {len(layout)} / {layout.uniform_tokens} tokens"))
+        if args.out:  # the layout captioned, with the colour legend below it, as in the mosaic
+            out = Path(args.out) / (out_name + ".layout.png")
+            save_png(mosaic(tiles[-1:], cfg, 1), out)
+            where = f"  -> {out}"
         print(f"{Path(path).name}: {img.shape[1]}x{img.shape[0]}  tokens {len(layout)} / {layout.uniform_tokens} "
               f"({len(layout) / layout.uniform_tokens:.1%})  per scale {counts.tolist()}{where}")
     if not tiles:
