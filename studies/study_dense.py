@@ -45,6 +45,7 @@ from apt_train.evaluation import random_base_layout
 from apt_train.segmentation import SegmentationTask, lowres_grid
 
 import dense_parts as dp
+import dense_report as dr
 from study_parts import DEFAULT_WEIGHTS, NEG, PATCH, ROOT, SCORER_BASE, log, parse_pair, scored, write_text
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "camvid"
@@ -102,7 +103,7 @@ def frozen_stage(args, data, weights, size, cache: Path) -> list[dict]:
                                   stage="frozen", size=size, pair=th))
     dp.add_paired(rows, args.bootstrap)
     for r in rows:
-        log(dp.fmt_row(r))
+        log(dr.fmt_row(r))
     write_text(out, json.dumps(dict(rows=rows, seconds=time.perf_counter() - t0)))
     return rows
 
@@ -126,7 +127,7 @@ def finetune_stage(args, data, weights, size, cache: Path) -> list[dict]:
     rows = [dp.finetune_arm(weights, head, data, size, method, th, low, args, cache) for method, th, low in arms]
     dp.add_paired(rows, args.bootstrap)
     for r in rows:
-        log(dp.fmt_row(r))
+        log(dr.fmt_row(r))
     return rows
 
 
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
         dp.add_paired(ft, args.bootstrap)
     if "report" in args.stages:
         rows = [r for tag in frozen for r in frozen[tag]] + ft
-        dp.write_report(out, rows, args, command, data, weights, cache)
+        dr.write_report(out, rows, args, command, data, weights, cache)
     return 0
 
 

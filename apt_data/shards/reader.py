@@ -12,7 +12,6 @@ import io
 import os
 import re
 import tarfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -24,7 +23,7 @@ from .urls import expand_urls, open_url
 PathLike = Union[str, os.PathLike]
 Spans = Mapping[str, tuple[int, int]]  # member extension -> (data offset, size) in its shard
 
-__all__ = ["ShardFiles", "iter_shard", "iter_shards", "read_record", "read_sample",
+__all__ = ["iter_shard", "iter_shards", "read_record", "read_sample",
            "row_checksums", "row_spans"]
 
 
@@ -279,47 +278,3 @@ def read_sample(row: Mapping[str, Any], root: Optional[PathLike] = None, *, stri
     return read_record(fetch, str(shard), str(row["key"]), spans, strict=strict, stats=stats,
                        validate=validate, expect_label=int(row["label"]) if "label" in row else None,
                        checksums=row_checksums(row), need_label=need_label)
-
-
-class ShardFiles:
-    """Positional reads of a fixed list of shard files, by number, through a few cached descriptors.
-
-    ``pread`` keeps no file position, so forked workers can share inherited descriptors; the least
-    recently used one is closed past ``max_open``. Descriptors do not travel to other processes.
-    """
-
-    def __init__(self, paths: Sequence[PathLike], max_open: int = 32):
-        self.paths = [Path(p) for p in paths]
-        self.max_open = int(max_open)
-        self._fds: OrderedDict = OrderedDict()
-
-    def pread(self, shard: int, offset: int, n: int) -> bytes:
-        """``n`` bytes at ``offset`` of shard number ``shard`` (fewer at the end of the file)."""
-        fd = self._fds.pop(shard, None)
-        if fd is None:
-            if len(self._fds) >= self.max_open:
-                os.close(self._fds.popitem(last=False)[1])
-            fd = os.open(self.paths[shard], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self._fds[shard] = fd
-        data = os.pread(fd, n, offset)
-        while len(data) < n:  # a short read: continue (or stop at the end of the file)
-            more = os.pread(fd, n - len(data), offset + len(data))
-            if not more:
-                break
-            data += more
-        return data
-
-    def close(self) -> None:
-        while getattr(self, "_fds", None):
-            try:
-                os.close(self._fds.popitem()[1])
-            except OSError:
-                pass
-
-    def __del__(self):
-        self.close()
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fds"] = OrderedDict()
-        return state
