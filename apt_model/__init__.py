@@ -11,14 +11,16 @@ tensors), `attention` (block-diagonal attention backends, timm blocks on packed 
 `drop_path` (per-segment stochastic depth), `backbone` (what both models adopt from timm), `vit`
 (`APTViT`), `window_plan` / `rel_pos` / `sam_block` / `windowed` (`APTWindowedViT`: host-side window
 segments, relative positions for tokens of several sizes, SAM blocks, the model), `dense`
-(`to_dense`), `convert` (`from_timm` and its table of model families).
+(`to_dense`), `heads` (segmentation heads on the dense map), `convert` (`from_timm` and its table of model families).
 """
 from .attention import BACKENDS, PackedContext, flash_attn_varlen, resolve_backend, varlen_attention
 from .convert import from_timm
 from .dense import dense_features, to_dense
+from .heads import SEG_HEADS, ConvSegHead, LinearSegHead, SegmentationModel, create_seg_head
 from .patch_embed import APTPatchEmbed
 from .vit import APTViT
 from .windowed import APTWindowedViT
 
 __all__ = ["APTViT", "APTPatchEmbed", "from_timm", "to_dense", "varlen_attention", "PackedContext", "BACKENDS",
-           "resolve_backend", "flash_attn_varlen", "APTWindowedViT", "dense_features"]
+           "resolve_backend", "flash_attn_varlen", "APTWindowedViT", "dense_features",
+           "LinearSegHead", "ConvSegHead", "SegmentationModel", "SEG_HEADS", "create_seg_head"]

@@ -1,9 +1,13 @@
 """Segmentation heads on an APT model's dense feature map (`forward_dense`).
 
 `LinearSegHead` is DINOv2's linear protocol: (optional) BatchNorm and a 1x1 convolution on the patch
-features, logits upsampled bilinearly to the mask. `SegmentationModel` puts a backbone and a head
-together, so a packed batch goes to per-pixel logits in one call; large tokens reach the head repeated
-over the cells they cover (`to_dense`), so every pixel has a feature whatever the layout.
+features, logits upsampled bilinearly to the mask. `ConvSegHead` is a light decoder: a 1x1 projection and
+two 3x3 convolutions before the classifier, so a large token (repeated over the cells it covers) is
+corrected by its neighbours' features near its block's edges instead of giving one constant prediction
+over its whole block. `SegmentationModel` puts a backbone and a head together, so a packed batch goes to
+per-pixel logits in one call; large tokens reach the head repeated over the cells they cover
+(`to_dense`), so every pixel has a feature whatever the layout. `create_seg_head` builds a head by name
+(``SEG_HEADS``: ``linear``, ``conv``).
 """
 from __future__ import annotations
 
@@ -48,6 +52,61 @@ class LinearSegHead(nn.Module):
         """Logits ``[B, K, h, w]``, upsampled to ``size`` (H, W) when given."""
         logits = self.classifier(self.drop(self.norm(fmap)))
         return logits if size is None else upsample_logits(logits, size)
+
+
+def conv_bn_gelu(in_dim: int, out_dim: int, kernel_size: int) -> nn.Sequential:
+    """Conv (no bias: the BatchNorm's shift replaces it) -> BatchNorm -> GELU, "same" padding."""
+    return nn.Sequential(nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_dim), nn.GELU())
+
+
+class ConvSegHead(nn.Module):
+    """A light decoder on a ``[B, C, h, w]`` feature map: 1x1 conv to ``dim`` channels, ``depth`` 3x3 convs
+    (each conv -> BatchNorm -> GELU), then a 1x1 classifier; logits upsampled bilinearly as `LinearSegHead`'s.
+
+    The 3x3 convolutions see each cell's neighbours, so the cells of a large token, which `to_dense` repeats
+    over its block, get different logits near the block's edges (a linear head gives the block one value).
+
+    Args:
+        in_dim: feature channels (the backbone's ``num_features``).
+        num_classes: output classes (the ignore value is not a class).
+        dim: the decoder's channels.
+        depth: the number of 3x3 conv stages.
+        dropout: channel dropout before the classifier (0: none).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, dim: int = 128, depth: int = 2, dropout: float = 0.0):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.proj = conv_bn_gelu(in_dim, dim, 1)
+        self.blocks = nn.Sequential(*[conv_bn_gelu(dim, dim, 3) for _ in range(depth)])
+        self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(dim, num_classes, kernel_size=1)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, fmap: torch.Tensor, size: Optional[Size] = None) -> torch.Tensor:
+        """Logits ``[B, K, h, w]``, upsampled to ``size`` (H, W) when given."""
+        logits = self.classifier(self.drop(self.blocks(self.proj(fmap))))
+        return logits if size is None else upsample_logits(logits, size)
+
+
+SEG_HEADS = {"linear": LinearSegHead, "conv": ConvSegHead}
+
+
+def create_seg_head(kind: str, in_dim: int, num_classes: int, **kwargs) -> nn.Module:
+    """The segmentation head named ``kind`` (a key of ``SEG_HEADS``); ``kwargs`` go to its constructor."""
+    if kind not in SEG_HEADS:
+        raise ValueError(f"segmentation head {kind!r}: not one of {', '.join(SEG_HEADS)}")
+    return SEG_HEADS[kind](in_dim, num_classes, **kwargs)
+
+
+def freeze_norm_stats(module: nn.Module) -> None:
+    """Put every BatchNorm of ``module`` in eval mode: its running statistics stay fixed (small-batch
+    fine-tunes) while its affine parameters still train. Call after ``module.train()``."""
+    for m in module.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            m.eval()
 
 
 class SegmentationModel(nn.Module):
