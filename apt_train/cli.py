@@ -136,6 +136,9 @@ def add_task_args(g) -> None:
                    help="segmentation: mask id 0 is ignored, 1..K become 0..K-1 (ADE20K)")
     g.add_argument("--void", type=int, nargs="+", default=None, metavar="ID",
                    help="segmentation: mask ids that are ignored, like 255 (CamVid: 11)")
+    g.add_argument("--head", choices=["linear", "conv"], default=None,
+                   help="segmentation: the head on the dense features, linear (BatchNorm + 1x1 conv) or conv (a "
+                        "light decoder: two 3x3 convs); default: the checkpoint's, else linear")
 
 
 def _model_defaults(ap: argparse.ArgumentParser) -> None:

@@ -49,6 +49,7 @@ class ModelSettings:
     compile: bool = False
     grad_checkpointing: bool = False
     task: str = "classification"            # or "segmentation" (`apt_train.tasks`)
+    head: Optional[str] = None              # segmentation: linear or conv (None: the checkpoint's, else linear)
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,8 @@ def _validate(config: TrainConfig) -> APTConfig:
         raise SetupError("no training data: set --data (TrainConfig.data.train)")
     if config.model.task not in ("classification", "segmentation"):
         raise SetupError(f"--task {config.model.task!r}: not one of classification, segmentation")
+    if config.model.head not in (None, "linear", "conv"):
+        raise SetupError(f"--head {config.model.head!r}: not one of linear, conv")
     for name, v in (("epochs", o.epochs), ("steps", o.steps)):
         if v is not None and v <= 0:
             raise SetupError(f"--{name} must be positive, got {v}")

@@ -98,11 +98,14 @@ class SegmentationTask:
     ``loss(logits, masks)``: mean cross-entropy over the labelled pixels (``ignore_index`` left out);
     logits ``[B, K, H, W]`` or a list of ``[K, H_b, W_b]`` at their masks' sizes (`SegmentationModel`).
     ``update`` / ``compute``: a running confusion matrix (and one per image, for paired comparisons).
+    ``head``: the kind of head the model was built with (`apt_model.heads.SEG_HEADS`), kept in the checkpoint's
+    task state so the model is rebuilt as it was trained.
     """
 
     num_classes: int
     ignore_index: int = 255
     class_names: Optional[list[str]] = None
+    head: str = "linear"
     _cm: list = field(default_factory=list, repr=False)
 
     def loss(self, logits: Logits, masks: Masks) -> torch.Tensor:
@@ -135,14 +138,14 @@ class SegmentationTask:
 
     def state_dict(self) -> dict:
         return dict(task="segmentation", num_classes=self.num_classes, ignore_index=self.ignore_index,
-                    class_names=list(self.class_names) if self.class_names else None)
+                    class_names=list(self.class_names) if self.class_names else None, head=self.head)
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "SegmentationTask":
         if state.get("task") != "segmentation":
             raise ValueError(f"checkpoint task is {state.get('task')!r}, not 'segmentation'")
         return cls(num_classes=int(state["num_classes"]), ignore_index=int(state["ignore_index"]),
-                   class_names=state.get("class_names"))
+                   class_names=state.get("class_names"), head=state.get("head", "linear"))
 
 
 @dataclass

@@ -4,7 +4,7 @@ groups, loss, evaluation and checkpoint state, behind one small interface (`make
 `ClassificationTask` is the default and does exactly what the trainer always did. `SegmentTrainTask`
 (``--task segmentation``) reads image + mask folders (ADE20K's ``images/<split>`` +
 ``annotations/<split>``, or ``--data IMAGES --masks MASKS``), trains ``SegmentationModel(APT backbone,
-LinearSegHead)`` with mmseg's ADE20K recipe (`apt_data.transforms.segmentation_transform`), the
+head)`` (``--head linear``: `LinearSegHead`, ``conv``: `ConvSegHead`) with mmseg's ADE20K recipe (`apt_data.transforms.segmentation_transform`), the
 recipe's layer decay on the backbone and the head and APT's detail path at the full lr, and evaluates
 mIoU, per-class IoU and pixel accuracy at the masks' original sizes (`evaluate_segmentation`).
 """
@@ -133,28 +133,33 @@ def _segmentation_state(checkpoint: Optional[str]) -> tuple[Optional[dict], Opti
 
 def segmentation_model(name: str, checkpoint: Optional[str], num_classes: Optional[int], *,
                        image_size: Optional[int] = None, num_scales: int = 3, drop_path: Optional[float] = None,
-                       attn_backend: str = "auto", pretrained: bool = False):
-    """``SegmentationModel(APT backbone, LinearSegHead)`` and its `SegmentationTask`. ``checkpoint``: a
-    segmentation trainer checkpoint (backbone and head, its class count unless ``num_classes`` differs:
-    then a new head) or any weights `build_model` reads (a classification head dropped)."""
-    from apt_model.heads import LinearSegHead, SegmentationModel
+                       attn_backend: str = "auto", pretrained: bool = False, head: Optional[str] = None):
+    """``SegmentationModel(APT backbone, head)`` and its `SegmentationTask`. ``checkpoint``: a segmentation
+    trainer checkpoint (backbone and head, its class count and head kind unless ``num_classes`` or ``head``
+    differ: then a new head) or any weights `build_model` reads (a classification head dropped). ``head``:
+    a key of `apt_model.heads.SEG_HEADS`; None: the checkpoint's, else linear."""
+    from apt_model.heads import SEG_HEADS, SegmentationModel, create_seg_head
 
     from .build import build_model
     from .segmentation import SegmentationTask
 
     state, task_state = _segmentation_state(checkpoint)
+    saved_head = task_state.get("head", "linear") if task_state else None
+    kind = head or saved_head or "linear"
+    if kind not in SEG_HEADS:
+        raise SetupError(f"--head {kind!r}: not one of {', '.join(SEG_HEADS)}")
     k = num_classes or (int(task_state["num_classes"]) if task_state else None)
     if not k:
         raise SetupError("--task segmentation: pass --num-classes K (the masks hold class ids 0..K-1, 255 ignored)")
     backbone = build_model(name, checkpoint=None if state is not None else checkpoint, num_classes=0,
                            image_size=image_size, num_scales=num_scales, drop_path=drop_path,
                            attn_backend=attn_backend, pretrained=pretrained, reset_head=True)
-    model = SegmentationModel(backbone, LinearSegHead(backbone.num_features, k))
+    model = SegmentationModel(backbone, create_seg_head(kind, backbone.num_features, k))
     if state is not None:
-        same = int(task_state["num_classes"]) == k
+        same = int(task_state["num_classes"]) == k and saved_head == kind
         if not same:
-            log.info("checkpoint %s: its %s-class head is dropped, a new %d-class head is trained", checkpoint,
-                     task_state["num_classes"], k)
+            log.info("checkpoint %s: its %s-class %s head is dropped, a new %d-class %s head is trained", checkpoint,
+                     task_state["num_classes"], saved_head, k, kind)
         try:
             model.load_state_dict(state if same else {n: v for n, v in state.items() if not n.startswith("head.")},
                                   strict=same)
@@ -163,7 +168,7 @@ def segmentation_model(name: str, checkpoint: Optional[str], num_classes: Option
                              f"{str(e).strip().splitlines()[0][:300]}") from None
     model.num_classes = k
     names = task_state.get("class_names") if task_state and int(task_state["num_classes"]) == k else None
-    return model, SegmentationTask(num_classes=k, class_names=names)
+    return model, SegmentationTask(num_classes=k, class_names=names, head=kind)
 
 
 def open_segmentation(data: str, masks: Optional[str], split: str, flag: str, reduce_zero_label: bool = False,
@@ -226,7 +231,7 @@ class SegmentTrainTask:
         m, d = c.model, c.data
         model, self.seg = segmentation_model(m.name, m.checkpoint, m.num_classes, image_size=m.image_size,
                                              num_scales=d.num_scales, drop_path=m.drop_path,
-                                             attn_backend=m.attn_backend, pretrained=m.pretrained)
+                                             attn_backend=m.attn_backend, pretrained=m.pretrained, head=m.head)
         if m.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         cfg = c.batching_for(model_patch_size(model.backbone, d.patch_size, d.num_scales))
@@ -290,7 +295,7 @@ class SegmentTrainTask:
         run_log.print(f"eval step {step} epoch {epoch}: {self.final_line(res)[len('final val: '):]}")
 
     def class_count(self, source) -> str:
-        return "masks" + (f" of {self.seg.num_classes} classes" if self.seg is not None else "")
+        return "masks" + (f" of {self.seg.num_classes} classes, {self.seg.head} head" if self.seg is not None else "")
 
     def augmentation_line(self, c, mix) -> str:
         return ("augmentation: " + ("mmseg's ADE20K recipe (random resize 0.5-2x, crop with cat_max_ratio 0.75, "

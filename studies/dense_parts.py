@@ -1,5 +1,5 @@
-"""The pieces of `studies/study_dense.py`: CamVid in memory, the model and its linear head, evaluation rows at
-equal tokens, the fine-tune arms (with the study's minimal augmentation), paired bootstrap comparisons and the
+"""The pieces of `studies/study_dense.py`: CamVid in memory, the model and its head (``--head``: linear or conv),
+evaluation rows at equal tokens, the fine-tune arms (with the study's minimal augmentation), paired bootstrap comparisons and the
 report (table, plot, overlays, JSON)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 from apt_data import APTConfig, pack_images, patchify
 from apt_data.io import atomic_write
 from apt_model import from_timm
-from apt_model.heads import LinearSegHead, SegmentationModel
+from apt_model.heads import SegmentationModel, create_seg_head, freeze_norm_stats
 from apt_train.dense_vis import CAMVID_CLASSES
 from apt_train.flops import timm_vit_flops, vit_flops
 from apt_train.optim import WarmupCosine, param_groups
@@ -89,10 +89,25 @@ def augment(im: np.ndarray, mk: np.ndarray, size: tuple[int, int], rng: np.rando
 
 
 # ------------------------------------------------------------------------------------------ model
-def build_model(weights: Path, device: str) -> SegmentationModel:
-    """`from_timm` of the DINOv2 weights (APT at init) with a fresh `LinearSegHead`."""
+HEAD_NAMES = {"linear": "`LinearSegHead` (BatchNorm + 1x1 conv)",
+              "conv": "`ConvSegHead` (1x1 conv to 128, two 3x3 convs, each with BatchNorm + GELU, 1x1 classifier)"}
+
+
+def head_of(row: dict) -> str:
+    """The head a row was computed with (rows cached before ``--head`` existed: linear)."""
+    return row.get("head", "linear")
+
+
+def cache_tag(size, head: str) -> str:
+    """``WxH`` for the linear head (the cache names from before ``--head``), ``WxH-conv`` for the conv head: the
+    cache of one head is never read for another."""
+    return f"{size[0]}x{size[1]}" + ("" if head == "linear" else f"-{head}")
+
+
+def build_model(weights: Path, device: str, head: str = "linear") -> SegmentationModel:
+    """`from_timm` of the DINOv2 weights (APT at init) with a fresh head of kind ``head`` (`create_seg_head`)."""
     apt = from_timm(backbone(weights))
-    return SegmentationModel(apt, LinearSegHead(apt.num_features, NUM_CLASSES)).to(device).eval()
+    return SegmentationModel(apt, create_seg_head(head, apt.num_features, NUM_CLASSES)).to(device).eval()
 
 
 def uniform() -> APTConfig:
@@ -101,7 +116,7 @@ def uniform() -> APTConfig:
 
 @torch.no_grad()
 def fit_head(model: SegmentationModel, train: dict, size, args, path: Path, n: int) -> dict:
-    """The linear head on frozen full-grid features of ``n`` train images (0: all) at ``size``: AdamW (lr 1e-3,
+    """The head (``args.head``) on frozen full-grid features of ``n`` train images (0: all) at ``size``: AdamW (lr 1e-3,
     wd 1e-4, batch 16, ``args.head_epochs``), cross-entropy of the logits upsampled to the half-size mask.
     Cached in ``path``."""
     if path.is_file():
@@ -121,7 +136,7 @@ def fit_head(model: SegmentationModel, train: dict, size, args, path: Path, n: i
             log(f"  head {size[0]}x{size[1]}: features {i + len(b.seqlens)}/{len(imgs)} ({time.perf_counter() - t0:.0f} s)")
     feats = torch.cat(feats)
     log(f"  head {size[0]}x{size[1]}: features of {len(imgs)} train images in {time.perf_counter() - t0:.0f} s")
-    head = LinearSegHead(model.backbone.num_features, NUM_CLASSES).to(dev).train()
+    head = create_seg_head(args.head, model.backbone.num_features, NUM_CLASSES).to(dev).train()
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
     masks = torch.from_numpy(np.stack(half)).long()
     task = SegmentationTask(NUM_CLASSES, IGNORE)
@@ -166,7 +181,7 @@ def eval_row(model, task, imgs, masks, cfg, layouts, args, *, stage, method, set
     W, H = ref_size or size
     G2 = (W // PATCH) * (H // PATCH)
     n = len(imgs)
-    return dict(stage=stage, size=f"{size[0]}x{size[1]}", method=method, setting=setting,
+    return dict(stage=stage, size=f"{size[0]}x{size[1]}", head=args.head, method=method, setting=setting,
                 pair=list(pair) if pair else None, grid=list(grid) if grid else None, n=n,
                 tokens_per_image=stats["tokens"] / n, fraction=stats["tokens"] / (n * G2),
                 flop_ratio=stats["flops"] / timm_vit_flops(model.backbone, n, G2),
@@ -187,15 +202,14 @@ def lowres_row(model, task, native_imgs, masks, tokens, grid_hw, args, *, stage,
 
 
 def add_paired(rows: list[dict], reps: int, seed: int = 0) -> None:
-    """Δ to the full grid of the same stage and size, and APT - lower resolution at the same pair (paired
+    """Δ to the full grid of the same stage, size and head, and APT - lower resolution at the same pair (paired
     bootstrap over images)."""
     for r in rows:
-        ref = next((q for q in rows if q["stage"] == r["stage"] and q["size"] == r["size"]
-                    and q["method"] == "full grid"), None)
+        peers = [q for q in rows if q["stage"] == r["stage"] and q["size"] == r["size"] and head_of(q) == head_of(r)]
+        ref = next((q for q in peers if q["method"] == "full grid"), None)
         if ref is not None and ref is not r:
             r["delta"], r["delta_se"] = paired_bootstrap(np.array(r["per_image"]), np.array(ref["per_image"]), reps, seed)
-        low = next((q for q in rows if q["stage"] == r["stage"] and q["size"] == r["size"]
-                    and q["method"] == "lower resolution" and q["pair"] == r["pair"]), None)
+        low = next((q for q in peers if q["method"] == "lower resolution" and q["pair"] == r["pair"]), None)
         if r["method"].startswith("APT") and low is not None:
             r["vs_low"], r["vs_low_se"] = paired_bootstrap(np.array(r["per_image"]), np.array(low["per_image"]),
                                                            reps, seed)
@@ -250,7 +264,7 @@ def train_arm(model: SegmentationModel, data: dict, size, method: str, cfg: APTC
     sched = WarmupCosine(opt, args.lr, steps, warmup_steps=max(1, steps // 10))
     task = SegmentationTask(NUM_CLASSES, IGNORE)
     model.train()
-    model.head.norm.eval()  # frozen BatchNorm statistics (small batches), affine trained
+    freeze_norm_stats(model.head)  # frozen BatchNorm statistics (small batches), affine trained
     order = np.concatenate([np.random.default_rng([args.seed, e]).permutation(n)
                             for e in range(int(np.ceil(steps * args.batch / n)) + 1)])
     seconds = tokens = flops = ref_flops = 0.0
@@ -293,14 +307,14 @@ def train_arm(model: SegmentationModel, data: dict, size, method: str, cfg: APTC
 def finetune_arm(weights: Path, head_path: Path, data: dict, size, method: str, pair, low, args, cache: Path) -> dict:
     """Fine-tune one arm from the frozen start (weights + fitted head), evaluate it on val; cached as JSON (its row,
     with the overlay predictions in an .npz beside it)."""
-    path = cache / f"{arm_name(method, pair)}-{size[0]}x{size[1]}.json"
+    path = cache / f"{arm_name(method, pair)}-{cache_tag(size, args.head)}.json"
     if path.is_file():
         log(f"fine-tune {path.stem}: read back")
         return json.loads(path.read_text())
-    model = build_model(weights, args.device)
+    model = build_model(weights, args.device, args.head)
     model.head.load_state_dict(torch.load(head_path))
     cfg = uniform() if pair is None else APTConfig(patch_size=PATCH, num_scales=3, thresholds=tuple(pair))
-    log(f"fine-tune {method} {pair or ''} {low or ''} at {size[0]}x{size[1]}")
+    log(f"fine-tune {method} {pair or ''} {low or ''} at {size[0]}x{size[1]}, {args.head} head")
     fig = train_arm(model, data, size, method, cfg, low, args)
     task = SegmentationTask(NUM_CLASSES, IGNORE)
     val = data["val"]
@@ -334,23 +348,23 @@ def load_npz(path: Path) -> list:
         return [z[f"arr_{i}"] for i in range(len(z.files))]
 
 
-def cached_finetunes(cache: Path, size) -> list[dict]:
-    rows = [json.loads(p.read_text()) for p in sorted(cache.glob(f"ft-*-{size[0]}x{size[1]}.json"))]
+def cached_finetunes(cache: Path, size, head: str = "linear") -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in sorted(cache.glob(f"ft-*-{cache_tag(size, head)}.json"))]
     order = {"full grid": 0, "APT entropy": 1, "lower resolution": 2}
     rows.sort(key=lambda r: (order.get(r["method"], 9), -(r["fraction"])))
     return rows
 
 
 # ------------------------------------------------------------------------------------------ report
-HEADER = ("| stage | size | method | setting | tokens kept (per image) | mIoU ± SE | Δ vs full grid ± paired SE | "
+HEADER = ("| stage | size | method | head | setting | tokens kept (per image) | mIoU ± SE | Δ vs full grid ± paired SE | "
           "APT - lower res ± paired SE | pixel acc | infer img/s | train img/s | FLOPs vs full grid |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def fmt_row(r: dict) -> str:
     d = f"{r['delta'] * 100:+.1f} ± {r['delta_se'] * 100:.1f}" if "delta" in r else ""
     v = f"{r['vs_low'] * 100:+.1f} ± {r['vs_low_se'] * 100:.1f}" if "vs_low" in r else ""
     tr = f"{r['train_images_per_s']:.2f}" if "train_images_per_s" in r else ""
-    return (f"| {r['stage']} | {r['size']} | {r['method']} | {r['setting']} | {r['fraction']:.1%} "
+    return (f"| {r['stage']} | {r['size']} | {r['method']} | {head_of(r)} | {r['setting']} | {r['fraction']:.1%} "
             f"({r['tokens_per_image']:.0f}) | {r['miou'] * 100:.1f} ± {r['se'] * 100:.1f} | {d} | {v} | "
             f"{r['pixel_accuracy']:.1%} | {r['infer_images_per_s']:.2f} | {tr} | {r['flop_ratio']:.2f} |")

@@ -13,13 +13,14 @@ from apt_train.dense_vis import CAMVID_PALETTE, save_dense_panels
 
 from study_parts import PATCH, log, write_text
 
-from dense_parts import (HEADER, fmt_row, resize_image, arm_name, load_npz, CLASSES, IGNORE, SCALE_RANGE)
+from dense_parts import (HEADER, HEAD_NAMES, fmt_row, resize_image, arm_name, load_npz, cache_tag, head_of, CLASSES,
+                         IGNORE, SCALE_RANGE)
 
 
-def summary(rows: list[dict], size: str) -> str:
-    """The issue's table for one size: per pair, each APT scorer, random drop and lower resolution (mIoU, Δ vs
+def summary(rows: list[dict], size: str, head: str = "linear") -> str:
+    """The issue's table for one size and head: per pair, each APT scorer, random drop and lower resolution (mIoU, Δ vs
     the full grid ± paired SE), and APT entropy - lower resolution ± paired SE."""
-    fz = [r for r in rows if r["stage"] == "frozen" and r["size"] == size]
+    fz = [r for r in rows if r["stage"] == "frozen" and r["size"] == size and head_of(r) == head]
     full = next((r for r in fz if r["method"] == "full grid"), None)
     if full is None:
         return ""
@@ -49,18 +50,18 @@ COLOURS = {"APT entropy": "C0", "APT laplacian": "C1", "APT upsample": "C2", "ra
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """mIoU against tokens kept, one panel per size; fine-tuned arms as large markers on the first."""
+    """mIoU against tokens kept, one panel per size and head; fine-tuned arms as large markers on the first size's."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = list(dict.fromkeys(r["size"] for r in rows))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.6 * len(sizes), 4.6), squeeze=False)
+    panels = list(dict.fromkeys((r["size"], head_of(r)) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.6), squeeze=False)
     styles = {"APT entropy": "o-", "APT laplacian": "s--", "APT upsample": "^--", "random drop": "x:",
               "lower resolution": "D-"}
-    for ax, size in zip(axes[0], sizes):
+    for ax, (size, head) in zip(axes[0], panels):
         for stage, alpha in (("frozen", 0.85), ("fine-tuned", 1.0)):
-            pts_all = [r for r in rows if r["size"] == size and r["stage"] == stage]
+            pts_all = [r for r in rows if r["size"] == size and head_of(r) == head and r["stage"] == stage]
             for m, st in styles.items():
                 pts = sorted((r for r in pts_all if r["method"] == m), key=lambda r: r["fraction"])
                 if pts:
@@ -74,7 +75,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                                 ms=12, capsize=3, label=f"full grid ({stage})")
         ax.set_xlabel(f"patch tokens kept (% of the {size} full grid)")
         ax.set_ylabel("CamVid val mIoU (%), ± bootstrap SE")
-        ax.set_title(size, fontsize=10)
+        ax.set_title(f"{size}, {head} head", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="best")
     fig.suptitle(title, fontsize=10)
@@ -85,34 +86,35 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def overlays(out: Path, rows: list[dict], data: dict, cache: Path, size, args) -> list[str]:
     """image | APT layout | prediction | ground truth for the first ``args.overlays`` val images: the fine-tuned
-    control and each fine-tuned APT arm (small, CamVid research-use images)."""
-    tag = f"{size[0]}x{size[1]}"
+    control and each fine-tuned APT arm of every head (small, CamVid research-use images)."""
     val = data["val"]
     panels = []
     for k in range(min(args.overlays, len(val["images"]))):
         img = resize_image(val["images"][k], size)
         for r in rows:
-            f = cache / f"{arm_name(r['method'], r['pair'])}-{tag}.npz"
+            f = cache / f"{arm_name(r['method'], r['pair'])}-{cache_tag(size, head_of(r))}.npz"
             if r["stage"] != "fine-tuned" or r["method"] == "lower resolution" or not f.is_file():
                 continue
             lay = None if r["pair"] is None else patchify(img, APTConfig(patch_size=PATCH, num_scales=3,
                                                                            thresholds=tuple(r["pair"])))
             panels.append(dict(image=img, layout=lay, pred=load_npz(f)[k], gt=val["masks"][k],
-                               label=f"{val['names'][k]}\n{r['method']} {r['setting']}"))
+                               label=f"{val['names'][k]}\n{r['method']} {r['setting']}, {head_of(r)} head"))
     if not panels:
         return []
     name = "overlays.png"
     save_dense_panels(out / name, panels, CAMVID_PALETTE, CLASSES, IGNORE, dpi=50,
-                      title="fine-tuned DINOv2 ViT-S/14 + linear head, CamVid val (research use only)")
+                      title=f"fine-tuned DINOv2 ViT-S/14 + {' / '.join(dict.fromkeys(head_of(r) for r in rows))} head, "
+                            "CamVid val (research use only)")
     return [name]
 
 
 def write_report(out: Path, rows: list[dict], args, command: str, data: dict, weights: Path, cache: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = "\n".join([HEADER] + [fmt_row(r) for r in rows])
-    sums = "\n\n".join(f"### Frozen, {s}\n\n{summary(rows, s)}" for s in dict.fromkeys(r["size"] for r in rows
-                                                                                      if r["stage"] == "frozen"))
-    plot(rows, out / "dense.png", "CamVid val (val images per size: dense.md), DINOv2 ViT-S/14 + linear head")
+    heads = list(dict.fromkeys(head_of(r) for r in rows))
+    sums = "\n\n".join(f"### Frozen, {s}, {h} head\n\n{summary(rows, s, h)}" for s, h in dict.fromkeys(
+        (r["size"], head_of(r)) for r in rows if r["stage"] == "frozen"))
+    plot(rows, out / "dense.png", f"CamVid val (val images per size: dense.md), DINOv2 ViT-S/14 + {' / '.join(heads)} head")
     pics = overlays(out, rows, data, cache, args.sizes[0], args)
     ft = [r for r in rows if r["stage"] == "fine-tuned"]
     recipe = ""
@@ -128,7 +130,8 @@ def write_report(out: Path, rows: list[dict], args, command: str, data: dict, we
           f"`studies/study_dense.py`)\n\nCommand (from the repository root, with `../shared` present):\n\n"
           f"```bash\n.venv/bin/{command}\n```\n\n"
           f"- model: DINOv2 ViT-S/14 (`{weights.name}`) as `from_timm` (APT scales 14/28/56 px, at init = "
-          f"resize-only) + `LinearSegHead` (BatchNorm + 1x1 conv), logits upsampled bilinearly to the native "
+          f"resize-only) + {'; or '.join(f'{h}: {HEAD_NAMES[h]}' for h in heads)} (the table's head column), "
+          f"logits upsampled bilinearly to the native "
           f"480x360 masks; mIoU over the 11 classes, void ignored\n"
           f"- frozen head: fitted on the full-grid features of {args.head_train or 'all'} train images "
           f"({args.hires_head_train or 'all'} above 480 px; a seeded choice), {args.head_epochs} epochs AdamW\n"

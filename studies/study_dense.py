@@ -4,14 +4,14 @@ full grid, lower resolution and random dropping at equal tokens; frozen (linear 
 
     python studies/study_dense.py [--data ../shared/data/camvid] [--weights ../shared/models/...]
         [--sizes 448x336 476x364 896x672] [--grid 4.5,3.0 5.5,4.0 6.0,4.5 6.5,5.0 7.0,5.5]
-        [--ft-grid 5.5,4.0 6.5,5.0] [--epochs 1] [--stages frozen finetune report] [--device cpu]
+        [--ft-grid 5.5,4.0 6.5,5.0] [--epochs 1] [--head linear|conv] [--stages frozen finetune report] [--device cpu]
         [--output docs/results/dense] [--cache out/study_dense] [--quick]
 
 Stages (each cached under ``--cache``, so a rerun skips what is done; ``report`` only reads the cache):
 
-- ``frozen`` (per size WxH): the model is `from_timm` of the weights (APT at init = resize-only) with a
-  `LinearSegHead` (BatchNorm + 1x1 conv, DINOv2's linear protocol) fitted on the frozen full-grid features of
-  the train split (AdamW, logits upsampled bilinearly to the half-size mask, cross-entropy ignoring void).
+- ``frozen`` (per size WxH): the model is `from_timm` of the weights (APT at init = resize-only) with a head
+  (``--head``: ``linear``, `LinearSegHead`, BatchNorm + 1x1 conv, DINOv2's linear protocol; ``conv``,
+  `ConvSegHead`, a light decoder with two 3x3 convs) fitted on the frozen full-grid features of the train split (AdamW, logits upsampled bilinearly to the half-size mask, cross-entropy ignoring void).
   Then on val, logits upsampled to the native 480x360 mask: the full grid; per threshold pair of ``--grid``
   APT entropy, APT laplacian and upsample (thresholds calibrated to entropy's token fraction), random drop
   (APT's count per image, dropped cells filled from their nearest kept token) and lower resolution (the
@@ -21,7 +21,11 @@ Stages (each cached under ``--cache``, so a rerun skips what is done; ``report``
   arms): the full-grid control, APT entropy at each ``--ft-grid`` pair (layouts of the augmented crops) and
   lower resolution at the frozen stage's matched grid for that pair. APT's detail path (zero at init)
   trains at the full lr. Then evaluated on val as above, with train and inference images/s.
-- ``report``: the Markdown table, the plot of mIoU against tokens, the overlays and the JSON.
+- ``report``: the Markdown table, the plot of mIoU against tokens, the overlays and the JSON, over every head
+  with results in the cache (rows and plot panels labelled by head; comparisons only within a head).
+
+The cache names carry the head (``frozen-448x336.json`` for linear, ``frozen-448x336-conv.json`` for conv; the
+same for the fitted heads and the fine-tune arms), so the results of two heads never mix.
 
 Every mIoU comes with a bootstrap SE over val images and a paired bootstrap SE of its difference to the
 control (full grid of the same stage) and, for APT, to lower resolution at the same threshold.
@@ -46,6 +50,7 @@ from apt_train.segmentation import SegmentationTask, lowres_grid
 
 import dense_parts as dp
 import dense_report as dr
+from apt_model.heads import SEG_HEADS
 from study_parts import DEFAULT_WEIGHTS, NEG, PATCH, ROOT, SCORER_BASE, log, parse_pair, scored, write_text
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "camvid"
@@ -60,15 +65,16 @@ def parse_size(s: str) -> tuple[int, int]:
 
 
 def frozen_stage(args, data, weights, size, cache: Path) -> list[dict]:
-    """Every frozen row at ``size`` (cached in ``cache/frozen-WxH.json`` with its head)."""
+    """Every frozen row at ``size`` with ``args.head`` (cached in ``cache/frozen-WxH[-head].json`` with the fitted
+    head)."""
     tag = f"{size[0]}x{size[1]}"
-    out = cache / f"frozen-{tag}.json"
+    out = cache / f"frozen-{dp.cache_tag(size, args.head)}.json"
     if out.is_file():
         log(f"frozen {tag}: read back from {out}")
         return json.loads(out.read_text())["rows"]
     t0 = time.perf_counter()
-    model = dp.build_model(weights, args.device)
-    head_path = cache / f"head-{tag}.pt"
+    model = dp.build_model(weights, args.device, args.head)
+    head_path = cache / f"head-{dp.cache_tag(size, args.head)}.pt"
     n_head = args.head_train if size[0] <= 480 else args.hires_head_train
     model.head.load_state_dict(dp.fit_head(model, data["train"], size, args, head_path, n_head))
     val = data["val"]
@@ -111,10 +117,9 @@ def frozen_stage(args, data, weights, size, cache: Path) -> list[dict]:
 def finetune_stage(args, data, weights, size, cache: Path) -> list[dict]:
     """Fine-tune arms at ``size``: control, APT per ``--ft-grid`` pair, lower resolution at the grid closest to
     that pair's mean APT token count on val (the frozen stage's lower-resolution match, from the layouts alone)."""
-    tag = f"{size[0]}x{size[1]}"
-    head = cache / f"head-{tag}.pt"
+    head = cache / f"head-{dp.cache_tag(size, args.head)}.pt"
     if not head.is_file():
-        model = dp.build_model(weights, args.device)
+        model = dp.build_model(weights, args.device, args.head)
         n_head = args.head_train if size[0] <= 480 else args.hires_head_train
         dp.fit_head(model, data["train"], size, args, head, n_head)
     grid_hw = (size[1] // PATCH, size[0] // PATCH)
@@ -141,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", nargs="+", type=parse_pair, default=GRID)
     ap.add_argument("--ft-grid", nargs="+", type=parse_pair, default=[(5.5, 4.0), (6.5, 5.0)])
     ap.add_argument("--scorers", nargs="*", default=["laplacian", "upsample"])
+    ap.add_argument("--head", choices=list(SEG_HEADS), default="linear",
+                    help="the segmentation head: linear (BatchNorm + 1x1 conv) or conv (a light decoder)")
     ap.add_argument("--no-random", action="store_true")
     ap.add_argument("--stages", nargs="+", default=["frozen", "finetune", "report"],
                     choices=["frozen", "finetune", "report"])
@@ -179,22 +186,38 @@ def main(argv=None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     data = dp.load_camvid(data_dir, args)
     log(f"study_dense: {len(data['train']['images'])} train / {len(data['val']['images'])} val images from "
-        f"{data_dir}; sizes {args.sizes}; grid {args.grid}; stages {args.stages}; {torch.get_num_threads()} threads")
-    frozen, ft = {}, []
-    for size in args.sizes:
-        tag = f"{size[0]}x{size[1]}"
-        if "frozen" in args.stages or ("report" in args.stages and (cache / f"frozen-{tag}.json").is_file()):
-            frozen[tag] = frozen_stage(args, data, weights, size, cache)
+        f"{data_dir}; sizes {args.sizes}; grid {args.grid}; {args.head} head; stages {args.stages}; "
+        f"{torch.get_num_threads()} threads")
+    rows = []
     first = args.sizes[0]
+    if "frozen" in args.stages:
+        rows += [r for size in args.sizes for r in frozen_stage(args, data, weights, size, cache)]
     if "finetune" in args.stages:
-        ft = finetune_stage(args, data, weights, first, cache)
-    elif "report" in args.stages:
-        ft = dp.cached_finetunes(cache, first)
-        dp.add_paired(ft, args.bootstrap)
+        rows += finetune_stage(args, data, weights, first, cache)
     if "report" in args.stages:
-        rows = [r for tag in frozen for r in frozen[tag]] + ft
-        dr.write_report(out, rows, args, command, data, weights, cache)
+        dr.write_report(out, cached_rows(args, cache, rows), args, command, data, weights, cache)
     return 0
+
+
+def cached_rows(args, cache: Path, rows: list[dict]) -> list[dict]:
+    """``rows`` (this run's) and every cached row of the sizes and heads it has not computed, each head's frozen
+    rows before its fine-tunes, the run's head first; fine-tunes paired within their head."""
+    done = {(r["stage"], r["size"], dp.head_of(r)) for r in rows}
+    heads = [args.head] + [h for h in SEG_HEADS if h != args.head]
+    out = []
+    for head in heads:
+        for size in args.sizes:
+            tag, f = f"{size[0]}x{size[1]}", cache / f"frozen-{dp.cache_tag(size, head)}.json"
+            own = [r for r in rows if r["stage"] == "frozen" and r["size"] == tag and dp.head_of(r) == head]
+            out += own or (json.loads(f.read_text())["rows"] if f.is_file() else [])
+        first = args.sizes[0]
+        if ("fine-tuned", f"{first[0]}x{first[1]}", head) in done:
+            out += [r for r in rows if r["stage"] == "fine-tuned" and dp.head_of(r) == head]
+        else:
+            ft = dp.cached_finetunes(cache, first, head)
+            dp.add_paired(ft, args.bootstrap)
+            out += ft
+    return out
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`studies/study_dense.py --quick`: every stage of the dense study (head fit, frozen rows of every baseline,
-the fine-tune arms, the report) on 2 CamVid images and 1 step, so the command cannot rot; and the study's
+the fine-tune arms, the report) on 2 CamVid images and 1 step, with the linear head and then the conv head in the
+same cache (their results never mix; the report labels both), so the command cannot rot; and the study's
 augmentation keeps image and mask aligned (a real photo with a synthetic colour-range mask).
 
 The study needs ``../shared/models`` (DINOv2 weights) and ``../shared/data/camvid``; neither is part of the
@@ -47,6 +48,25 @@ def test_study_dense_quick(tmp_path):
     # a rerun reads every stage back from the cache (nothing trained again)
     printed = run(ROOT / "studies" / "study_dense.py", "--quick", "--output", out, "--cache", cache, timeout=600)
     assert "frozen 448x336: read back" in printed and printed.count("read back") == 4
+    assert {r.get("head") for r in rows} == {"linear"}
+
+    # the conv head in the same cache: everything computed afresh (its own cache names), the report holds both
+    printed = run(ROOT / "studies" / "study_dense.py", "--quick", "--head", "conv", "--output", out, "--cache", cache,
+                  timeout=600)
+    assert "read back" not in printed
+    assert (cache / "frozen-448x336-conv.json").is_file() and (cache / "head-448x336-conv.pt").is_file()
+    assert len(list(cache.glob("ft-*-448x336-conv.json"))) == 3 and len(list(cache.glob("ft-*-448x336.json"))) == 3
+    both = json.loads((out / "dense.json").read_text())["rows"]
+    assert [r["head"] for r in both] == ["conv"] * len(rows) + ["linear"] * len(rows)  # the run's head first
+    conv = both[:len(rows)]
+    assert {(r["stage"], r["method"]) for r in conv} == got
+    lin_apt = next(r for r in both[len(rows):] if r["stage"] == "frozen" and r["method"] == "APT entropy")
+    assert lin_apt["miou"] == apt["miou"] and lin_apt["vs_low"] == apt["vs_low"]  # linear rows unchanged
+    conv_apt = next(r for r in conv if r["stage"] == "frozen" and r["method"] == "APT entropy")
+    assert conv_apt["miou"] != apt["miou"]
+    md = (out / "dense.md").read_text()
+    assert "### Frozen, 448x336, conv head" in md and "### Frozen, 448x336, linear head" in md
+    assert "| frozen | 448x336 | APT entropy | conv |" in md and "| frozen | 448x336 | APT entropy | linear |" in md
 
 
 def test_study_augmentation_keeps_image_and_mask_aligned(monkeypatch):

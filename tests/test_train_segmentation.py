@@ -88,3 +88,47 @@ def test_segmentation_needs_the_class_count(ade_root, tmp_path):
     flags = [f for f in FLAGS if f not in ("--num-classes", "8")]
     with pytest.raises(SetupError, match="--num-classes"):
         cli.make_trainer([*flags, "--data", str(ade_root), "--steps", "1", "--output", str(tmp_path / "x")])
+
+
+def test_conv_head_trains_saves_and_rebuilds_from_the_checkpoint(ade_root, tmp_path):
+    """``--head conv``: the trainer builds `ConvSegHead`, the checkpoint's task state names it, and apt-eval and
+    ``--initial-checkpoint`` rebuild it without ``--head`` (the same weights, the trainer's mIoU); an explicit
+    other ``--head`` starts a new head on the checkpoint's backbone."""
+    from apt_model.heads import ConvSegHead, LinearSegHead
+
+    out = tmp_path / "conv"
+    trainer = cli.make_trainer([*FLAGS, "--head", "conv", "--data", str(ade_root), "--steps", "3",
+                                "--output", str(out)])
+    assert isinstance(trainer.model.head, ConvSegHead)
+    result = trainer.fit()
+    assert result.global_step == 3 and result.final_eval is not None
+    ckpt = sorted(out.glob("checkpoint-*.pt"))[-1]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["task"]["head"] == "conv" and any(k.startswith("head.blocks.") for k in state["model"])
+
+    js = tmp_path / "conv.json"
+    e = run_tool("evaluate", "--task", "segmentation", "--checkpoint", ckpt, "--data", ade_root, "--img-size", "64",
+                 "--workers", "0", "--max-tokens", "128", "--device", "cpu", "--output", js)
+    assert e.returncode == 0, e.stderr[-3000:]
+    assert "conv head" in e.stdout
+    assert json.loads(js.read_text())["results"]["segmentation"]["miou"] == pytest.approx(
+        result.final_eval.metrics.miou, abs=1e-6)
+
+    again = cli.make_trainer([*FLAGS, "--data", str(ade_root), "--steps", "1", "--output", str(tmp_path / "a"),
+                              "--initial-checkpoint", str(ckpt)])
+    assert isinstance(again.model.head, ConvSegHead)
+    own = again.model.state_dict()
+    for k, v in state["model"].items():
+        torch.testing.assert_close(own[k].cpu(), v, msg=k)
+
+    other = cli.make_trainer([*FLAGS, "--head", "linear", "--data", str(ade_root), "--steps", "1",
+                              "--output", str(tmp_path / "b"), "--initial-checkpoint", str(ckpt)])
+    assert isinstance(other.model.head, LinearSegHead)
+    torch.testing.assert_close(other.model.backbone.state_dict()["blocks.0.mlp.fc1.weight"].cpu(),
+                               state["model"]["backbone.blocks.0.mlp.fc1.weight"])
+
+
+def test_bad_head_is_a_usage_error(ade_root, tmp_path):
+    with pytest.raises(SystemExit):
+        cli.make_trainer([*FLAGS, "--head", "upernet", "--data", str(ade_root), "--steps", "1",
+                          "--output", str(tmp_path / "x")])

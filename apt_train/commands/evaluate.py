@@ -70,7 +70,7 @@ def _evaluate_segmentation(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     source = open_segmentation(args.data, args.masks, "val", "--data", args.reduce_zero_label, args.void)
     model, task = segmentation_model(args.model, args.checkpoint, args.num_classes, image_size=args.image_size,
-                                     num_scales=args.num_scales, attn_backend=args.attn_backend)
+                                     num_scales=args.num_scales, attn_backend=args.attn_backend, head=args.head)
     model = model.to(device).eval()
     size = model_image_size(model.backbone)
     cfg = loader_config(patch_size=model_patch_size(model.backbone, args.patch_size, args.num_scales),
@@ -80,7 +80,8 @@ def _evaluate_segmentation(args: argparse.Namespace) -> int:
                                  max_images=args.max_images, workers=args.workers)
     amp = device.type == "cuda" if args.amp is None else bool(args.amp)
     print(f"evaluate segmentation: {args.model}{' from ' + args.checkpoint if args.checkpoint else ' (random init)'} "
-          f"on {args.data} ({len(source)} images), short side {size} px, {cfg}, {task.num_classes} classes, {device}")
+          f"on {args.data} ({len(source)} images), short side {size} px, {cfg}, {task.num_classes} classes, "
+          f"{task.head} head, {device}")
     res = evaluate_segmentation(model, mask_pairs(loader), task, device, caption="eval", amp=amp)
     out = res.metrics.as_dict(task.class_names)
     print(f"mIoU {res.metrics.miou:.2%}, pixel accuracy {res.metrics.pixel_accuracy:.2%} on {res.images} images, "
