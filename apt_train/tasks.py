@@ -3,7 +3,7 @@ groups, loss, evaluation and checkpoint state, behind one small interface (`make
 
 `ClassificationTask` is the default and does exactly what the trainer always did. `SegmentTrainTask`
 (``--task segmentation``) reads image + mask folders (ADE20K's ``images/<split>`` +
-``annotations/<split>``, or ``--data IMAGES --masks MASKS``), trains ``SegmentationModel(APT backbone,
+``annotations/<split>``, or ``--data IMAGES --masks MASKS``) or shards with masks, trains ``SegmentationModel(APT backbone,
 head)`` (``--head linear``: `LinearSegHead`, ``conv``: `ConvSegHead`) with mmseg's ADE20K recipe (`apt_data.transforms.segmentation_transform`), the
 recipe's layer decay on the backbone and the head and APT's detail path at the full lr, and evaluates
 mIoU, per-class IoU and pixel accuracy at the masks' original sizes (`evaluate_segmentation`).
@@ -173,15 +173,47 @@ def segmentation_model(name: str, checkpoint: Optional[str], num_classes: Option
 
 def open_segmentation(data: str, masks: Optional[str], split: str, flag: str, reduce_zero_label: bool = False,
                       void=None):
-    """`apt_data.sources.open_mask_folder` of ``--data`` / ``--masks``; errors as a `SetupError` naming ``flag``."""
+    """The image + mask source of ``--data`` / ``--masks``: local shards with masks (``.seg.png`` members;
+    `open_mask_shards`) or `apt_data.sources.open_mask_folder`; errors as a `SetupError` naming ``flag``."""
     from apt_data.masks import MaskLabels
     from apt_data.sources import open_mask_folder
 
+    if masks is None and is_shard_data(data):
+        return open_mask_shards(data, split, flag, bool(reduce_zero_label or void))
     try:
         labels = MaskLabels(reduce_zero_label=bool(reduce_zero_label), void=tuple(int(v) for v in void or ()))
         return open_mask_folder(data, masks, split=split, mask_labels=labels)
     except (ValueError, OSError) as e:
         raise SetupError(f"{flag} {data}: {e}") from None
+
+
+def is_shard_data(data: str) -> bool:
+    """Whether ``data`` names local shards: a folder with Parquet indexes (``DIR`` or ``DIR:split``), an index
+    file, or tar files (``train-{0..3}.tar``)."""
+    base = data.rsplit(":", 1)[0] if ":" in data and not Path(data).exists() and "://" not in data else data
+    p = Path(base)
+    return "://" not in data and (base.endswith((".parquet", ".tar")) or "{" in base
+                                  or (p.is_dir() and any(p.glob("*.parquet"))))
+
+
+def open_mask_shards(data: str, split: str, flag: str, relabel: bool = False):
+    """The ``split`` of a shard folder (``DIR:split`` names another) whose every sample has a mask member
+    (`apt_data.sources.IndexSource.read_with_mask`). The masks hold the ids they were built with (the build's
+    ``mask_labels``), so ``relabel`` (``--void`` / ``--reduce-zero-label`` given) is an error."""
+    from apt_data.sources import open_shards
+
+    try:
+        source = open_shards(data, split)
+    except (ValueError, OSError) as e:
+        raise SetupError(f"{flag} {data}: {e}") from None
+    if not source.has_masks:
+        raise SetupError(f"{flag} {data}: these shards have no mask member (.seg.png) in every sample; build them with "
+                         f"masks (apt_data.shards.build_shards(..., masks=DIR, crop=False))")
+    if relabel:
+        built = source.index.settings.get("masks", {}).get("labels")
+        raise SetupError(f"{flag} {data}: --void / --reduce-zero-label map mask ids of image + mask folders; shards "
+                         f"hold their masks' ids as built (labels {built}): map them when building the shards")
+    return source
 
 
 def segmentation_loader(source, cfg, model, image_size: int, *, train: bool, max_tokens: int,
@@ -220,6 +252,10 @@ class SegmentTrainTask:
         return open_segmentation(d.train, d.masks, "train", "--data", d.reduce_zero_label, d.void)
 
     def default_val(self, c) -> tuple[Optional[str], str]:
+        if c.data.masks is None and is_shard_data(c.data.train):  # shards: the val split beside, as classification's
+            from .data import default_val_data
+
+            return default_val_data(c.data.train, c.data.remote_options())
         root = Path(c.data.train)
         if c.data.masks is None and (root / "images" / "val").is_dir() and (root / "annotations" / "val").is_dir():
             return str(root), f"validation data: {root}/images/val + annotations/val (--no-eval to skip)"

@@ -1,6 +1,7 @@
 """``--task segmentation`` end to end: training through ``tools/train.py`` on an image + mask folder in
-ADE20K's layout (the repository's photos, masks from their colour ranges), evaluation at the end, the
-checkpoint evaluated by ``tools/evaluate.py --task segmentation`` and loaded back by ``--initial-checkpoint``."""
+ADE20K's layout (the repository's photos, masks from their colour ranges) or on shards with masks built from
+it, evaluation at the end, the checkpoint evaluated by ``tools/evaluate.py --task segmentation`` and loaded
+back by ``--initial-checkpoint``; the head (``--head linear|conv``) kept in the checkpoint."""
 import json
 import os
 import subprocess
@@ -132,3 +133,56 @@ def test_bad_head_is_a_usage_error(ade_root, tmp_path):
     with pytest.raises(SystemExit):
         cli.make_trainer([*FLAGS, "--head", "upernet", "--data", str(ade_root), "--steps", "1",
                           "--output", str(tmp_path / "x")])
+
+
+@pytest.fixture(scope="module")
+def mask_shards(ade_root, tmp_path_factory):
+    """Shards with masks (``.seg.png`` members) of the fixture's train and val splits, in one folder."""
+    from apt_data import APTConfig
+    from apt_data.shards.build import build_shards
+
+    out = tmp_path_factory.mktemp("segshards")
+    for split, n in (("train", 6), ("val", 3)):
+        res = build_shards(ade_root / "images" / split, out, masks=ade_root / "annotations" / split, prefix=split,
+                           image_size=64, crop=False, shard_size=4, cfg=APTConfig(patch_size=16, num_scales=3),
+                           workers=1, progress=False)
+        assert res.num_samples == n and res.stats.num_skipped == 0
+    return out
+
+
+def test_train_and_evaluate_on_shards_with_masks(mask_shards, tmp_path):
+    """``--data SHARDS``: the train split, its val split beside it evaluated (as classification's shards); the
+    checkpoint evaluates on the shards' val split through tools/evaluate.py to the trainer's mIoU."""
+    from apt_data.sources import IndexSource
+
+    out = tmp_path / "run"
+    trainer = cli.make_trainer([*FLAGS, "--data", str(mask_shards), "--steps", "3", "--output", str(out)])
+    assert isinstance(trainer.loader.source, IndexSource) and len(trainer.loader.source) == 6
+    assert trainer.config.data.val == f"{mask_shards}:val" and len(trainer.val_loader.source) == 3
+    batch, _ = next(iter(trainer.loader))
+    assert batch.num_images > 0 and all(tuple(batch.mask(i).shape) == tuple(batch.mask_sizes[i])
+                                        for i in range(batch.num_images))
+    result = trainer.fit()
+    assert result.global_step == 3 and result.final_eval.images == 3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("split") == "train"]
+    assert len(train) == 3 and all(r["loss"] > 0 for r in train)
+
+    ckpt = sorted(out.glob("checkpoint-*.pt"))[-1]
+    js = tmp_path / "seg.json"
+    e = run_tool("evaluate", "--task", "segmentation", "--checkpoint", ckpt, "--data", mask_shards, "--img-size", "64",
+                 "--workers", "0", "--max-tokens", "128", "--device", "cpu", "--output", js)
+    assert e.returncode == 0, e.stderr[-3000:]
+    assert "(3 images)" in e.stdout
+    res = json.loads(js.read_text())["results"]["segmentation"]
+    assert res["miou"] == pytest.approx(result.final_eval.metrics.miou, abs=1e-6)
+
+
+def test_shards_without_masks_or_with_relabelling_are_setup_errors(mask_shards, tmp_path):
+    with pytest.raises(SetupError, match="no mask member"):
+        cli.make_trainer([*FLAGS, "--data", str(REPO / "shards"), "--steps", "1", "--output", str(tmp_path / "a")])
+    with pytest.raises(SetupError, match="--void / --reduce-zero-label"):
+        cli.make_trainer([*FLAGS, "--data", str(mask_shards), "--void", "3", "--steps", "1",
+                          "--output", str(tmp_path / "b")])
+    with pytest.raises(SetupError, match="no index nope.parquet"):
+        cli.make_trainer([*FLAGS, "--data", f"{mask_shards}:nope", "--steps", "1", "--output", str(tmp_path / "c")])
