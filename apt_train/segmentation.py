@@ -1,6 +1,6 @@
 """Semantic segmentation: the task (loss with an ignore index, confusion-matrix metrics, its state for
 checkpoints), the evaluation loop, and the dense baselines at equal tokens (random dropping filled from
-the nearest kept token, the lower-resolution grid).
+the nearest kept token, the lower-resolution grid and short side, token and FLOP counts of a run).
 
 Metrics follow mmseg: a confusion matrix over the labelled pixels (``torch.bincount``), per-class IoU
 ``TP / (TP + FP + FN)`` (NaN for a class absent from both prediction and ground truth), mIoU their
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from apt_model.dense import to_dense
 
 from .evaluation import progress_bar, sync_device
+from .flops import vit_flops
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -238,3 +239,45 @@ def lowres_grid(tokens: float, grid: tuple[int, int]) -> tuple[int, int]:
     rows = max(1, min(gh, int(round(math.sqrt(tokens * gh / gw)))))
     cols = max(1, min(gw, int(round(math.sqrt(tokens * gw / gh)))))
     return rows, cols
+
+
+@dataclass
+class TokenCount:
+    """What an evaluation's batches held: patch tokens, full-grid cells and encoder FLOPs (`vit_flops`) over its
+    images, and each image's (H, W) as evaluated."""
+
+    tokens: int = 0
+    grid: int = 0
+    flops: float = 0.0
+    sizes: list = field(default_factory=list)
+
+
+def counting(pairs: Iterable, backbone: nn.Module, count: TokenCount) -> Iterable:
+    """``(batch, masks)`` pairs passed on unchanged, each batch's tokens, full-grid cells and FLOPs added to
+    ``count`` (host-side integers of the batch; nothing read back from the device)."""
+    for batch, masks in pairs:
+        p = batch.patch_size
+        count.tokens += sum(batch.seqlens) - batch.num_images * backbone.num_prefix_tokens
+        count.grid += sum((h // p) * (w // p) for h, w in batch.image_sizes)
+        count.flops += vit_flops(batch, backbone)
+        count.sizes += [tuple(int(v) for v in hw) for hw in batch.image_sizes]
+        yield batch, masks
+
+
+def lowres_short_side(sizes: Sequence[tuple[int, int]], image_size: int, patch_size: int, tokens: float) -> int:
+    """The evaluation short side (``segmentation_transform(side)``: a multiple of ``patch_size``, at most
+    ``image_size``) whose full grid over images evaluated at ``sizes`` (H, W, at ``image_size``) holds the total
+    closest to ``tokens`` (APT's): the lower-resolution baseline at APT's token count. Binary search over the
+    multiples (the total grows with the side)."""
+    from apt_data.transforms import segmentation_transform
+
+    def total(k: int) -> int:
+        tf = segmentation_transform(k * patch_size, augment=False, multiple=patch_size, keep_mask_size=True)
+        return sum((h // patch_size) * (w // patch_size) for h, w in (tf.output_size(w0, h0) for h0, w0 in sizes))
+
+    lo, hi = 1, max(1, int(image_size) // patch_size)
+    while lo < hi:  # the smallest multiple whose total reaches ``tokens``
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if total(mid) < tokens else (lo, mid)
+    k = lo if lo == 1 or abs(total(lo) - tokens) <= abs(total(lo - 1) - tokens) else lo - 1
+    return k * patch_size

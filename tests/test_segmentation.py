@@ -280,3 +280,22 @@ def test_freeze_norm_stats_keeps_running_statistics():
     head.train()
     head(torch.randn(2, 8, 6, 6) * 3 + 1)
     assert not torch.equal(head.proj[1].running_mean, before[0])
+
+
+def test_lowres_short_side_is_the_closest_count():
+    from apt_data.transforms import segmentation_transform
+    from apt_train.segmentation import lowres_short_side
+
+    sizes = [(336, 448), (448, 336), (336, 512)]  # (H, W) as evaluated at a short side of 336
+
+    def total(side):
+        tf = segmentation_transform(side, augment=False, multiple=16, keep_mask_size=True)
+        return sum((h // 16) * (w // 16) for h, w in (tf.output_size(w0, h0) for h0, w0 in sizes))
+
+    full = total(336)
+    assert full == 21 * 28 * 2 + 21 * 32  # at its own short side every image keeps its grid
+    for frac in (0.9, 0.72, 0.56, 0.3):
+        side = lowres_short_side(sizes, 336, 16, frac * full)
+        best = min(abs(total(s) - frac * full) for s in range(16, 337, 16))  # brute force over every side
+        assert abs(total(side) - frac * full) == best and side < 336 and side % 16 == 0
+    assert lowres_short_side(sizes, 336, 16, 10 * full) == 336

@@ -56,7 +56,7 @@ def test_train_then_evaluate_segmentation(ade_root, tmp_path):
                  "--workers", "0", "--max-tokens", "128", "--device", "cpu", "--output", js)
     assert e.returncode == 0, e.stderr[-3000:]
     assert "mIoU" in e.stdout and "per-class IoU" in e.stdout and "pixel accuracy" in e.stdout
-    res = json.loads(js.read_text())["results"]["segmentation"]
+    res = json.loads(js.read_text())["results"]["none"]
     assert res["miou"] == pytest.approx(val[-1]["miou"], abs=1e-6)
     assert res["pixel_accuracy"] == pytest.approx(val[-1]["pixel_accuracy"], abs=1e-6)
 
@@ -112,7 +112,7 @@ def test_conv_head_trains_saves_and_rebuilds_from_the_checkpoint(ade_root, tmp_p
                  "--workers", "0", "--max-tokens", "128", "--device", "cpu", "--output", js)
     assert e.returncode == 0, e.stderr[-3000:]
     assert "conv head" in e.stdout
-    assert json.loads(js.read_text())["results"]["segmentation"]["miou"] == pytest.approx(
+    assert json.loads(js.read_text())["results"]["none"]["miou"] == pytest.approx(
         result.final_eval.metrics.miou, abs=1e-6)
 
     again = cli.make_trainer([*FLAGS, "--data", str(ade_root), "--steps", "1", "--output", str(tmp_path / "a"),
@@ -174,7 +174,7 @@ def test_train_and_evaluate_on_shards_with_masks(mask_shards, tmp_path):
                  "--workers", "0", "--max-tokens", "128", "--device", "cpu", "--output", js)
     assert e.returncode == 0, e.stderr[-3000:]
     assert "(3 images)" in e.stdout
-    res = json.loads(js.read_text())["results"]["segmentation"]
+    res = json.loads(js.read_text())["results"]["none"]
     assert res["miou"] == pytest.approx(result.final_eval.metrics.miou, abs=1e-6)
 
 
@@ -186,3 +186,31 @@ def test_shards_without_masks_or_with_relabelling_are_setup_errors(mask_shards, 
                           "--output", str(tmp_path / "b")])
     with pytest.raises(SetupError, match="no index nope.parquet"):
         cli.make_trainer([*FLAGS, "--data", f"{mask_shards}:nope", "--steps", "1", "--output", str(tmp_path / "c")])
+
+
+def test_evaluate_segmentation_baselines(ade_root, tmp_path, capsys):
+    """``apt-eval --task segmentation --baseline none resize random lowres --uniform``: a row per method with mIoU
+    and tokens; random keeps APT's count per image, lowres the full grid nearest APT's count, uniform every cell."""
+    from apt_train.commands.evaluate import main
+
+    js = tmp_path / "base.json"
+    rc = main(["--task", "segmentation", "--num-classes", "8", "--data", str(ade_root), "--img-size", "160",
+               "--thresholds", "7.0", "5.5", "--baseline", "random", "lowres", "resize", "--uniform", "--workers", "0",
+               "--max-tokens", "512", "--device", "cpu", "--output", str(js)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    rows = {line.split(" | ")[0][2:]: line for line in printed.splitlines() if line.startswith("| ") and "%" in line}
+    assert list(rows)[0] == "APT" and set(rows) >= {"APT", "random (nearest fill)", "resize", "uniform"}
+    assert any(name.startswith("lower resolution (") for name in rows) and len(rows) == 5
+    res = json.loads(js.read_text())["results"]
+    assert list(res) == ["none", "random", "lowres", "resize", "uniform"]
+    apt, rnd, low, uni = res["none"], res["random"], res["lowres"], res["uniform"]
+    for r in res.values():
+        assert r["images"] == 3 and 0 <= r["miou"] <= 1 and r["gflops_per_image"] > 0
+        assert r["full_grid_tokens_per_image"] == uni["tokens_per_image"]  # every row against the full-size grid
+    assert apt["token_fraction"] < 0.9 and rnd["tokens_per_image"] == apt["tokens_per_image"]
+    assert res["resize"]["tokens_per_image"] == apt["tokens_per_image"] and uni["token_fraction"] == 1.0
+    assert low["short_side"] < 160 and abs(low["tokens_per_image"] - apt["tokens_per_image"]) < 0.15 * apt["tokens_per_image"]
+    assert rnd["miou"] != apt["miou"] or rnd["pixel_accuracy"] != apt["pixel_accuracy"]
+    with pytest.raises(SystemExit):
+        main(["--baseline", "lowres", "--device", "cpu"])
