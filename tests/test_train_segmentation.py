@@ -55,7 +55,7 @@ def test_train_then_evaluate_segmentation(ade_root, tmp_path):
     e = run_tool("evaluate", "--task", "segmentation", "--checkpoint", ckpt, "--data", ade_root, "--img-size", "64",
                  "--workers", "0", "--max-tokens", "128", "--device", "cpu", "--output", js)
     assert e.returncode == 0, e.stderr[-3000:]
-    assert "mIoU" in e.stdout and "per-class IoU" in e.stdout and "pixel accuracy" in e.stdout
+    assert "| method | mIoU | pixel acc |" in e.stdout and "\n| APT | " in e.stdout and "per-class IoU, APT" in e.stdout
     res = json.loads(js.read_text())["results"]["none"]
     assert res["miou"] == pytest.approx(val[-1]["miou"], abs=1e-6)
     assert res["pixel_accuracy"] == pytest.approx(val[-1]["pixel_accuracy"], abs=1e-6)
