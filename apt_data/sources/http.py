@@ -43,7 +43,7 @@ from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
-from urllib3.util import Retry, Timeout
+from urllib3.util import Retry, parse_url
 
 from .readers import IOCounters, RangeReader
 
@@ -53,6 +53,8 @@ __all__ = ["HEADER_BYTES", "HTTPReadError", "HTTPReader", "HTTPStatusError"]
 
 #: the cap on an answer's status line and headers together (bytes)
 HEADER_BYTES = 32 * 1024
+#: the read buffer of an answer (bytes)
+BUFFER = 64 * 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
 #: headers never sent to another origin or from https to http (urllib3's list for cross-host redirects)
 _PRIVATE = frozenset(h.lower() for h in Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT) | {"cookie", "authorization"}
@@ -75,18 +77,24 @@ class HTTPReadError(OSError):
 class _Limits:
     """What the answer to one request may still cost: seconds (``deadline``, monotonic) and bytes."""
 
-    __slots__ = ("deadline", "budget", "read_timeout")
+    __slots__ = ("deadline", "budget")
 
-    def __init__(self, deadline: float, budget: int, read_timeout: float):
-        self.deadline, self.budget, self.read_timeout = deadline, budget, read_timeout
+    def __init__(self, deadline: float, budget: int):
+        self.deadline, self.budget = deadline, budget
 
 
 class _GuardedIO(io.RawIOBase):
     """The socket under one answer: each receive waits at most until the deadline and reads at most
-    the bytes left in the budget (``raw``: the socket's own unbuffered file, which keeps it open)."""
+    the bytes left in the budget. ``makefile`` is what http.client's response reads from: this, buffered
+    by `BUFFER` bytes (an answer's headers and a sample's bytes in one receive, where they have arrived).
+    The socket's timeout (urllib3 sets the read timeout) is changed only when the deadline is nearer."""
 
     def __init__(self, sock: socket.socket, limits: _Limits):
-        self.sock, self.raw, self.limits = sock, sock.makefile("rb", buffering=0), limits
+        self.sock, self.raw, self.limits = sock, sock.makefile("rb", buffering=0), limits  # (raw: keeps it open)
+        self.timeout = sock.gettimeout() or float("inf")  # (None: none)
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        return io.BufferedReader(self, BUFFER)
 
     def readable(self) -> bool:
         return True
@@ -94,13 +102,15 @@ class _GuardedIO(io.RawIOBase):
     def readinto(self, b) -> int:
         lim = self.limits
         left = lim.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the request's deadline passed")
+        if left < self.timeout:
+            if left <= 0:
+                raise TimeoutError("the request's deadline passed")
+            self.sock.settimeout(left)
+            self.timeout = left
         if lim.budget <= 0:
             raise HTTPReadError("the answer is larger than its cap")
-        self.sock.settimeout(min(lim.read_timeout, left))
-        n = self.raw.readinto(memoryview(b)[:lim.budget])
-        lim.budget -= n or 0
+        n = self.sock.recv_into(b, min(len(b), lim.budget))
+        lim.budget -= n
         return n
 
     def close(self) -> None:
@@ -108,22 +118,12 @@ class _GuardedIO(io.RawIOBase):
         super().close()
 
 
-class _SocketWithLimits:
-    """What http.client's response reads from: ``makefile`` over `_GuardedIO`."""
-
-    def __init__(self, sock: socket.socket, limits: _Limits):
-        self.sock, self.limits = sock, limits
-
-    def makefile(self, mode: str = "rb") -> io.BufferedReader:
-        return io.BufferedReader(_GuardedIO(self.sock, self.limits))
-
-
 class _GuardedResponse(http.client.HTTPResponse):
     """http.client's response, reading through the limits of the request made in this thread."""
 
     def __init__(self, sock, *args, **kw):
         limits = getattr(_limits, "now", None)
-        super().__init__(sock if limits is None else _SocketWithLimits(sock, limits), *args, **kw)
+        super().__init__(sock if limits is None else _GuardedIO(sock, limits), *args, **kw)
 
 
 class _HTTPConnection(urllib3.connection.HTTPConnection):
@@ -134,11 +134,42 @@ class _HTTPSConnection(urllib3.connection.HTTPSConnection):
     response_class = _GuardedResponse
 
 
-class _HTTPPool(urllib3.HTTPConnectionPool):
+class _GetOnly:
+    """A connection pool's plain GET, without `urlopen`'s bookkeeping for retries, redirects, proxies
+    and request bodies (the reader does its own retries and redirects): about a tenth of the CPU of
+    a request. Connections still come from and go back to urllib3's pool, checked as `urlopen` does."""
+
+    def get(self, target: str, headers: dict, connect_timeout: float, read_timeout: float):
+        """(the answer to ``GET target``, its body unread; the connection it holds until `done`)."""
+        conn = self._get_conn()  # a pooled one (dropped ones replaced) or a new one
+        try:
+            self.num_requests += 1
+            conn.timeout = connect_timeout
+            self._validate_conn(conn)  # https: connects and verifies the certificate now
+            try:
+                conn.request("GET", target, headers=headers, preload_content=False, decode_content=False)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server closed its side after answering (as urlopen: the answer is still read)
+            conn.timeout = read_timeout
+            return conn.getresponse(), conn
+        except BaseException:
+            conn.close()
+            self._put_conn(conn)
+            raise
+
+    def done(self, conn, resp) -> None:
+        """Hand ``conn`` back to the pool: reusable when ``resp`` was read to its end, else closed."""
+        if not resp.isclosed():
+            resp.close()  # an answer not read to its end (a redirect, an error, a cap): the connection goes
+            conn.close()
+        self._put_conn(conn)
+
+
+class _HTTPPool(_GetOnly, urllib3.HTTPConnectionPool):
     ConnectionCls = _HTTPConnection
 
 
-class _HTTPSPool(urllib3.HTTPSConnectionPool):
+class _HTTPSPool(_GetOnly, urllib3.HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 
@@ -161,12 +192,13 @@ def redirect_headers(headers: dict, old: str, new: str) -> dict:
 def _content_length(resp, url: str, most: int) -> Optional[int]:
     """The answer's Content-Length (None: none given); a malformed, negative or longer-than-``most`` one raises."""
     raw = resp.headers.get("content-length")
-    if raw is None or "chunked" in resp.headers.get("transfer-encoding", "").lower():
+    if raw is None or resp.chunked:  # (urllib3's reading of Transfer-Encoding)
         return None
     values = {v.strip() for v in raw.split(",")}
-    if len(values) != 1 or not next(iter(values)).isdigit():
+    value = values.pop() if len(values) == 1 else ""
+    if not (value.isascii() and value.isdigit()):
         raise HTTPReadError(f"{url}: malformed Content-Length {raw[:40]!r}")
-    n = int(values.pop())
+    n = int(value)
     if n > most:
         raise HTTPReadError(f"{url}: Content-Length {n} is more than the {most} bytes asked for")
     return n
@@ -217,55 +249,52 @@ class HTTPReader(RangeReader):
             raise ValueError("HTTPReader: deadline, connect_timeout and read_timeout must be positive seconds")
         self.counters = counters if counters is not None else IOCounters()
         self._pm: Optional[tuple[int, urllib3.PoolManager]] = None
-        self._hosts: dict = {}  # origin -> its connection pool, in the process of ``_pm``
-        self._timeout = Timeout(connect=self.connect_timeout, read=self.read_timeout)
+        self._routes: dict = {}  # URL -> (its origin's connection pool, the request target), in the process of ``_pm``
 
     def __getstate__(self):
-        return {**self.__dict__, "_pm": None, "_hosts": {}}
+        return {**self.__dict__, "_pm": None, "_routes": {}}
 
     def _pool(self) -> urllib3.PoolManager:
         if self._pm is None or self._pm[0] != os.getpid():  # a forked child: its parent's sockets are not its own
             pm = urllib3.PoolManager(num_pools=16, maxsize=self.pool_size, block=False, retries=False)
             pm.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-            self._pm, self._hosts = (os.getpid(), pm), {}
+            self._pm, self._routes = (os.getpid(), pm), {}
         return self._pm[1]
 
     def close(self) -> None:
         if self._pm is not None and self._pm[0] == os.getpid():
             self._pm[1].clear()
-            self._hosts = {}
+            self._routes = {}
 
-    def _host(self, url: str) -> tuple:
-        """(the connection pool of ``url``'s scheme, host and port; the request target): the pool is
-        looked up once per origin, not per request (urllib3's pool manager parses every URL)."""
-        origin, slash, path = url.partition("://")[2].partition("/")
-        key = url[:url.index("://") + 3] + origin
-        pools = self._hosts if self._pm is not None and self._pm[0] == os.getpid() else None
-        pool = None if pools is None else pools.get(key)
-        if pool is None:
-            scheme = url.partition("://")[0].lower()
-            if scheme not in ("http", "https"):
-                raise ValueError(f"{url}: HTTPReader reads http:// and https:// URLs, not {scheme}://")
-            pool = self._pool().connection_from_url(key)
-            self._hosts[key] = pool
-        return pool, "/" + path
+    def _route(self, url: str) -> tuple:
+        """(the connection pool of ``url``'s scheme, host and port; the request target, percent-encoded):
+        parsed once per URL (a shard is read many times), not per request."""
+        pm = self._pool()
+        route = self._routes.get(url)
+        if route is None or route[0].pool is None:  # (or a pool the manager closed: over 16 origins in use)
+            p = parse_url(url)
+            if p.scheme not in ("http", "https"):
+                raise ValueError(f"{url}: HTTPReader reads http:// and https:// URLs, not {p.scheme}://")
+            if len(self._routes) >= 4096:  # (then all are dropped and parsed again)
+                self._routes.clear()
+            route = self._routes[url] = (pm.connection_from_host(p.host, p.port, p.scheme), p.request_uri)
+        return route
 
     # -------------------------------------------------------------- requests
-    def _open(self, url: str, headers: dict, limits: _Limits):
-        """The answer to one GET of ``url`` (its body unread), read within ``limits``."""
-        pool, target = self._host(url)
+    def _open(self, url: str, headers: dict, limits: _Limits) -> tuple:
+        """(the answer to one GET of ``url``, its body unread and read within ``limits``; its pool; its
+        connection, until the pool's ``done``)."""
+        pool, target = self._route(url)
         left = limits.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the request's deadline passed")
         # (every receive of the answer is bounded by the deadline itself: `_GuardedIO`)
-        timeout = self._timeout if left > self.connect_timeout else Timeout(connect=left, read=left)
         _limits.now = limits
         try:
-            resp = pool.urlopen("GET", target, headers=headers, redirect=False, retries=False, preload_content=False,
-                                decode_content=False, timeout=timeout)
+            resp, conn = pool.get(target, headers, min(self.connect_timeout, left), self.read_timeout)
         finally:
             _limits.now = None
-        return resp
+        return resp, pool, conn
 
     def _get(self, url: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
         """Bytes ``[start, end)`` of ``url`` (the whole object when ``start`` is None), redirects followed."""
@@ -275,21 +304,23 @@ class HTTPReader(RangeReader):
         deadline = time.monotonic() + self.deadline
         where = url
         for _ in range(6):
-            resp, limits = None, _Limits(deadline, HEADER_BYTES, self.read_timeout)
+            resp, limits = None, _Limits(deadline, HEADER_BYTES)
             try:
-                resp = self._open(where, headers, limits)
+                resp, pool, conn = self._open(where, headers, limits)
                 if resp.status in _REDIRECTS and resp.headers.get("location"):
                     nxt = urljoin(where, resp.headers["location"])
                     headers, where = redirect_headers(headers, where, nxt), nxt
                     continue
                 return self._answer(resp, limits, url, where, start, end)
-            except (HTTPStatusError, FileNotFoundError, PermissionError, ValueError):
+            except (HTTPStatusError, FileNotFoundError, PermissionError):
                 raise
             except Exception as e:  # noqa: BLE001 - urllib3, http.client and socket errors alike
+                if isinstance(e, ValueError) and not isinstance(e, OSError):  # (ssl's errors are both)
+                    raise  # a URL that cannot work (not http(s), malformed): permanent
                 raise self._failure(e, url, deadline, limits) from e
             finally:
                 if resp is not None:
-                    self._finish(resp)
+                    pool.done(conn, resp)
         raise HTTPStatusError(url, 310, "too many redirects")
 
     def _failure(self, e: BaseException, url: str, deadline: float, limits: _Limits) -> HTTPReadError:
@@ -302,13 +333,6 @@ class HTTPReader(RangeReader):
         if isinstance(e, HTTPReadError):
             return e
         return HTTPReadError(f"{url}: {type(e).__name__}: {e}")
-
-    @staticmethod
-    def _finish(resp) -> None:
-        """Hand the connection back: reusable when its answer was read to the end, else closed."""
-        if not resp.isclosed():
-            resp.close()  # an answer not read to its end (a redirect, an error, a cap): the connection goes
-        resp.release_conn()
 
     def _answer(self, resp, limits: _Limits, url: str, where: str, start: Optional[int], end: Optional[int]) -> bytes:
         status = resp.status
