@@ -1,7 +1,8 @@
 """`HTTPReader`: ranged GETs through urllib3's connection pool, with a deadline and caps on what a server sends.
 
 The range reader (`apt_data.sources.readers.RangeReader`) for ``http://`` and ``https://`` shards.
-urllib3 speaks the protocol (keep-alive pools shared by the read-ahead threads, TLS, chunked bodies);
+urllib3's pools (keep-alive connections shared by the read-ahead threads, TLS) and http.client, through
+which urllib3 speaks HTTP/1.1 (requests, answers, chunked bodies), do the protocol (`_GetOnly`);
 this module adds what a loader needs from a server it does not control:
 
 - **A deadline per request** (``deadline`` seconds, 120 by default, redirects included; ``connect_timeout``
@@ -20,9 +21,10 @@ this module adds what a loader needs from a server it does not control:
   logged once (over all processes that share the counters): each read then downloads the file from
   its first byte up to the end of the span asked, on a fresh connection. The bytes returned are right.
 
-Why urllib3 and not a protocol parser of our own: a well-kept library for a protocol that hostile
-servers can bend. It costs about 0.2 ms more CPU per request (its `http.client` header parsing) than
-the hand-written client it replaced: docs/benchmarks.md, "Shards over HTTP vs local disk".
+Why urllib3 and not a protocol parser of our own: well-kept libraries for a protocol that hostile
+servers can bend. Requests skip `urlopen` and urllib3's response wrapper, which halves the client's
+CPU per request; what it costs more than the hand-written client it replaced is mostly http.client's
+e-mail header parser: docs/benchmarks.md, "Shards over HTTP vs local disk".
 
 Errors, as `apt_data.sources.readers.retrying` expects them: 404/410 raise `FileNotFoundError`,
 401/403 `PermissionError` (permanent: not retried); other statuses `HTTPStatusError` (an OSError
@@ -37,7 +39,6 @@ import logging
 import os
 import re
 import socket
-import threading
 import time
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
@@ -56,10 +57,10 @@ HEADER_BYTES = 32 * 1024
 #: the read buffer of an answer (bytes)
 BUFFER = 64 * 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
+_DEFAULT_HEADERS = {"Accept-Encoding": "identity", "User-Agent": f"python-urllib3/{urllib3.__version__}"}
 #: headers never sent to another origin or from https to http (urllib3's list for cross-host redirects)
 _PRIVATE = frozenset(h.lower() for h in Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT) | {"cookie", "authorization"}
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", re.I)
-_limits = threading.local()  # the limits of the request this thread is making
 
 
 class HTTPStatusError(OSError):
@@ -77,21 +78,21 @@ class HTTPReadError(OSError):
 class _Limits:
     """What the answer to one request may still cost: seconds (``deadline``, monotonic) and bytes."""
 
-    __slots__ = ("deadline", "budget")
+    __slots__ = ("deadline", "budget", "read_timeout")
 
-    def __init__(self, deadline: float, budget: int):
-        self.deadline, self.budget = deadline, budget
+    def __init__(self, deadline: float, budget: int, read_timeout: float):
+        self.deadline, self.budget, self.read_timeout = deadline, budget, read_timeout
 
 
 class _GuardedIO(io.RawIOBase):
     """The socket under one answer: each receive waits at most until the deadline and reads at most
     the bytes left in the budget. ``makefile`` is what http.client's response reads from: this, buffered
     by `BUFFER` bytes (an answer's headers and a sample's bytes in one receive, where they have arrived).
-    The socket's timeout (urllib3 sets the read timeout) is changed only when the deadline is nearer."""
+    The socket's timeout is set once per answer (the read timeout), and on each receive near the deadline."""
 
     def __init__(self, sock: socket.socket, limits: _Limits):
         self.sock, self.raw, self.limits = sock, sock.makefile("rb", buffering=0), limits  # (raw: keeps it open)
-        self.timeout = sock.gettimeout() or float("inf")  # (None: none)
+        self.timeout = sock.gettimeout()
 
     def makefile(self, mode: str = "rb") -> io.BufferedReader:
         return io.BufferedReader(self, BUFFER)
@@ -102,11 +103,12 @@ class _GuardedIO(io.RawIOBase):
     def readinto(self, b) -> int:
         lim = self.limits
         left = lim.deadline - time.monotonic()
-        if left < self.timeout:
-            if left <= 0:
+        timeout = lim.read_timeout if lim.read_timeout < left else left
+        if timeout != self.timeout:
+            if timeout <= 0:
                 raise TimeoutError("the request's deadline passed")
-            self.sock.settimeout(left)
-            self.timeout = left
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
         if lim.budget <= 0:
             raise HTTPReadError("the answer is larger than its cap")
         n = self.sock.recv_into(b, min(len(b), lim.budget))
@@ -118,40 +120,28 @@ class _GuardedIO(io.RawIOBase):
         super().close()
 
 
-class _GuardedResponse(http.client.HTTPResponse):
-    """http.client's response, reading through the limits of the request made in this thread."""
-
-    def __init__(self, sock, *args, **kw):
-        limits = getattr(_limits, "now", None)
-        super().__init__(sock if limits is None else _GuardedIO(sock, limits), *args, **kw)
-
-
-class _HTTPConnection(urllib3.connection.HTTPConnection):
-    response_class = _GuardedResponse
-
-
-class _HTTPSConnection(urllib3.connection.HTTPSConnection):
-    response_class = _GuardedResponse
-
-
 class _GetOnly:
-    """A connection pool's plain GET, without `urlopen`'s bookkeeping for retries, redirects, proxies
-    and request bodies (the reader does its own retries and redirects): about a tenth of the CPU of
-    a request. Connections still come from and go back to urllib3's pool, checked as `urlopen` does."""
+    """A connection pool's plain GET: a connection from urllib3's pool (a dropped keep-alive one replaced,
+    as in `urlopen`), connected by urllib3 (TLS, certificates), and the request and its answer through
+    http.client's own `request` and `getresponse`, which urllib3's connection wraps. Skipped: `urlopen`'s
+    retries, redirects, proxies and bodies and urllib3's response wrapper (header copies, decoding): the
+    reader does what it needs of those itself. That halves the client's CPU per request."""
 
-    def get(self, target: str, headers: dict, connect_timeout: float, read_timeout: float):
-        """(the answer to ``GET target``, its body unread; the connection it holds until `done`)."""
-        conn = self._get_conn()  # a pooled one (dropped ones replaced) or a new one
+    def get(self, target: str, headers: dict, limits: _Limits, connect_timeout: float):
+        """(http.client's answer to ``GET target``, read within ``limits``, its body unread; the connection
+        it holds until `done`)."""
+        conn = self._get_conn()
         try:
             self.num_requests += 1
-            conn.timeout = connect_timeout
-            self._validate_conn(conn)  # https: connects and verifies the certificate now
+            conn.timeout = connect_timeout  # connecting and sending (the answer: `_GuardedIO`)
+            if conn.sock is not None:
+                conn.sock.settimeout(connect_timeout)
             try:
-                conn.request("GET", target, headers=headers, preload_content=False, decode_content=False)
+                http.client.HTTPConnection.request(conn, "GET", target, headers=headers)
             except (BrokenPipeError, ConnectionResetError):
-                pass  # the server closed its side after answering (as urlopen: the answer is still read)
-            conn.timeout = read_timeout
-            return conn.getresponse(), conn
+                pass  # the server closed its side after answering (as in urlopen: the answer is still read)
+            conn.response_class = lambda sock, **kw: http.client.HTTPResponse(_GuardedIO(sock, limits), **kw)
+            return http.client.HTTPConnection.getresponse(conn), conn
         except BaseException:
             conn.close()
             self._put_conn(conn)
@@ -166,11 +156,11 @@ class _GetOnly:
 
 
 class _HTTPPool(_GetOnly, urllib3.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
+    pass
 
 
 class _HTTPSPool(_GetOnly, urllib3.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
+    pass
 
 
 def _origin(url: str) -> tuple:
@@ -191,13 +181,13 @@ def redirect_headers(headers: dict, old: str, new: str) -> dict:
 
 def _content_length(resp, url: str, most: int) -> Optional[int]:
     """The answer's Content-Length (None: none given); a malformed, negative or longer-than-``most`` one raises."""
-    raw = resp.headers.get("content-length")
-    if raw is None or resp.chunked:  # (urllib3's reading of Transfer-Encoding)
+    raw = resp.headers.get_all("content-length")  # (every one, when repeated)
+    if raw is None or resp.chunked:  # (http.client's reading of Transfer-Encoding)
         return None
-    values = {v.strip() for v in raw.split(",")}
+    values = {v.strip() for line in raw for v in line.split(",")}
     value = values.pop() if len(values) == 1 else ""
     if not (value.isascii() and value.isdigit()):
-        raise HTTPReadError(f"{url}: malformed Content-Length {raw[:40]!r}")
+        raise HTTPReadError(f"{url}: malformed Content-Length {', '.join(raw)[:40]!r}")
     n = int(value)
     if n > most:
         raise HTTPReadError(f"{url}: Content-Length {n} is more than the {most} bytes asked for")
@@ -207,7 +197,7 @@ def _content_length(resp, url: str, most: int) -> Optional[int]:
 def _content_range(resp, url: str, start: int, end: int) -> int:
     """The bytes a 206 answer to ``bytes=start-(end-1)`` holds, from its Content-Range (RFC 9110: required):
     from ``start``, up to ``end`` or the end of the file."""
-    raw = resp.headers.get("content-range", "")
+    raw = ", ".join(resp.headers.get_all("content-range") or ())  # (two: invalid)
     m = _CONTENT_RANGE.fullmatch(raw)
     if m is None:
         raise HTTPReadError(f"{url}: a 206 answer without a valid Content-Range ({raw[:60]!r})")
@@ -223,10 +213,10 @@ def _read_body(resp, n: int, url: str) -> bytes:
     parts, got = [], 0
     while got <= n:
         ask = min(n + 1 - got, 1 << 20)
-        chunk = resp.read(ask, decode_content=False)
+        chunk = resp.read(ask)
         parts.append(chunk)
         got += len(chunk)
-        if len(chunk) < ask:  # (urllib3 returns fewer bytes than asked only at the end of the body)
+        if len(chunk) < ask:  # (http.client returns fewer bytes than asked only at the end of the body)
             break
     if got > n:
         raise HTTPReadError(f"{url}: the answer is longer than the {n} bytes asked for")
@@ -243,6 +233,8 @@ class HTTPReader(RangeReader):
                  read_timeout: float = 30.0, max_object: int = 4 << 30, pool_size: int = 32,
                  counters: Optional[IOCounters] = None):
         self.headers = {str(k): str(v) for k, v in (headers or {}).items()}
+        own = {k.lower() for k in self.headers}  # what every request sends: these, and defaults they do not set
+        self._headers = {k: v for k, v in _DEFAULT_HEADERS.items() if k.lower() not in own} | self.headers
         self.deadline, self.connect_timeout = float(deadline), float(connect_timeout)
         self.read_timeout, self.max_object, self.pool_size = float(read_timeout), int(max_object), int(pool_size)
         if min(self.deadline, self.connect_timeout, self.read_timeout) <= 0:
@@ -288,23 +280,16 @@ class HTTPReader(RangeReader):
         left = limits.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the request's deadline passed")
-        # (every receive of the answer is bounded by the deadline itself: `_GuardedIO`)
-        _limits.now = limits
-        try:
-            resp, conn = pool.get(target, headers, min(self.connect_timeout, left), self.read_timeout)
-        finally:
-            _limits.now = None
+        resp, conn = pool.get(target, headers, limits, min(self.connect_timeout, left))
         return resp, pool, conn
 
     def _get(self, url: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
         """Bytes ``[start, end)`` of ``url`` (the whole object when ``start`` is None), redirects followed."""
-        headers = {"Accept-Encoding": "identity", **self.headers}
-        if start is not None:
-            headers["Range"] = f"bytes={start}-{end - 1}"
+        headers = self._headers if start is None else {**self._headers, "Range": f"bytes={start}-{end - 1}"}
         deadline = time.monotonic() + self.deadline
         where = url
         for _ in range(6):
-            resp, limits = None, _Limits(deadline, HEADER_BYTES)
+            resp, limits = None, _Limits(deadline, HEADER_BYTES, self.read_timeout)
             try:
                 resp, pool, conn = self._open(where, headers, limits)
                 if resp.status in _REDIRECTS and resp.headers.get("location"):
@@ -374,11 +359,11 @@ class HTTPReader(RangeReader):
         limits.budget += end + max(65536, end // 8)
         skipped = 0
         while skipped < start:
-            chunk = resp.read(min(start - skipped, 1 << 20), decode_content=False)
+            chunk = resp.read(min(start - skipped, 1 << 20))
             if not chunk:
                 break
             skipped += len(chunk)
-        data = resp.read(end - start, decode_content=False) if skipped == start else b""
+        data = resp.read(end - start) if skipped == start else b""
         return data, None if total is None else max(0, min(end, total) - start)
 
     # -------------------------------------------------------------- the reader
