@@ -1,7 +1,8 @@
 """`HTTPReader`: ranged GETs through urllib3's connection pool, with a deadline and caps on what a server sends.
 
 The range reader (`apt_data.sources.readers.RangeReader`) for ``http://`` and ``https://`` shards.
-urllib3 speaks the protocol (keep-alive pools shared by the read-ahead threads, TLS, chunked bodies);
+urllib3's pools (keep-alive connections shared by the read-ahead threads, TLS) and http.client, through
+which urllib3 speaks HTTP/1.1 (requests, answers, chunked bodies), do the protocol (`_GetOnly`);
 this module adds what a loader needs from a server it does not control:
 
 - **A deadline per request** (``deadline`` seconds, 120 by default, redirects included; ``connect_timeout``
@@ -20,9 +21,10 @@ this module adds what a loader needs from a server it does not control:
   logged once (over all processes that share the counters): each read then downloads the file from
   its first byte up to the end of the span asked, on a fresh connection. The bytes returned are right.
 
-Why urllib3 and not a protocol parser of our own: a well-kept library for a protocol that hostile
-servers can bend. It costs about 0.2 ms more CPU per request (its `http.client` header parsing) than
-the hand-written client it replaced: docs/benchmarks.md, "Shards over HTTP vs local disk".
+Why urllib3 and not a protocol parser of our own: well-kept libraries for a protocol that hostile
+servers can bend. Requests skip `urlopen` and urllib3's response wrapper, which halves the client's
+CPU per request; what it costs more than the hand-written client it replaced is mostly http.client's
+e-mail header parser: docs/benchmarks.md, "Shards over HTTP vs local disk".
 
 Errors, as `apt_data.sources.readers.retrying` expects them: 404/410 raise `FileNotFoundError`,
 401/403 `PermissionError` (permanent: not retried); other statuses `HTTPStatusError` (an OSError
@@ -37,13 +39,12 @@ import logging
 import os
 import re
 import socket
-import threading
 import time
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
-from urllib3.util import Retry, Timeout
+from urllib3.util import Retry, parse_url
 
 from .readers import IOCounters, RangeReader
 
@@ -53,11 +54,13 @@ __all__ = ["HEADER_BYTES", "HTTPReadError", "HTTPReader", "HTTPStatusError"]
 
 #: the cap on an answer's status line and headers together (bytes)
 HEADER_BYTES = 32 * 1024
+#: the read buffer of an answer (bytes)
+BUFFER = 64 * 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
+_DEFAULT_HEADERS = {"Accept-Encoding": "identity", "User-Agent": f"python-urllib3/{urllib3.__version__}"}
 #: headers never sent to another origin or from https to http (urllib3's list for cross-host redirects)
 _PRIVATE = frozenset(h.lower() for h in Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT) | {"cookie", "authorization"}
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", re.I)
-_limits = threading.local()  # the limits of the request this thread is making
 
 
 class HTTPStatusError(OSError):
@@ -83,10 +86,16 @@ class _Limits:
 
 class _GuardedIO(io.RawIOBase):
     """The socket under one answer: each receive waits at most until the deadline and reads at most
-    the bytes left in the budget (``raw``: the socket's own unbuffered file, which keeps it open)."""
+    the bytes left in the budget. ``makefile`` is what http.client's response reads from: this, buffered
+    by `BUFFER` bytes (an answer's headers and a sample's bytes in one receive, where they have arrived).
+    The socket's timeout is set once per answer (the read timeout), and on each receive near the deadline."""
 
     def __init__(self, sock: socket.socket, limits: _Limits):
-        self.sock, self.raw, self.limits = sock, sock.makefile("rb", buffering=0), limits
+        self.sock, self.raw, self.limits = sock, sock.makefile("rb", buffering=0), limits  # (raw: keeps it open)
+        self.timeout = sock.gettimeout()
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        return io.BufferedReader(self, BUFFER)
 
     def readable(self) -> bool:
         return True
@@ -94,13 +103,16 @@ class _GuardedIO(io.RawIOBase):
     def readinto(self, b) -> int:
         lim = self.limits
         left = lim.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the request's deadline passed")
+        timeout = lim.read_timeout if lim.read_timeout < left else left
+        if timeout != self.timeout:
+            if timeout <= 0:
+                raise TimeoutError("the request's deadline passed")
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
         if lim.budget <= 0:
             raise HTTPReadError("the answer is larger than its cap")
-        self.sock.settimeout(min(lim.read_timeout, left))
-        n = self.raw.readinto(memoryview(b)[:lim.budget])
-        lim.budget -= n or 0
+        n = self.sock.recv_into(b, min(len(b), lim.budget))
+        lim.budget -= n
         return n
 
     def close(self) -> None:
@@ -108,38 +120,47 @@ class _GuardedIO(io.RawIOBase):
         super().close()
 
 
-class _SocketWithLimits:
-    """What http.client's response reads from: ``makefile`` over `_GuardedIO`."""
+class _GetOnly:
+    """A connection pool's plain GET: a connection from urllib3's pool (a dropped keep-alive one replaced,
+    as in `urlopen`), connected by urllib3 (TLS, certificates), and the request and its answer through
+    http.client's own `request` and `getresponse`, which urllib3's connection wraps. Skipped: `urlopen`'s
+    retries, redirects, proxies and bodies and urllib3's response wrapper (header copies, decoding): the
+    reader does what it needs of those itself. That halves the client's CPU per request."""
 
-    def __init__(self, sock: socket.socket, limits: _Limits):
-        self.sock, self.limits = sock, limits
+    def get(self, target: str, headers: dict, limits: _Limits, connect_timeout: float):
+        """(http.client's answer to ``GET target``, read within ``limits``, its body unread; the connection
+        it holds until `done`)."""
+        conn = self._get_conn()
+        try:
+            self.num_requests += 1
+            conn.timeout = connect_timeout  # connecting and sending (the answer: `_GuardedIO`)
+            if conn.sock is not None:
+                conn.sock.settimeout(connect_timeout)
+            try:
+                http.client.HTTPConnection.request(conn, "GET", target, headers=headers)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server closed its side after answering (as in urlopen: the answer is still read)
+            conn.response_class = lambda sock, **kw: http.client.HTTPResponse(_GuardedIO(sock, limits), **kw)
+            return http.client.HTTPConnection.getresponse(conn), conn
+        except BaseException:
+            conn.close()
+            self._put_conn(conn)
+            raise
 
-    def makefile(self, mode: str = "rb") -> io.BufferedReader:
-        return io.BufferedReader(_GuardedIO(self.sock, self.limits))
+    def done(self, conn, resp) -> None:
+        """Hand ``conn`` back to the pool: reusable when ``resp`` was read to its end, else closed."""
+        if not resp.isclosed():
+            resp.close()  # an answer not read to its end (a redirect, an error, a cap): the connection goes
+            conn.close()
+        self._put_conn(conn)
 
 
-class _GuardedResponse(http.client.HTTPResponse):
-    """http.client's response, reading through the limits of the request made in this thread."""
-
-    def __init__(self, sock, *args, **kw):
-        limits = getattr(_limits, "now", None)
-        super().__init__(sock if limits is None else _SocketWithLimits(sock, limits), *args, **kw)
+class _HTTPPool(_GetOnly, urllib3.HTTPConnectionPool):
+    pass
 
 
-class _HTTPConnection(urllib3.connection.HTTPConnection):
-    response_class = _GuardedResponse
-
-
-class _HTTPSConnection(urllib3.connection.HTTPSConnection):
-    response_class = _GuardedResponse
-
-
-class _HTTPPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
+class _HTTPSPool(_GetOnly, urllib3.HTTPSConnectionPool):
+    pass
 
 
 def _origin(url: str) -> tuple:
@@ -160,13 +181,14 @@ def redirect_headers(headers: dict, old: str, new: str) -> dict:
 
 def _content_length(resp, url: str, most: int) -> Optional[int]:
     """The answer's Content-Length (None: none given); a malformed, negative or longer-than-``most`` one raises."""
-    raw = resp.headers.get("content-length")
-    if raw is None or "chunked" in resp.headers.get("transfer-encoding", "").lower():
+    raw = resp.headers.get_all("content-length")  # (every one, when repeated)
+    if raw is None or resp.chunked:  # (http.client's reading of Transfer-Encoding)
         return None
-    values = {v.strip() for v in raw.split(",")}
-    if len(values) != 1 or not next(iter(values)).isdigit():
-        raise HTTPReadError(f"{url}: malformed Content-Length {raw[:40]!r}")
-    n = int(values.pop())
+    values = {v.strip() for line in raw for v in line.split(",")}
+    value = values.pop() if len(values) == 1 else ""
+    if not (value.isascii() and value.isdigit()):
+        raise HTTPReadError(f"{url}: malformed Content-Length {', '.join(raw)[:40]!r}")
+    n = int(value)
     if n > most:
         raise HTTPReadError(f"{url}: Content-Length {n} is more than the {most} bytes asked for")
     return n
@@ -175,7 +197,7 @@ def _content_length(resp, url: str, most: int) -> Optional[int]:
 def _content_range(resp, url: str, start: int, end: int) -> int:
     """The bytes a 206 answer to ``bytes=start-(end-1)`` holds, from its Content-Range (RFC 9110: required):
     from ``start``, up to ``end`` or the end of the file."""
-    raw = resp.headers.get("content-range", "")
+    raw = ", ".join(resp.headers.get_all("content-range") or ())  # (two: invalid)
     m = _CONTENT_RANGE.fullmatch(raw)
     if m is None:
         raise HTTPReadError(f"{url}: a 206 answer without a valid Content-Range ({raw[:60]!r})")
@@ -191,10 +213,10 @@ def _read_body(resp, n: int, url: str) -> bytes:
     parts, got = [], 0
     while got <= n:
         ask = min(n + 1 - got, 1 << 20)
-        chunk = resp.read(ask, decode_content=False)
+        chunk = resp.read(ask)
         parts.append(chunk)
         got += len(chunk)
-        if len(chunk) < ask:  # (urllib3 returns fewer bytes than asked only at the end of the body)
+        if len(chunk) < ask:  # (http.client returns fewer bytes than asked only at the end of the body)
             break
     if got > n:
         raise HTTPReadError(f"{url}: the answer is longer than the {n} bytes asked for")
@@ -211,85 +233,79 @@ class HTTPReader(RangeReader):
                  read_timeout: float = 30.0, max_object: int = 4 << 30, pool_size: int = 32,
                  counters: Optional[IOCounters] = None):
         self.headers = {str(k): str(v) for k, v in (headers or {}).items()}
+        own = {k.lower() for k in self.headers}  # what every request sends: these, and defaults they do not set
+        self._headers = {k: v for k, v in _DEFAULT_HEADERS.items() if k.lower() not in own} | self.headers
         self.deadline, self.connect_timeout = float(deadline), float(connect_timeout)
         self.read_timeout, self.max_object, self.pool_size = float(read_timeout), int(max_object), int(pool_size)
         if min(self.deadline, self.connect_timeout, self.read_timeout) <= 0:
             raise ValueError("HTTPReader: deadline, connect_timeout and read_timeout must be positive seconds")
         self.counters = counters if counters is not None else IOCounters()
         self._pm: Optional[tuple[int, urllib3.PoolManager]] = None
-        self._hosts: dict = {}  # origin -> its connection pool, in the process of ``_pm``
-        self._timeout = Timeout(connect=self.connect_timeout, read=self.read_timeout)
+        self._routes: dict = {}  # URL -> (its origin's connection pool, the request target), in the process of ``_pm``
 
     def __getstate__(self):
-        return {**self.__dict__, "_pm": None, "_hosts": {}}
+        return {**self.__dict__, "_pm": None, "_routes": {}}
 
     def _pool(self) -> urllib3.PoolManager:
         if self._pm is None or self._pm[0] != os.getpid():  # a forked child: its parent's sockets are not its own
             pm = urllib3.PoolManager(num_pools=16, maxsize=self.pool_size, block=False, retries=False)
             pm.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-            self._pm, self._hosts = (os.getpid(), pm), {}
+            self._pm, self._routes = (os.getpid(), pm), {}
         return self._pm[1]
 
     def close(self) -> None:
         if self._pm is not None and self._pm[0] == os.getpid():
             self._pm[1].clear()
-            self._hosts = {}
+            self._routes = {}
 
-    def _host(self, url: str) -> tuple:
-        """(the connection pool of ``url``'s scheme, host and port; the request target): the pool is
-        looked up once per origin, not per request (urllib3's pool manager parses every URL)."""
-        origin, slash, path = url.partition("://")[2].partition("/")
-        key = url[:url.index("://") + 3] + origin
-        pools = self._hosts if self._pm is not None and self._pm[0] == os.getpid() else None
-        pool = None if pools is None else pools.get(key)
-        if pool is None:
-            scheme = url.partition("://")[0].lower()
-            if scheme not in ("http", "https"):
-                raise ValueError(f"{url}: HTTPReader reads http:// and https:// URLs, not {scheme}://")
-            pool = self._pool().connection_from_url(key)
-            self._hosts[key] = pool
-        return pool, "/" + path
+    def _route(self, url: str) -> tuple:
+        """(the connection pool of ``url``'s scheme, host and port; the request target, percent-encoded):
+        parsed once per URL (a shard is read many times), not per request."""
+        pm = self._pool()
+        route = self._routes.get(url)
+        if route is None or route[0].pool is None:  # (or a pool the manager closed: over 16 origins in use)
+            p = parse_url(url)
+            if p.scheme not in ("http", "https"):
+                raise ValueError(f"{url}: HTTPReader reads http:// and https:// URLs, not {p.scheme}://")
+            if len(self._routes) >= 4096:  # (then all are dropped and parsed again)
+                self._routes.clear()
+            route = self._routes[url] = (pm.connection_from_host(p.host, p.port, p.scheme), p.request_uri)
+        return route
 
     # -------------------------------------------------------------- requests
-    def _open(self, url: str, headers: dict, limits: _Limits):
-        """The answer to one GET of ``url`` (its body unread), read within ``limits``."""
-        pool, target = self._host(url)
+    def _open(self, url: str, headers: dict, limits: _Limits) -> tuple:
+        """(the answer to one GET of ``url``, its body unread and read within ``limits``; its pool; its
+        connection, until the pool's ``done``)."""
+        pool, target = self._route(url)
         left = limits.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the request's deadline passed")
-        # (every receive of the answer is bounded by the deadline itself: `_GuardedIO`)
-        timeout = self._timeout if left > self.connect_timeout else Timeout(connect=left, read=left)
-        _limits.now = limits
-        try:
-            resp = pool.urlopen("GET", target, headers=headers, redirect=False, retries=False, preload_content=False,
-                                decode_content=False, timeout=timeout)
-        finally:
-            _limits.now = None
-        return resp
+        resp, conn = pool.get(target, headers, limits, min(self.connect_timeout, left))
+        return resp, pool, conn
 
     def _get(self, url: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
         """Bytes ``[start, end)`` of ``url`` (the whole object when ``start`` is None), redirects followed."""
-        headers = {"Accept-Encoding": "identity", **self.headers}
-        if start is not None:
-            headers["Range"] = f"bytes={start}-{end - 1}"
+        headers = self._headers if start is None else {**self._headers, "Range": f"bytes={start}-{end - 1}"}
         deadline = time.monotonic() + self.deadline
         where = url
         for _ in range(6):
             resp, limits = None, _Limits(deadline, HEADER_BYTES, self.read_timeout)
             try:
-                resp = self._open(where, headers, limits)
+                resp, pool, conn = self._open(where, headers, limits)
                 if resp.status in _REDIRECTS and resp.headers.get("location"):
                     nxt = urljoin(where, resp.headers["location"])
                     headers, where = redirect_headers(headers, where, nxt), nxt
                     continue
                 return self._answer(resp, limits, url, where, start, end)
-            except (HTTPStatusError, FileNotFoundError, PermissionError, ValueError):
+            except (HTTPStatusError, FileNotFoundError, PermissionError):
                 raise
             except Exception as e:  # noqa: BLE001 - urllib3, http.client and socket errors alike
+                if isinstance(e, ValueError) and not isinstance(e, OSError):  # (ssl's errors are both)
+                    raise  # a URL that cannot work (not http(s), malformed): permanent
                 raise self._failure(e, url, deadline, limits) from e
             finally:
                 if resp is not None:
-                    self._finish(resp)
+                    pool.done(conn, resp)
         raise HTTPStatusError(url, 310, "too many redirects")
 
     def _failure(self, e: BaseException, url: str, deadline: float, limits: _Limits) -> HTTPReadError:
@@ -302,13 +318,6 @@ class HTTPReader(RangeReader):
         if isinstance(e, HTTPReadError):
             return e
         return HTTPReadError(f"{url}: {type(e).__name__}: {e}")
-
-    @staticmethod
-    def _finish(resp) -> None:
-        """Hand the connection back: reusable when its answer was read to the end, else closed."""
-        if not resp.isclosed():
-            resp.close()  # an answer not read to its end (a redirect, an error, a cap): the connection goes
-        resp.release_conn()
 
     def _answer(self, resp, limits: _Limits, url: str, where: str, start: Optional[int], end: Optional[int]) -> bytes:
         status = resp.status
@@ -350,11 +359,11 @@ class HTTPReader(RangeReader):
         limits.budget += end + max(65536, end // 8)
         skipped = 0
         while skipped < start:
-            chunk = resp.read(min(start - skipped, 1 << 20), decode_content=False)
+            chunk = resp.read(min(start - skipped, 1 << 20))
             if not chunk:
                 break
             skipped += len(chunk)
-        data = resp.read(end - start, decode_content=False) if skipped == start else b""
+        data = resp.read(end - start) if skipped == start else b""
         return data, None if total is None else max(0, min(end, total) - start)
 
     # -------------------------------------------------------------- the reader
