@@ -1,12 +1,9 @@
 """How a loader worker hands a packed batch to the main process: a slot of a shared-memory pool.
 
-A fresh shared-memory segment per batch (what a worker gets from `torch` by default, and what
-``default_collate`` uses) costs more CPU than building the batch: creating it, faulting in every
-page, passing its descriptor, mapping it in the main process, tearing it down. Instead the parent
-maps a `SlotPool` once, before the workers fork; a worker packs into one of its own free slots and
-sends only the `BatchSpec` and the slot number (`WireBatch`); the main process copies the bytes
-out (straight into pinned memory when pinning) and hands the slot back through that worker's pipe.
-A worker with no free slot, or a batch larger than a slot, falls back to a fresh segment.
+A fresh shared-memory segment per batch (torch's default) costs more CPU than building the batch,
+so the parent maps a `SlotPool` once before the workers fork; a worker packs into a free slot and
+sends the `BatchSpec` and slot number (`WireBatch`); the main process copies the bytes out and
+returns the slot. No free slot, or a batch too large: a fresh segment.
 """
 from __future__ import annotations
 
@@ -32,10 +29,8 @@ _POOL_IDS = itertools.count()
 
 
 class SlotPool:
-    """Shared-memory slots that forked DataLoader workers pack batches into, reused batch after batch.
-
-    ``num_workers x slots`` slots of ``slot_bytes`` each, in one anonymous shared mapping; the free
-    slot numbers of each worker travel through a pipe of its own (one byte each).
+    """``num_workers x slots`` shared-memory slots of ``slot_bytes`` in one anonymous mapping, reused;
+    each worker's free slot numbers travel through its own pipe (one byte each).
     """
 
     def __init__(self, num_workers: int, slots: int, slot_bytes: int):
@@ -106,10 +101,8 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
 
 
 class WireBatch:
-    """What a worker sends for one batch: its `BatchSpec` and its bytes, in a pool slot or a tensor.
-
-    The main process (or the DataLoader's pin-memory thread, through `pin_memory`) turns it into
-    a `PackedBatch` whose tensors are views of one private (or pinned) buffer.
+    """What a worker sends for one batch: its `BatchSpec` and bytes (pool slot or tensor), made a
+    `PackedBatch` of one private (or pinned) buffer in the main process.
     """
 
     def __init__(self, spec: BatchSpec, pool_id: Optional[int] = None, worker: int = 0, slot: int = 0,
@@ -175,9 +168,9 @@ def forks() -> bool:
 
 def take_pool(current: Optional[SlotPool], num_workers: int, prefetch_factor: Optional[int],
               slot_bytes: Optional[int]) -> Optional[SlotPool]:
-    """A reset slot pool for one iteration with forked workers: ``current`` when it is idle and fits,
-    else a new one; None where workers are not forked (a spawned worker cannot share the mapping) or
-    the batch size is unknown (every batch then takes a fresh segment)."""
+    """A reset slot pool for one iteration: ``current`` when idle and large enough, else a new one; None
+    when workers are not forked or the batch size is unknown.
+    """
     if not forks() or not slot_bytes:
         return None
     slots = min(255, max(2, int(prefetch_factor or 2) + 1))  # slot numbers travel as one byte

@@ -1,20 +1,9 @@
 """Window-compatible patch layouts for windowed ViTs (SAM / ViTDet-style window attention).
 
-A windowed block attends inside square windows of ``window`` base cells (``window * patch_size``
-px), laid from the image's top-left corner. An APT token must lie inside one window: a 64-px token
-(4 cells) straddles the border of SAM's 14-cell windows wherever ``y % 14 > 10`` (rows 12-15 and
-40-43 of a 64-cell grid). Two ways to get a layout where no token straddles a border:
-
-- `patchify_windowed` / `layout_from_scores_windowed`: the quadtree selection itself is run with
-  every straddling scale-s cell made ineligible (its score set to +inf, never below a threshold),
-  so that region is decided by the finer scales under their own thresholds (the selection rule is
-  otherwise unchanged);
-- `split_for_windows`: an existing layout (e.g. from a shard index or a loader) post-processed:
-  each straddling token is replaced by its four children, recursively, until none straddles.
-
-Scale-s tokens never straddle when ``window`` is a multiple of ``2**s`` (e.g. 32-px tokens in
-14-cell windows), and nothing is changed at all when ``window`` is a multiple of the largest patch.
-``window=0`` means no windows (global attention only): layouts are returned unchanged.
+No token may straddle a border of ``window``-cell windows: `patchify_windowed` /
+`layout_from_scores_windowed` make straddling cells ineligible in the selection, and
+`split_for_windows` splits straddling tokens of an existing layout into children. ``window=0``: no
+windows, layouts unchanged (docs/dense.md).
 """
 from __future__ import annotations
 

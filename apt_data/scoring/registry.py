@@ -1,14 +1,8 @@
 """The scorer registry: one `Scorer` record per name, the only place the rest of apt_data learns about scorers.
 
-A scorer maps every patch of every scale to "how much detail it holds" (low: the patch may be
-merged into a larger one). Its module registers it with `register_scorer`: the pyramid kernel
-(`score_maps`, shards), the plain NumPy reference (tests), an optional fused layout kernel
-(`patchify`), and default thresholds in the scorer's own units. `APTConfig`, `score_maps`,
-`patchify`, `layout_from_scores`, the CLI flags and `warmup()` all read this registry, so a new
-scorer is one module (plus its test) that calls `register_scorer` when imported.
-
-Registrations are per process: DataLoader workers started by fork inherit them; with the spawn
-start method the module that registers a scorer must be imported by the workers too.
+A scorer's module calls `register_scorer` with its pyramid kernel, NumPy reference, optional fused
+layout kernel and default thresholds; so a new scorer is one module. Registrations are per process:
+with the spawn start method, workers must import the registering module too.
 """
 from __future__ import annotations
 
@@ -86,11 +80,8 @@ def register_scorer(name: str, pyramid: PyramidKernel, reference: ReferenceScore
                     default_thresholds: Mapping[int, Sequence[float]], layout_kernel: Optional[LayoutKernel] = None,
                     units: str = "", description: str = "", replace: bool = False,
                     builtin: bool = False) -> Scorer:
-    """Register a scorer under ``name`` and return its record.
-
-    ``default_thresholds`` maps ``num_scales`` to the thresholds `APTConfig` takes when none are
-    given (e.g. ``{3: (5.5, 4.0)}``); other scale counts then require explicit thresholds.
-    Registering a taken name raises ValueError unless ``replace`` (built-ins cannot be replaced).
+    """Register a scorer under ``name`` and return its record; ``default_thresholds``: ``num_scales`` ->
+    thresholds (e.g. ``{3: (5.5, 4.0)}``). A taken name is a ValueError unless ``replace`` (not built-ins).
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"scorer name must be an identifier-like string, got {name!r}")

@@ -1,18 +1,9 @@
 """Index plain webdataset shards in place: a Parquet index for tars someone else wrote, images untouched.
 
-`index_webdataset(tars, index_path)` scans each tar once (``.jpg``/``.jpeg``/``.png``/``.webp``
-images, labels from ``.cls`` or a JSON field, segmentation masks from ``.seg.png`` (indexed with
-their checksum; a mask not of its image's size is a skipped sample), other members such as ``.txt``
-left alone), decodes
-every image through the loader's eval transform at ``image_size`` and writes one index row per
-sample: member offsets, sizes and CRC32C checksums, the label, the original and transformed size,
-and APT token counts for ``cfg`` at that transform's output. `APTLoader` then plans exact batches
-from the index and reads each sample from the original tar with one ranged read. Score maps are
-not stored (the loader scores the decoded image); the counts are exact for the loader's default
-transform at ``image_size`` (resize + centre crop, or ``crop=False``: short side, sides rounded to
-``multiple``).
-
-Command line: ``tools/index_shards.py``.
+Each tar is scanned once; every image is decoded through the eval transform at ``image_size`` and
+gets one row (member offsets, sizes, CRC32Cs, label, sizes, token counts), so `APTLoader` plans
+exact batches and reads each sample from the original tar. Command line: ``tools/index_shards.py``;
+see docs/shards.md.
 """
 from __future__ import annotations
 
@@ -165,9 +156,9 @@ def index_webdataset(tars: Union[PathLike, Sequence[PathLike]], index_path: Path
                      cfg: Optional[APTConfig] = None, image_size: int = 224, crop: bool = True,
                      multiple: Optional[int] = None, label_field: Optional[str] = None,
                      workers: Optional[int] = None, strict: bool = False, progress: bool = False) -> IndexResult:
-    """Write ``index_path`` (``<prefix>.parquet``) for the plain webdataset shards ``tars`` (paths or
-    a brace pattern); shard names in it are relative to the index's folder. Bad samples are logged,
-    counted and left out (``strict``: raise `ShardDataError`)."""
+    """Write ``index_path`` for the webdataset shards ``tars`` (paths or a brace pattern); bad samples
+    are logged, counted and left out (``strict``: `ShardDataError`).
+    """
     cfg = cfg or APTConfig()
     multiple = multiple or cfg.patch_size
     index_path = Path(index_path)

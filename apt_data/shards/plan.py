@@ -1,9 +1,4 @@
-"""Planning a shard build: which images (and masks) go in, in which order, under which keys.
-
-`plan_samples` picks from an ImageNet-layout folder or a file list, `plan_mask_samples` from a
-folder of images paired with segmentation masks; `make_key` names samples; `load_class_table`
-reads ImageNet class names. Used by `apt_data.shards.build`.
-"""
+"""Planning a shard build: which images (and masks) go in, in which order, under which keys."""
 from __future__ import annotations
 
 import hashlib
@@ -49,11 +44,8 @@ def plan_samples(src: Path, *, limit_per_class: Optional[int], skip_per_class: i
                  ) -> tuple[list[tuple[Path, str, str, int, str]], dict[int, str]]:
     """Pick and order the samples: ``[(path, source name, key, label, class)]`` and label -> class.
 
-    Per class, files are ranked by sha256(seed, name) and ``[skip : skip + limit]`` taken, so
-    disjoint splits come from the same seed with different skips, and adding files elsewhere does
-    not change a pick. Then the order is the sorted one, or a seeded hash order (``shuffle``)
-    so every shard mixes classes. Keys are unique. ``left_out``: counts a folder's non-image files
-    (`list_image_folder`).
+    Per class, files ranked by sha256(seed, name) give ``[skip : skip + limit]`` (disjoint splits by
+    skip; stable under added files); then sorted or, with ``shuffle``, a seeded hash order.
     """
     src = Path(src)
     entries, base = (list_image_folder(src, left_out), src) if src.is_dir() else (read_file_list(src), src.parent)

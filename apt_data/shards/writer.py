@@ -18,11 +18,8 @@ __all__ = ["ShardWriter"]
 
 
 class ShardWriter:
-    """Write one shard: members go to ``NAME.tmp``; `commit` fsyncs and renames it to ``NAME``.
-
-    A crash before `commit` leaves only the ``.tmp`` file, never a partial ``NAME``. Members get
-    fixed mtime/uid/gid/mode and samples keep the order given, so equal input gives equal bytes.
-    Use as a context manager (commit on success, remove the ``.tmp`` on an exception).
+    """Write one shard to ``NAME.tmp``; `commit` fsyncs and renames it. Fixed tar metadata and order, so
+    equal input gives equal bytes. As a context manager: commit on success, remove on an exception.
     """
 
     def __init__(self, path: PathLike):

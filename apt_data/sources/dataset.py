@@ -1,12 +1,7 @@
 """`DatasetSource`: any map-style dataset of ``(image, label)`` (or ``(image, mask)``) items as a loader source.
 
-Wraps a torchvision ``ImageFolder`` (or any dataset whose items are ``(image, label)`` pairs) or a
-Hugging Face ``datasets`` split (items are dicts such as ``{"image": ..., "label": ...}``), as
-timm's NaFlex loader wraps any dataset. The image may be a PIL image, encoded bytes or a uint8
-HxWx3 array; the loader's transform decodes, resizes and augments it, then APT patchifies it.
-Give the dataset no tensor transform: the loader does the transforming. With ``masks=True`` the
-items are ``(image, mask)`` pairs, as a Hugging Face segmentation split gives them (``{"image": ...,
-"annotation": ...}``): the mask a PIL image, PNG bytes or a uint8 HxW array of class ids.
+A torchvision ``ImageFolder`` or a Hugging Face split (dict items), as timm's NaFlex loader wraps
+any dataset; images as PIL, bytes or uint8 arrays, with no tensor transform (the loader transforms).
 """
 from __future__ import annotations
 
@@ -38,15 +33,10 @@ def is_map_dataset(obj: Any) -> bool:
 class DatasetSource(Source):
     """A map-style dataset whose item ``i`` is ``(image, label)`` or a dict with an image and a label.
 
-    ``labels``: every sample's label; by default the dataset's ``targets`` (torchvision), its
-    label column (Hugging Face), else read from every item once (which loads every image).
-    ``keys``: sample names; by default the file paths of a dataset with ``samples`` (torchvision
-    folders, relative to ``root``), else the indices. ``image_key`` / ``label_key``: the fields of
-    dict items (default: the first of `IMAGE_KEYS` / `LABEL_KEYS` present).
-
-    ``masks=True``: items are ``(image, mask)`` pairs or dicts with an image and a mask field
-    (``mask_key``, default the first of `MASK_KEYS` present); ``mask_labels`` maps their ids
-    (`MaskLabels`); ``labels`` default to 0.
+    ``labels``: default the dataset's ``targets`` or label column, else read from every item;
+    ``keys``: default the file paths of ``samples``, else indices; ``image_key`` / ``label_key`` /
+    ``mask_key``: dict fields (default: the first of `IMAGE_KEYS` / `LABEL_KEYS` / `MASK_KEYS`).
+    ``masks=True``: items carry a mask instead of a label (ids mapped by ``mask_labels``).
     """
 
     def __init__(self, dataset: Any, *, labels: Optional[Sequence[int]] = None, keys: Optional[Sequence[str]] = None,

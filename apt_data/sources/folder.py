@@ -44,14 +44,11 @@ class FolderSource(Source):
 
 
 class MaskFolderSource(Source):
-    """Images with segmentation masks: every image under ``images`` and the mask of the same relative
-    path and stem under ``masks`` (``images/x.jpg`` + ``masks/x.png``; `apt_data.masks.pair_masks`).
+    """Images under ``images`` with the mask of the same relative path and stem under ``masks``
+    (`pair_masks`; `from_layout`: ADE20K's ``root/images|annotations/<split>``).
 
-    `from_layout` reads ADE20K's layout (``root/images/<split>`` + ``root/annotations/<split>``).
-    ``mask_labels``: how stored ids become trained ones (`MaskLabels`: ``reduce_zero_label`` for
-    ADE20K, ``void=(11,)`` for CamVid). ``labels`` are all 0 (a segmentation sample has no class).
-    An image without a mask is an error naming it; a mask not of its image's size is a ``ValueError``
-    when the sample is transformed (the loader counts and skips it).
+    ``mask_labels``: stored ids -> trained ids (`MaskLabels`). ``labels`` are all 0. A missing mask is
+    an error naming the image; a mask of the wrong size is a skipped sample.
     """
 
     def __init__(self, images: Union[str, os.PathLike], masks: Union[str, os.PathLike], *,
