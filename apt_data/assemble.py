@@ -22,8 +22,7 @@ from .layout import PatchLayout, patchify
 def extract_tokens(image, ys, xs, scales, patch_size, outs, next_row):
     """Copy every token of one HxWx3 image into ``outs[scale][next_row[scale]]`` as CHW, advancing
     ``next_row`` in place. Returns -1, or the first token that does not fit (Numba does not
-    bounds-check, so the kernel does).
-    """
+    bounds-check, so the kernel does)."""
     H = image.shape[0]
     W = image.shape[1]
     rows = image.reshape((H, W * 3))  # contiguous RGB rows: each token row is one stride-3 split
@@ -68,8 +67,7 @@ _ALIGN = 64  # byte alignment of every array in a batch buffer
 
 def buffer_layout(per_scale: Sequence[int], num_images: int, patch_size: int, with_labels: bool):
     """Where every array of a packed batch lies in ONE byte buffer (one shared-memory segment, one copy
-    to pin): ``([(dtype, shape, byte offset)], total bytes)``; pixels, coords, seq_index, labels.
-    """
+    to pin): ``([(dtype, shape, byte offset)], total bytes)``; pixels, coords, seq_index, labels."""
     fields, off = [], 0
 
     def add(dtype, shape):
@@ -90,8 +88,7 @@ def buffer_layout(per_scale: Sequence[int], num_images: int, patch_size: int, wi
 
 class BatchSpec:
     """A packed batch without its bytes (buffer layout + metadata): picklable, what a worker sends beside
-    the buffer it filled; `to_batch` wraps the buffer without copying.
-    """
+    the buffer it filled; `to_batch` wraps the buffer without copying."""
 
     __slots__ = ("per_scale", "num_images", "patch_size", "num_scales", "with_labels", "seqlens",
                  "image_sizes", "num_prefix_tokens", "num_padding", "keys", "skipped", "skip_reasons", "nbytes",

@@ -1,7 +1,6 @@
 """Greedy bin-packing of variable-length images into token-budget batches: online first fit over a
 few open bins (the fullest leaves when nothing fits), which keeps the shuffled order's randomness
-while filling batches almost completely.
-"""
+while filling batches almost completely."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -73,8 +72,7 @@ def _first_fit(counts, max_tokens, max_images, open_bins):
 def pack_greedy(token_counts: Sequence[int], max_tokens: int, max_images: Optional[int] = None,
                 open_bins: int = 8, names: Optional[Sequence[str]] = None) -> list[np.ndarray]:
     """Pack item token counts (prefix included) into bins of at most ``max_tokens``: int64 index arrays in
-    emission order; an item over the budget raises `OverBudget` naming it.
-    """
+    emission order; an item over the budget raises `OverBudget` naming it."""
     counts = np.ascontiguousarray(token_counts, dtype=np.int64).reshape(-1)
     budget = TokenBudget(max_tokens, max_images)
     if open_bins < 1:
@@ -144,8 +142,7 @@ def pack_greedy_reference(token_counts, max_tokens, max_images=None, open_bins=8
 
 def split_for_ranks(bins: list[np.ndarray], world_size: int) -> list[np.ndarray]:
     """Halve the bins with most images until their number is a multiple of ``world_size`` (every rank
-    gets as many batches; no sample dropped or repeated).
-    """
+    gets as many batches; no sample dropped or repeated)."""
     bins = list(bins)
     if world_size <= 1 or not bins:
         return bins

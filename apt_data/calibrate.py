@@ -67,8 +67,7 @@ def token_fraction(images: Sequence[ScoredImage], cfg: APTConfig) -> float:
 def calibrate(images: Sequence[ScoredImage], cfg: APTConfig, target: float, base: Optional[Sequence[float]] = None,
               iters: int = 40, tol: float = 1e-3, from_index: bool = False) -> Calibration:
     """Bisection on ``alpha`` so that thresholds ``alpha * base`` (default ``cfg.thresholds``, positive)
-    keep ``target`` of the uniform tokens; ValueError when ``target`` is out of reach.
-    """
+    keep ``target`` of the uniform tokens; ValueError when ``target`` is out of reach."""
     base = np.asarray(cfg.thresholds if base is None else base, np.float64)
     if base.shape != (cfg.num_scales - 1,) or not np.all(np.isfinite(base)) or not np.all(base > 0):
         raise ValueError(f"base thresholds must be {cfg.num_scales - 1} positive finite numbers, got {base.tolist()}")

@@ -93,8 +93,7 @@ def _is_int(v) -> bool:
 @dataclass(frozen=True)
 class TokenBudget:
     """What one batch may hold: ``max_tokens`` (prefix included), ``max_images`` (None: no cap),
-    ``num_prefix_tokens`` per image; ``static_shapes`` pads every batch to ``max_tokens``.
-    """
+    ``num_prefix_tokens`` per image; ``static_shapes`` pads every batch to ``max_tokens``."""
 
     max_tokens: int
     max_images: Optional[int] = None
@@ -138,9 +137,9 @@ def _as_thresholds(value) -> tuple[float, ...]:
         raise SettingError(f"APTConfig.thresholds must be a sequence of numbers, got {value!r}", "thresholds") from None
     out = []
     for t in items:
-        if isinstance(t, (str, bytes)):
-            raise SettingError(f"APTConfig.thresholds must contain numbers, got {t!r} in {value!r}", "thresholds")
         try:
+            if isinstance(t, (str, bytes)):  # float("5.5") would pass
+                raise TypeError
             out.append(float(t))
         except (TypeError, ValueError):
             raise SettingError(f"APTConfig.thresholds must contain numbers, got {t!r} in {value!r}",

@@ -1,6 +1,5 @@
 """Image validation, explicit conversions and decoding: kernels only ever see C-contiguous uint8 HxW or
-HxWx3 arrays; anything else is converted explicitly (`to_rgb_uint8`) or rejected with a clear message.
-"""
+HxWx3 arrays; anything else is converted explicitly (`to_rgb_uint8`) or rejected with a clear message."""
 from __future__ import annotations
 
 import io
@@ -35,8 +34,7 @@ def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
 
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     """Convert an image array to uint8 HxWx3, explicitly: gray repeated, alpha dropped, uint16 by
-    ``round(v / 257)``, float in [0, 1] times 255 (clipped, rounded), bool to 0/255.
-    """
+    ``round(v / 257)``, float in [0, 1] times 255 (clipped, rounded), bool to 0/255."""
     a = np.asarray(image)
     if a.ndim == 2:
         a = a[:, :, None]
@@ -204,8 +202,7 @@ def decode_reduced(source: Union[PathLike, bytes], scale_for: Callable[[int, int
                    max_pixels: Optional[int] = MAX_DECODE_PIXELS) -> Decoded:
     """Decode reduced as far as ``scale_for(width, height)`` (<= 1 per side) allows, in bounded memory:
     JPEGs by libjpeg's draft, others by ``Image.reduce`` a band of rows at a time (no second full-size
-    copy). More than ``max_pixels`` after the draft raises `ImageTooLarge` before decoding.
-    """
+    copy). More than ``max_pixels`` after the draft raises `ImageTooLarge` before decoding."""
     from PIL import ImageOps
 
     label = _label(source, name)

@@ -18,8 +18,7 @@ from .scoring import get_scorer, map_shapes, score_flat
 @dataclass(frozen=True)
 class PatchLayout:
     """Where the tokens of one image are: int32 top-left ``y``, ``x`` in pixels and int8 ``scale`` per
-    token (``patch_size * 2**scale`` px), grouped by scale coarsest first, raster order inside.
-    """
+    token (``patch_size * 2**scale`` px), grouped by scale coarsest first, raster order inside."""
 
     y: np.ndarray
     x: np.ndarray
@@ -72,8 +71,7 @@ def _paint_scales(ys, xs, scales, p, grid):
 @njit(cache=True, nogil=True)
 def select_patches(flat, offsets, hs, ws, thresholds, p, num_scales):
     """Coarsest-first quadtree selection -> (y, x, scale): a scale-s cell is kept where its score <
-    ``thresholds[s-1]`` and no kept coarser patch covers it; uncovered base cells are scale 0.
-    """
+    ``thresholds[s-1]`` and no kept coarser patch covers it; uncovered base cells are scale 0."""
     h0 = hs[0]
     w0 = ws[0]
     covered = np.zeros((h0, w0), np.bool_)
@@ -143,8 +141,7 @@ def checked_image(image: np.ndarray, patch_size: int) -> tuple[np.ndarray, int, 
 
 def patchify(image: np.ndarray, cfg: APTConfig | None = None) -> PatchLayout:
     """Choose a patch size for every region of ``image`` (uint8 HxWx3 or HxW, sides multiples of
-    ``cfg.patch_size``; strips that fit no larger patch get the finer scales).
-    """
+    ``cfg.patch_size``; strips that fit no larger patch get the finer scales)."""
     cfg = cfg or APTConfig()
     image, H, W = checked_image(image, cfg.patch_size)
     p = cfg.patch_size
@@ -179,8 +176,7 @@ def _thresholds(cfg: APTConfig) -> np.ndarray:
 
 def layout_from_scores(maps: list[np.ndarray], image_size: tuple[int, int], cfg: APTConfig) -> PatchLayout:
     """The layout `patchify` would give from precomputed ``maps`` (shaped as `score_maps` for
-    ``image_size``; maps[0] is not read).
-    """
+    ``image_size``; maps[0] is not read)."""
     H, W = image_size
     p = cfg.patch_size
     if H % p or W % p:

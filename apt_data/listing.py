@@ -1,6 +1,5 @@
 """Image listings of an ImageNet-layout folder or a text/TSV list, shared by `FolderSource` and
-`build_shards` so a folder gets the same labels either way.
-"""
+`build_shards` so a folder gets the same labels either way."""
 from __future__ import annotations
 
 import logging
@@ -61,8 +60,7 @@ def list_image_folder(root: PathLike, left_out: Optional[Counter] = None) -> lis
 
 def read_file_list(path: PathLike) -> list[tuple[Path, int, str]]:
     """``(path, label, class_name)`` from ``path<TAB>label[<TAB>class_name]`` lines (paths relative to the
-    list; blank lines and ``#`` comments skipped).
-    """
+    list; blank lines and ``#`` comments skipped)."""
     path = Path(path)
     out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):

@@ -36,8 +36,7 @@ class MaskError(ValueError):
 @dataclass(frozen=True)
 class MaskLabels:
     """How stored mask values become trained ids: ``reduce_zero_label`` (0 ignored, 1..K -> 0..K-1,
-    mmseg's ADE20K) and ``void`` (ids ignored); ignored pixels become `IGNORE_INDEX`.
-    """
+    mmseg's ADE20K) and ``void`` (ids ignored); ignored pixels become `IGNORE_INDEX`."""
 
     reduce_zero_label: bool = False
     void: tuple[int, ...] = ()
@@ -93,8 +92,7 @@ def _from_array(a: np.ndarray, label: str) -> np.ndarray:
 
 def decode_mask(data: MaskData, name: str = "", labels: Optional[MaskLabels] = None) -> np.ndarray:
     """A mask as a C-contiguous uint8 HxW array of ids (``labels`` applied); ``ValueError`` naming it when
-    empty, not an image, corrupt, RGB or with ids above 255.
-    """
+    empty, not an image, corrupt, RGB or with ids above 255."""
     label = name or "mask"
     if isinstance(data, np.ndarray):
         mask = _from_array(data, label)
@@ -187,8 +185,7 @@ def unpack_masks(flat: Any, sizes: Sequence[tuple[int, int]]) -> list:
 
 def pair_masks(images: Union[str, os.PathLike], masks: Union[str, os.PathLike]) -> list[tuple[Any, Any]]:
     """``[(image, mask)]`` for every image under ``images`` (sorted), its mask the same relative path and
-    stem under ``masks``; an image without a mask is an error naming it.
-    """
+    stem under ``masks``; an image without a mask is an error naming it."""
     from pathlib import Path
 
     from .listing import IMAGE_EXTENSIONS

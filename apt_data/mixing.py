@@ -22,8 +22,7 @@ _MIX_STREAM = 0x6D1C  # keeps the mixing draws apart from the augmentation's str
 @dataclass(frozen=True)
 class MixConfig:
     """Mixup / CutMix settings, with timm's names and meanings (`timm.data.Mixup`); ``label_smoothing``
-    and ``num_classes`` are those of the soft targets.
-    """
+    and ``num_classes`` are those of the soft targets."""
 
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
@@ -104,8 +103,7 @@ def cutmix_box(height: int, width: int, draw: MixDraw) -> tuple[int, int, int, i
 def apply_mix(image: np.ndarray, partner: np.ndarray, draw: MixDraw, correct_lam: bool = True,
               mask: Optional[np.ndarray] = None, partner_mask: Optional[np.ndarray] = None):
     """Mix uint8 HxWx3 ``image`` with ``partner`` (resized to it): ``(mixed image, lam)``, or with masks
-    ``(..., mixed mask)`` (CutMix only: Mixup on masks is a ``RuntimeError``).
-    """
+    ``(..., mixed mask)`` (CutMix only: Mixup on masks is a ``RuntimeError``)."""
     H, W = image.shape[:2]
     if mask is not None and not draw.cutmix:
         raise RuntimeError(MIXUP_MASKS)

@@ -72,8 +72,7 @@ class SkipLimit:
 
 class SkipLog:
     """One worker's bad samples: each logged and handed over once (`take`), never decoded again, and
-    counted against ``limit`` for the epoch as met (`begin_epoch` starts the count).
-    """
+    counted against ``limit`` for the epoch as met (`begin_epoch` starts the count)."""
 
     def __init__(self, limit: Optional[SkipLimit] = None):
         self.limit, self.pending, self.count, self.first = limit, [], 0, []
@@ -202,8 +201,7 @@ class SamplePipeline:
     def _mixed(self, img: np.ndarray, i: int, epoch: int,
                mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, MixTarget, Optional[np.ndarray]]:
         """Sample ``i`` (and mask) mixed with its partner of pass ``epoch``; an unreadable partner leaves it
-        unmixed, with a warning.
-        """
+        unmixed, with a warning."""
         if mask is not None and self.mix is not None:
             self.mix.check_masks()
         draw = None if self.mix is None else draw_mix(self.mix, self.seed, epoch, i, len(self.source))
@@ -268,8 +266,7 @@ class SamplePipeline:
     def ship(self, images: list, layouts: list, labels: list, keys: list, skipped: list,
              pool: Optional[SlotPool] = None, mixes: Optional[list] = None, masks: Optional[list] = None):
         """Pack loaded samples into a `PackedBatch` (in a worker: a `WireBatch`), with each sample's
-        `MixTarget` (``mixes``) and segmentation mask (``masks``) when given.
-        """
+        `MixTarget` (``mixes``) and segmentation mask (``masks``) when given."""
         b = self.budget
         real = sum(len(lay) for lay in layouts) + b.num_prefix_tokens * len(layouts)
         if real > b.max_tokens:
@@ -298,8 +295,7 @@ class SamplePipeline:
 
     def mean_tokens(self, ids: np.ndarray) -> float:
         """Mean tokens per sample (prefix included) of samples ``ids`` (pass 0): the probe that sizes
-        streamed epochs. Unreadable samples are left out; one over the budget is an error.
-        """
+        streamed epochs. Unreadable samples are left out; one over the budget is an error."""
         return probe_mean([self.tokens(i) for i in ids.tolist()], [self.source.keys[i] for i in ids[:1]])
 
 

@@ -124,8 +124,7 @@ class ImageTransform:
 
     def decode_scale(self, width: int, height: int) -> float:
         """How far (<= 1 per side) an image may be reduced before the random crop: the smallest crop keeps
-        ``2 * size`` pixels a side, as `decode_image` does for eval.
-        """
+        ``2 * size`` pixels a side, as `decode_image` does for eval."""
         smallest = min(width, height, math.sqrt(width * height * self.scale[0] * min(self.ratio[0], 1 / self.ratio[1])))
         return min(1.0, 2 * self.size / max(1.0, smallest))
 
@@ -229,8 +228,7 @@ class AugmentationError(RuntimeError):
 def resample_pair(pixels: np.ndarray, mask: Optional[np.ndarray], box: tuple, size: tuple[int, int], flip: bool,
               nearest: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """The one geometric step: ``box`` (l, t, r, b) resized to ``size`` (W, H), bicubic (mask: nearest),
-    flipped with ``flip``; the same box for image and mask keeps them aligned.
-    """
+    flipped with ``flip``; the same box for image and mask keeps them aligned."""
     from PIL import Image
 
     def one(a: np.ndarray, resample) -> np.ndarray:

@@ -30,8 +30,7 @@ _POOL_IDS = itertools.count()
 
 class SlotPool:
     """``num_workers x slots`` shared-memory slots of ``slot_bytes`` in one anonymous mapping, reused;
-    each worker's free slot numbers travel through its own pipe (one byte each).
-    """
+    each worker's free slot numbers travel through its own pipe (one byte each)."""
 
     def __init__(self, num_workers: int, slots: int, slot_bytes: int):
         self.num_workers, self.slots, self.slot_bytes = int(num_workers), int(slots), int(slot_bytes)
@@ -102,8 +101,7 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
 
 class WireBatch:
     """What a worker sends for one batch: its `BatchSpec` and bytes (pool slot or tensor), made a
-    `PackedBatch` of one private (or pinned) buffer in the main process.
-    """
+    `PackedBatch` of one private (or pinned) buffer in the main process."""
 
     def __init__(self, spec: BatchSpec, pool_id: Optional[int] = None, worker: int = 0, slot: int = 0,
                  data: Optional[torch.Tensor] = None, masks: Optional[tuple] = None):
@@ -169,8 +167,7 @@ def forks() -> bool:
 def take_pool(current: Optional[SlotPool], num_workers: int, prefetch_factor: Optional[int],
               slot_bytes: Optional[int]) -> Optional[SlotPool]:
     """A reset slot pool for one iteration: ``current`` when idle and large enough, else a new one; None
-    when workers are not forked or the batch size is unknown.
-    """
+    when workers are not forked or the batch size is unknown."""
     if not forks() or not slot_bytes:
         return None
     slots = min(255, max(2, int(prefetch_factor or 2) + 1))  # slot numbers travel as one byte

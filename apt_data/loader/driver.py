@@ -222,8 +222,7 @@ class APTLoader:
 
     def resume_from(self, epoch: int, step_in_epoch: int, state: Optional[dict] = None) -> None:
         """Continue ``epoch`` after ``step_in_epoch`` batches: from ``state`` (`state_dict`) when given, else
-        where the strategy can (planned packing; a ValueError says why not).
-        """
+        where the strategy can (planned packing; a ValueError says why not)."""
         if state is not None:
             self.load_state_dict(state)
             return

@@ -29,8 +29,7 @@ __all__ = ["PlannedBins", "PlannedPacking", "plan_epoch", "uniform_token_counts"
 
 def uniform_token_counts(source: "Source", transform: ImageTransform, patch_size: int) -> np.ndarray:
     """Uniform-grid patch tokens of every sample after ``transform`` (an upper bound of its APT tokens;
-    keep-aspect reads each size, an unreadable sample counts 1).
-    """
+    keep-aspect reads each size, an unreadable sample counts 1)."""
     p = patch_size
     if not transform.keep_aspect:
         return np.full(len(source), (transform.size // p) ** 2, np.int64)

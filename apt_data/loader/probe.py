@@ -37,8 +37,7 @@ def probe_ids(num_samples: int, seed: int, world_size: int, roles: int, shuffle:
 
 class ProbeBoard:
     """Shared memory where forked workers post their probed token counts (one row per role) and wait for
-    each other; a failed probe posts its error, which every waiting worker raises.
-    """
+    each other; a failed probe posts its error, which every waiting worker raises."""
 
     def __init__(self, ids: list[np.ndarray]):
         self.ids = ids

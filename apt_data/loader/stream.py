@@ -200,8 +200,7 @@ class StreamPacker(FirstFit):
 
     def flush(self, count: Optional[int] = None) -> None:
         """Let ``count`` open batches leave now (all when None), repacked first-fit decreasing; for more
-        batches than that, the fullest-in-images are halved (fewer when items run out).
-        """
+        batches than that, the fullest-in-images are halved (fewer when items run out)."""
         items = sorted((it for b in self.bins for it in b), key=lambda it: -it.tokens)
         self.bins, self.used = [], []
         for it in items:

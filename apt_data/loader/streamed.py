@@ -181,8 +181,7 @@ class StreamEpoch(IterableDataset):
 
 class StreamedPacking:
     """Streamed packing as a strategy of `APTLoader`: a training epoch is ``steps_per_epoch`` batches per
-    rank (probed unless given), dealt to workers as read; evaluation reads one pass.
-    """
+    rank (probed unless given), dealt to workers as read; evaluation reads one pass."""
 
     name = "stream"
     default_open_bins = 2

@@ -21,8 +21,7 @@ def map_shapes(height: int, width: int, patch_size: int, num_scales: int) -> lis
 def score_flat(image: np.ndarray, patch_size: int, num_scales: int, scorer: str = "entropy",
                need_base: bool = True) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """Score every scale of a checked ``image`` into one flat float32 buffer: ``(flat, offsets, shapes)``;
-    ``need_base=False`` may leave scale 0 undefined.
-    """
+    ``need_base=False`` may leave scale 0 undefined."""
     kernel = get_scorer(scorer).pyramid
     shapes = map_shapes(image.shape[0], image.shape[1], patch_size, num_scales)
     sizes = np.array([h * w for h, w in shapes], dtype=np.int64)

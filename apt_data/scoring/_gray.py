@@ -1,6 +1,5 @@
 """Grayscale shared by all scorers: ``0.2989 R + 0.5870 G + 0.1140 B`` in float32 as torch evaluates
-it; kernels read images as a contiguous 2-D uint8 view ``(H, W * C)``.
-"""
+it; kernels read images as a contiguous 2-D uint8 view ``(H, W * C)``."""
 from __future__ import annotations
 
 import numpy as np

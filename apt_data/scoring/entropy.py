@@ -123,8 +123,7 @@ _U = np.uint64
 @njit(cache=True, nogil=True, inline="always")
 def _count_cell(bins, nrows, x0, ncols, sub):
     """Count one cell's pixels into four sub-histograms by row and column parity, so that equal
-    neighbouring bins never update the same counter back to back.
-    """
+    neighbouring bins never update the same counter back to back."""
     for rr in range(0, nrows, 2):
         o0 = bins[rr]
         o1 = bins[rr + 1]
@@ -138,8 +137,7 @@ def _count_cell(bins, nrows, x0, ncols, sub):
 @njit(cache=True, nogil=True, inline="always")
 def _merge_sub(sub, h, wide):
     """``h`` = the sum of the four (then cleared) sub-histograms; returns (sum c^2, non-empty bins).
-    32-bit lanes unless ``wide`` (n >= 2**16 pixels).
-    """
+    32-bit lanes unless ``wide`` (n >= 2**16 pixels)."""
     nz = np.uint32(0)
     sq = np.uint64(0)
     sq32 = np.uint32(0)

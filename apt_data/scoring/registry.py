@@ -81,8 +81,7 @@ def register_scorer(name: str, pyramid: PyramidKernel, reference: ReferenceScore
                     units: str = "", description: str = "", replace: bool = False,
                     builtin: bool = False) -> Scorer:
     """Register a scorer under ``name`` and return its record; ``default_thresholds``: ``num_scales`` ->
-    thresholds (e.g. ``{3: (5.5, 4.0)}``). A taken name is a ValueError unless ``replace`` (not built-ins).
-    """
+    thresholds (e.g. ``{3: (5.5, 4.0)}``). A taken name is a ValueError unless ``replace`` (not built-ins)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"scorer name must be an identifier-like string, got {name!r}")
     old = _REGISTRY.get(name)

@@ -13,8 +13,7 @@ __all__ = ["warmup"]
 
 def warmup() -> None:
     """Run every kernel (scorers, selection, token extraction) once on a tiny image, writable and
-    read-only, so that forked workers inherit the compiled code instead of each loading it.
-    """
+    read-only, so that forked workers inherit the compiled code instead of each loading it."""
     img = np.zeros((64, 64, 3), np.uint8)
     img[::2] = 200
     readonly = img.copy()

@@ -279,25 +279,21 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
             log.info("%d of %d shards already complete; building %d", resumed, len(mine), len(pending))
         workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(pending) or 1))
         _run_tasks(tasks, pending, done, workers, progress, f"make_shards {prefix}", mine)
-        if part is not None:
-            stats = _collect(tasks, sorted(mine))[1]
-            res = BuildResult(out=out, index_path=None, num_samples=stats.samples, num_shards=len(mine),
-                              built=len(pending), resumed=resumed, stats=stats, seconds=time.perf_counter() - t0,
-                              left_out=left_out)
-            log.debug("build_shards: %s: %s", out, res.summary())
+        if part is None:
+            table, stats = _collect(tasks, range(len(tasks)), cfg.num_scales)
+            settings.update(prefix=prefix, shards=[Path(t.path).name for t in tasks], num_samples=table.num_rows,
+                            classes=class_info, seed=seed, shuffle=shuffle, format="webdataset tar")
+            index_path = out / f"{prefix}.parquet"
+            write_index(index_path, table, cfg, settings)
+            if not keep_sidecars:
+                for t in tasks:
+                    _sidecar(Path(t.path)).unlink(missing_ok=True)
+        else:
+            index_path, stats = None, _collect(tasks, sorted(mine))[1]
             (out / f".{prefix}.part-{part}-of-{num_parts}.lock").unlink(missing_ok=True)
-            return res
-        table, stats = _collect(tasks, range(len(tasks)), cfg.num_scales)
-        settings.update(prefix=prefix, shards=[Path(t.path).name for t in tasks], num_samples=table.num_rows,
-                        classes=class_info, seed=seed, shuffle=shuffle, format="webdataset tar")
-        index_path = out / f"{prefix}.parquet"
-        write_index(index_path, table, cfg, settings)
-        if not keep_sidecars:
-            for t in tasks:
-                _sidecar(Path(t.path)).unlink(missing_ok=True)
     finally:
         os.close(lock)
-    res = BuildResult(out=out, index_path=index_path, num_samples=table.num_rows, num_shards=len(tasks),
+    res = BuildResult(out=out, index_path=index_path, num_samples=stats.samples, num_shards=len(mine),
                       built=len(pending), resumed=resumed, stats=stats, seconds=time.perf_counter() - t0,
                       left_out=left_out)
     log.debug("build_shards: %s: %s", out, res.summary())  # the caller prints it (tools/make_shards.py)

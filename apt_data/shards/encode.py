@@ -99,8 +99,7 @@ def encode_sample(source: Union[PathLike, bytes], cfg: APTConfig, image_size: Op
 def encode_sample_mask(mask: Union[PathLike, bytes], enc: EncodedSample, labels: Optional[Any] = None,
                        name: str = "") -> bytes:
     """The stored mask: ids mapped by ``labels``, checked against the source image's size, resized
-    nearest to the stored size and encoded as PNG; else `SourceError` ``bad_mask`` naming it.
-    """
+    nearest to the stored size and encoded as PNG; else `SourceError` ``bad_mask`` naming it."""
     from ..masks import check_mask, decode_mask, encode_mask
     from ..transforms import resample_pair
 

@@ -1,6 +1,5 @@
 """Bad data in shards: one error type, one counter, and the single place that decides between them
-(``strict``: raise `ShardDataError`; else log, count in `ShardStats` and skip).
-"""
+(``strict``: raise `ShardDataError`; else log, count in `ShardStats` and skip)."""
 from __future__ import annotations
 
 import logging

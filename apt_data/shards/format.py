@@ -63,8 +63,7 @@ _NPY_F4 = re.compile(rb"\x93NUMPY\x01\x00..\{'descr': '<f4', 'fortran_order': Fa
 @dataclass(frozen=True)
 class SampleRecord:
     """One sample as stored: JPEG bytes, label, metadata and flat float32 ``scores`` (None: none stored;
-    `score_maps` splits them by the shapes in ``meta``).
-    """
+    `score_maps` splits them by the shapes in ``meta``)."""
 
     key: str
     jpeg: bytes

@@ -44,8 +44,7 @@ def index_columns(num_scales: int, masks: bool = False) -> list[str]:
 def index_row(key: str, shard: str, meta: Mapping[str, Any], offsets: Mapping[str, tuple[int, int]],
               checksums: Optional[Mapping[str, int]] = None) -> dict:
     """One index row from a sample's metadata, member offsets (``-1``: missing) and CRC32Cs (``-1``: not
-    verified); an extra member's (a mask's) columns when the sample has one.
-    """
+    verified); an extra member's (a mask's) columns when the sample has one."""
     row = {"key": key, "shard": shard, "label": int(meta["label"]), "source": str(meta.get("source", "")),
            "orig_width": int(meta["orig_width"]), "orig_height": int(meta["orig_height"]),
            "width": int(meta["width"]), "height": int(meta["height"])}
@@ -89,8 +88,7 @@ def write_index(path: PathLike, rows: Union[Sequence[Mapping[str, Any]], Any], c
 @dataclass(frozen=True)
 class ShardIndex:
     """A shard set's index: the Parquet table, the APTConfig of its token counts, and ``settings``
-    (image_size, crop, ...); shard paths are relative to ``root``.
-    """
+    (image_size, crop, ...); shard paths are relative to ``root``."""
 
     table: Any  # pyarrow.Table
     config: APTConfig

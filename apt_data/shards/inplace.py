@@ -157,8 +157,7 @@ def index_webdataset(tars: Union[PathLike, Sequence[PathLike]], index_path: Path
                      multiple: Optional[int] = None, label_field: Optional[str] = None,
                      workers: Optional[int] = None, strict: bool = False, progress: bool = False) -> IndexResult:
     """Write ``index_path`` for the webdataset shards ``tars`` (paths or a brace pattern); bad samples
-    are logged, counted and left out (``strict``: `ShardDataError`).
-    """
+    are logged, counted and left out (``strict``: `ShardDataError`)."""
     cfg = cfg or APTConfig()
     multiple = multiple or cfg.patch_size
     index_path = Path(index_path)

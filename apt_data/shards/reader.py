@@ -88,8 +88,7 @@ def scan_tar(f: BinaryIO, start: int = 0, until_eof_ok: bool = False) -> Iterato
 def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardStats] = None,
                validate: bool = False) -> Iterator[SampleRecord]:
     """Stream the samples of one shard in order, without an index: bad samples and a damaged tar are
-    logged, counted and skipped, or with ``strict`` raise `ShardDataError` naming shard and key.
-    """
+    logged, counted and skipped, or with ``strict`` raise `ShardDataError` naming shard and key."""
     shard = os.fspath(path)
     try:
         f = open_url(path)
@@ -244,8 +243,7 @@ def image_ext_spans(spans: dict, ext: Optional[str]) -> dict:
 def read_sample(row: Mapping[str, Any], root: Optional[PathLike] = None, *, strict: bool = False,
                 stats: Optional[ShardStats] = None, validate: bool = False) -> Optional[SampleRecord]:
     """Read one sample with a single positional read from an index row (`read_record` of the row); a bad
-    sample is None when ``strict=False`` (logged and counted in ``stats``).
-    """
+    sample is None when ``strict=False`` (logged and counted in ``stats``)."""
     shard = Path(os.fspath(row["shard"]))
     if root is not None and not shard.is_absolute():
         shard = Path(root) / shard

@@ -19,8 +19,7 @@ __all__ = ["ShardWriter"]
 
 class ShardWriter:
     """Write one shard to ``NAME.tmp``; `commit` fsyncs and renames it. Fixed tar metadata and order, so
-    equal input gives equal bytes. As a context manager: commit on success, remove on an exception.
-    """
+    equal input gives equal bytes. As a context manager: commit on success, remove on an exception."""
 
     def __init__(self, path: PathLike):
         self.path = Path(path)

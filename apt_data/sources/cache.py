@@ -54,8 +54,7 @@ def parse_size(size: Union[int, float, str]) -> int:
 
 class RangeCache:
     """Byte ranges in files under ``root``, at most about ``max_bytes`` in all; ``count(name, n)`` counts
-    ``cache_hits``, ``cache_misses``, ``cache_bytes``, ``cache_evicted``, ``cache_corrupt``. Picklable.
-    """
+    ``cache_hits``, ``cache_misses``, ``cache_bytes``, ``cache_evicted``, ``cache_corrupt``. Picklable."""
 
     def __init__(self, root: Union[str, os.PathLike], max_bytes: Union[int, float, str],
                  count: Optional[Callable[..., None]] = None):
@@ -206,8 +205,7 @@ class RangeCache:
 
 class CachedReader(ReaderWrapper):
     """Serves spans from a `RangeCache` and keeps the spans the caller `checked`; cached bytes the
-    caller `rejected` are deleted and read from the store again.
-    """
+    caller `rejected` are deleted and read from the store again."""
 
     def __init__(self, inner: RangeReader, cache: RangeCache):
         super().__init__(inner)

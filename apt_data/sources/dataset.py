@@ -74,34 +74,24 @@ class DatasetSource(Source):
                 return [os.path.relpath(s[0], root) if root else os.fspath(s[0]) for s in samples]
         return [str(i) for i in range(n)]
 
-    def _split(self, item: Any, i: int) -> tuple[Any, int]:
-        """``(image, label)`` of one item."""
+    def _split(self, item: Any, i: int) -> tuple[Any, Any]:
+        """``(image, label)`` of one item; ``(image, mask)`` in a segmentation dataset."""
+        what, key, keys = ("mask", self.mask_key, MASK_KEYS) if self.masks else ("label", self.label_key, LABEL_KEYS)
         if isinstance(item, Mapping):
             ik = self.image_key or next((k for k in IMAGE_KEYS if k in item), None)
-            lk = self.label_key or next((k for k in LABEL_KEYS if k in item), None)
-            if ik is None or lk is None:
-                raise TypeError(f"dataset item {i} has fields {sorted(item)}; name them with image_key= and label_key=")
-            return item[ik], int(item[lk])
-        if isinstance(item, (tuple, list)) and len(item) >= 2:
-            return item[0], int(item[1])
-        raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, label) pair or a dict")
-
-    def _pair(self, item: Any, i: int) -> tuple[Any, Any]:
-        """``(image, mask)`` of one item of a segmentation dataset."""
-        if isinstance(item, Mapping):
-            ik = self.image_key or next((k for k in IMAGE_KEYS if k in item), None)
-            mk = self.mask_key or next((k for k in MASK_KEYS if k in item), None)
-            if ik is None or mk is None:
-                raise TypeError(f"dataset item {i} has fields {sorted(item)}; name them with image_key= and mask_key=")
-            return item[ik], item[mk]
-        if isinstance(item, (tuple, list)) and len(item) >= 2:
-            return item[0], item[1]
-        raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, mask) pair or a dict")
+            sk = key or next((k for k in keys if k in item), None)
+            if ik is None or sk is None:
+                raise TypeError(f"dataset item {i} has fields {sorted(item)}; name them with image_key= and {what}_key=")
+            image, second = item[ik], item[sk]
+        elif isinstance(item, (tuple, list)) and len(item) >= 2:
+            image, second = item[0], item[1]
+        else:
+            raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, {what}) pair or a dict")
+        return image, (second if self.masks else int(second))
 
     def read(self, i: int) -> ImageData:
         """The image of item ``i`` as the dataset gives it (PIL image, bytes or uint8 array)."""
-        item = self.dataset[i]
-        return _as_image(self._pair(item, i)[0] if self.masks else self._split(item, i)[0], i, "image")
+        return _as_image(self._split(self.dataset[i], i)[0], i, "image")
 
     @property
     def has_masks(self) -> bool:
@@ -115,7 +105,7 @@ class DatasetSource(Source):
         """``(image, decoded mask)`` of item ``i`` from one read of the item."""
         if not self.masks:
             return self.read(i), None
-        image, mask = self._pair(self.dataset[i], i)
+        image, mask = self._split(self.dataset[i], i)
         name = f"dataset item {self.keys[i] if hasattr(self, 'keys') else i} (mask)"
         return _as_image(image, i, "image"), decode_mask(_as_image(mask, i, "mask"), name, self.mask_labels)
 

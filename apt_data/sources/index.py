@@ -213,8 +213,7 @@ class IndexSource(Source):
 
 def open_shards(source: str, split: Optional[str] = None) -> Optional[IndexSource]:
     """An `IndexSource` for ``shards/``, ``shards:val``, ``shards/train.parquet`` or ``shards/train-{0..3}.tar``;
-    None when ``source`` is not shards.
-    """
+    None when ``source`` is not shards."""
     if ":" in source and not os.path.exists(source) and "://" not in source:
         source, split = source.rsplit(":", 1)
     p = Path(source)

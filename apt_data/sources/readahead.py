@@ -20,8 +20,7 @@ __all__ = ["ReadAhead"]
 
 class ReadAhead(ReaderWrapper):
     """Read ahead along `read_order` (or `prefetch`); ``merge_gap``: spans of one file at most this far
-    apart share a request; ``readahead`` defaults to ``8 * inflight``.
-    """
+    apart share a request; ``readahead`` defaults to ``8 * inflight``."""
 
     def __init__(self, inner: RangeReader, inflight: int = 16, readahead: Optional[int] = None,
                  readahead_bytes: Union[int, str] = "64MB", merge_gap: int = 4 * BLOCK,

@@ -100,8 +100,7 @@ class ReaderWrapper(RangeReader):
 
 class FileReader(RangeReader):
     """Positional reads of local files through a few cached descriptors (LRU past ``max_open``); ``pread``
-    keeps no position, so forked workers can share them.
-    """
+    keeps no position, so forked workers can share them."""
 
     def __init__(self, max_open: int = 32):
         self.max_open = int(max_open)
@@ -253,8 +252,7 @@ def retrying(fn: Callable[[], Any], what: str, retries: int, backoff: float,
 
 class Retrying(ReaderWrapper):
     """Retries transient errors ``retries`` times with exponential backoff from ``backoff`` s; a permanent
-    one (404, 403, a missing file) is raised at once. Counts requests, retries, failures and bytes.
-    """
+    one (404, 403, a missing file) is raised at once. Counts requests, retries, failures and bytes."""
 
     def __init__(self, inner: RangeReader, retries: int = 5, backoff: float = 0.05,
                  counters: Optional[IOCounters] = None):

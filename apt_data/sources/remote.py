@@ -98,8 +98,7 @@ def has_split(source: Union[str, os.PathLike], split: str, storage_options: Opti
 def open_remote(source: str, index: Optional[str] = None, split: Optional[str] = None, *,
                 storage_options: Optional[dict] = None, deadline: Optional[float] = None, **kw) -> IndexSource:
     """An `IndexSource` for a shard folder, index or shard-pattern URL, through `remote_reader` (``kw``:
-    ``cache_dir``, ``cache_size``, ``inflight``, ``retries``, ...; ``deadline``: seconds per request).
-    """
+    ``cache_dir``, ``cache_size``, ``inflight``, ``retries``, ...; ``deadline``: seconds per request)."""
     if deadline is not None:
         storage_options = {**(storage_options or {}), "deadline": deadline}
     source, named = _split_suffix(source)
