@@ -6,7 +6,7 @@ buffer, `BatchSpec.to_batch` wraps one.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -168,6 +168,17 @@ def _as_rgb(image: np.ndarray, i: int) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def layouts_of(images: Sequence[np.ndarray], layout: Callable[[np.ndarray], PatchLayout]) -> list[PatchLayout]:
+    """``layout(image)`` of every image; an error names the image's index."""
+    out = []
+    for i, im in enumerate(images):
+        try:
+            out.append(layout(im))
+        except ValueError as e:
+            raise ValueError(f"image {i}: {e}") from None
+    return out
+
+
 def _check_layout(lay: PatchLayout, image: np.ndarray, cfg: APTConfig, i: int) -> None:
     """A given layout must be for this image and config (token bounds are checked by the kernel)."""
     H, W = image.shape[:2]
@@ -205,12 +216,7 @@ def prepare_batch(images, cfg=None, labels=None, num_prefix_tokens=1, layouts=No
     if int(num_prefix_tokens) != num_prefix_tokens or num_prefix_tokens < 0 or int(num_padding) != num_padding or num_padding < 0:
         raise ValueError(f"num_prefix_tokens and num_padding must be ints >= 0, got {num_prefix_tokens!r}, {num_padding!r}")
     if layouts is None:
-        layouts = []
-        for i, im in enumerate(images):
-            try:
-                layouts.append(patchify(im, cfg))
-            except ValueError as e:
-                raise ValueError(f"image {i}: {e}") from None
+        layouts = layouts_of(images, lambda im: patchify(im, cfg))
     if len(layouts) != len(images):
         raise ValueError(f"got {len(layouts)} layouts for {len(images)} images")
     for i, (im, lay) in enumerate(zip(images, layouts)):

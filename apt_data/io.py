@@ -28,10 +28,7 @@ def fsync_dir(path: PathLike) -> None:
 def atomic_write(path: PathLike, write: Callable[[Path], object], *, shared: bool = False,
                  durable: bool = True) -> None:
     """Call ``write(tmp)`` on ``PATH.tmp``, fsync it, rename it to ``path``; a failure changes nothing.
-
-    ``shared``: concurrent writers (a cache) get ``PATH.<pid>.<thread>.tmp``; ``durable=False`` skips
-    the fsyncs (e.g. checksummed cache entries).
-    """
+    ``shared``: concurrent writers (a cache) get ``PATH.<pid>.<thread>.tmp``; ``durable=False``: no fsync."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = f".{os.getpid()}.{threading.get_ident()}.tmp" if shared else ".tmp"

@@ -5,6 +5,7 @@ Scores come from the scorer registry (a fused layout kernel, else the full pyram
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,20 +161,6 @@ def patchify(image: np.ndarray, cfg: APTConfig | None = None) -> PatchLayout:
     return PatchLayout(y=y, x=x, scale=scale, image_size=(H, W), patch_size=p, num_scales=cfg.num_scales)
 
 
-_THRESHOLDS: dict = {}
-
-
-def _thresholds(cfg: APTConfig) -> np.ndarray:
-    """``cfg.thresholds`` as the float64 array the kernels take (never empty), built once per config."""
-    thr = _THRESHOLDS.get(cfg.thresholds)
-    if thr is None:
-        thr = np.asarray(cfg.thresholds, dtype=np.float64).reshape(-1)
-        if thr.size == 0:
-            thr = np.zeros(1, np.float64)  # num_scales == 1: never read
-        _THRESHOLDS[cfg.thresholds] = thr
-    return thr
-
-
 def layout_from_scores(maps: list[np.ndarray], image_size: tuple[int, int], cfg: APTConfig) -> PatchLayout:
     """The layout `patchify` would give from precomputed ``maps`` (shaped as `score_maps` for
     ``image_size``; maps[0] is not read)."""
@@ -205,24 +192,17 @@ def layout_from_flat_scores(flat: np.ndarray, image_size: tuple[int, int], cfg: 
     return PatchLayout(y=y, x=x, scale=scale, image_size=(H, W), patch_size=cfg.patch_size, num_scales=cfg.num_scales)
 
 
-_GRIDS: dict = {}
-
-
+@functools.lru_cache(maxsize=4096)  # keep-aspect data sets have many sizes: stay bounded
 def _grid_constants(H: int, W: int, cfg: APTConfig):
     """(hs, ws, offsets, thresholds) arrays of `select_patches` for an image size and config, built once
     (a loader reuses them for every image of a size)."""
-    key = (H, W, cfg.patch_size, cfg.num_scales, cfg.thresholds)
-    c = _GRIDS.get(key)
-    if c is None:
-        if len(_GRIDS) > 4096:  # keep-aspect data sets have many sizes: stay bounded
-            _GRIDS.clear()
-        shapes = map_shapes(H, W, cfg.patch_size, cfg.num_scales)
-        hs = np.array([h for h, _ in shapes], dtype=np.int64)
-        ws = np.array([w for _, w in shapes], dtype=np.int64)
-        offsets = np.zeros(cfg.num_scales + 1, np.int64)
-        np.cumsum(hs * ws, out=offsets[1:])
-        c = _GRIDS[key] = (hs, ws, offsets, _thresholds(cfg))
-    return c
+    shapes = map_shapes(H, W, cfg.patch_size, cfg.num_scales)
+    hs = np.array([h for h, _ in shapes], dtype=np.int64)
+    ws = np.array([w for _, w in shapes], dtype=np.int64)
+    offsets = np.zeros(cfg.num_scales + 1, np.int64)
+    np.cumsum(hs * ws, out=offsets[1:])
+    thr = np.asarray(cfg.thresholds, dtype=np.float64).reshape(-1)
+    return hs, ws, offsets, (thr if thr.size else np.zeros(1, np.float64))  # num_scales == 1: never read
 
 
 __all__ = ["PatchLayout", "layout_from_scores", "patchify", "select_patches", "select_patches_reference"]

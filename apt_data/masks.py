@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -66,9 +67,7 @@ class MaskLabels:
 
 
 def _from_pil(im: Any, label: str) -> np.ndarray:
-    if im.mode in ("L", "P"):
-        return np.asarray(im, dtype=np.uint8)
-    if im.mode == "1":
+    if im.mode in ("L", "P", "1"):
         return np.asarray(im, dtype=np.uint8)
     if im.mode in ("I", "I;16", "I;16B", "I;16L"):
         return _from_array(np.asarray(im), label)
@@ -186,8 +185,6 @@ def unpack_masks(flat: Any, sizes: Sequence[tuple[int, int]]) -> list:
 def pair_masks(images: Union[str, os.PathLike], masks: Union[str, os.PathLike]) -> list[tuple[Any, Any]]:
     """``[(image, mask)]`` for every image under ``images`` (sorted), its mask the same relative path and
     stem under ``masks``; an image without a mask is an error naming it."""
-    from pathlib import Path
-
     from .listing import IMAGE_EXTENSIONS
 
     images, masks = Path(images), Path(masks)
@@ -213,7 +210,5 @@ def pair_masks(images: Union[str, os.PathLike], masks: Union[str, os.PathLike]) 
 
 def find_mask_layout(root: Union[str, os.PathLike], split: str = "train") -> Optional[tuple[Any, Any]]:
     """``(root/images/<split>, root/annotations/<split>)`` when ``root`` has ADE20K's folder layout, else None."""
-    from pathlib import Path
-
     images, masks = Path(root) / "images" / split, Path(root) / "annotations" / split
     return (images, masks) if images.is_dir() and masks.is_dir() else None

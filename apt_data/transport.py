@@ -7,6 +7,7 @@ returns the slot. No free slot, or a batch too large: a fresh segment.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import mmap
@@ -47,11 +48,9 @@ class SlotPool:
     def reset(self) -> None:
         """Every slot free (call only while no worker of this pool runs)."""
         for r, w in self._pipes:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 while os.read(r, 4096):
                     pass
-            except BlockingIOError:
-                pass
             os.write(w, bytes(range(self.slots)))
 
     def acquire(self, worker: int, nbytes: int) -> Optional[int]:
@@ -78,10 +77,8 @@ class SlotPool:
         if getattr(self, "_owner", None) == os.getpid():
             for r, w in getattr(self, "_pipes", ()):
                 for fd in (r, w):
-                    try:
+                    with contextlib.suppress(OSError):
                         os.close(fd)
-                    except OSError:
-                        pass
 
 
 def _no_pool() -> None:
@@ -140,15 +137,11 @@ def ship_batch(spec: BatchSpec, images: Sequence[np.ndarray], layouts: Sequence[
     """Fill a prepared batch where it travels best: a `PackedBatch` in the main process; in a worker,
     a `WireBatch` in a free slot of ``pool`` (or in a fresh shared segment when there is none)."""
     info = get_worker_info()
-    if info is None:
-        data = new_buffer(spec.nbytes, shared=False)
-        fill_batch(spec, images, layouts, labels, data.numpy())
-        return spec.to_batch(data)
-    slot = pool.acquire(info.id, spec.nbytes) if pool is not None else None
+    slot = pool.acquire(info.id, spec.nbytes) if info is not None and pool is not None else None
     if slot is None:
-        data = new_buffer(spec.nbytes, shared=True)
+        data = new_buffer(spec.nbytes, shared=info is not None)
         fill_batch(spec, images, layouts, labels, data.numpy())
-        return WireBatch(spec, data=data)
+        return spec.to_batch(data) if info is None else WireBatch(spec, data=data)
     try:
         fill_batch(spec, images, layouts, labels, pool.view(info.id, slot, spec.nbytes))
     except BaseException:

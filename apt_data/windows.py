@@ -84,19 +84,16 @@ def split_for_windows(layout: PatchLayout, window: int) -> PatchLayout:
     bad = straddling(y, x, 1 << s, window)
     if not bad.any():
         return layout
-    keep_y, keep_x, keep_s = [y[~bad]], [x[~bad]], [s[~bad]]
-    y, x, s = y[bad], x[bad], s[bad]
-    while len(s):  # s >= 1 here: a single cell never straddles
-        h = 1 << (s - 1)
+    keep = []
+    while len(s):
+        keep.append((y[~bad], x[~bad], s[~bad]))
+        y, x, s = y[bad], x[bad], s[bad]
+        h = 1 << (s - 1)  # s >= 1 here: a single cell never straddles
         y = np.concatenate([y, y, y + h, y + h])
         x = np.concatenate([x, x + h, x, x + h])
         s = np.concatenate([s - 1] * 4)
         bad = straddling(y, x, 1 << s, window)
-        keep_y.append(y[~bad])
-        keep_x.append(x[~bad])
-        keep_s.append(s[~bad])
-        y, x, s = y[bad], x[bad], s[bad]
-    y, x, s = np.concatenate(keep_y), np.concatenate(keep_x), np.concatenate(keep_s)
+    y, x, s = (np.concatenate(v) for v in zip(*keep))
     order = np.lexsort((x, y, -s))
     return PatchLayout(y=(y[order] * p).astype(np.int32), x=(x[order] * p).astype(np.int32),
                        scale=s[order].astype(np.int8), image_size=tuple(layout.image_size), patch_size=p,
@@ -108,16 +105,11 @@ def pack_windowed(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None,
                   layouts: Optional[Sequence[PatchLayout]] = None):
     """`pack_images` for a windowed ViT (e.g. ``window=model.window_size`` of an APT SAM model):
     layouts from `patchify_windowed`, or the given ``layouts`` passed through `split_for_windows`."""
-    from .assemble import pack_images
+    from .assemble import layouts_of, pack_images
 
     cfg = cfg or APTConfig()
     if layouts is None:
-        layouts = []
-        for i, im in enumerate(images):
-            try:
-                layouts.append(patchify_windowed(im, cfg, window))
-            except ValueError as e:
-                raise ValueError(f"image {i}: {e}") from None
+        layouts = layouts_of(images, lambda im: patchify_windowed(im, cfg, window))
     else:
         layouts = [split_for_windows(lay, window) for lay in layouts]
     return pack_images(images, cfg, labels=labels, num_prefix_tokens=num_prefix_tokens, layouts=layouts,

@@ -22,10 +22,8 @@ Ref = tuple[int, int]  # (pass, sample index): a sample's identity in the stream
 
 def partition(num_samples: int, seed: int, rank: int, world_size: int, worker: int, num_workers: int,
               shuffle: bool = True) -> np.ndarray:
-    """The samples one worker of one rank owns: shuffled once with ``seed``, dealt to ranks, then to workers.
-
-    Partitions of all (rank, worker) pairs are disjoint and cover every sample once.
-    """
+    """The samples one worker of one rank owns: shuffled once with ``seed``, dealt to ranks, then to workers
+    (all partitions disjoint, together every sample once)."""
     order = np.random.default_rng([seed, 0x5EED]).permutation(num_samples) if shuffle else np.arange(num_samples)
     return order[rank::world_size][worker::num_workers].astype(np.int64)
 
@@ -269,10 +267,8 @@ def epoch_batches(stream: SampleStream, packer: StreamPacker, quota: Optional[in
 
 @dataclass
 class RankStream:
-    """Per-role `WorkerState` of one rank: at the epoch's start and after its last consumed batch.
-
-    From these, fresh workers continue exactly (resume), and the next epoch starts where this ended.
-    """
+    """Per-role `WorkerState` of one rank at the epoch's start and after its last consumed batch: from
+    these, fresh workers continue exactly and the next epoch starts where this one ended."""
 
     roles: int
     epoch: int = 0

@@ -54,10 +54,8 @@ def band_bins(rows, channels, y0, nrows, ncols, r, g, b, out):
 
 @njit(cache=True, nogil=True)
 def entropy_pyramid(rows, channels, p, num_scales, first, clog, flat, offsets):
-    """Entropy map of scales ``first..num_scales-1`` into ``flat`` (scale s at ``offsets[s]``).
-
-    ``rows`` is the ``(H, W*C)`` uint8 view of the image. Scales below ``first`` are not written.
-    """
+    """Entropy map of scales ``first..num_scales-1`` into ``flat`` (scale s at ``offsets[s]``) from the
+    ``(H, W*C)`` uint8 view ``rows``; lower scales are not written."""
     H = rows.shape[0]
     W = rows.shape[1] // channels
     hs = np.empty(num_scales, np.int64)

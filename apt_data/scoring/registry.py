@@ -63,9 +63,9 @@ def _check_thresholds(name: str, table: Mapping[int, Sequence[float]]) -> dict[i
     for n, t in dict(table).items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"scorer {name!r}: default thresholds are keyed by num_scales >= 2, got {n!r}")
-        if isinstance(t, (str, bytes)):
-            raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} must be numbers, got {t!r}")
         try:
+            if isinstance(t, (str, bytes)):  # a string is a sequence of characters
+                raise TypeError
             vals = tuple(float(v) for v in t)
         except (TypeError, ValueError):
             raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} must be numbers, "
@@ -131,12 +131,6 @@ class _ScorerNames(Sequence):
     def __len__(self) -> int:
         return len(_REGISTRY)
 
-    def __contains__(self, name) -> bool:
-        return isinstance(name, str) and name in _REGISTRY
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(scorer_names())
-
     def __eq__(self, other) -> bool:
         if isinstance(other, (_ScorerNames, tuple, list)):
             return scorer_names() == tuple(other)
@@ -152,8 +146,6 @@ class _References(Mapping):
     """Live, read-only ``{name: reference}`` view (the old ``REFERENCE_SCORERS`` dict)."""
 
     def __getitem__(self, name: str) -> ReferenceScorer:
-        if name not in _REGISTRY:
-            raise KeyError(name)
         return _REGISTRY[name].reference
 
     def __len__(self) -> int:

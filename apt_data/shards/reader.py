@@ -96,8 +96,9 @@ def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardSta
         report_bad(shard, None, "unreadable_shard", str(e), strict, stats)
         return
 
-    def record(key: str, members: dict) -> Optional[SampleRecord]:
-        return record_from_members(shard, key, members, strict=strict, stats=stats, validate=validate)
+    def records(key: str, members: dict) -> list[SampleRecord]:  # the sample's record, none when bad
+        rec = record_from_members(shard, key, members, strict=strict, stats=stats, validate=validate)
+        return [] if rec is None else [rec]
 
     key: Optional[str] = None
     members: dict[str, bytes] = {}
@@ -106,17 +107,14 @@ def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardSta
             for name, _, data in scan_tar(f):
                 k, ext = split_key(name)
                 if k != key and key is not None:
-                    rec, members = record(key, members), {}
-                    if rec is not None:
-                        yield rec
+                    yield from records(key, members)
+                    members = {}
                 key = k
                 members[ext] = data
         except TarTruncated as e:
             culprit = split_key(e.args[0])[0] if e.args[0] else key
             if key is not None and culprit != key:  # the cut is in the next sample's first member
-                rec = record(key, members)
-                if rec is not None:
-                    yield rec
+                yield from records(key, members)
             report_bad(shard, culprit, "truncated_tar",
                        "shard ends inside this sample" if e.args[0] else "shard ends after a member of this "
                        "sample without an end-of-archive marker; the sample may be incomplete", strict, stats)
@@ -128,9 +126,7 @@ def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardSta
             report_bad(shard, key, "unreadable_shard", str(e), strict, stats)
             return
     if key is not None:
-        rec = record(key, members)
-        if rec is not None:
-            yield rec
+        yield from records(key, members)
 
 
 def iter_shards(urls: Union[PathLike, Sequence[PathLike]], *, strict: bool = False,

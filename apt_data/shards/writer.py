@@ -1,6 +1,7 @@
 """Writing one shard: members in a fixed order with fixed tar metadata, to ``NAME.tmp``, renamed on commit."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -75,10 +76,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the shard: close and remove the ``.tmp`` file."""
-        try:
+        with contextlib.suppress(Exception):
             self._tar.close()
-        except Exception:
-            pass
         self._file.close()
         self.tmp.unlink(missing_ok=True)
 

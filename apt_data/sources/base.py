@@ -18,10 +18,8 @@ __all__ = ["ImageData", "Source"]
 
 
 class Source:
-    """Random-access samples: ``keys``, int64 ``labels``, ``read(i) -> ImageData`` (bytes, PIL or array).
-
-    Subclasses implement `read`; the other methods default to knowing nothing more.
-    """
+    """Random-access samples: ``keys``, int64 ``labels``, ``read(i) -> ImageData`` (bytes, PIL or array);
+    subclasses implement `read`, the other methods default to knowing nothing more."""
 
     keys: list[str]
     labels: np.ndarray

@@ -8,6 +8,7 @@ and evicts down to 90%, so the folder stays within ``cache_size`` for up to 7 wr
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -98,10 +99,8 @@ class RangeCache:
             self.discard(url, start, end, "its CRC32C does not match")
             self._counted("cache_misses")
             return None
-        try:
+        with contextlib.suppress(OSError):
             os.utime(path)  # most recently used
-        except OSError:
-            pass
         self._counted("cache_hits")
         self._counted("cache_bytes", len(data))
         return data
@@ -112,10 +111,8 @@ class RangeCache:
         log.warning("cache entry %s for %s bytes %d-%d is damaged (%s): deleted, reading the store again",
                     path, url, start, end, why)
         self._counted("cache_corrupt")
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
 
     def __contains__(self, key: tuple[str, int, int]) -> bool:
         """Is there an entry for ``(url, start, end)`` (not checked: `get` checks)?"""
@@ -164,10 +161,8 @@ class RangeCache:
                 except OSError:  # evicted by another process meanwhile
                     continue
                 if e.name.endswith(".tmp") and now - s.st_mtime > _STALE_TMP:
-                    try:
+                    with contextlib.suppress(OSError):
                         os.unlink(e.path)
-                    except OSError:
-                        pass
                     continue
                 out.append((s.st_mtime, s.st_size, e.path))
         return out

@@ -15,17 +15,25 @@ from .base import Source
 __all__ = ["FolderSource", "MaskFolderSource", "open_mask_folder"]
 
 
-def _file_size(path: Path) -> Optional[tuple[int, int]]:
-    from PIL import Image
+class _ImageFiles(Source):
+    """Samples that are image files (``paths``): read as bytes, sized from their headers."""
 
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception:
-        return None
+    paths: list[Path]
+
+    def read(self, i: int) -> bytes:
+        return self.paths[i].read_bytes()
+
+    def image_size(self, i: int) -> Optional[tuple[int, int]]:
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[i]) as im:
+                return im.size
+        except Exception:
+            return None
 
 
-class FolderSource(Source):
+class FolderSource(_ImageFiles):
     """An ImageNet-layout folder: one sub-folder per class, classes sorted -> labels 0..C-1."""
 
     def __init__(self, root: Union[str, os.PathLike]):
@@ -36,14 +44,8 @@ class FolderSource(Source):
         self.keys = [f"{p.parent.name}/{p.name}" for p in self.paths]
         self.labels = np.asarray([label for _, label, _ in items], np.int64)
 
-    def read(self, i: int) -> bytes:
-        return self.paths[i].read_bytes()
 
-    def image_size(self, i: int) -> Optional[tuple[int, int]]:
-        return _file_size(self.paths[i])
-
-
-class MaskFolderSource(Source):
+class MaskFolderSource(_ImageFiles):
     """Images under ``images`` with the mask of the same relative path and stem under ``masks``
     (`pair_masks`; `from_layout`: ADE20K's ``root/images|annotations/<split>``).
 
@@ -73,15 +75,9 @@ class MaskFolderSource(Source):
     def has_masks(self) -> bool:
         return True
 
-    def read(self, i: int) -> bytes:
-        return self.paths[i].read_bytes()
-
     def read_mask(self, i: int) -> np.ndarray:
         """The mask of sample ``i``, decoded, its ids mapped by ``mask_labels``."""
         return decode_mask(self.mask_paths[i].read_bytes(), str(self.mask_paths[i]), self.mask_labels)
-
-    def image_size(self, i: int) -> Optional[tuple[int, int]]:
-        return _file_size(self.paths[i])
 
 
 def open_mask_folder(data: Union[str, os.PathLike], masks: Optional[Union[str, os.PathLike]] = None,

@@ -1,8 +1,5 @@
-"""`ReadAhead`: reads the spans a process will need next in a small thread pool, merging neighbours.
-
-Along the worker's `read_order`, up to ``readahead`` spans (``readahead_bytes``) are read ahead,
-``inflight`` at a time, scheduled in chunks so that neighbouring spans of one file share a request.
-"""
+"""`ReadAhead`: reads the spans a process will need next (`read_order`) in a small thread pool, up to
+``readahead`` spans ahead, in chunks so that neighbouring spans of one file share a request."""
 from __future__ import annotations
 
 import os

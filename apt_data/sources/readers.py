@@ -9,6 +9,7 @@ the process that reads.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -130,10 +131,8 @@ class FileReader(RangeReader):
 
     def close(self) -> None:
         while getattr(self, "_fds", None):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._fds.popitem()[1])
-            except OSError:
-                pass
 
     def __del__(self):
         self.close()

@@ -65,7 +65,7 @@ def read_remote_index(url: str, storage_options: Optional[dict] = None, retries:
     from ..shards.index import read_index
 
     if not is_remote_url(url) or url.startswith("file://"):
-        return read_index(url[len("file://"):] if url.startswith("file://") else url)
+        return read_index(url.removeprefix("file://"))
     import pyarrow.parquet as pq
 
     reader = _base_reader(url, storage_options, IOCounters())
@@ -87,10 +87,8 @@ def _split_suffix(url: str) -> tuple[str, Optional[str]]:
 def has_split(source: Union[str, os.PathLike], split: str, storage_options: Optional[dict] = None) -> bool:
     """Does the shard folder ``source`` (a local path or a URL) hold the index ``<split>.parquet``?"""
     s = os.fspath(source)
-    if not is_remote_url(s):
-        return (Path(s) / f"{split}.parquet").is_file()
-    if s.startswith("file://"):
-        return (Path(s[len("file://"):]) / f"{split}.parquet").is_file()
+    if not is_remote_url(s) or s.startswith("file://"):
+        return (Path(s.removeprefix("file://")) / f"{split}.parquet").is_file()
     url = f"{_split_suffix(s)[0].rstrip('/')}/{split}.parquet"
     return _base_reader(url, storage_options, IOCounters()).exists(url)
 
