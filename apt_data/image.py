@@ -147,6 +147,12 @@ def to_rgb_pil(im):
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def rounded_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
+    """(H, W) of a ``width x height`` image scaled by ``scale``, each side rounded to a multiple of ``multiple``."""
+    return (max(multiple, round(height * scale / multiple) * multiple),
+            max(multiple, round(width * scale / multiple) * multiple))
+
+
 def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, crop: bool = True,
                  multiple: Optional[int] = None, name: Optional[str] = None, crop_pct: float = 1.0,
                  exif_transpose: bool = False) -> np.ndarray:
@@ -189,10 +195,7 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
             left, top = (nw - size) // 2, (nh - size) // 2
             im = im.crop((left, top, left + size, top + size))
         else:
-            short = max(multiple, round(size / multiple) * multiple)
-            scale = short / min(w, h)
-            nw = max(multiple, round(w * scale / multiple) * multiple)
-            nh = max(multiple, round(h * scale / multiple) * multiple)
+            nh, nw = rounded_size(w, h, max(multiple, round(size / multiple) * multiple) / min(w, h), multiple)
             im = im.resize((nw, nh), Image.BICUBIC)
         return np.ascontiguousarray(np.asarray(im))
 

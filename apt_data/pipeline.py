@@ -221,14 +221,13 @@ class SamplePipeline:
             mixed, lam, mask = apply_mix(img, other, draw, self.mix.correct_lam, mask, other_mask)
         return mixed, (int(self.source.labels[j]), lam), mask
 
-    def try_load(self, i: int, epoch: int, skips: SkipLog, exact: Optional[np.ndarray] = None,
-                 with_mask: bool = False) -> Optional[tuple]:
-        """`load` (``with_mask``: `load_with_mask`), with a bad sample added to ``skips`` (strict: raised).
-        ``exact``: the index's token counts, which the layout must match."""
+    def try_load(self, i: int, epoch: int, skips: SkipLog, exact: Optional[np.ndarray] = None) -> Optional[tuple]:
+        """`load_with_mask`, with a bad sample added to ``skips`` (strict: raised). ``exact``: the index's
+        token counts, which the layout must match."""
         if skips.known(i):
             return None
         try:
-            loaded = self.load_with_mask(i, epoch) if with_mask else self.load(i, epoch)
+            loaded = self.load_with_mask(i, epoch)
             if exact is not None and len(loaded[-2]) != exact[i]:
                 raise ScoresMismatch(f"{self.source.keys[i]}: its stored score maps give {len(loaded[-2])} tokens, "
                                      f"the index {exact[i]} (a corrupt .npy member, or an index made with another "
@@ -244,24 +243,22 @@ class SamplePipeline:
     def build(self, sample_ids: np.ndarray, epoch: int, skips: SkipLog, exact: Optional[np.ndarray] = None,
               pool: Optional[SlotPool] = None):
         """Load and pack one planned bin (``exact``: the index's counts, checked)."""
-        images, layouts, labels, keys, mixes = [], [], [], [], []
-        dense, masks = self.source.has_masks, []
+        images, layouts, labels, keys, mixes, masks = [], [], [], [], [], []
         for i in sample_ids.tolist():
-            loaded = self.try_load(i, epoch, skips, exact, with_mask=dense)
+            loaded = self.try_load(i, epoch, skips, exact)
             if loaded is None:
                 continue
-            if dense:  # the mask travels beside its image
-                masks.append(loaded[1])
-                loaded = (loaded[0],) + loaded[2:]
-            img, layout, mixed = loaded
+            img, mask, layout, mixed = loaded
             images.append(img)
+            masks.append(mask)  # None without masks; else it travels beside its image
             layouts.append(layout)
             labels.append(int(self.source.labels[i]))
             keys.append(self.source.keys[i])
             mixes.append(mixed)
         if not images:  # never an empty batch: the skips alone travel to the main process
             return SkippedOnly(skips.take())
-        return self.ship(images, layouts, labels, keys, skips.take(), pool, mixes, masks if dense else None)
+        return self.ship(images, layouts, labels, keys, skips.take(), pool, mixes,
+                         masks if self.source.has_masks else None)
 
     def ship(self, images: list, layouts: list, labels: list, keys: list, skipped: list,
              pool: Optional[SlotPool] = None, mixes: Optional[list] = None, masks: Optional[list] = None):

@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .image import MAX_DECODE_PIXELS, decode_image, decode_reduced, to_rgb_pil, to_rgb_uint8
+from .image import MAX_DECODE_PIXELS, decode_image, decode_reduced, rounded_size, to_rgb_pil, to_rgb_uint8
 from .masks import IGNORE_INDEX, MaskData, check_mask, decode_mask
 from .photometric import photo_metric_distortion
 
@@ -80,7 +80,7 @@ class ImageTransform:
             s = min(max(self.resize_scale) / max(width, height), min(self.resize_scale) / min(width, height))
         else:
             s = max(m, round(self.size / m) * m) / min(width, height)
-        return max(m, round(height * s / m) * m), max(m, round(width * s / m) * m)
+        return rounded_size(width, height, s, m)
 
     def __call__(self, data: Union[bytes, str, os.PathLike, Any], name: str = "", seed: int = 0,
                  mask: Optional[MaskData] = None):

@@ -102,11 +102,10 @@ class StreamEpoch(IterableDataset):
         if ref in self.probed:
             return self.probed.pop(ref)
         p, i = ref
-        dense = self.pipeline.source.has_masks
-        loaded = self.pipeline.try_load(i, p, self.skips, self.exact, with_mask=dense)
+        loaded = self.pipeline.try_load(i, p, self.skips, self.exact)
         if loaded is None:
             return None
-        img, mask, layout, mixed = loaded if dense else (loaded[0], None) + loaded[1:]  # mask: beside its image
+        img, mask, layout, mixed = loaded  # the mask (or None) travels beside its image
         key = self.pipeline.source.keys[i]
         tokens = self.pipeline.budget.check(len(layout) + self.pipeline.budget.num_prefix_tokens, key)
         return Item(ref, tokens, (img, layout, int(self.pipeline.source.labels[i]), key, mixed, mask))
