@@ -5,6 +5,7 @@ range reader, checked by `read_record` against the index and its checksums.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -23,14 +24,13 @@ from .base import Source
 from .readers import FileReader, RangeReader, Span
 
 log = logging.getLogger("apt_data.sources")
-_warned: set = set()
 
 
+@functools.lru_cache(maxsize=None)
 def _warn_once(key: str, message: str) -> None:
     """Log ``message`` once per process for ``key``."""
-    if key not in _warned:
-        _warned.add(key)
-        log.warning("%s", message)
+    log.warning("%s", message)
+
 
 __all__ = ["IndexSource", "open_shards"]
 
