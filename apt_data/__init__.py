@@ -1,8 +1,10 @@
 """apt_data: the CPU half of Adaptive Patch Transformers.
 
-Decode, score every patch at several scales (Numba), choose patch sizes with a quadtree, and
-(later stages) extract token pixels and pack images into token-budget batches.
+Decode, score every patch at several scales (Numba), choose patch sizes with a quadtree, extract
+token pixels and pack images into token-budget batches.
 """
+import importlib
+
 from .batch import PackedBatch
 from .binpack import pack_greedy
 from .config import SCORER_NAMES, APTConfig
@@ -21,16 +23,11 @@ __all__ = [
     "APTLoader", "pack_images", "warmup",
 ]
 
+#: the loader and batch assembly pull in torch: imported on first use
+_LAZY = {"APTLoader": ".loader", "pack_images": ".assemble", "warmup": ".scoring.warmup"}
+
 
 def __getattr__(name):
-    # the loader and batch assembly pull in torch; import them on first use
-    if name == "APTLoader":
-        from .loader import APTLoader
-        return APTLoader
-    if name == "pack_images":
-        from .assemble import pack_images
-        return pack_images
-    if name == "warmup":
-        from .scoring.warmup import warmup
-        return warmup
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'apt_data' has no attribute {name!r}")

@@ -1,13 +1,12 @@
 """`pack_images`: many images of any sizes -> one `PackedBatch` (token pixels per scale + metadata).
 
-Token pixels are copied by a Numba kernel straight from each image into per-scale CHW arrays, so a
-DataLoader worker hands the model ready tensors; a plain NumPy reference beside it is for tests.
-All arrays of a batch live in one buffer (`buffer_layout`): `prepare_batch` validates and sizes a
-batch (`BatchSpec`), `fill_batch` writes it into any buffer, `BatchSpec.to_batch` wraps a buffer.
+A Numba kernel copies token pixels straight into per-scale CHW arrays of one buffer
+(`buffer_layout`); `prepare_batch` sizes a batch (`BatchSpec`), `fill_batch` writes it into any
+buffer, `BatchSpec.to_batch` wraps one.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,13 +20,9 @@ from .layout import PatchLayout, patchify
 
 @njit(cache=True, nogil=True)
 def extract_tokens(image, ys, xs, scales, patch_size, outs, next_row):
-    """Copy every token of one HxWx3 image into ``outs[scale][next_row[scale]]`` as CHW.
-
-    ``outs`` holds one ``[T_s, 3, p*2**s, p*2**s]`` uint8 array per scale; ``next_row`` (int64, one
-    per scale) is advanced in place, so successive images fill the batch arrays one after another.
-    Returns -1, or the index of the first token that does not fit (off the image, off the p-grid,
-    unknown scale, or no row left): Numba does not bounds-check, so the kernel does.
-    """
+    """Copy every token of one HxWx3 image into ``outs[scale][next_row[scale]]`` as CHW, advancing
+    ``next_row`` in place. Returns -1, or the first token that does not fit (Numba does not
+    bounds-check, so the kernel does)."""
     H = image.shape[0]
     W = image.shape[1]
     rows = image.reshape((H, W * 3))  # contiguous RGB rows: each token row is one stride-3 split
@@ -71,12 +66,8 @@ _ALIGN = 64  # byte alignment of every array in a batch buffer
 
 
 def buffer_layout(per_scale: Sequence[int], num_images: int, patch_size: int, with_labels: bool):
-    """Where every array of a packed batch lies in ONE byte buffer: ``([(dtype, shape, byte offset)],
-    total bytes)``, in the order pixels[0..S-1], coords[0..S-1], seq_index[0..S-1], labels (if any).
-
-    One buffer per batch (instead of one per array or per dtype) means one shared-memory segment
-    per batch in a DataLoader worker, one file descriptor to pass, one copy to pin.
-    """
+    """Where every array of a packed batch lies in ONE byte buffer (one shared-memory segment, one copy
+    to pin): ``([(dtype, shape, byte offset)], total bytes)``; pixels, coords, seq_index, labels."""
     fields, off = [], 0
 
     def add(dtype, shape):
@@ -96,11 +87,8 @@ def buffer_layout(per_scale: Sequence[int], num_images: int, patch_size: int, wi
 
 
 class BatchSpec:
-    """Everything about a packed batch except its bytes: the buffer layout and the Python metadata.
-
-    Small and picklable: a DataLoader worker fills a buffer (`fill_batch`) and sends the spec; the
-    main process turns spec + buffer into a `PackedBatch` (`to_batch`) without copying.
-    """
+    """A packed batch without its bytes (buffer layout + metadata): picklable, what a worker sends beside
+    the buffer it filled; `to_batch` wraps the buffer without copying."""
 
     __slots__ = ("per_scale", "num_images", "patch_size", "num_scales", "with_labels", "seqlens",
                  "image_sizes", "num_prefix_tokens", "num_padding", "keys", "skipped", "skip_reasons", "nbytes",
@@ -180,6 +168,17 @@ def _as_rgb(image: np.ndarray, i: int) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def layouts_of(images: Sequence[np.ndarray], layout: Callable[[np.ndarray], PatchLayout]) -> list[PatchLayout]:
+    """``layout(image)`` of every image; an error names the image's index."""
+    out = []
+    for i, im in enumerate(images):
+        try:
+            out.append(layout(im))
+        except ValueError as e:
+            raise ValueError(f"image {i}: {e}") from None
+    return out
+
+
 def _check_layout(lay: PatchLayout, image: np.ndarray, cfg: APTConfig, i: int) -> None:
     """A given layout must be for this image and config (token bounds are checked by the kernel)."""
     H, W = image.shape[:2]
@@ -193,14 +192,10 @@ def _check_layout(lay: PatchLayout, image: np.ndarray, cfg: APTConfig, i: int) -
 def pack_images(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None, labels: Optional[Sequence[int]] = None,
                 num_prefix_tokens: int = 1, layouts: Optional[Sequence[PatchLayout]] = None,
                 num_padding: int = 0) -> PackedBatch:
-    """Pack uint8 HxWx3 images (HxW or HxWx1 gray: the channel repeated 3 times) into one `PackedBatch`.
+    """Pack uint8 HxWx3 (or gray) images into one `PackedBatch` of views of one buffer.
 
-    ``layouts`` (one per image) skips `patchify` when they are already known. Each image's segment
-    is ``num_prefix_tokens`` prefix slots, then its tokens grouped by scale, coarsest first, in
-    raster order (the `PatchLayout` order). ``num_padding`` trailing padding tokens are appended.
-    Anything else (other dtypes or channel counts, sides that are not multiples of the patch size,
-    layouts that do not fit their image) raises ``ValueError`` naming the image index.
-    All tensors of the batch are views of one buffer (in shared memory inside a DataLoader worker).
+    ``layouts`` skips `patchify`; each segment is ``num_prefix_tokens`` slots, then the tokens in
+    `PatchLayout` order; ``num_padding`` tokens trail. Bad input raises ``ValueError`` naming the image.
     """
     spec, images, layouts, labels = prepare_batch(images, cfg, labels, num_prefix_tokens, layouts, num_padding)
     data = new_buffer(spec.nbytes, shared=get_worker_info() is not None)
@@ -221,12 +216,7 @@ def prepare_batch(images, cfg=None, labels=None, num_prefix_tokens=1, layouts=No
     if int(num_prefix_tokens) != num_prefix_tokens or num_prefix_tokens < 0 or int(num_padding) != num_padding or num_padding < 0:
         raise ValueError(f"num_prefix_tokens and num_padding must be ints >= 0, got {num_prefix_tokens!r}, {num_padding!r}")
     if layouts is None:
-        layouts = []
-        for i, im in enumerate(images):
-            try:
-                layouts.append(patchify(im, cfg))
-            except ValueError as e:
-                raise ValueError(f"image {i}: {e}") from None
+        layouts = layouts_of(images, lambda im: patchify(im, cfg))
     if len(layouts) != len(images):
         raise ValueError(f"got {len(layouts)} layouts for {len(images)} images")
     for i, (im, lay) in enumerate(zip(images, layouts)):

@@ -1,44 +1,12 @@
 """`PackedBatch`: the one batch type shared by apt_data (which builds it) and apt_model (which eats it).
 
-A packed batch of B images of any sizes concatenates every image's tokens into one sequence.
-All metadata that shapes the computation is built on the CPU, as Python ints or CPU tensors, so
-a model's forward never waits on the device to learn a length. The segments of the sequence are
-described once, by the Python ints ``seqlens`` and ``num_padding``; the batch carries no device
-copy of them. A model builds whatever device-side index it needs from these ints (apt_model builds
-the int32 ``cu_seqlens`` of its attention kernels, the padding segment included, and its
-``forward_features`` returns them).
-
-Fields (S = ``num_scales``, p = ``patch_size``, T_s = tokens of scale s in the whole batch):
-
-- ``pixels[s]``: uint8 ``[T_s, 3, p*2**s, p*2**s]`` token pixels at full resolution (RGB, CHW);
-  every image pixel lies in exactly one token. Present for every s (``T_s`` may be 0).
-- ``coords[s]``: int32 ``[T_s, 3]`` = (image index in the batch, y, x) of the token's top-left
-  corner in base-grid cells (pixels // p).
-- ``seq_index[s]``: int64 ``[T_s]`` position of each token in the packed sequence.
-- ``seqlens``: tuple of Python ints, one segment per image, prefix (class / register) tokens
-  included: image b owns positions ``sum(seqlens[:b]) : sum(seqlens[:b+1])``, its
-  ``num_prefix_tokens`` prefix tokens first, then its patch tokens grouped by scale (coarsest
-  first) in raster order.
-- ``max_seqlen``: Python int, the longest image segment.
-- ``num_padding``: Python int, padding tokens appended after the images' tokens (static shapes);
-  they form their own trailing segment that no image attends to. ``seq_len`` includes them.
-- ``image_sizes``: tuple of (H, W) pixel sizes, one per image (Python ints).
-- ``labels``: int64 ``[B]`` or None.
-- ``mix_labels`` / ``mix_lam``: int64 / float32 ``[B]`` where the loader mixed images (Mixup /
-  CutMix, `apt_data.mixing`), else None: image b's target is ``mix_lam[b]`` of ``labels[b]`` and
-  ``1 - mix_lam[b]`` of ``mix_labels[b]`` (an unmixed image: its own label, ``lam = 1``).
-  `soft_targets` turns them into timm's soft target rows.
-- ``masks``: uint8 ``[sum_b H_b * W_b]`` or None: the segmentation masks of the B images (class
-  ids, 255 ignored), each ``mask_sizes[b]`` (H, W) (its image's size, or its original size with an eval
-  transform's ``keep_mask_size``), concatenated in image order
-  (`apt_data.masks.pack_masks`); ``mask(b)`` is image b's ``[H, W]`` view, ``padded_masks()`` all of
-  them in one ``[B, H_max, W_max]`` tensor padded with 255. ``mask_sizes``: Python ints.
-- ``keys``: sample keys of the B images (may be empty); ``skipped`` / ``skip_reasons``: keys of
-  samples planned for this batch that were bad and skipped (logged and counted by the loader).
-- ``num_prefix_tokens``, ``patch_size``, ``num_scales``: Python ints.
+Every image's tokens are concatenated into one sequence; everything that shapes the computation
+(``seqlens``, ``num_padding``, sizes) is a Python int, so a forward never waits on the device to
+learn a length. The fields are documented in docs/batch.md.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
@@ -48,6 +16,8 @@ if TYPE_CHECKING:  # the batch only holds tensors; importing apt_data does not i
 
 @dataclass(frozen=True)
 class PackedBatch:
+    """B images' tokens packed into one sequence, with CPU metadata (fields: docs/batch.md)."""
+
     pixels: tuple[torch.Tensor, ...]
     coords: tuple[torch.Tensor, ...]
     seq_index: tuple[torch.Tensor, ...]
@@ -98,10 +68,7 @@ class PackedBatch:
     @property
     def mask_offsets(self) -> tuple[int, ...]:
         """Where each image's mask starts in ``masks`` (Python ints, B + 1 of them)."""
-        out = [0]
-        for h, w in self.mask_sizes:
-            out.append(out[-1] + h * w)
-        return tuple(out)
+        return tuple(itertools.accumulate((h * w for h, w in self.mask_sizes), initial=0))
 
     def mask(self, b: int) -> torch.Tensor:
         """Image ``b``'s mask, a ``[H, W]`` view of ``masks``."""
@@ -138,14 +105,9 @@ class PackedBatch:
     def _map(self, fn) -> "PackedBatch":
         """This batch with ``fn`` applied to every tensor (not to the CPU metadata)."""
         opt = lambda t: None if t is None else fn(t)  # noqa: E731
-        return replace(
-            self,
-            pixels=tuple(fn(t) for t in self.pixels),
-            coords=tuple(fn(t) for t in self.coords),
-            seq_index=tuple(fn(t) for t in self.seq_index),
-            labels=opt(self.labels), mix_labels=opt(self.mix_labels), mix_lam=opt(self.mix_lam),
-            masks=opt(self.masks),
-        )
+        return replace(self, pixels=tuple(fn(t) for t in self.pixels), coords=tuple(fn(t) for t in self.coords),
+                       seq_index=tuple(fn(t) for t in self.seq_index), labels=opt(self.labels),
+                       mix_labels=opt(self.mix_labels), mix_lam=opt(self.mix_lam), masks=opt(self.masks))
 
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
         """Move the tensors (not the CPU metadata) to ``device``."""

@@ -1,10 +1,6 @@
-"""Greedy bin-packing of variable-length images into token-budget batches.
-
-Online first-fit with a few open bins: items are taken in the (shuffled) order given, each goes
-into the first open bin with room; when none has room and all ``open_bins`` are open, the fullest
-bin is emitted. Keeping only a few bins open preserves the randomness of the order (a batch holds
-images that were close in the shuffled stream) while filling batches almost completely.
-"""
+"""Greedy bin-packing of variable-length images into token-budget batches: online first fit over a
+few open bins (the fullest leaves when nothing fits), which keeps the shuffled order's randomness
+while filling batches almost completely."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -75,11 +71,8 @@ def _first_fit(counts, max_tokens, max_images, open_bins):
 
 def pack_greedy(token_counts: Sequence[int], max_tokens: int, max_images: Optional[int] = None,
                 open_bins: int = 8, names: Optional[Sequence[str]] = None) -> list[np.ndarray]:
-    """Pack items (token counts, prefix tokens included) into bins of at most ``max_tokens``.
-
-    Returns the bins in emission order, each an int64 array of item indices in input order.
-    An item larger than the budget raises `OverBudget` naming it (``names[i]`` or its index).
-    """
+    """Pack item token counts (prefix included) into bins of at most ``max_tokens``: int64 index arrays in
+    emission order; an item over the budget raises `OverBudget` naming it."""
     counts = np.ascontiguousarray(token_counts, dtype=np.int64).reshape(-1)
     budget = TokenBudget(max_tokens, max_images)
     if open_bins < 1:
@@ -98,13 +91,10 @@ def pack_greedy(token_counts: Sequence[int], max_tokens: int, max_images: Option
 
 
 class FirstFit:
-    """Online first fit over ``open_bins`` open bins: the one packing rule, step by step.
+    """Online first fit over ``open_bins`` open bins, step by step: the one packing rule.
 
-    `add` puts an item into the first open bin with room; when none has room and all are open, the
-    fullest (the first of them) leaves; a bin leaves at once when it is exactly full (``max_tokens``
-    or ``max_images``). Left bins wait in ``ready``. `_first_fit` is the same rule compiled for a
-    whole array of counts (`pack_greedy`); this class packs streamed samples as they come
-    (`apt_data.loader.stream.StreamPacker`) and is the kernel's reference in the tests.
+    An item goes into the first open bin with room; when none has room and all are open, the fullest
+    leaves (exactly full bins leave at once) into ``ready``. `_first_fit` is the compiled twin.
     """
 
     def __init__(self, max_tokens: int, max_images: Optional[int] = None, open_bins: int = 8):
@@ -151,11 +141,8 @@ def pack_greedy_reference(token_counts, max_tokens, max_images=None, open_bins=8
 
 
 def split_for_ranks(bins: list[np.ndarray], world_size: int) -> list[np.ndarray]:
-    """Make the number of bins a multiple of ``world_size`` by halving the bins with most images.
-
-    Every rank then gets the same number of batches (``bins[rank::world_size]``), so no DDP rank
-    waits forever for another, and no sample is dropped or repeated.
-    """
+    """Halve the bins with most images until their number is a multiple of ``world_size`` (every rank
+    gets as many batches; no sample dropped or repeated)."""
     bins = list(bins)
     if world_size <= 1 or not bins:
         return bins

@@ -1,11 +1,8 @@
 """Threshold calibration: the thresholds that keep a target fraction of the uniform grid's tokens.
 
-Score maps are computed once per image (or read from the shard index's stored maps when they were
-made with the same patch size, scales, scorer and image size), then only the selection is rerun:
-thresholds ``alpha * base`` for a scale factor ``alpha`` found by bisection. Raising a threshold
-never adds tokens (property-tested in apt_data), so the kept fraction is non-increasing in
-``alpha`` and bisection converges; the fraction is a step function of ``alpha``, so the reported
-fraction is the closest one reachable.
+Score maps are computed once per image (or read from the index), then only the selection reruns
+for thresholds ``alpha * base``, ``alpha`` by bisection: raising a threshold never adds tokens,
+so the kept fraction is monotone (a step function: the closest reachable fraction is reported).
 """
 from __future__ import annotations
 
@@ -69,11 +66,8 @@ def token_fraction(images: Sequence[ScoredImage], cfg: APTConfig) -> float:
 
 def calibrate(images: Sequence[ScoredImage], cfg: APTConfig, target: float, base: Optional[Sequence[float]] = None,
               iters: int = 40, tol: float = 1e-3, from_index: bool = False) -> Calibration:
-    """Bisection on ``alpha`` so that thresholds ``alpha * base`` keep ``target`` of the uniform tokens.
-
-    ``base`` defaults to ``cfg.thresholds`` (the paper's 5.5, 4.0 for entropy); it must be positive.
-    Raises ValueError when ``target`` is out of reach (below the fraction with every threshold huge).
-    """
+    """Bisection on ``alpha`` so that thresholds ``alpha * base`` (default ``cfg.thresholds``, positive)
+    keep ``target`` of the uniform tokens; ValueError when ``target`` is out of reach."""
     base = np.asarray(cfg.thresholds if base is None else base, np.float64)
     if base.shape != (cfg.num_scales - 1,) or not np.all(np.isfinite(base)) or not np.all(base > 0):
         raise ValueError(f"base thresholds must be {cfg.num_scales - 1} positive finite numbers, got {base.tolist()}")

@@ -42,14 +42,10 @@ def _require(ok: bool, setting: str, message: str) -> None:
 class APTConfig:
     """Multi-scale patch configuration.
 
-    Scale ``s`` covers ``patch_size * 2**s`` pixels per side (scale 0 is the model's own patch).
-    ``thresholds[s-1]`` decides scale ``s >= 1``: a scale-``s`` patch is kept where its score is
-    strictly below the threshold, in the scorer's own units. ``thresholds=None`` (the default)
-    takes the scorer's registered defaults for ``num_scales`` (entropy, in bits: 2x patches below
-    5.5, 4x below 4.0, as in the paper's reference code), and ``cfg.thresholds`` then holds them;
-    a scorer without defaults for ``num_scales`` raises ValueError. Coarsest scale is decided first;
-    finer patches are never emitted inside a kept coarser one. ``-inf`` disables a scale, ``+inf``
-    always keeps it. ``scorer``: any registered name (`scorer_names()`).
+    Scale ``s`` covers ``patch_size * 2**s`` px; a scale-``s >= 1`` patch is kept where its score is
+    strictly below ``thresholds[s-1]`` (scorer units; ``-inf`` disables, ``+inf`` always keeps),
+    coarsest first. ``thresholds=None`` takes the scorer's registered defaults (entropy, 3 scales:
+    5.5 and 4.0 bits, the paper's), else ValueError. ``scorer``: any of `scorer_names()`.
     """
 
     patch_size: int = 16
@@ -96,9 +92,8 @@ def _is_int(v) -> bool:
 
 @dataclass(frozen=True)
 class TokenBudget:
-    """What one packed batch may hold: ``max_tokens`` tokens (prefix tokens included), at most
-    ``max_images`` images (None: no cap), ``num_prefix_tokens`` class/register tokens per image, and
-    with ``static_shapes`` every batch padded to exactly ``max_tokens`` (torch.compile, CUDA graphs)."""
+    """What one batch may hold: ``max_tokens`` (prefix included), ``max_images`` (None: no cap),
+    ``num_prefix_tokens`` per image; ``static_shapes`` pads every batch to ``max_tokens``."""
 
     max_tokens: int
     max_images: Optional[int] = None
@@ -142,9 +137,9 @@ def _as_thresholds(value) -> tuple[float, ...]:
         raise SettingError(f"APTConfig.thresholds must be a sequence of numbers, got {value!r}", "thresholds") from None
     out = []
     for t in items:
-        if isinstance(t, (str, bytes)):
-            raise SettingError(f"APTConfig.thresholds must contain numbers, got {t!r} in {value!r}", "thresholds")
         try:
+            if isinstance(t, (str, bytes)):  # float("5.5") would pass
+                raise TypeError
             out.append(float(t))
         except (TypeError, ValueError):
             raise SettingError(f"APTConfig.thresholds must contain numbers, got {t!r} in {value!r}",

@@ -1,9 +1,5 @@
-"""Image validation, explicit conversions and decoding.
-
-Kernels only ever see C-contiguous uint8 arrays of shape HxW or HxWx3; everything else is
-either converted by an explicit, documented call (`to_rgb_uint8`) or rejected with a message
-that says what is wrong, so nothing fails inside Numba.
-"""
+"""Image validation, explicit conversions and decoding: kernels only ever see C-contiguous uint8 HxW or
+HxWx3 arrays; anything else is converted explicitly (`to_rgb_uint8`) or rejected with a clear message."""
 from __future__ import annotations
 
 import io
@@ -19,11 +15,7 @@ PathLike = Union[str, os.PathLike]
 
 
 def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """Return ``image`` as a C-contiguous uint8 HxW or HxWx3 array, or raise a clear error.
-
-    HxWx1 is accepted and squeezed. RGBA, 16-bit, float and other inputs are rejected:
-    convert them with `to_rgb_uint8`, which documents what it does.
-    """
+    """Return ``image`` as a C-contiguous uint8 HxW or HxWx3 array (HxWx1 squeezed), or raise a clear error."""
     if not isinstance(image, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(image).__name__}"
                         " (decode files with apt_data.load_image)")
@@ -41,14 +33,8 @@ def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """Convert an image array to uint8 HxWx3, explicitly.
-
-    - HxW / HxWx1 gray: the channel is repeated 3 times.
-    - HxWx4 RGBA / HxWx2 gray+alpha: alpha is dropped (as PIL's ``convert("RGB")``).
-    - uint16: scaled to 0..255 by ``round(v / 257)`` (65535 -> 255).
-    - float: taken to be in [0, 1], clipped, scaled by 255 and rounded.
-    - bool: False -> 0, True -> 255.
-    """
+    """Convert an image array to uint8 HxWx3, explicitly: gray repeated, alpha dropped, uint16 by
+    ``round(v / 257)``, float in [0, 1] times 255 (clipped, rounded), bool to 0/255."""
     a = np.asarray(image)
     if a.ndim == 2:
         a = a[:, :, None]
@@ -74,10 +60,7 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def load_image(path: PathLike) -> np.ndarray:
-    """Decode an image file to uint8 HxWx3 RGB at its own size (any mode PIL reads; alpha dropped).
-
-    Raises ``ValueError`` naming the file when it is empty, truncated or not an image.
-    """
+    """Decode an image file to uint8 HxWx3 RGB at its own size (ValueError naming a bad file)."""
     return decode_image(path)
 
 
@@ -96,25 +79,21 @@ def _crop_to_multiple(arr: np.ndarray, multiple: int, label: str) -> np.ndarray:
     return np.ascontiguousarray(arr[top:top + nh, left:left + nw])
 
 
-#: The most pixels that augmentation (`decode_reduced`) decodes of one image, after libjpeg's draft
-#: reduction: Pillow's default ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485, about 268 MB as RGB). Pillow only
-#: warns between 1x and 2x its limit and refuses above 2x (before any decoding, whatever the format); a
-#: larger image is refused here as `ImageTooLarge`, a sample the loader skips and counts as "too large".
+#: The most pixels augmentation (`decode_reduced`) decodes of one image after libjpeg's draft: Pillow's
+#: own ``MAX_IMAGE_PIXELS`` (Pillow itself refuses only above twice that).
 MAX_DECODE_PIXELS = 89_478_485
 
 _I16_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
 class ImageTooLarge(ValueError):
-    """An image that would decode to more pixels than allowed (`MAX_DECODE_PIXELS`): bad data, which a
-    loader skips and counts under its ``reason``."""
+    """An image that would decode to more than the allowed pixels: bad data, skipped under ``reason``."""
 
     reason = "too large"
 
 
 class Decoded(NamedTuple):
-    """What `decode_reduced` returns: ``pixels`` (uint8 HxWx3), the image's ``full_size`` ``(H, W)``
-    before reduction, and ``scale``: ``pixels`` pixels per full-size pixel (the same on both axes)."""
+    """`decode_reduced`'s result: uint8 ``pixels``, the ``full_size`` (H, W), and pixels per full-size pixel."""
 
     pixels: np.ndarray
     full_size: tuple[int, int]
@@ -159,7 +138,7 @@ def _open(source: Union[PathLike, bytes], label: str):
     return Image.open(source)
 
 
-def _rgb(im):
+def to_rgb_pil(im):
     """``im`` as an RGB PIL image: 16-bit scaled to 8 (`to_rgb_uint8`), gray repeated, alpha dropped."""
     from PIL import Image
 
@@ -168,30 +147,22 @@ def _rgb(im):
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def rounded_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
+    """(H, W) of a ``width x height`` image scaled by ``scale``, each side rounded to a multiple of ``multiple``."""
+    return (max(multiple, round(height * scale / multiple) * multiple),
+            max(multiple, round(width * scale / multiple) * multiple))
+
+
 def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, crop: bool = True,
                  multiple: Optional[int] = None, name: Optional[str] = None, crop_pct: float = 1.0,
                  exif_transpose: bool = False) -> np.ndarray:
-    """Decode (and optionally resize) an image to uint8 HxWx3 RGB.
+    """Decode (and optionally resize) an image to uint8 HxWx3 RGB; ``source`` is a path or bytes.
 
-    - ``size=None``: the image at its own size; with ``multiple`` given, centre-cropped down to
-      multiples of it (what `patchify` takes).
-    - ``crop=True``: resize the short side to ``floor(size / crop_pct)`` and centre-crop
-      ``size x size`` (timm's eval transform); ``size`` must be a multiple of ``multiple``.
-    - ``crop=False``: keep the aspect ratio: short side ``size``, long side rounded to the nearest
-      multiple of ``multiple`` (a distortion below ``multiple / 2`` pixels). ``multiple`` defaults to 16.
-
-    JPEGs much larger than the target are decoded at a reduced scale (libjpeg draft mode), which is
-    much faster and still at least twice the target size before the final bicubic resize.
-    ``source`` is a path or the encoded bytes (``name`` then labels errors).
-
-    ``exif_transpose``: apply the EXIF orientation tag (``PIL.ImageOps.exif_transpose``) before
-    resizing. Off by default, as in timm and torchvision (ImageNet is read without it).
-
-    Every failure to decode is a ``ValueError`` naming the file and what is wrong: empty, not an
-    image, truncated or corrupt (whatever PIL raised: OSError, SyntaxError, struct.error, ...),
-    a decompression bomb (more than ``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels; between 1x and 2x
-    PIL only warns, ``DecompressionBombWarning``, and the image is decoded) or too large to fit in
-    memory.
+    ``size=None``: own size (cropped to multiples of ``multiple`` if given); ``crop=True``: timm's eval
+    (short side ``size / crop_pct``, centre crop); ``crop=False``: short side ``size``, sides rounded to
+    ``multiple`` (default 16). Large JPEGs are draft-decoded to at least twice the target. Every
+    failure (empty, not an image, corrupt, decompression bomb, out of memory) is a ``ValueError``
+    naming the file (docs/reliability.md).
     """
     from PIL import Image, ImageOps
 
@@ -212,7 +183,7 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
         im.load()
         if exif_transpose:
             im = ImageOps.exif_transpose(im)
-        im = _rgb(im)
+        im = to_rgb_pil(im)
         if size is None:
             return np.ascontiguousarray(np.asarray(im))
         w, h = im.size
@@ -224,10 +195,7 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
             left, top = (nw - size) // 2, (nh - size) // 2
             im = im.crop((left, top, left + size, top + size))
         else:
-            short = max(multiple, round(size / multiple) * multiple)
-            scale = short / min(w, h)
-            nw = max(multiple, round(w * scale / multiple) * multiple)
-            nh = max(multiple, round(h * scale / multiple) * multiple)
+            nh, nw = rounded_size(w, h, max(multiple, round(size / multiple) * multiple) / min(w, h), multiple)
             im = im.resize((nw, nh), Image.BICUBIC)
         return np.ascontiguousarray(np.asarray(im))
 
@@ -235,17 +203,9 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
 def decode_reduced(source: Union[PathLike, bytes], scale_for: Callable[[int, int], float], *,
                    name: Optional[str] = None, exif_transpose: bool = False,
                    max_pixels: Optional[int] = MAX_DECODE_PIXELS) -> Decoded:
-    """Decode an image reduced as far as ``scale_for(width, height)`` allows (<= 1: the output may have
-    that fraction of the full size per side, not less), in bounded memory: what augmentation decodes
-    before its random crop (`apt_data.transforms.ImageTransform`).
-
-    A JPEG is draft-decoded (libjpeg's DCT scaling by 1/2, 1/4 or 1/8); any other format (PNG, ...)
-    is decoded at full size, then reduced by the largest integer factor the scale allows
-    (``Image.reduce``, a box filter) and converted to RGB a band of rows at a time, so no second
-    full-size copy is ever made. Whatever would decode to more than ``max_pixels`` pixels (after the
-    draft; None: no limit but Pillow's) raises `ImageTooLarge` naming the file, before decoding.
-    ``exif_transpose`` and the errors are those of `decode_image`.
-    """
+    """Decode reduced as far as ``scale_for(width, height)`` (<= 1 per side) allows, in bounded memory:
+    JPEGs by libjpeg's draft, others by ``Image.reduce`` a band of rows at a time (no second full-size
+    copy). More than ``max_pixels`` after the draft raises `ImageTooLarge` before decoding."""
     from PIL import ImageOps
 
     label = _label(source, name)
@@ -277,9 +237,7 @@ def _reduced_size(size: tuple[int, int], k: int) -> tuple[int, int]:
 
 
 def _reduced_rgb(im, k: int):
-    """``im`` (loaded, any mode) reduced ``k`` times (box filter over whole ``k x k`` blocks: a partial
-    last row or column of blocks is left out, so pixel ``i`` covers full-size pixels ``[i k, (i+1) k)``)
-    and converted with `_rgb`, a band of about 4 M pixels at a time."""
+    """``im`` box-reduced ``k`` times over whole blocks and converted with `to_rgb_pil`, ~4 M pixels a band."""
     from PIL import Image
 
     if k == 1 and im.mode == "RGB":
@@ -288,6 +246,6 @@ def _reduced_rgb(im, k: int):
     out = Image.new("RGB", (w, h))
     rows = max(1, (1 << 22) // (w * k * k))  # output rows a band
     for top in range(0, h, rows):
-        band = _rgb(im.crop((0, top * k, w * k, min(h, top + rows) * k)))
+        band = to_rgb_pil(im.crop((0, top * k, w * k, min(h, top + rows) * k)))
         out.paste(band.reduce(k) if k > 1 else band, (0, top))
     return out

@@ -1,8 +1,4 @@
-"""The project's one atomic writer: write a temporary file, fsync it, rename it into place.
-
-Readers of a file written this way see the old file or the complete new one, never a partial one.
-Shards, the Parquet index, checkpoints, metrics and reports are all written through `atomic_write`.
-"""
+"""The project's one atomic writer: readers see the old file or the complete new one, never a part."""
 from __future__ import annotations
 
 import os
@@ -31,13 +27,8 @@ def fsync_dir(path: PathLike) -> None:
 
 def atomic_write(path: PathLike, write: Callable[[Path], object], *, shared: bool = False,
                  durable: bool = True) -> None:
-    """Call ``write(tmp)`` on ``PATH.tmp``, fsync it, rename it to ``path``.
-
-    A failed write leaves neither the temporary file nor a change to ``path``. ``shared``: several
-    processes or threads may write ``path`` at once (a cache), so the temporary name is
-    ``PATH.<pid>.<thread>.tmp``. ``durable=False`` skips the fsyncs (data that may be lost in a
-    crash, e.g. a cache whose entries carry their own checksum).
-    """
+    """Call ``write(tmp)`` on ``PATH.tmp``, fsync it, rename it to ``path``; a failure changes nothing.
+    ``shared``: concurrent writers (a cache) get ``PATH.<pid>.<thread>.tmp``; ``durable=False``: no fsync."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = f".{os.getpid()}.{threading.get_ident()}.tmp" if shared else ".tmp"

@@ -1,11 +1,11 @@
 """Quadtree patch-size selection: `patchify(image, cfg) -> PatchLayout`, the same for every scorer.
 
-Scores come from the scorer registry: the scorer's fused layout kernel when it has one (entropy:
-only the scores the selection reads), else its full score pyramid; `select_patches` then picks the
-patches. Nothing here knows a particular scorer.
+Scores come from the scorer registry (a fused layout kernel, else the full pyramid), then
+`select_patches` picks the patches; nothing here knows a particular scorer.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,12 +18,8 @@ from .scoring import get_scorer, map_shapes, score_flat
 
 @dataclass(frozen=True)
 class PatchLayout:
-    """Where the tokens of one image are: one entry per token.
-
-    ``y``, ``x``: int32 top-left corner in pixels; ``scale``: int8, the token covers
-    ``patch_size * 2**scale`` pixels per side. Tokens are grouped by scale, coarsest first, and in
-    raster order (y, then x) inside a group. Every pixel of the image lies in exactly one token.
-    """
+    """Where the tokens of one image are: int32 top-left ``y``, ``x`` in pixels and int8 ``scale`` per
+    token (``patch_size * 2**scale`` px), grouped by scale coarsest first, raster order inside."""
 
     y: np.ndarray
     x: np.ndarray
@@ -75,11 +71,8 @@ def _paint_scales(ys, xs, scales, p, grid):
 
 @njit(cache=True, nogil=True)
 def select_patches(flat, offsets, hs, ws, thresholds, p, num_scales):
-    """Coarsest-first quadtree selection over the score pyramid -> (y, x, scale) arrays.
-
-    A scale-s cell (s >= 1) is kept where its score < ``thresholds[s-1]`` and no coarser kept
-    patch covers it; base cells not covered by any kept patch become scale-0 tokens.
-    """
+    """Coarsest-first quadtree selection -> (y, x, scale): a scale-s cell is kept where its score <
+    ``thresholds[s-1]`` and no kept coarser patch covers it; uncovered base cells are scale 0."""
     h0 = hs[0]
     w0 = ws[0]
     covered = np.zeros((h0, w0), np.bool_)
@@ -148,11 +141,8 @@ def checked_image(image: np.ndarray, patch_size: int) -> tuple[np.ndarray, int, 
 
 
 def patchify(image: np.ndarray, cfg: APTConfig | None = None) -> PatchLayout:
-    """Choose a patch size for every region of ``image`` (uint8 HxWx3 or HxW).
-
-    Both sides must be multiples of ``cfg.patch_size``; where a side is not a multiple of the
-    largest patch, the strip that fits no larger patch is covered by the finer scales.
-    """
+    """Choose a patch size for every region of ``image`` (uint8 HxWx3 or HxW, sides multiples of
+    ``cfg.patch_size``; strips that fit no larger patch get the finer scales)."""
     cfg = cfg or APTConfig()
     image, H, W = checked_image(image, cfg.patch_size)
     p = cfg.patch_size
@@ -171,25 +161,9 @@ def patchify(image: np.ndarray, cfg: APTConfig | None = None) -> PatchLayout:
     return PatchLayout(y=y, x=x, scale=scale, image_size=(H, W), patch_size=p, num_scales=cfg.num_scales)
 
 
-_THRESHOLDS: dict = {}
-
-
-def _thresholds(cfg: APTConfig) -> np.ndarray:
-    """``cfg.thresholds`` as the float64 array the kernels take (never empty), built once per config."""
-    thr = _THRESHOLDS.get(cfg.thresholds)
-    if thr is None:
-        thr = np.asarray(cfg.thresholds, dtype=np.float64).reshape(-1)
-        if thr.size == 0:
-            thr = np.zeros(1, np.float64)  # num_scales == 1: never read
-        _THRESHOLDS[cfg.thresholds] = thr
-    return thr
-
-
 def layout_from_scores(maps: list[np.ndarray], image_size: tuple[int, int], cfg: APTConfig) -> PatchLayout:
-    """The layout `patchify` would give, from precomputed score maps (e.g. stored in shards).
-
-    ``maps[s]`` must have the shape `score_maps` gives for ``image_size`` (H, W); maps[0] is not read.
-    """
+    """The layout `patchify` would give from precomputed ``maps`` (shaped as `score_maps` for
+    ``image_size``; maps[0] is not read)."""
     H, W = image_size
     p = cfg.patch_size
     if H % p or W % p:
@@ -218,24 +192,17 @@ def layout_from_flat_scores(flat: np.ndarray, image_size: tuple[int, int], cfg: 
     return PatchLayout(y=y, x=x, scale=scale, image_size=(H, W), patch_size=cfg.patch_size, num_scales=cfg.num_scales)
 
 
-_GRIDS: dict = {}
-
-
+@functools.lru_cache(maxsize=4096)  # keep-aspect data sets have many sizes: stay bounded
 def _grid_constants(H: int, W: int, cfg: APTConfig):
     """(hs, ws, offsets, thresholds) arrays of `select_patches` for an image size and config, built once
     (a loader reuses them for every image of a size)."""
-    key = (H, W, cfg.patch_size, cfg.num_scales, cfg.thresholds)
-    c = _GRIDS.get(key)
-    if c is None:
-        if len(_GRIDS) > 4096:  # keep-aspect data sets have many sizes: stay bounded
-            _GRIDS.clear()
-        shapes = map_shapes(H, W, cfg.patch_size, cfg.num_scales)
-        hs = np.array([h for h, _ in shapes], dtype=np.int64)
-        ws = np.array([w for _, w in shapes], dtype=np.int64)
-        offsets = np.zeros(cfg.num_scales + 1, np.int64)
-        np.cumsum(hs * ws, out=offsets[1:])
-        c = _GRIDS[key] = (hs, ws, offsets, _thresholds(cfg))
-    return c
+    shapes = map_shapes(H, W, cfg.patch_size, cfg.num_scales)
+    hs = np.array([h for h, _ in shapes], dtype=np.int64)
+    ws = np.array([w for _, w in shapes], dtype=np.int64)
+    offsets = np.zeros(cfg.num_scales + 1, np.int64)
+    np.cumsum(hs * ws, out=offsets[1:])
+    thr = np.asarray(cfg.thresholds, dtype=np.float64).reshape(-1)
+    return hs, ws, offsets, (thr if thr.size else np.zeros(1, np.float64))  # num_scales == 1: never read
 
 
 __all__ = ["PatchLayout", "layout_from_scores", "patchify", "select_patches", "select_patches_reference"]

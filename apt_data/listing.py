@@ -1,8 +1,5 @@
-"""Image listings: the files of an ImageNet-layout folder or of a text/TSV list, with their labels.
-
-Both `apt_data.sources.FolderSource` (loading) and `apt_data.shards.build` (writing shards) list
-their images here, so a folder gives the same labels whichever way it is read.
-"""
+"""Image listings of an ImageNet-layout folder or a text/TSV list, shared by `FolderSource` and
+`build_shards` so a folder gets the same labels either way."""
 from __future__ import annotations
 
 import logging
@@ -32,13 +29,9 @@ def describe_left_out(left_out: Counter) -> str:
 def list_image_folder(root: PathLike, left_out: Optional[Counter] = None) -> list[tuple[Path, int, str]]:
     """``(path, label, class_name)`` for every image of an ImageNet-layout folder.
 
-    One sub-folder per class; classes sorted by name give labels 0..C-1 (torchvision's
-    ImageFolder order, which for wnid folders is also ImageNet-1k's label order); images are
-    found recursively by extension (`IMAGE_EXTENSIONS`), sorted. Hidden entries are ignored.
-
-    Other files (``.gif``, ``.txt``, ...) are left out, and counted by lower-case extension: into
-    ``left_out`` when given (the caller reports them, as `build_shards`'s summary does), else in
-    one warning naming the folder.
+    Classes sorted by name are labels 0..C-1 (torchvision's order); images found recursively by
+    extension, sorted; hidden entries ignored. Other files are counted by extension into ``left_out``,
+    else reported in one warning.
     """
     root = Path(root)
     if not root.is_dir():
@@ -66,11 +59,8 @@ def list_image_folder(root: PathLike, left_out: Optional[Counter] = None) -> lis
 
 
 def read_file_list(path: PathLike) -> list[tuple[Path, int, str]]:
-    """``(path, label, class_name)`` from a text/TSV list: ``path<TAB>label[<TAB>class_name]``.
-
-    Relative paths are relative to the list's directory; blank lines and ``#`` comments are
-    skipped; a missing class name becomes the label as text.
-    """
+    """``(path, label, class_name)`` from ``path<TAB>label[<TAB>class_name]`` lines (paths relative to the
+    list; blank lines and ``#`` comments skipped)."""
     path = Path(path)
     out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):

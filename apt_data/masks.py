@@ -1,19 +1,15 @@
 """Segmentation masks: decoding and checking one mask, its class-id mapping, packing a batch's masks.
 
-A mask is a uint8 ``HxW`` array of class ids, one per pixel of its image, with `IGNORE_INDEX` (255)
-for pixels no loss or metric counts (void, padding). It is stored as a single-channel PNG (mode
-``L`` or a palette ``P`` image, whose indices are the ids: ADE20K's, Pascal VOC's and CamVid's
-annotations are such files). `MaskLabels` maps a dataset's ids to the trained ones at decoding
-(mmseg's ``reduce_zero_label``, a void id), so every later stage sees ids and 255 only.
-
-`pack_masks` concatenates the masks of a batch into one flat uint8 array with per-image offsets and
-shapes: what `PackedBatch.masks` carries beside the tokens.
+A mask is a uint8 HxW array of class ids with `IGNORE_INDEX` (255) for pixels nothing counts,
+stored as a single-channel (L or P) PNG. `MaskLabels` maps stored ids to trained ones at decoding;
+`pack_masks` concatenates a batch's masks (`PackedBatch.masks`).
 """
 from __future__ import annotations
 
 import io
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -40,12 +36,8 @@ class MaskError(ValueError):
 
 @dataclass(frozen=True)
 class MaskLabels:
-    """How a dataset's stored mask values become trained class ids (applied when a mask is decoded).
-
-    ``reduce_zero_label``: id 0 is "other" and ignored, ids 1..K become 0..K-1 (mmseg's ADE20K
-    setting: 150 classes stored as 1..150). ``void``: stored ids that are ignored (CamVid's 11).
-    Either way the ignored pixels become `IGNORE_INDEX`; 255 stays ignored.
-    """
+    """How stored mask values become trained ids: ``reduce_zero_label`` (0 ignored, 1..K -> 0..K-1,
+    mmseg's ADE20K) and ``void`` (ids ignored); ignored pixels become `IGNORE_INDEX`."""
 
     reduce_zero_label: bool = False
     void: tuple[int, ...] = ()
@@ -75,9 +67,7 @@ class MaskLabels:
 
 
 def _from_pil(im: Any, label: str) -> np.ndarray:
-    if im.mode in ("L", "P"):
-        return np.asarray(im, dtype=np.uint8)
-    if im.mode == "1":
+    if im.mode in ("L", "P", "1"):
         return np.asarray(im, dtype=np.uint8)
     if im.mode in ("I", "I;16", "I;16B", "I;16L"):
         return _from_array(np.asarray(im), label)
@@ -100,11 +90,8 @@ def _from_array(a: np.ndarray, label: str) -> np.ndarray:
 
 
 def decode_mask(data: MaskData, name: str = "", labels: Optional[MaskLabels] = None) -> np.ndarray:
-    """A mask as a C-contiguous uint8 HxW array of class ids (``labels`` applied).
-
-    Raises ``ValueError`` naming the mask (``name``) when it is empty, not an image, corrupt,
-    colour-coded (RGB) or holds ids above 255.
-    """
+    """A mask as a C-contiguous uint8 HxW array of ids (``labels`` applied); ``ValueError`` naming it when
+    empty, not an image, corrupt, RGB or with ids above 255."""
     label = name or "mask"
     if isinstance(data, np.ndarray):
         mask = _from_array(data, label)
@@ -196,11 +183,8 @@ def unpack_masks(flat: Any, sizes: Sequence[tuple[int, int]]) -> list:
 
 
 def pair_masks(images: Union[str, os.PathLike], masks: Union[str, os.PathLike]) -> list[tuple[Any, Any]]:
-    """``[(image path, mask path)]`` for every image under ``images`` (recursively, sorted), its mask
-    the file of the same relative path and stem under ``masks`` (a `MASK_EXTENSIONS` file:
-    ``images/a/x.jpg`` pairs with ``masks/a/x.png``). An image without a mask is an error naming it."""
-    from pathlib import Path
-
+    """``[(image, mask)]`` for every image under ``images`` (sorted), its mask the same relative path and
+    stem under ``masks``; an image without a mask is an error naming it."""
     from .listing import IMAGE_EXTENSIONS
 
     images, masks = Path(images), Path(masks)
@@ -226,7 +210,5 @@ def pair_masks(images: Union[str, os.PathLike], masks: Union[str, os.PathLike]) 
 
 def find_mask_layout(root: Union[str, os.PathLike], split: str = "train") -> Optional[tuple[Any, Any]]:
     """``(root/images/<split>, root/annotations/<split>)`` when ``root`` has ADE20K's folder layout, else None."""
-    from pathlib import Path
-
     images, masks = Path(root) / "images" / split, Path(root) / "annotations" / split
     return (images, masks) if images.is_dir() and masks.is_dir() else None

@@ -1,17 +1,8 @@
 """Mixup and CutMix for token-packed batches: per sample, in the loader's workers, before patchify.
 
-timm's `Mixup` mixes a dense ``[B, 3, H, W]`` batch after collation, pairing image ``i`` with image
-``B - 1 - i``. A packed batch has no such tensor, and its membership depends on the token counts,
-which depend on the mixed pixels (a CutMix box adds edges; a blend changes every patch's entropy).
-So the mixing happens one sample at a time, before the layout is chosen: sample ``i`` of pass
-``epoch`` draws, from its own seed, whether it is mixed, a partner sample ``j != i``, the mode
-(mixup or CutMix) and ``lam``; the partner is read and augmented as it is in its own load of that
-pass, and the image that reaches `patchify` is the mixed one. This is timm's ``mode="elem"`` (one
-``lam`` per image) with a partner drawn from the whole source instead of the batch, and it is
-deterministic whatever the number of workers or ranks. The price: a mixed sample decodes two images.
-
-Targets are soft, as timm's: ``lam * smooth(label) + (1 - lam) * smooth(partner label)``, built by
-`soft_targets` from the batch's ``labels``, ``mix_labels`` and ``mix_lam``.
+Token counts depend on the mixed pixels, so sample ``i`` of pass ``epoch`` draws from its own seed
+whether it is mixed, a partner from the whole source, the mode and ``lam`` (timm's ``mode="elem"``,
+deterministic for any number of workers); `soft_targets` builds timm's soft targets (docs/loader.md).
 """
 from __future__ import annotations
 
@@ -30,14 +21,8 @@ _MIX_STREAM = 0x6D1C  # keeps the mixing draws apart from the augmentation's str
 
 @dataclass(frozen=True)
 class MixConfig:
-    """Mixup / CutMix settings, with timm's names and meanings (`timm.data.Mixup`).
-
-    ``mixup_alpha`` / ``cutmix_alpha``: Beta(alpha, alpha) parameters of ``lam`` (0: that mode off);
-    ``prob``: probability that a sample is mixed at all; ``switch_prob``: probability of CutMix
-    instead of mixup when both are on; ``cutmix_minmax``: (min, max) box side ratios drawn uniformly
-    instead of from ``lam``; ``correct_lam``: ``lam`` of a CutMix sample is its kept area after the
-    box is clipped to the image; ``label_smoothing`` and ``num_classes``: of the soft targets.
-    """
+    """Mixup / CutMix settings, with timm's names and meanings (`timm.data.Mixup`); ``label_smoothing``
+    and ``num_classes`` are those of the soft targets."""
 
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
@@ -117,12 +102,8 @@ def cutmix_box(height: int, width: int, draw: MixDraw) -> tuple[int, int, int, i
 
 def apply_mix(image: np.ndarray, partner: np.ndarray, draw: MixDraw, correct_lam: bool = True,
               mask: Optional[np.ndarray] = None, partner_mask: Optional[np.ndarray] = None):
-    """Mix uint8 HxWx3 ``image`` with ``partner`` (resized to it when their sizes differ):
-    ``(mixed image, lam)``, ``lam`` being the weight of ``image``'s label.
-
-    With a segmentation ``mask`` (and the partner's ``partner_mask``) it returns ``(mixed image, lam,
-    mixed mask)``: CutMix pastes the partner's mask into the same box; Mixup, which blends pixels
-    that then have two classes, does not apply to masks (a ``RuntimeError``: a setting, not bad data)."""
+    """Mix uint8 HxWx3 ``image`` with ``partner`` (resized to it): ``(mixed image, lam)``, or with masks
+    ``(..., mixed mask)`` (CutMix only: Mixup on masks is a ``RuntimeError``)."""
     H, W = image.shape[:2]
     if mask is not None and not draw.cutmix:
         raise RuntimeError(MIXUP_MASKS)
@@ -148,10 +129,7 @@ def apply_mix(image: np.ndarray, partner: np.ndarray, draw: MixDraw, correct_lam
 
 
 def soft_targets(labels, num_classes: int, smoothing: float = 0.0, mix_labels=None, mix_lam=None):
-    """timm's mixup targets, ``[B, num_classes]`` float32 rows summing to 1:
-    ``lam * smooth(labels) + (1 - lam) * smooth(mix_labels)``, where ``smooth`` puts ``1 - smoothing +
-    smoothing / C`` on the label and ``smoothing / C`` elsewhere (no mixing: ``lam = 1``).
-    Tensors in, a tensor on their device out."""
+    """timm's mixup targets ``[B, num_classes]``: ``lam * smooth(labels) + (1 - lam) * smooth(mix_labels)``."""
     import torch
 
     off = smoothing / num_classes

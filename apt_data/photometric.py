@@ -1,12 +1,8 @@
 """mmseg's PhotoMetricDistortion on a uint8 RGB image: one Numba pass, with its NumPy reference.
 
-mmseg applies, each with probability 1/2: brightness (``+ U(-32, 32)``), contrast (``* U(0.5, 1.5)``,
-first or last at random), saturation (``S * U(0.5, 1.5)`` in HSV) and hue (``H + U{-18..17}`` in
-OpenCV's 0-180 units, i.e. 2 degrees each), every step clipped to uint8. Brightness and contrast are
-functions of a channel value alone, so they become 256-entry lookup tables (exact, truncation
-included); saturation and hue go through HSV in floating point (hue in degrees, saturation in
-[0, 1]). Draws come from the sample's generator, so a sample is distorted the same way on every run.
-Touches the image only: masks never pass through here.
+Each with probability 1/2: brightness, contrast (first or last), saturation and hue (HSV), each
+clipped to uint8 as mmseg does; brightness and contrast are exact 256-entry tables. Draws come
+from the sample's generator; masks never pass through here.
 """
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """One sample, one batch: the per-sample pipeline a loader worker runs, and the packing of its output.
 
-`SamplePipeline.load` is sample ``i``'s whole path: read -> transform (seeded per sample) -> layout
-(`patchify`, the stored score maps, or a ``layout_fn`` such as a baseline's). `SamplePipeline.ship`
-packs loaded samples into one batch buffer and hands it to `apt_data.transport`. Both loaders'
-modes (planned bins, streamed packing) and every baseline go through these two functions, so a
-sample is read, augmented and laid out the same way everywhere.
+`SamplePipeline.load` reads, transforms (seeded per sample) and lays out sample ``i``;
+`SamplePipeline.ship` packs loaded samples into one batch buffer. Every loader mode and baseline
+goes through these two, so a sample is treated the same way everywhere.
 """
 from __future__ import annotations
 
@@ -73,9 +71,8 @@ class SkipLimit:
 
 
 class SkipLog:
-    """The bad samples one worker met: each logged and handed to the main process once (with the next
-    batch, `take`), remembered so that it is not decoded again, and counted against ``limit`` for the
-    epoch as it happens, whether or not a batch is shipped (`begin_epoch` starts the count)."""
+    """One worker's bad samples: each logged and handed over once (`take`), never decoded again, and
+    counted against ``limit`` for the epoch as met (`begin_epoch` starts the count)."""
 
     def __init__(self, limit: Optional[SkipLimit] = None):
         self.limit, self.pending, self.count, self.first = limit, [], 0, []
@@ -154,10 +151,8 @@ class LoaderStats:
 class SamplePipeline:
     """Read, transform and lay out one sample; pack loaded samples into a batch.
 
-    ``use_scores``: the source's stored score maps fit ``cfg`` and ``transform`` (layouts for any
-    thresholds come from them instead of rescoring). ``strict``: a bad sample raises instead of
-    being skipped. ``mix``: Mixup / CutMix of each sample with a partner, before its layout
-    (`apt_data.mixing`).
+    ``use_scores``: layouts come from the source's stored score maps; ``strict``: a bad sample raises;
+    ``mix``: Mixup / CutMix with a partner before the layout (`apt_data.mixing`).
     """
 
     source: Source
@@ -205,9 +200,8 @@ class SamplePipeline:
 
     def _mixed(self, img: np.ndarray, i: int, epoch: int,
                mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, MixTarget, Optional[np.ndarray]]:
-        """Sample ``i``'s image (and mask) mixed with its partner of pass ``epoch``
-        (`apt_data.mixing.draw_mix`). An unreadable partner leaves the sample unmixed, with a warning
-        (the partner's own load counts it as a bad sample)."""
+        """Sample ``i`` (and mask) mixed with its partner of pass ``epoch``; an unreadable partner leaves it
+        unmixed, with a warning."""
         if mask is not None and self.mix is not None:
             self.mix.check_masks()
         draw = None if self.mix is None else draw_mix(self.mix, self.seed, epoch, i, len(self.source))
@@ -227,14 +221,13 @@ class SamplePipeline:
             mixed, lam, mask = apply_mix(img, other, draw, self.mix.correct_lam, mask, other_mask)
         return mixed, (int(self.source.labels[j]), lam), mask
 
-    def try_load(self, i: int, epoch: int, skips: SkipLog, exact: Optional[np.ndarray] = None,
-                 with_mask: bool = False) -> Optional[tuple]:
-        """`load` (``with_mask``: `load_with_mask`), with a bad sample added to ``skips`` (strict: raised).
-        ``exact``: the index's token counts, which the layout must match."""
+    def try_load(self, i: int, epoch: int, skips: SkipLog, exact: Optional[np.ndarray] = None) -> Optional[tuple]:
+        """`load_with_mask`, with a bad sample added to ``skips`` (strict: raised). ``exact``: the index's
+        token counts, which the layout must match."""
         if skips.known(i):
             return None
         try:
-            loaded = self.load_with_mask(i, epoch) if with_mask else self.load(i, epoch)
+            loaded = self.load_with_mask(i, epoch)
             if exact is not None and len(loaded[-2]) != exact[i]:
                 raise ScoresMismatch(f"{self.source.keys[i]}: its stored score maps give {len(loaded[-2])} tokens, "
                                      f"the index {exact[i]} (a corrupt .npy member, or an index made with another "
@@ -250,31 +243,27 @@ class SamplePipeline:
     def build(self, sample_ids: np.ndarray, epoch: int, skips: SkipLog, exact: Optional[np.ndarray] = None,
               pool: Optional[SlotPool] = None):
         """Load and pack one planned bin (``exact``: the index's counts, checked)."""
-        images, layouts, labels, keys, mixes = [], [], [], [], []
-        dense, masks = self.source.has_masks, []
+        images, layouts, labels, keys, mixes, masks = [], [], [], [], [], []
         for i in sample_ids.tolist():
-            loaded = self.try_load(i, epoch, skips, exact, with_mask=dense)
+            loaded = self.try_load(i, epoch, skips, exact)
             if loaded is None:
                 continue
-            if dense:  # the mask travels beside its image
-                masks.append(loaded[1])
-                loaded = (loaded[0],) + loaded[2:]
-            img, layout, mixed = loaded
+            img, mask, layout, mixed = loaded
             images.append(img)
+            masks.append(mask)  # None without masks; else it travels beside its image
             layouts.append(layout)
             labels.append(int(self.source.labels[i]))
             keys.append(self.source.keys[i])
             mixes.append(mixed)
         if not images:  # never an empty batch: the skips alone travel to the main process
             return SkippedOnly(skips.take())
-        return self.ship(images, layouts, labels, keys, skips.take(), pool, mixes, masks if dense else None)
+        return self.ship(images, layouts, labels, keys, skips.take(), pool, mixes,
+                         masks if self.source.has_masks else None)
 
     def ship(self, images: list, layouts: list, labels: list, keys: list, skipped: list,
              pool: Optional[SlotPool] = None, mixes: Optional[list] = None, masks: Optional[list] = None):
-        """Pack loaded samples into one batch: a `PackedBatch`, or in a worker process a `WireBatch`.
-        ``mixes``: each sample's `MixTarget` (with `mix` set, the batch carries ``mix_labels`` and
-        ``mix_lam`` for every image: an unmixed one has its own label and ``lam = 1``). ``masks``:
-        each sample's segmentation mask (`PackedBatch.masks`)."""
+        """Pack loaded samples into a `PackedBatch` (in a worker: a `WireBatch`), with each sample's
+        `MixTarget` (``mixes``) and segmentation mask (``masks``) when given."""
         b = self.budget
         real = sum(len(lay) for lay in layouts) + b.num_prefix_tokens * len(layouts)
         if real > b.max_tokens:
@@ -302,9 +291,8 @@ class SamplePipeline:
         return self.budget.check(n, self.source.keys[i])
 
     def mean_tokens(self, ids: np.ndarray) -> float:
-        """Mean tokens per sample (prefix included) over samples ``ids`` run through the pipeline (pass 0's
-        augmentation): the probe that sizes streamed epochs. Unreadable samples are left out; a sample
-        over the budget is an error."""
+        """Mean tokens per sample (prefix included) of samples ``ids`` (pass 0): the probe that sizes
+        streamed epochs. Unreadable samples are left out; one over the budget is an error."""
         return probe_mean([self.tokens(i) for i in ids.tolist()], [self.source.keys[i] for i in ids[:1]])
 
 

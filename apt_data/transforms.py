@@ -1,13 +1,10 @@
-"""Per-sample image transforms, applied to decoded pixels BEFORE patchify.
+"""Per-sample image transforms on decoded pixels, BEFORE patchify: augmentation changes token counts.
 
-Augmentations change the image, so they must run before patch sizes are chosen: random erasing
-with a constant fill, for instance, flattens a region and lowers the token count (as the paper
-notes). Every random choice comes from a per-sample seed, so an epoch is reproducible no matter
-which worker process handles which sample. The input is what a loader `Source` reads: encoded
-bytes or a path, a PIL image, or a uint8 image array.
+Every random choice comes from a per-sample seed, so an epoch is reproducible on any worker.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -17,7 +14,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .image import MAX_DECODE_PIXELS, decode_image, decode_reduced, to_rgb_uint8
+from .image import MAX_DECODE_PIXELS, decode_image, decode_reduced, rounded_size, to_rgb_pil, to_rgb_uint8
 from .masks import IGNORE_INDEX, MaskData, check_mask, decode_mask
 from .photometric import photo_metric_distortion
 
@@ -26,38 +23,13 @@ from .photometric import photo_metric_distortion
 class ImageTransform:
     """Decode + resize (+ train-time augmentation) to a uint8 HxWx3 image for `patchify`.
 
-    Eval (``augment=False``): timm's eval transform, short side ``floor(size / crop_pct)`` then a
-    centre crop ``size x size``; or, with ``keep_aspect=True``, short side ``size`` and both sides
-    rounded to multiples of ``multiple`` (no crop). Train (``augment=True``): RandomResizedCrop
-    (``scale``, ``ratio``) to ``size x size``, horizontal flip with ``hflip``, optional timm
-    RandAugment (``auto_augment``, e.g. ``"rand-m9-mstd0.5-inc1"``) and random erasing with
-    probability ``re_prob`` filled with ``fill`` (the model's mean colour: zero after normalisation).
-    ``exif_transpose``: apply encoded images' EXIF orientation when decoding; off by default, as in
-    timm and torchvision.
-
-    Memory (train, without a mask): an encoded image is decoded reduced as far as its smallest
-    possible random crop allows (`decode_scale`; JPEGs by libjpeg's draft mode), and one that would
-    decode to more than ``max_pixels`` pixels is bad data (`apt_data.image.ImageTooLarge`, skipped and
-    counted as "too large"; None: only Pillow's limit). The crop is drawn in the full image's
-    coordinates, as without the reduction. With a mask the image is decoded at full size (the mask
-    is cut by the same box).
-
-    Segmentation (mmseg's ADE20K pipeline), with ``resize_scale`` set, e.g. ``(2048, 512)``: train
-    is RandomResize (the image scaled, aspect kept, to fit ``resize_scale`` times a ratio drawn from
-    ``resize_ratio``), RandomCrop ``size x size`` (retried up to 10 times while one class covers
-    ``cat_max_ratio`` or more of the crop), flip, PhotoMetricDistortion (``photometric``), and padding
-    to ``size x size`` (image: ``fill``; mask: ``ignore_index``); eval scales the image, aspect kept,
-    to fit ``resize_scale``, sides rounded to ``multiple``, no crop.
-    Called with a ``mask`` (`apt_data.masks.MaskData`) it returns ``(image, mask)``: every geometric
-    step moves the mask with the image by the same code (nearest for the mask), photometric ones
-    touch the image only; RandAugment (which warps) is refused with a mask. ``keep_mask_size`` (eval
-    only): the mask is returned as given, at its image's original size, for metrics at the original
-    resolution (mmseg's evaluation: predictions are upsampled to the mask).
-
-    Errors: input that cannot be decoded, or a mask not of its image's size, raises ``ValueError``
-    (bad data: a loader skips the sample); a failure of the augmentation of a decoded image raises
-    `AugmentationError`, a ``RuntimeError`` (a bug, not bad data: a loader does not skip it); so do
-    settings that cannot carry a mask (RandAugment, exif_transpose, a centre-cropping eval).
+    Eval: timm's (short side ``size / crop_pct``, centre crop), or ``keep_aspect`` (short side
+    ``size``, sides multiples of ``multiple``). Train: RandomResizedCrop, flip, optional RandAugment
+    (``auto_augment``), random erasing filled with ``fill``; decoded reduced as far as the smallest
+    crop allows, over ``max_pixels`` is `ImageTooLarge`. ``resize_scale`` selects mmseg's ADE20K
+    pipeline (docs/dense.md); with a ``mask`` the call returns ``(image, mask)``, moved together.
+    Undecodable input or a mismatched mask raises ``ValueError`` (skipped); a failing augmentation or a
+    setting that cannot carry a mask raises ``RuntimeError`` (docs/reliability.md, docs/loader.md).
     """
 
     size: int = 224
@@ -108,7 +80,7 @@ class ImageTransform:
             s = min(max(self.resize_scale) / max(width, height), min(self.resize_scale) / min(width, height))
         else:
             s = max(m, round(self.size / m) * m) / min(width, height)
-        return max(m, round(height * s / m) * m), max(m, round(width * s / m) * m)
+        return rounded_size(width, height, s, m)
 
     def __call__(self, data: Union[bytes, str, os.PathLike, Any], name: str = "", seed: int = 0,
                  mask: Optional[MaskData] = None):
@@ -146,21 +118,18 @@ class ImageTransform:
         return img, mask if self.keep_mask_size else out
 
     def prepare(self) -> None:
-        """Build now what the transform would build on first use (timm's RandAugment and its imports),
-        e.g. once in a loader's main process before its workers fork, instead of in every worker."""
+        """Build RandAugment now (e.g. in the main process before workers fork), not in every worker."""
         if self.augment and self.auto_augment:
             _rand_augment(self.auto_augment, self.fill)
 
     def decode_scale(self, width: int, height: int) -> float:
-        """How far (a fraction per side, <= 1) a ``width x height`` image may be reduced before the random
-        crop: the smallest crop `_crop_box` can draw (area ``scale[0]``, the extreme ``ratio``) keeps at
-        least ``2 * size`` pixels a side, as `decode_image` keeps twice the output size for eval."""
+        """How far (<= 1 per side) an image may be reduced before the random crop: the smallest crop keeps
+        ``2 * size`` pixels a side, as `decode_image` does for eval."""
         smallest = min(width, height, math.sqrt(width * height * self.scale[0] * min(self.ratio[0], 1 / self.ratio[1])))
         return min(1.0, 2 * self.size / max(1.0, smallest))
 
     def _decode(self, data: Any, name: str) -> tuple[np.ndarray, tuple[int, int], float]:
-        """``(pixels, full (H, W), pixels per full-size pixel)`` to augment: encoded data decoded reduced
-        (`decode_reduced`), decoded data as it is."""
+        """``(pixels, full (H, W), reduction)`` to augment: encoded data decoded reduced, arrays as they are."""
         if isinstance(data, (bytes, bytearray, str, os.PathLike)):
             return decode_reduced(data, self.decode_scale, name=name or None, exif_transpose=self.exif_transpose,
                                   max_pixels=self.max_pixels)
@@ -169,8 +138,7 @@ class ImageTransform:
 
     def _augment(self, pixels: np.ndarray, seed: int, mask: Optional[np.ndarray] = None,
                  full_size: Optional[tuple[int, int]] = None, scale: float = 1.0):
-        """``pixels`` (and ``mask``) augmented; ``full_size``/``scale``: the crop is drawn at ``full_size``
-        and mapped onto ``pixels`` by ``scale`` (a reduced decode, `_decode`; never with a mask)."""
+        """``pixels`` (and ``mask``) augmented; the crop is drawn at ``full_size``, mapped by ``scale``."""
         rng = np.random.default_rng(seed)
         if self.resize_scale is not None:
             img, mask = self._resize_crop(pixels, mask, rng)
@@ -193,8 +161,7 @@ class ImageTransform:
         return img, mask
 
     def _resize_crop(self, pixels: np.ndarray, mask: Optional[np.ndarray], rng: np.random.Generator):
-        """mmseg's RandomResize (keep ratio) + RandomCrop (cat_max_ratio) + RandomFlip + padding, as
-        one resampling of the crop's source box (the same pixels as resizing all, then cropping)."""
+        """mmseg's RandomResize + RandomCrop (cat_max_ratio) + flip + pad, as one resampling of the source box."""
         h, w = pixels.shape[:2]
         r = rng.uniform(*self.resize_ratio)
         f = min(max(self.resize_scale) * r / max(w, h), min(self.resize_scale) * r / min(w, h))
@@ -255,15 +222,13 @@ class ImageTransform:
 
 
 class AugmentationError(RuntimeError):
-    """An augmentation failed on a decoded image: a bug in the transform, not bad data. A
-    ``RuntimeError``, so loaders raise it instead of skipping the sample as they do ``ValueError``."""
+    """An augmentation failed on a decoded image: a bug, not bad data, so loaders do not skip it."""
 
 
 def resample_pair(pixels: np.ndarray, mask: Optional[np.ndarray], box: tuple, size: tuple[int, int], flip: bool,
               nearest: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """The one geometric step of every transform: the source ``box`` (left, top, right, bottom) of
-    the image resized to ``size`` (W, H) bicubic (``nearest``: nearest), and of its mask nearest,
-    both flipped left-right with ``flip``. Same box, same output grid: image and mask stay aligned."""
+    """The one geometric step: ``box`` (l, t, r, b) resized to ``size`` (W, H), bicubic (mask: nearest),
+    flipped with ``flip``; the same box for image and mask keeps them aligned."""
     from PIL import Image
 
     def one(a: np.ndarray, resample) -> np.ndarray:
@@ -296,16 +261,13 @@ def _decoded(data: Any, name: str = "", exif_transpose: bool = False) -> np.ndar
                              "(convert it with apt_data.to_rgb_uint8)")
         return to_rgb_uint8(data)
     if hasattr(data, "getbands"):  # a PIL image
-        if data.mode in ("I;16", "I;16B", "I;16L", "I"):
-            return to_rgb_uint8(np.asarray(data).astype(np.uint16))
-        return np.asarray(data if data.mode == "RGB" else data.convert("RGB"))
+        return np.asarray(to_rgb_pil(data))
     raise TypeError(f"{name or 'image'}: cannot transform a {type(data).__name__} "
                     "(expected encoded bytes, a path, a PIL image or a uint8 array)")
 
 
 def _encoded(data: Any, name: str = "") -> Union[bytes, str, os.PathLike]:
-    """``data`` as `decode_image` takes it: bytes and paths as they are; decoded pixels as lossless
-    (uncompressed PPM) bytes, so every input goes through the one resize of `decode_image`."""
+    """``data`` as `decode_image` takes it: decoded pixels become lossless PPM bytes (one resize path)."""
     if isinstance(data, (bytes, bytearray, str, os.PathLike)):
         return data
     from PIL import Image
@@ -315,36 +277,29 @@ def _encoded(data: Any, name: str = "") -> Union[bytes, str, os.PathLike]:
     return buf.getvalue()
 
 
-_RA_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _rand_augment(config: str, fill: tuple[int, int, int]):
     """timm's RandAugment on PIL images, seeded per call (it draws from `random` and `np.random`)."""
-    key = (config, fill)
-    if key not in _RA_CACHE:
-        from timm.data.auto_augment import rand_augment_transform
+    from timm.data.auto_augment import rand_augment_transform
 
-        ra = rand_augment_transform(config, {"translate_const": 100, "img_mean": tuple(fill)})
-        _fix_ops(ra.ops)
+    ra = rand_augment_transform(config, {"translate_const": 100, "img_mean": tuple(fill)})
+    _fix_ops(ra.ops)
 
-        def apply(img, seed: int, _ra=ra):
-            state, np_state = random.getstate(), np.random.get_state()
-            random.seed(seed)
-            np.random.seed(seed)
-            try:
-                return _ra(img)
-            finally:
-                random.setstate(state)
-                np.random.set_state(np_state)
+    def apply(img, seed: int):
+        state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return ra(img)
+        finally:
+            random.setstate(state)
+            np.random.set_state(np_state)
 
-        _RA_CACHE[key] = apply
-    return _RA_CACHE[key]
+    return apply
 
 
 def _posterize(img, bits_to_keep, **_):
-    """timm's ``posterize`` for every level it can draw: PosterizeIncreasing asks for 0 bits at
-    magnitude 10, which Pillow >= 11 rejects ("bits must be between or equal to 1 and 8"); keeping
-    0 bits is a black image, as Pillow < 11 and the TensorFlow reference give."""
+    """timm's ``posterize`` at every level: 0 bits (rejected by Pillow >= 11) is a black image."""
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
@@ -367,10 +322,7 @@ def _fix_ops(ops: list) -> list:
 def segmentation_transform(size: int = 512, augment: bool = True, multiple: int = 16,
                            fill: tuple[int, int, int] = (128, 128, 128), long_side: Optional[int] = None,
                            keep_mask_size: bool = False) -> ImageTransform:
-    """mmseg's ADE20K recipe at crop ``size``: train with RandomResize to (``long_side``, ``size``)
-    (default ``4 * size``, mmseg's 2048 for 512) times 0.5-2.0, RandomCrop ``size`` with
-    cat_max_ratio 0.75, flip 0.5, PhotoMetricDistortion, padding; eval resizing to fit the same
-    scale, no crop (``keep_mask_size``: masks at their original size, for metrics there)."""
+    """mmseg's ADE20K recipe at crop ``size``, resize scale (``long_side``, default ``4 * size``, ``size``)."""
     scale = (int(long_side or 4 * size), int(size))
     if augment:
         return ImageTransform(size=size, multiple=multiple, augment=True, resize_scale=scale, cat_max_ratio=0.75,

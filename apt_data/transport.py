@@ -1,15 +1,13 @@
 """How a loader worker hands a packed batch to the main process: a slot of a shared-memory pool.
 
-A fresh shared-memory segment per batch (what a worker gets from `torch` by default, and what
-``default_collate`` uses) costs more CPU than building the batch: creating it, faulting in every
-page, passing its descriptor, mapping it in the main process, tearing it down. Instead the parent
-maps a `SlotPool` once, before the workers fork; a worker packs into one of its own free slots and
-sends only the `BatchSpec` and the slot number (`WireBatch`); the main process copies the bytes
-out (straight into pinned memory when pinning) and hands the slot back through that worker's pipe.
-A worker with no free slot, or a batch larger than a slot, falls back to a fresh segment.
+A fresh shared-memory segment per batch (torch's default) costs more CPU than building the batch,
+so the parent maps a `SlotPool` once before the workers fork; a worker packs into a free slot and
+sends the `BatchSpec` and slot number (`WireBatch`); the main process copies the bytes out and
+returns the slot. No free slot, or a batch too large: a fresh segment.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import mmap
@@ -32,11 +30,8 @@ _POOL_IDS = itertools.count()
 
 
 class SlotPool:
-    """Shared-memory slots that forked DataLoader workers pack batches into, reused batch after batch.
-
-    ``num_workers x slots`` slots of ``slot_bytes`` each, in one anonymous shared mapping; the free
-    slot numbers of each worker travel through a pipe of its own (one byte each).
-    """
+    """``num_workers x slots`` shared-memory slots of ``slot_bytes`` in one anonymous mapping, reused;
+    each worker's free slot numbers travel through its own pipe (one byte each)."""
 
     def __init__(self, num_workers: int, slots: int, slot_bytes: int):
         self.num_workers, self.slots, self.slot_bytes = int(num_workers), int(slots), int(slot_bytes)
@@ -53,11 +48,9 @@ class SlotPool:
     def reset(self) -> None:
         """Every slot free (call only while no worker of this pool runs)."""
         for r, w in self._pipes:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 while os.read(r, 4096):
                     pass
-            except BlockingIOError:
-                pass
             os.write(w, bytes(range(self.slots)))
 
     def acquire(self, worker: int, nbytes: int) -> Optional[int]:
@@ -84,10 +77,8 @@ class SlotPool:
         if getattr(self, "_owner", None) == os.getpid():
             for r, w in getattr(self, "_pipes", ()):
                 for fd in (r, w):
-                    try:
+                    with contextlib.suppress(OSError):
                         os.close(fd)
-                    except OSError:
-                        pass
 
 
 def _no_pool() -> None:
@@ -106,11 +97,8 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
 
 
 class WireBatch:
-    """What a worker sends for one batch: its `BatchSpec` and its bytes, in a pool slot or a tensor.
-
-    The main process (or the DataLoader's pin-memory thread, through `pin_memory`) turns it into
-    a `PackedBatch` whose tensors are views of one private (or pinned) buffer.
-    """
+    """What a worker sends for one batch: its `BatchSpec` and bytes (pool slot or tensor), made a
+    `PackedBatch` of one private (or pinned) buffer in the main process."""
 
     def __init__(self, spec: BatchSpec, pool_id: Optional[int] = None, worker: int = 0, slot: int = 0,
                  data: Optional[torch.Tensor] = None, masks: Optional[tuple] = None):
@@ -149,15 +137,11 @@ def ship_batch(spec: BatchSpec, images: Sequence[np.ndarray], layouts: Sequence[
     """Fill a prepared batch where it travels best: a `PackedBatch` in the main process; in a worker,
     a `WireBatch` in a free slot of ``pool`` (or in a fresh shared segment when there is none)."""
     info = get_worker_info()
-    if info is None:
-        data = new_buffer(spec.nbytes, shared=False)
-        fill_batch(spec, images, layouts, labels, data.numpy())
-        return spec.to_batch(data)
-    slot = pool.acquire(info.id, spec.nbytes) if pool is not None else None
+    slot = pool.acquire(info.id, spec.nbytes) if info is not None and pool is not None else None
     if slot is None:
-        data = new_buffer(spec.nbytes, shared=True)
+        data = new_buffer(spec.nbytes, shared=info is not None)
         fill_batch(spec, images, layouts, labels, data.numpy())
-        return WireBatch(spec, data=data)
+        return spec.to_batch(data) if info is None else WireBatch(spec, data=data)
     try:
         fill_batch(spec, images, layouts, labels, pool.view(info.id, slot, spec.nbytes))
     except BaseException:
@@ -175,9 +159,8 @@ def forks() -> bool:
 
 def take_pool(current: Optional[SlotPool], num_workers: int, prefetch_factor: Optional[int],
               slot_bytes: Optional[int]) -> Optional[SlotPool]:
-    """A reset slot pool for one iteration with forked workers: ``current`` when it is idle and fits,
-    else a new one; None where workers are not forked (a spawned worker cannot share the mapping) or
-    the batch size is unknown (every batch then takes a fresh segment)."""
+    """A reset slot pool for one iteration: ``current`` when idle and large enough, else a new one; None
+    when workers are not forked or the batch size is unknown."""
     if not forks() or not slot_bytes:
         return None
     slots = min(255, max(2, int(prefetch_factor or 2) + 1))  # slot numbers travel as one byte

@@ -1,20 +1,9 @@
 """Window-compatible patch layouts for windowed ViTs (SAM / ViTDet-style window attention).
 
-A windowed block attends inside square windows of ``window`` base cells (``window * patch_size``
-px), laid from the image's top-left corner. An APT token must lie inside one window: a 64-px token
-(4 cells) straddles the border of SAM's 14-cell windows wherever ``y % 14 > 10`` (rows 12-15 and
-40-43 of a 64-cell grid). Two ways to get a layout where no token straddles a border:
-
-- `patchify_windowed` / `layout_from_scores_windowed`: the quadtree selection itself is run with
-  every straddling scale-s cell made ineligible (its score set to +inf, never below a threshold),
-  so that region is decided by the finer scales under their own thresholds (the selection rule is
-  otherwise unchanged);
-- `split_for_windows`: an existing layout (e.g. from a shard index or a loader) post-processed:
-  each straddling token is replaced by its four children, recursively, until none straddles.
-
-Scale-s tokens never straddle when ``window`` is a multiple of ``2**s`` (e.g. 32-px tokens in
-14-cell windows), and nothing is changed at all when ``window`` is a multiple of the largest patch.
-``window=0`` means no windows (global attention only): layouts are returned unchanged.
+No token may straddle a border of ``window``-cell windows: `patchify_windowed` /
+`layout_from_scores_windowed` make straddling cells ineligible in the selection, and
+`split_for_windows` splits straddling tokens of an existing layout into children. ``window=0``: no
+windows, layouts unchanged (docs/dense.md).
 """
 from __future__ import annotations
 
@@ -95,19 +84,16 @@ def split_for_windows(layout: PatchLayout, window: int) -> PatchLayout:
     bad = straddling(y, x, 1 << s, window)
     if not bad.any():
         return layout
-    keep_y, keep_x, keep_s = [y[~bad]], [x[~bad]], [s[~bad]]
-    y, x, s = y[bad], x[bad], s[bad]
-    while len(s):  # s >= 1 here: a single cell never straddles
-        h = 1 << (s - 1)
+    keep = []
+    while len(s):
+        keep.append((y[~bad], x[~bad], s[~bad]))
+        y, x, s = y[bad], x[bad], s[bad]
+        h = 1 << (s - 1)  # s >= 1 here: a single cell never straddles
         y = np.concatenate([y, y, y + h, y + h])
         x = np.concatenate([x, x + h, x, x + h])
         s = np.concatenate([s - 1] * 4)
         bad = straddling(y, x, 1 << s, window)
-        keep_y.append(y[~bad])
-        keep_x.append(x[~bad])
-        keep_s.append(s[~bad])
-        y, x, s = y[bad], x[bad], s[bad]
-    y, x, s = np.concatenate(keep_y), np.concatenate(keep_x), np.concatenate(keep_s)
+    y, x, s = (np.concatenate(v) for v in zip(*keep))
     order = np.lexsort((x, y, -s))
     return PatchLayout(y=(y[order] * p).astype(np.int32), x=(x[order] * p).astype(np.int32),
                        scale=s[order].astype(np.int8), image_size=tuple(layout.image_size), patch_size=p,
@@ -119,16 +105,11 @@ def pack_windowed(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None,
                   layouts: Optional[Sequence[PatchLayout]] = None):
     """`pack_images` for a windowed ViT (e.g. ``window=model.window_size`` of an APT SAM model):
     layouts from `patchify_windowed`, or the given ``layouts`` passed through `split_for_windows`."""
-    from .assemble import pack_images
+    from .assemble import layouts_of, pack_images
 
     cfg = cfg or APTConfig()
     if layouts is None:
-        layouts = []
-        for i, im in enumerate(images):
-            try:
-                layouts.append(patchify_windowed(im, cfg, window))
-            except ValueError as e:
-                raise ValueError(f"image {i}: {e}") from None
+        layouts = layouts_of(images, lambda im: patchify_windowed(im, cfg, window))
     else:
         layouts = [split_for_windows(lay, window) for lay in layouts]
     return pack_images(images, cfg, labels=labels, num_prefix_tokens=num_prefix_tokens, layouts=layouts,

@@ -1,23 +1,9 @@
 """`APTLoader`: a drop-in training/eval loader whose worker processes emit ready token-packed batches.
 
-The driver here owns what both ways of filling a batch share: the settings, the worker processes
-and their lifetime, the shared-memory slot pool, skip accounting and the saved state. How batches
-are filled is a strategy (``packing``):
-
-- **stream** (`apt_data.loader.streamed`; the default wherever token counts are not known up front:
-  augmented training, image folders, datasets, thresholds other than an index's): every worker
-  packs its own share of the samples by their *real* token counts. Training epochs are a fixed
-  number of batches per rank, known before the epoch starts and equal on every rank; no sample
-  appears twice in an epoch, every sample once per pass, and samples not reached carry over into
-  the next epoch (a source too small for that streams one whole pass per epoch). Evaluation
-  (``train=False``) reads every sample exactly once per epoch.
-- **plan** (`apt_data.loader.planned`; the default when a shard index holds exact counts for this
-  config and transform): each epoch is planned in every rank's main process from those counts,
-  identically on all ranks. Asked for explicitly without exact counts, it plans from uniform-grid
-  upper bounds (batches then hold only the tokens APT keeps of that bound).
-
-Either way a worker runs every sample through `apt_data.pipeline.SamplePipeline` (read -> transform
--> layout), packs the batch into one buffer and hands it over through `apt_data.transport`.
+The driver owns what both packing strategies share (settings, workers and their lifetime, the slot
+pool, skip accounting, saved state); how batches are filled is the strategy: ``stream``
+(`apt_data.loader.streamed`, real token counts packed in each worker) or ``plan``
+(`apt_data.loader.planned`, epochs planned from an index's exact counts). See docs/loader.md.
 """
 from __future__ import annotations
 
@@ -50,8 +36,7 @@ STATE_VERSION = 1
 
 @dataclass
 class LiveWorkers:
-    """An iteration's DataLoader whose workers are kept after the epoch's last batch: they hold the
-    start of the next epoch (``epoch`` is the one they finished)."""
+    """An iteration's DataLoader kept after the epoch's last batch (its workers hold the next epoch)."""
 
     dataloader: DataLoader
     dataset: IterableDataset
@@ -69,28 +54,15 @@ class LiveWorkers:
 
 
 class APTLoader:
-    """Token-budget batches of APT-patchified images: yields ``(batch, targets)``.
+    """Token-budget batches of APT-patchified images: yields ``(batch, targets)`` (docs/loader.md).
 
-    ``source``: a shard folder / ``index.parquet`` written by ``tools/make_shards.py``, webdataset
-    shard URLs (brace notation), an image folder (ImageNet layout), a map-style dataset of
-    ``(image, label)`` items (torchvision ``ImageFolder``, a Hugging Face split), or a `Source`.
-    ``max_tokens``: tokens per batch, class/prefix tokens included; ``max_images``: optional cap
-    (both checked by `apt_data.config.TokenBudget`).
-    ``image_size``: default the shards' own size (their index), else 224.
+    ``source``: shards, webdataset URLs, an image folder, a map-style dataset or a `Source`.
+    ``max_tokens`` (prefix tokens included), ``max_images``: the batch budget (`TokenBudget`).
     ``packing``: ``"stream"``, ``"plan"`` or ``"auto"`` (plan when an index gives exact counts).
-    ``open_bins``: batches filled at once (default 8 when planning, 2 when streaming).
-    ``steps_per_epoch``: batches per rank and epoch when streaming a training set (default: just
-    under one pass, estimated from ``probe_samples`` samples run through the pipeline).
-    ``static_shapes``: pad every batch to exactly ``max_tokens`` (torch.compile / CUDA graphs).
-    ``rank``/``world_size``: default to torch.distributed's when it is initialised.
-    ``strict``: raise on a bad sample instead of logging, counting and skipping it.
-    ``max_skip_fraction``: more bad samples in an epoch than this share of the rank's samples, or of
-    one worker's (and more than 10), or a worker's whole share unreadable, stop the epoch with
-    `TooManySkipped`.
-    ``layout_fn``: `LayoutFn` used instead of `patchify` (e.g. a baseline's layouts); with planned
-    packing it must keep at most the image's APT token count (exactly that with an index).
-    ``mix``: Mixup / CutMix (`apt_data.mixing.MixConfig`) of training samples, before patchify; the
-    loader then yields timm's soft targets ``[B, num_classes]`` instead of labels.
+    ``steps_per_epoch``: streamed training's batches per epoch (default: estimated from
+    ``probe_samples``). ``strict``: raise on a bad sample instead of skipping it;
+    ``max_skip_fraction``: more skips than this share stop the epoch (`TooManySkipped`).
+    ``layout_fn`` replaces `patchify`; ``mix`` (Mixup / CutMix) makes targets soft.
     """
 
     def __init__(self, source: Any, cfg: Optional[APTConfig] = None, *, max_tokens: int,
@@ -153,8 +125,7 @@ class APTLoader:
         return transform
 
     def with_layout_fn(self, layout_fn: Optional[LayoutFn]) -> "APTLoader":
-        """This loader with other layouts: the same samples per epoch, epoch and ``stats`` (a bad
-        sample met by both counts once), its own workers."""
+        """This loader with other layouts: the same samples, epoch and ``stats``, its own workers."""
         other = copy.copy(self)
         other.layout_fn, other._pool, other._plans, other._live = layout_fn, None, dict(self._plans), None
         other.strategy = self.strategy.clone(other)
@@ -225,13 +196,11 @@ class APTLoader:
         return self.strategy.steps_per_epoch()
 
     def mean_images_per_batch(self) -> float:
-        """Mean images per batch of this rank: planned batches' exact mean, or for streamed packing the
-        budget filled to 99% with the probed mean tokens per sample (capped by ``max_images``)."""
+        """Mean images per batch of this rank (planned: exact; streamed: the probed estimate)."""
         return self.strategy.mean_images_per_batch()
 
     def describe(self) -> str:
-        """How batches are filled, for messages: e.g. "planned packing ..., 30.1 images per batch (mean of
-        the epoch's plan)"."""
+        """How batches are filled, for messages."""
         return self.strategy.describe()
 
     def __len__(self) -> int:
@@ -253,7 +222,7 @@ class APTLoader:
 
     def resume_from(self, epoch: int, step_in_epoch: int, state: Optional[dict] = None) -> None:
         """Continue ``epoch`` after ``step_in_epoch`` batches: from ``state`` (`state_dict`) when given, else
-        from (epoch, step) where the strategy can (planned packing); a ValueError says why not."""
+        where the strategy can (planned packing; a ValueError says why not)."""
         if state is not None:
             self.load_state_dict(state)
             return
@@ -273,8 +242,7 @@ class APTLoader:
         return d
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where the loader that wrote ``state`` stood (same data, seed, world size,
-        number of workers; raises ValueError naming what differs)."""
+        """Continue exactly where the loader that wrote ``state`` stood (ValueError naming what differs)."""
         for k, mine in (("packing", self.packing), ("seed", self.seed), ("world_size", self.world_size),
                         ("rank", self.rank), ("num_workers", self.num_workers), ("num_samples", len(self.source))):
             if state.get(k) != mine:
@@ -367,8 +335,7 @@ def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int
 
 
 def _clean_errors(it: Iterator) -> Iterator:
-    """``it``'s items; a library error raised in a worker process comes out as itself, with its own
-    message (the DataLoader wraps it in the worker's traceback)."""
+    """``it``'s items; a library error from a worker comes out as itself, not wrapped in its traceback."""
     try:
         yield from it
     except (TooManySkipped, SettingError) as e:

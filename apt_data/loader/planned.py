@@ -1,12 +1,8 @@
 """Planned packing: every epoch's bins made up front from per-sample token counts.
 
-The counts are exact where a shard index holds them for the loader's config and transform, else the
-uniform-grid count of each sample, an upper bound (APT never adds tokens). An epoch's plan is a pure
-function of ``(seed, epoch)``, identical on every rank: samples shuffled, packed greedily
-(`apt_data.binpack.pack_greedy`) and split so every rank gets as many bins (`split_for_ranks`).
-`PlannedBins` is the worker side: this rank's bins, dealt round-robin to the workers. With several
-ranks, a bin whose samples are all bad is padded with the worker's next readable sample, so every
-rank still yields the same number of batches. The streamed alternative is `apt_data.loader.streamed`.
+Counts are the index's exact ones, else uniform-grid upper bounds. A plan is a pure function of
+``(seed, epoch)``, the same on every rank (`pack_greedy`, `split_for_ranks`); `PlannedBins` deals
+this rank's bins to the workers.
 """
 from __future__ import annotations
 
@@ -32,9 +28,8 @@ __all__ = ["PlannedBins", "PlannedPacking", "plan_epoch", "uniform_token_counts"
 
 
 def uniform_token_counts(source: "Source", transform: ImageTransform, patch_size: int) -> np.ndarray:
-    """Uniform-grid patch tokens of every sample after ``transform``: an upper bound of its APT tokens.
-    Keep-aspect transforms read each sample's size (an unreadable one counts 1: loading it then
-    counts the skip)."""
+    """Uniform-grid patch tokens of every sample after ``transform`` (an upper bound of its APT tokens;
+    keep-aspect reads each size, an unreadable sample counts 1)."""
     p = patch_size
     if not transform.keep_aspect:
         return np.full(len(source), (transform.size // p) ** 2, np.int64)
@@ -60,9 +55,8 @@ def plan_epoch(counts: np.ndarray, keys: Sequence[str], seed: int, epoch: int, s
 class PlannedBins(IterableDataset):
     """Worker side of a planned epoch: this rank's ``bins``, dealt round-robin to the workers.
 
-    ``pad``: a bin of bad samples only becomes a batch of the worker's next readable sample (from
-    its later bins, else its earlier ones) instead of yielding no batch (several ranks must stay in
-    step). ``limit``: the skip limit of the rank's epoch, applied to each worker's share.
+    ``pad``: a bin of bad samples only becomes a batch of the worker's next readable sample (ranks stay
+    in step). ``limit``: the rank's skip limit, applied to each worker's share.
     """
 
     def __init__(self, pipeline: SamplePipeline, bins: list[np.ndarray], epoch: int, exact: Optional[np.ndarray],

@@ -1,13 +1,8 @@
 """The epoch-length probe of streamed training: the mean tokens per sample of the pipeline.
 
-A streamed training epoch is a number of batches fixed before it starts, sized from the mean token
-count of ``probe_samples`` samples run through the pipeline (`apt_data.loader.stream.estimate_steps`).
-The probed samples are the first ones every worker role draws in pass 0 (`probe_ids`), so the
-probe is work the workers do anyway: with one rank, the workers probe their own samples as they
-start (`ProbeBoard`, a shared-memory board), keep them for their first batches and agree on the
-epoch's length among themselves; the main process reads the board once a batch arrives. Without
-workers, with several ranks (which must all agree without talking), or when the length is asked
-for before iterating, the main process probes the same samples itself: the same numbers either way.
+The probed samples are the first each worker role draws in pass 0 (`probe_ids`). With one rank,
+forked workers probe them as they start (`ProbeBoard`) and keep them for their first batches;
+otherwise the main process probes the same samples itself: the same numbers either way.
 """
 from __future__ import annotations
 
@@ -41,9 +36,8 @@ def probe_ids(num_samples: int, seed: int, world_size: int, roles: int, shuffle:
 
 
 class ProbeBoard:
-    """Where forked workers post the token counts of their probed samples (one row per role), and
-    wait for each other: every worker then sizes the epoch from the same numbers. A worker whose
-    probe fails posts its error, which every waiting worker raises as well."""
+    """Shared memory where forked workers post their probed token counts (one row per role) and wait for
+    each other; a failed probe posts its error, which every waiting worker raises."""
 
     def __init__(self, ids: list[np.ndarray]):
         self.ids = ids

@@ -1,24 +1,8 @@
-"""Streaming token-budget packing: every loader worker packs its own samples by their real token counts.
+"""Streaming token-budget packing: each loader worker packs its own samples by their real token counts.
 
-Token counts after augmentation are known only once a sample is decoded, augmented and patchified,
-so an epoch of augmented training cannot be planned up front. Instead each worker process owns a
-fixed share of the samples (its *partition*: the samples shuffled once with ``seed``, dealt to ranks,
-then to workers) and walks it as an endless stream, reshuffled every *pass*. It packs the samples
-it has processed into ``open_bins`` open batches (first fit, the fullest batch leaves when nothing
-fits, as `apt_data.binpack`), so batches are full to within a fraction of one image.
-
-An epoch is a fixed number of batches per rank (``steps_per_epoch``), dealt to workers as the
-DataLoader reads them (batch ``k`` comes from worker ``k % num_workers``), known before it starts
-and the same on every rank. Samples a worker drew but has not yet emitted when its share of the
-epoch is done (its open batches), and the rest of the current pass, carry over into the next epoch.
-Within an epoch no sample is emitted twice: a sample met again in the next pass while it was
-already drawn this epoch is deferred to the next epoch (`SampleStream`); a worker that has drawn
-its whole partition in one epoch stops drawing and empties its open batches.
-
-Everything here is plain data (no decoding): `SampleStream` says which sample comes next,
-`StreamPacker` groups processed samples into batches, `WorkerState` is the small picklable
-record from which a worker continues, exactly, after a restart (resume) or a new epoch, and
-`RankStream` holds those of one rank's workers between batches (what the loader saves).
+Augmented token counts are known only after decoding, so each worker streams its fixed partition
+(reshuffled every pass) into ``open_bins`` first-fit batches. An epoch is a fixed number of batches
+per rank; what a worker drew but did not emit carries over. Plain data only: see docs/loader.md.
 """
 from __future__ import annotations
 
@@ -38,24 +22,18 @@ Ref = tuple[int, int]  # (pass, sample index): a sample's identity in the stream
 
 def partition(num_samples: int, seed: int, rank: int, world_size: int, worker: int, num_workers: int,
               shuffle: bool = True) -> np.ndarray:
-    """The samples one worker of one rank owns: shuffled once with ``seed``, dealt to ranks, then to workers.
-
-    Partitions of all (rank, worker) pairs are disjoint and cover every sample once.
-    """
+    """The samples one worker of one rank owns: shuffled once with ``seed``, dealt to ranks, then to workers
+    (all partitions disjoint, together every sample once)."""
     order = np.random.default_rng([seed, 0x5EED]).permutation(num_samples) if shuffle else np.arange(num_samples)
     return order[rank::world_size][worker::num_workers].astype(np.int64)
 
 
 def estimate_steps(partition_sizes: list[int], mean_tokens: float, max_tokens: int, max_images: Optional[int],
                    num_workers: int, open_bins: int = 2, margin: float = 0.03, fill: float = 0.99) -> int:
-    """Batches per rank and epoch, the same on every rank (``partition_sizes`` are all ranks' and
-    workers' partition sizes; ``mean_tokens`` comes from a deterministic probe).
+    """Batches per rank and epoch, the same on every rank (details: docs/loader.md, "Small sources").
 
-    Every worker fills its share from under one pass of its partition: ``margin`` below it (for the
-    error of ``mean_tokens``), less the samples its ``open_bins`` open batches hold at the epoch's
-    end (drawn in this epoch, emitted in the next). A partition too small for that to leave
-    `PASS_BATCHES` batches makes every epoch one whole pass instead: enough batches to hold the
-    partition at 90% of the estimated fill (the last ones, split if need be, empty the packer).
+    Each worker fills its share from under one pass of its partition, ``margin`` below it, less what
+    its open batches hold at the end; below `PASS_BATCHES` batches an epoch is one whole pass.
     """
     per_batch = max_tokens * fill / max(float(mean_tokens), 1.0)
     if max_images:
@@ -77,13 +55,9 @@ def worker_quotas(steps: int, num_workers: int) -> list[int]:
 class WorkerState:
     """Where one worker's stream stands: enough to continue it exactly in a fresh process.
 
-    ``pass_``/``index``: the next position in the stream; ``deferred``: samples met again while
-    already drawn this epoch; ``bins``: the samples drawn but not yet emitted, as (pass, sample,
-    tokens) per open batch, in the packer's order; ``draws``: samples drawn since the epoch began
-    (replaying them from the epoch's first state rebuilds the set of samples drawn this epoch);
-    ``emitted``: batches emitted this epoch; ``ready``: how many of ``bins`` are complete batches
-    waiting to be emitted; ``resets``: the draw counts at which an over-long epoch had to start
-    drawing its partition again (see `SampleStream.reset`).
+    ``bins``: drawn, not yet emitted (pass, sample, tokens) per batch, ``ready`` of them complete;
+    ``draws``: draws since the epoch began (replayed to rebuild the drawn set); ``resets``: the draw
+    counts at which `SampleStream.reset` was called.
     """
 
     pass_: int = 0
@@ -119,9 +93,8 @@ class WorkerState:
 class SampleStream:
     """One worker's endless order of samples: its partition reshuffled every pass, no repeat in an epoch.
 
-    `draw` returns the next ``(pass, sample)`` not yet drawn in this epoch (deferred samples
-    first), or None once every sample of the partition has been drawn in this epoch. Drawing never
-    depends on the samples' contents, so a stream is rebuilt exactly by replaying its draws.
+    `draw` gives the next ``(pass, sample)`` (deferred ones first), or None once the whole partition
+    was drawn this epoch. Draws never depend on contents, so replaying them rebuilds the stream.
     """
 
     def __init__(self, samples: np.ndarray, seed: int, key: int, shuffle: bool = True,
@@ -224,9 +197,8 @@ class StreamPacker(FirstFit):
         return self.ready.pop(0) if self.ready else None
 
     def flush(self, count: Optional[int] = None) -> None:
-        """Let ``count`` open batches leave now (all when None): repacked first-fit decreasing so the
-        fewest, fullest batches leave; with ``count`` larger than that, the batches with most images
-        are halved until there are ``count`` (fewer when there are not enough items)."""
+        """Let ``count`` open batches leave now (all when None), repacked first-fit decreasing; for more
+        batches than that, the fullest-in-images are halved (fewer when items run out)."""
         items = sorted((it for b in self.bins for it in b), key=lambda it: -it.tokens)
         self.bins, self.used = [], []
         for it in items:
@@ -262,12 +234,9 @@ def epoch_batches(stream: SampleStream, packer: StreamPacker, quota: Optional[in
                   emitted: int = 0, on_reset=None):
     """Yield ``(batch items, state after it)`` for one worker's share of an epoch.
 
-    ``process(ref) -> Item | None`` reads, transforms and patchifies one sample (None: skipped as
-    bad). ``quota``: batches to emit in this epoch (training); None: one pass, then every open batch
-    leaves (evaluation: each sample exactly once). ``emitted``: batches already emitted (resume).
-    When the partition is drawn out before the quota is met, the open batches leave, halved if
-    needed; only if even that cannot meet the quota does the stream `reset` (``on_reset`` is told).
-    A whole partition drawn without one usable sample raises `NothingReadable` (never drawn again).
+    ``process(ref) -> Item | None`` (None: skipped as bad). ``quota``: batches this epoch; None: one
+    pass, then all open batches leave (evaluation). A drawn-out partition flushes its open batches,
+    then `reset`s (``on_reset`` is told); one with no usable sample raises `NothingReadable`.
     """
     usable = bool(packer.bins or packer.ready)
     while quota is None or emitted < quota:
@@ -298,13 +267,8 @@ def epoch_batches(stream: SampleStream, packer: StreamPacker, quota: Optional[in
 
 @dataclass
 class RankStream:
-    """Per-role stream states of one rank for ``epoch``; ``consumed`` batches of it taken so far.
-
-    For every worker role it keeps the `WorkerState` at the start of the current epoch and the one
-    after the role's last batch that the main process consumed. From these a fresh set of worker
-    processes continues the stream exactly (after a resume, or when workers were not kept), and the
-    next epoch starts where this one ended.
-    """
+    """Per-role `WorkerState` of one rank at the epoch's start and after its last consumed batch: from
+    these, fresh workers continue exactly and the next epoch starts where this one ended."""
 
     roles: int
     epoch: int = 0
@@ -343,9 +307,7 @@ class RankStream:
         return cls(len(starts), int(d["state_epoch"]), starts, progress, int(d["step"]))
 
     def carried_over(self, partition_sizes: list[int]) -> int:
-        """Sample visits of the passes under way not yet emitted: pending in open batches, deferred, or not
-        yet read in the current pass (a sample still pending from one pass may also wait unread in the
-        next, and then counts twice). ``partition_sizes``: each role's number of samples."""
+        """Sample visits drawn or unread in the passes under way and not yet emitted (may count twice)."""
         total = 0
         for role in range(self.roles):
             st = self.progress[role] or self.starts[role]

@@ -1,14 +1,8 @@
 """Streamed packing: every worker packs its own share of the samples by their real token counts.
 
-`apt_data.loader.stream` holds the plain data (partitions, streams, the packer, `WorkerState`);
-here are its two live parts. `StreamEpoch` is what a worker process runs: it draws its samples,
-runs each through the loader's per-sample pipeline, packs them and yields each batch tagged with
-its role and the `WorkerState` after it. `StreamedPacking` is the loader's strategy: epoch length,
-worker quotas, and which kept workers can serve the next epoch.
-
-A `StreamEpoch` keeps its stream, its open batches and their decoded images between epochs when
-the DataLoader keeps its workers (``persistent_workers``): the next epoch then continues in memory
-instead of decoding the carried-over samples again.
+`StreamEpoch` runs in a worker: it draws samples (`apt_data.loader.stream`), runs them through the
+pipeline, packs them and yields each batch with its role and `WorkerState`; with persistent workers
+it keeps its stream and decoded images between epochs. `StreamedPacking` is the loader's strategy.
 """
 from __future__ import annotations
 
@@ -72,11 +66,9 @@ class _Kept:
 class StreamEpoch(IterableDataset):
     """Worker side of streaming packing for one rank.
 
-    ``starts[role]``: each role's state at the start of ``epoch``; ``progress[role]``: its state
-    after the last batch the main process consumed in this epoch (None: none yet). Worker ``id``
-    plays role ``(id + offset) % num_workers``, so a run resumed after ``k`` batches continues the
-    DataLoader's round-robin where it stood. ``quotas[role]``: batches per epoch (None: one pass,
-    evaluation; or, with a ``board``, the workers probe the epoch's length first: `apt_data.loader.probe`).
+    ``starts``/``progress``: each role's state at the epoch's start and after its last consumed batch.
+    Worker ``id`` plays role ``(id + offset) % num_workers`` (a resumed run continues the round-robin).
+    ``quotas[role]``: batches per epoch (None: one pass; with a ``board``, probed first).
     """
 
     def __init__(self, pipeline: SamplePipeline, setup: StreamSetup, exact: Optional[np.ndarray], epoch: int,
@@ -110,11 +102,10 @@ class StreamEpoch(IterableDataset):
         if ref in self.probed:
             return self.probed.pop(ref)
         p, i = ref
-        dense = self.pipeline.source.has_masks
-        loaded = self.pipeline.try_load(i, p, self.skips, self.exact, with_mask=dense)
+        loaded = self.pipeline.try_load(i, p, self.skips, self.exact)
         if loaded is None:
             return None
-        img, mask, layout, mixed = loaded if dense else (loaded[0], None) + loaded[1:]  # mask: beside its image
+        img, mask, layout, mixed = loaded  # the mask (or None) travels beside its image
         key = self.pipeline.source.keys[i]
         tokens = self.pipeline.budget.check(len(layout) + self.pipeline.budget.num_prefix_tokens, key)
         return Item(ref, tokens, (img, layout, int(self.pipeline.source.labels[i]), key, mixed, mask))
@@ -188,9 +179,8 @@ class StreamEpoch(IterableDataset):
 
 
 class StreamedPacking:
-    """Streamed packing as a strategy of `apt_data.loader.APTLoader`: a training epoch is a fixed number
-    of batches per rank (``steps_per_epoch``, estimated from a probe of the pipeline's token counts
-    unless given), dealt to the workers as the DataLoader reads them; evaluation reads one pass."""
+    """Streamed packing as a strategy of `APTLoader`: a training epoch is ``steps_per_epoch`` batches per
+    rank (probed unless given), dealt to workers as read; evaluation reads one pass."""
 
     name = "stream"
     default_open_bins = 2

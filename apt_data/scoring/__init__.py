@@ -1,9 +1,7 @@
 """Multi-scale patch scorers: how much detail each patch of each scale holds.
 
-`score_maps` / `score_flat` dispatch through the scorer registry (`registry.py`); each built-in
-scorer (`entropy`, `laplacian`, `upsample`) is one module that registers itself when imported.
-Built-in kernels are ``@njit(cache=True, nogil=True)`` (no Python loop over patches) with a plain
-NumPy reference beside each that only the tests use.
+`score_maps` / `score_flat` dispatch through the registry; each built-in scorer is one module of
+Numba kernels with a NumPy reference for the tests, registered on import.
 """
 from __future__ import annotations
 
@@ -22,11 +20,8 @@ def map_shapes(height: int, width: int, patch_size: int, num_scales: int) -> lis
 
 def score_flat(image: np.ndarray, patch_size: int, num_scales: int, scorer: str = "entropy",
                need_base: bool = True) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
-    """Score every scale into one flat float32 buffer: ``(flat, offsets, shapes)``.
-
-    ``image`` must already have passed `check_image`. ``need_base=False`` lets a scorer skip the
-    scale-0 scores (selection never reads them); those entries are then undefined.
-    """
+    """Score every scale of a checked ``image`` into one flat float32 buffer: ``(flat, offsets, shapes)``;
+    ``need_base=False`` may leave scale 0 undefined."""
     kernel = get_scorer(scorer).pyramid
     shapes = map_shapes(image.shape[0], image.shape[1], patch_size, num_scales)
     sizes = np.array([h * w for h, w in shapes], dtype=np.int64)
@@ -42,11 +37,7 @@ def score_flat(image: np.ndarray, patch_size: int, num_scales: int, scorer: str 
 
 
 def score_maps(image: np.ndarray, patch_size: int, num_scales: int, scorer: str = "entropy") -> list[np.ndarray]:
-    """Score map of each scale: ``maps[s]`` is float32 of shape ``(H // (p*2**s), W // (p*2**s))``.
-
-    ``image`` is uint8 HxWx3 or HxW (see `check_image`). Pixels beyond the last whole patch of a
-    scale are ignored by that scale. ``scorer``: any registered name (`scorer_names()`).
-    """
+    """Score map of each scale, float32 ``(H // (p*2**s), W // (p*2**s))`` (partial patches ignored)."""
     get_scorer(scorer)
     if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) or patch_size <= 0:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")

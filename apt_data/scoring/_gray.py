@@ -1,9 +1,5 @@
-"""Grayscale conversion shared by all scorers (float32, the same arithmetic as the paper's torch code).
-
-``gray = 0.2989 R + 0.5870 G + 0.1140 B`` evaluated in float32 as torch evaluates it: each
-product rounded to float32, then ``(R' + G') + B'``. Kernels read images as a 2-D uint8 view
-``(H, W * C)`` (C = 1 or 3) so their inner loops run over contiguous memory and vectorise.
-"""
+"""Grayscale shared by all scorers: ``0.2989 R + 0.5870 G + 0.1140 B`` in float32 as torch evaluates
+it; kernels read images as a contiguous 2-D uint8 view ``(H, W * C)``."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,29 +1,14 @@
 """The entropy scorer (the paper's): Shannon entropy of each patch's grayscale histogram, in bits.
 
-512 bins over [0, 255] with torch.histc semantics (``bin = floor(g / 255 * 512)`` in float32,
-g == 255 in the last bin), entropy in bits; tests check the bins against ``torch.histc`` for
-every gray value an RGB pixel can produce.
-
-Two kernels, one definition (both bin pixels with `band_bins` and call `_histogram_entropy` on
-identical integer counts, so a score they both compute is bit-identical):
-
-- `entropy_pyramid` (`score_maps`): every patch of every scale. Each pixel is counted once into
-  the histogram of its patch at the finest scale needed; a coarser histogram is the sum of its
-  four children's. Cost O(pixels + patches x bins), streamed one row of patches at a time.
-- `entropy_layout` (`patchify`, through the registry's fused layout kernel `entropy_layout_scores`):
-  only what the coarsest-first selection reads. It never histograms scale 0, and it computes an
-  exact entropy only where cheap bounds cannot decide the threshold comparison (see
-  `entropy_layout`). Pixels are counted into four interleaved sub-histograms (by row and column
-  parity), so runs of equal neighbouring bins do not serialise on one counter.
-
-Entropy of a histogram of n samples is ``log2(n) - sum(c log2 c) / n``, ``c log2 c`` from a
-table, skipping runs of 8 empty bins.
-
-Every kernel these two call is defined in this module (only the gray weights, plain float32
-constants, come from `_gray`), so Numba's on-disk cache, which checks only the timestamp of the file
-that defines a kernel, never keeps stale entropy code after this file is edited.
+512 bins with torch.histc semantics (``floor(g / 255 * 512)`` in float32, 255 in the last bin).
+Two kernels bin with `band_bins` and share `_histogram_entropy`, so their scores are bit-identical:
+`entropy_pyramid` (every patch of every scale, coarse histograms summed from children) and
+`entropy_layout` (only what the coarsest-first selection reads, mostly decided by bounds).
+Every kernel they call is defined here: Numba's cache checks only the defining file's timestamp.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from numba import njit
@@ -48,11 +33,7 @@ def _histogram_entropy(h, n, log2_n, clog):
 
 @njit(cache=True, nogil=True)
 def band_bins(rows, channels, y0, nrows, ncols, r, g, b, out):
-    """``out[rr, x]`` = bin of pixel (y0 + rr, x), for x < ncols.
-
-    RGB rows are first split into planes (``r``, ``g``, ``b``) so that the float32 gray and bin
-    arithmetic (the paper's expression, in the same order) runs as one contiguous SIMD loop.
-    """
+    """``out[rr, x]`` = bin of pixel (y0 + rr, x), for x < ncols; RGB split into planes first (SIMD)."""
     for rr in range(nrows):
         row = rows[y0 + rr]
         o = out[rr]
@@ -73,10 +54,8 @@ def band_bins(rows, channels, y0, nrows, ncols, r, g, b, out):
 
 @njit(cache=True, nogil=True)
 def entropy_pyramid(rows, channels, p, num_scales, first, clog, flat, offsets):
-    """Entropy map of scales ``first..num_scales-1`` into ``flat`` (scale s at ``offsets[s]``).
-
-    ``rows`` is the ``(H, W*C)`` uint8 view of the image. Scales below ``first`` are not written.
-    """
+    """Entropy map of scales ``first..num_scales-1`` into ``flat`` (scale s at ``offsets[s]``) from the
+    ``(H, W*C)`` uint8 view ``rows``; lower scales are not written."""
     H = rows.shape[0]
     W = rows.shape[1] // channels
     hs = np.empty(num_scales, np.int64)
@@ -141,9 +120,8 @@ _U = np.uint64
 
 @njit(cache=True, nogil=True, inline="always")
 def _count_cell(bins, nrows, x0, ncols, sub):
-    """Count one cell's pixels (``bins`` rows ``0..nrows-1``, columns ``x0..x0+ncols-1``; both
-    sizes even) into four sub-histograms chosen by row and column parity: neighbouring pixels,
-    often of equal bins, then never update the same counter back to back."""
+    """Count one cell's pixels into four sub-histograms by row and column parity, so that equal
+    neighbouring bins never update the same counter back to back."""
     for rr in range(0, nrows, 2):
         o0 = bins[rr]
         o1 = bins[rr + 1]
@@ -156,11 +134,8 @@ def _count_cell(bins, nrows, x0, ncols, sub):
 
 @njit(cache=True, nogil=True, inline="always")
 def _merge_sub(sub, h, wide):
-    """``h`` = the sum of the four sub-histograms, which are cleared; returns (sum c^2, non-empty bins).
-
-    32-bit lanes (numba would widen every step to 64 bits) unless ``wide``: sum c^2 <= n^2 must
-    fit in uint32, i.e. n < 2**16 pixels.
-    """
+    """``h`` = the sum of the four (then cleared) sub-histograms; returns (sum c^2, non-empty bins).
+    32-bit lanes unless ``wide`` (n >= 2**16 pixels)."""
     nz = np.uint32(0)
     sq = np.uint64(0)
     sq32 = np.uint32(0)
@@ -183,14 +158,10 @@ def _merge_sub(sub, h, wide):
 def entropy_layout(rows, channels, p, num_scales, thresholds, clog, sub, flat, offsets, hs, ws):
     """Decide every scale >= 1 patch the coarsest-first selection reads; write its score to ``flat``.
 
-    Equivalent to `entropy_pyramid` + `select_patches`, but (1) only scale-1 histograms are built
-    from pixels (one band of scale-1 rows at a time); (2) a patch is looked at only when no
-    coarser kept patch covers it (lazily, coarsest first, once its band of the coarsest scale is
-    complete); (3) bounds (see `BOUND_MARGIN`) decide most comparisons, and the exact entropy is
-    computed only for the rest. ``flat`` gets, for every patch the selection reads, either the exact
-    score or a bound on the same side of the threshold, so `select_patches` on it gives the exact
-    layout. ``sub``: ``[2048]`` zeroed pixel counters, left zeroed (uint16: a scale-1 patch puts at
-    most p*p pixels into each of its four sub-histograms, and `APTConfig` keeps p <= 255).
+    Only scale-1 histograms are built from pixels; a patch is looked at only when no kept coarser
+    patch covers it; bounds (`BOUND_MARGIN`) decide most comparisons. ``flat`` gets the exact score or
+    a bound on the same side of the threshold, so `select_patches` gives the exact layout. ``sub``:
+    ``[2048]`` zeroed uint16 counters (p <= 255), left zeroed.
     """
     L = num_scales - 1
     if L < 1 or hs[1] == 0 or ws[1] == 0:
@@ -287,8 +258,7 @@ def _decide(s0, i0, j0, L, p, thresholds, clog, hist1, lo, hi, tmp, stack, flat,
 
 @njit(cache=True, nogil=True)
 def _entropy_layout_flat(rows, channels, p, num_scales, thresholds, clog, hs, ws, offsets):
-    """`entropy_layout` into a fresh score buffer (``offsets[num_scales]`` float32; entries it does
-    not decide are left unset and never read by the selection)."""
+    """`entropy_layout` into a fresh buffer (undecided entries are unset and never read)."""
     flat = np.empty(offsets[num_scales], np.float32)
     sub = np.zeros(4 * 512, np.uint16)  # a scale-1 patch puts <= p*p pixels in each sub-histogram
     entropy_layout(rows, channels, p, num_scales, thresholds, clog, sub, flat, offsets, hs, ws)
@@ -297,8 +267,7 @@ def _entropy_layout_flat(rows, channels, p, num_scales, thresholds, clog, hs, ws
 
 def entropy_layout_scores(image: np.ndarray, p: int, num_scales: int, thresholds: np.ndarray, hs: np.ndarray,
                           ws: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """The registry's fused layout kernel: the scores `select_patches` reads, decided lazily by
-    `entropy_layout` (``hs``, ``ws``, ``offsets``, ``thresholds``: the image's `_grid_constants`)."""
+    """The registry's fused layout kernel (``hs``, ``ws``, ``offsets``: the image's `_grid_constants`)."""
     rows, channels = as_rows(image)
     clog = clog_table((p << (num_scales - 1)) ** 2)
     return _entropy_layout_flat(rows, channels, p, num_scales, thresholds, clog, hs, ws, offsets)  # p <= 255
@@ -311,17 +280,12 @@ def entropy_scores(image: np.ndarray, p: int, num_scales: int, first: int, flat:
     entropy_pyramid(rows, channels, p, num_scales, first, clog_table((p << (num_scales - 1)) ** 2), flat, offsets)
 
 
-_CLOG_CACHE: dict[int, np.ndarray] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def clog_table(max_count: int) -> np.ndarray:
     """float64 table of ``c * log2(c)`` for c in 0..max_count (0 log 0 = 0)."""
-    t = _CLOG_CACHE.get(max_count)
-    if t is None:
-        c = np.arange(max_count + 1, dtype=np.float64)
-        t = np.zeros_like(c)
-        t[1:] = c[1:] * np.log2(c[1:])
-        _CLOG_CACHE[max_count] = t
+    c = np.arange(max_count + 1, dtype=np.float64)
+    t = np.zeros_like(c)
+    t[1:] = c[1:] * np.log2(c[1:])
     return t
 
 

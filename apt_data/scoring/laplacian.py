@@ -1,8 +1,7 @@
 """The ``laplacian`` scorer: mean absolute discrete Laplacian of the grayscale image per patch (paper appendix).
 
-``L = 4 g(y,x) - g(y-1,x) - g(y+1,x) - g(y,x-1) - g(y,x+1)`` on the whole image with edge
-replication at the image border, so a patch's score does not depend on where the grid is cut.
-Scale-0 means are per base patch; a coarser mean is the mean of its four children's means.
+Computed on the whole image (edges replicated), so a score does not depend on the grid; coarser
+means are the means of their four children.
 """
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
 """The scorer registry: one `Scorer` record per name, the only place the rest of apt_data learns about scorers.
 
-A scorer maps every patch of every scale to "how much detail it holds" (low: the patch may be
-merged into a larger one). Its module registers it with `register_scorer`: the pyramid kernel
-(`score_maps`, shards), the plain NumPy reference (tests), an optional fused layout kernel
-(`patchify`), and default thresholds in the scorer's own units. `APTConfig`, `score_maps`,
-`patchify`, `layout_from_scores`, the CLI flags and `warmup()` all read this registry, so a new
-scorer is one module (plus its test) that calls `register_scorer` when imported.
-
-Registrations are per process: DataLoader workers started by fork inherit them; with the spawn
-start method the module that registers a scorer must be imported by the workers too.
+A scorer's module calls `register_scorer` with its pyramid kernel, NumPy reference, optional fused
+layout kernel and default thresholds; so a new scorer is one module. Registrations are per process:
+with the spawn start method, workers must import the registering module too.
 """
 from __future__ import annotations
 
@@ -69,9 +63,9 @@ def _check_thresholds(name: str, table: Mapping[int, Sequence[float]]) -> dict[i
     for n, t in dict(table).items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"scorer {name!r}: default thresholds are keyed by num_scales >= 2, got {n!r}")
-        if isinstance(t, (str, bytes)):
-            raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} must be numbers, got {t!r}")
         try:
+            if isinstance(t, (str, bytes)):  # a string is a sequence of characters
+                raise TypeError
             vals = tuple(float(v) for v in t)
         except (TypeError, ValueError):
             raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} must be numbers, "
@@ -86,12 +80,8 @@ def register_scorer(name: str, pyramid: PyramidKernel, reference: ReferenceScore
                     default_thresholds: Mapping[int, Sequence[float]], layout_kernel: Optional[LayoutKernel] = None,
                     units: str = "", description: str = "", replace: bool = False,
                     builtin: bool = False) -> Scorer:
-    """Register a scorer under ``name`` and return its record.
-
-    ``default_thresholds`` maps ``num_scales`` to the thresholds `APTConfig` takes when none are
-    given (e.g. ``{3: (5.5, 4.0)}``); other scale counts then require explicit thresholds.
-    Registering a taken name raises ValueError unless ``replace`` (built-ins cannot be replaced).
-    """
+    """Register a scorer under ``name`` and return its record; ``default_thresholds``: ``num_scales`` ->
+    thresholds (e.g. ``{3: (5.5, 4.0)}``). A taken name is a ValueError unless ``replace`` (not built-ins)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"scorer name must be an identifier-like string, got {name!r}")
     old = _REGISTRY.get(name)
@@ -141,12 +131,6 @@ class _ScorerNames(Sequence):
     def __len__(self) -> int:
         return len(_REGISTRY)
 
-    def __contains__(self, name) -> bool:
-        return isinstance(name, str) and name in _REGISTRY
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(scorer_names())
-
     def __eq__(self, other) -> bool:
         if isinstance(other, (_ScorerNames, tuple, list)):
             return scorer_names() == tuple(other)
@@ -162,8 +146,6 @@ class _References(Mapping):
     """Live, read-only ``{name: reference}`` view (the old ``REFERENCE_SCORERS`` dict)."""
 
     def __getitem__(self, name: str) -> ReferenceScorer:
-        if name not in _REGISTRY:
-            raise KeyError(name)
         return _REGISTRY[name].reference
 
     def __len__(self) -> int:

@@ -1,9 +1,7 @@
 """The ``upsample`` scorer: reconstruction error of a patch after 2^s-down-then-up-sampling (paper appendix).
 
-A scale-s patch is what the model sees after area-resizing it to the base patch size, i.e. each
-2^s x 2^s pixel block replaced by its mean. The score is the mean squared error between the
-grayscale patch and that block-mean reconstruction (nearest up-sampling), which equals
-``(sum g^2 - sum_blocks (block sum)^2 / 4^s) / pixels``. Scale 0 is lossless: its map is 0.
+The mean squared error against 2^s x 2^s block means:
+``(sum g^2 - sum_blocks (block sum)^2 / 4^s) / pixels``; scale 0 is 0.
 """
 from __future__ import annotations
 

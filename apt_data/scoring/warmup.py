@@ -12,13 +12,8 @@ __all__ = ["warmup"]
 
 
 def warmup() -> None:
-    """Run every kernel once on a tiny image so their compiled code is loaded.
-
-    Call it in the parent process before DataLoader workers fork: the workers then inherit the
-    compiled code instead of each loading or compiling it. Covers every registered scorer, the
-    quadtree selection and token extraction, for writable and read-only arrays (`decode_image`
-    returns read-only views of Pillow's buffer, which Numba compiles separately).
-    """
+    """Run every kernel (scorers, selection, token extraction) once on a tiny image, writable and
+    read-only, so that forked workers inherit the compiled code instead of each loading it."""
     img = np.zeros((64, 64, 3), np.uint8)
     img[::2] = 200
     readonly = img.copy()

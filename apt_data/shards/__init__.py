@@ -1,15 +1,7 @@
-"""Webdataset-compatible tar shards with precomputed APT score maps, and a Parquet index.
+"""Webdataset-compatible tar shards with precomputed APT score maps, and a Parquet index (docs/shards.md).
 
-A shard is a plain tar that `webdataset.WebDataset` reads as is: each sample is the members
-``<key>.cls``, ``<key>.jpg``, ``<key>.json`` and ``<key>.npy`` (`format`). The index
-(``<prefix>.parquet``, `index`) has one row per sample with its label, sizes, token counts and
-the byte offset and size of every member, so a loader plans batches without opening a shard and
-reads any sample with one seek (`reader`), verifying the CRC32C of every member the index records. Nothing is ever pickled, and shards and index are
-written atomically (`writer`, `apt_data.io`). `build` makes a shard set from images.
-
-Modules: `errors` (ShardDataError, ShardStats), `format` (members, validation), `reader`,
-`writer`, `encode` (one source image -> stored sample), `index`, `urls`, `build` (imported on
-its own: ``from apt_data.shards.build import build_shards``).
+Modules: `errors`, `format` (members, validation), `reader`, `writer`, `encode`, `index`, `urls`,
+`build` (imported on its own: ``from apt_data.shards.build import build_shards``).
 """
 from ..io import atomic_write, atomic_write_bytes, fsync_dir
 from ..listing import IMAGE_EXTENSIONS, list_image_folder, read_file_list

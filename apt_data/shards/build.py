@@ -1,12 +1,8 @@
-"""Building a shard set from images: planning, one task per shard, sidecar resume, and a lock on the output.
+"""Building a shard set from images: planning, one task per shard, sidecar resume, a lock on the output.
 
-`build_shards(SRC, OUT, ...)` writes ``OUT/{prefix}-000000.tar, ...``, ``OUT/{prefix}.parquet``
-and ``OUT/classes.tsv`` from an ImageNet-layout folder or a text/TSV list, or, with ``masks=DIR``,
-from a folder of images paired with their segmentation masks by file stem (``.seg.png`` members). Each shard is written
-to ``.tmp``, fsynced and renamed; then its sidecar ``.tar.idx.json`` (rows + skipped sources) is
-written the same way, and only a shard with a matching sidecar counts as done, so a killed run
-leaves no partial .tar and a rerun redoes only what is missing. The index is built at the end from
-the sidecars. ``tools/make_shards.py`` is its command line; see docs/shards.md.
+Each shard is written atomically, then its sidecar ``.tar.idx.json``; only a shard with a matching
+sidecar counts as done, so a rerun redoes only what is missing, and the index is built from the
+sidecars. ``tools/make_shards.py`` is its command line; see docs/shards.md.
 """
 from __future__ import annotations
 
@@ -237,21 +233,12 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
                  progress: bool = True, keep_sidecars: bool = True, part: Optional[int] = None,
                  num_parts: int = 1, merge: bool = False, exif_transpose: bool = False,
                  masks: Optional[PathLike] = None, mask_labels: Optional[MaskLabels] = None) -> BuildResult:
-    """Build (or finish building) ``OUT/{prefix}-*.tar`` and ``OUT/{prefix}.parquet``; see the module doc.
+    """Build (or finish building) ``OUT/{prefix}-*.tar`` and ``OUT/{prefix}.parquet`` (docs/shards.md).
 
-    Raises `ShardDataError` at the first unreadable source with ``strict``; otherwise such sources
-    are skipped, logged and counted in the result's ``stats``.
-
-    Split over machines: ``part=K, num_parts=N`` builds only shards ``K, K+N, K+2N, ...`` (with
-    their sidecars, no index; any machine, any order, the same options everywhere), then
-    ``merge=True`` (same options) checks that every shard of the plan is complete and writes the
-    index, byte-identical to a one-machine build; a missing shard is an error naming it.
-
-    Segmentation (``masks``: a folder of masks paired with the images of ``src`` by relative path
-    and stem): every sample gets its mask as a ``.seg.png`` member, resized nearest with its image
-    (which keeps its aspect: ``crop=False`` is required), its ids mapped by ``mask_labels``;
-    ``limit_per_class`` / ``skip_per_class`` then pick among all images. A mask that is missing is
-    an error; one that is unreadable or not its image's size is a skipped source (``bad_mask``).
+    Unreadable sources are skipped and counted in ``stats`` (``strict``: `ShardDataError`).
+    ``part``/``num_parts`` build every N-th shard only; ``merge`` then checks all and writes the index.
+    ``masks``: a folder of masks paired by relative path and stem, stored as ``.seg.png`` (needs
+    ``crop=False``); a missing mask is an error, a bad one a skipped source (``bad_mask``).
     """
     t0 = time.perf_counter()
     cfg = cfg or APTConfig()
@@ -292,25 +279,21 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
             log.info("%d of %d shards already complete; building %d", resumed, len(mine), len(pending))
         workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(pending) or 1))
         _run_tasks(tasks, pending, done, workers, progress, f"make_shards {prefix}", mine)
-        if part is not None:
-            stats = _collect(tasks, sorted(mine))[1]
-            res = BuildResult(out=out, index_path=None, num_samples=stats.samples, num_shards=len(mine),
-                              built=len(pending), resumed=resumed, stats=stats, seconds=time.perf_counter() - t0,
-                              left_out=left_out)
-            log.debug("build_shards: %s: %s", out, res.summary())
+        if part is None:
+            table, stats = _collect(tasks, range(len(tasks)), cfg.num_scales)
+            settings.update(prefix=prefix, shards=[Path(t.path).name for t in tasks], num_samples=table.num_rows,
+                            classes=class_info, seed=seed, shuffle=shuffle, format="webdataset tar")
+            index_path = out / f"{prefix}.parquet"
+            write_index(index_path, table, cfg, settings)
+            if not keep_sidecars:
+                for t in tasks:
+                    _sidecar(Path(t.path)).unlink(missing_ok=True)
+        else:
+            index_path, stats = None, _collect(tasks, sorted(mine))[1]
             (out / f".{prefix}.part-{part}-of-{num_parts}.lock").unlink(missing_ok=True)
-            return res
-        table, stats = _collect(tasks, range(len(tasks)), cfg.num_scales)
-        settings.update(prefix=prefix, shards=[Path(t.path).name for t in tasks], num_samples=table.num_rows,
-                        classes=class_info, seed=seed, shuffle=shuffle, format="webdataset tar")
-        index_path = out / f"{prefix}.parquet"
-        write_index(index_path, table, cfg, settings)
-        if not keep_sidecars:
-            for t in tasks:
-                _sidecar(Path(t.path)).unlink(missing_ok=True)
     finally:
         os.close(lock)
-    res = BuildResult(out=out, index_path=index_path, num_samples=table.num_rows, num_shards=len(tasks),
+    res = BuildResult(out=out, index_path=index_path, num_samples=stats.samples, num_shards=len(mine),
                       built=len(pending), resumed=resumed, stats=stats, seconds=time.perf_counter() - t0,
                       left_out=left_out)
     log.debug("build_shards: %s: %s", out, res.summary())  # the caller prints it (tools/make_shards.py)

@@ -47,14 +47,11 @@ class EncodedSample:
 def encode_sample(source: Union[PathLike, bytes], cfg: APTConfig, image_size: Optional[int], *,
                   crop: bool = True, multiple: Optional[int] = None, quality: int = 95,
                   name: Optional[str] = None, exif_transpose: bool = False) -> EncodedSample:
-    """Resize a source image for storage and compute its score maps and token counts.
+    """Resize a source image for storage (`decode_image`) and compute its score maps and token counts.
 
-    The image is resized with `decode_image` (``size=image_size``, ``crop``) and re-encoded as
-    JPEG (``quality``, 4:2:0, optimised Huffman tables), unless the source already is a JPEG at
-    exactly the stored size, whose bytes are then kept (no second generation loss). Scores and
-    counts are computed on the *decoded stored bytes*, so they equal what a loader recomputes.
-    ``exif_transpose``: apply the source's EXIF orientation first (off by default, as timm does).
-    Raises `SourceError` (a ValueError) with a reason for unreadable sources.
+    Re-encoded as JPEG (``quality``, 4:2:0, optimised) unless it already is a JPEG of the stored size
+    (kept: no second generation loss). Scores come from the decoded stored bytes, as a loader would
+    compute them. Unreadable sources raise `SourceError` with a reason.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -101,10 +98,8 @@ def encode_sample(source: Union[PathLike, bytes], cfg: APTConfig, image_size: Op
 
 def encode_sample_mask(mask: Union[PathLike, bytes], enc: EncodedSample, labels: Optional[Any] = None,
                        name: str = "") -> bytes:
-    """The stored mask of a sample: the source mask (its ids mapped by ``labels``, a `MaskLabels`),
-    which must be the source image's size, resized nearest to the stored image's size over the whole
-    frame (as the image was: shards of masks keep the aspect, never crop) and encoded as PNG.
-    Raises `SourceError` ``bad_mask`` naming the mask."""
+    """The stored mask: ids mapped by ``labels``, checked against the source image's size, resized
+    nearest to the stored size and encoded as PNG; else `SourceError` ``bad_mask`` naming it."""
     from ..masks import check_mask, decode_mask, encode_mask
     from ..transforms import resample_pair
 

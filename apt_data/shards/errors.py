@@ -1,8 +1,5 @@
-"""Bad data in shards: one error type, one counter, and the single place that decides between them.
-
-A reader given ``strict=True`` raises `ShardDataError` naming the shard and the key; otherwise it
-logs a warning (``apt_data.shards`` logger), counts the reason in a `ShardStats` and skips the sample.
-"""
+"""Bad data in shards: one error type, one counter, and the single place that decides between them
+(``strict``: raise `ShardDataError`; else log, count in `ShardStats` and skip)."""
 from __future__ import annotations
 
 import logging
@@ -38,11 +35,7 @@ class Skipped:
 
 @dataclass
 class ShardStats:
-    """What a non-strict reader (or a shard build) kept and left out; pass one in to read it after.
-
-    ``skipped`` counts the left-out samples by reason (``stats.skipped["corrupt_jpeg"]``);
-    ``events`` has one `Skipped` per sample, naming shard and key.
-    """
+    """What a non-strict reader or build left out: ``skipped`` by reason, ``events`` one `Skipped` each."""
 
     samples: int = 0
     skipped: Counter = field(default_factory=Counter)

@@ -1,9 +1,8 @@
 """The shard format: member names, format version, tar constants, and the validation of one sample.
 
-A sample is the members ``<key>.cls`` (ASCII integer label), ``<key>.jpg`` (JPEG bytes),
-``<key>.json`` (metadata) and ``<key>.npy`` (flat float32 score maps, finest scale first), and in a
-segmentation set ``<key>.seg.png`` (its mask: one class id per pixel, a single-channel PNG), written
-in that order. `record_from_members` is the one check every reader applies to them.
+A sample is ``<key>.cls`` (label), ``.jpg``, ``.json`` (metadata), ``.npy`` (flat float32 score
+maps) and optionally ``.seg.png`` (mask), in that order (docs/shards.md). `record_from_members` is
+the one check every reader applies.
 """
 from __future__ import annotations
 
@@ -63,11 +62,8 @@ _NPY_F4 = re.compile(rb"\x93NUMPY\x01\x00..\{'descr': '<f4', 'fortran_order': Fa
 
 @dataclass(frozen=True)
 class SampleRecord:
-    """One sample as stored: JPEG bytes (decoded later, in the loader), label, metadata, scores.
-
-    ``scores`` is the flat float32 array of the .npy member (None when the shard has none);
-    `score_maps` splits it into one map per scale using the shapes in ``meta``.
-    """
+    """One sample as stored: JPEG bytes, label, metadata and flat float32 ``scores`` (None: none stored;
+    `score_maps` splits them by the shapes in ``meta``)."""
 
     key: str
     jpeg: bytes
@@ -140,11 +136,9 @@ def record_from_members(shard: str, key: str, members: Mapping[str, bytes], *, s
                         parse_meta: bool = True, need_label: bool = True) -> Optional[SampleRecord]:
     """Check one sample's members and build its record (None for a bad sample when not ``strict``).
 
-    Cheap checks always: the image present, non-empty, with JPEG start and end markers; an integer
-    label (equal to ``expect_label`` if given); the json an object; the .npy 1-D float32, loaded
-    without pickle, consistent with the json's shapes. ``validate`` also decodes the JPEG.
-    ``parse_meta=False`` leaves the json unread (``meta`` is then ``{}``); ``need_label=False``
-    (only some members were read) takes the label from ``expect_label`` when there is no .cls.
+    Always: JPEG markers, an integer label (``expect_label``), a json object, a pickle-free 1-D float32
+    .npy matching the json; ``validate`` decodes the JPEG. ``parse_meta=False``: ``meta`` is ``{}``;
+    ``need_label=False``: without a .cls the label is ``expect_label``.
     """
     def bad(reason: str, detail: str) -> None:
         return report_bad(shard, key, reason, detail, strict, stats)

@@ -43,9 +43,8 @@ def index_columns(num_scales: int, masks: bool = False) -> list[str]:
 
 def index_row(key: str, shard: str, meta: Mapping[str, Any], offsets: Mapping[str, tuple[int, int]],
               checksums: Optional[Mapping[str, int]] = None) -> dict:
-    """One index row from a sample's metadata, its member offsets (``-1`` for a missing member) and
-    the CRC32C of every member (`ShardWriter.checksums`; ``-1``: none, not verified on read). The
-    columns of an extra member (a mask) are there when the sample has one."""
+    """One index row from a sample's metadata, member offsets (``-1``: missing) and CRC32Cs (``-1``: not
+    verified); an extra member's (a mask's) columns when the sample has one."""
     row = {"key": key, "shard": shard, "label": int(meta["label"]), "source": str(meta.get("source", "")),
            "orig_width": int(meta["orig_width"]), "orig_height": int(meta["orig_height"]),
            "width": int(meta["width"]), "height": int(meta["height"])}
@@ -61,10 +60,7 @@ def index_row(key: str, shard: str, meta: Mapping[str, Any], offsets: Mapping[st
 
 
 def index_table(rows: Sequence[Mapping[str, Any]], num_scales: int):
-    """Index rows (`index_row` dicts) as a pyarrow Table with the index column types.
-
-    Rows without checksums (a sidecar of an older build) get ``-1`` there: read without verification;
-    so do rows without a mask in a set where others have one (absent)."""
+    """Index rows as a pyarrow Table with the index column types (missing checksums or masks: ``-1``)."""
     import pyarrow as pa
 
     types = {"key": pa.string(), "shard": pa.string(), "source": pa.string(), "label": pa.int64()}
@@ -91,11 +87,8 @@ def write_index(path: PathLike, rows: Union[Sequence[Mapping[str, Any]], Any], c
 
 @dataclass(frozen=True)
 class ShardIndex:
-    """A shard set's index: the Parquet table, the APTConfig its token counts are for, settings.
-
-    ``settings`` holds image_size, crop, multiple, jpeg_quality, prefix, num_shards, classes, ...
-    Shard paths in the table are relative to ``root`` (the index's directory).
-    """
+    """A shard set's index: the Parquet table, the APTConfig of its token counts, and ``settings``
+    (image_size, crop, ...); shard paths are relative to ``root``."""
 
     table: Any  # pyarrow.Table
     config: APTConfig

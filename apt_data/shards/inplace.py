@@ -1,18 +1,9 @@
 """Index plain webdataset shards in place: a Parquet index for tars someone else wrote, images untouched.
 
-`index_webdataset(tars, index_path)` scans each tar once (``.jpg``/``.jpeg``/``.png``/``.webp``
-images, labels from ``.cls`` or a JSON field, segmentation masks from ``.seg.png`` (indexed with
-their checksum; a mask not of its image's size is a skipped sample), other members such as ``.txt``
-left alone), decodes
-every image through the loader's eval transform at ``image_size`` and writes one index row per
-sample: member offsets, sizes and CRC32C checksums, the label, the original and transformed size,
-and APT token counts for ``cfg`` at that transform's output. `APTLoader` then plans exact batches
-from the index and reads each sample from the original tar with one ranged read. Score maps are
-not stored (the loader scores the decoded image); the counts are exact for the loader's default
-transform at ``image_size`` (resize + centre crop, or ``crop=False``: short side, sides rounded to
-``multiple``).
-
-Command line: ``tools/index_shards.py``.
+Each tar is scanned once; every image is decoded through the eval transform at ``image_size`` and
+gets one row (member offsets, sizes, CRC32Cs, label, sizes, token counts), so `APTLoader` plans
+exact batches and reads each sample from the original tar. Command line: ``tools/index_shards.py``;
+see docs/shards.md.
 """
 from __future__ import annotations
 
@@ -28,9 +19,9 @@ from typing import Any, Optional, Sequence, Union
 
 from ..config import APTConfig
 from .errors import ShardStats, report_bad
-from .format import (CHECKSUM, EXTRA_MEMBERS, IMAGE_EXTS, INPLACE_FORMAT, MASK_MEMBER, MEMBERS, member_checksum,
-                     member_column, split_key)
-from .index import index_table, write_index
+from .format import (EXTRA_MEMBERS, IMAGE_EXTS, INPLACE_FORMAT, MASK_MEMBER, MEMBERS, member_checksum, member_column,
+                     split_key)
+from .index import index_row, index_table, write_index
 from .reader import scan_tar, TarCorrupt, TarTruncated
 from .urls import expand_urls
 
@@ -59,13 +50,12 @@ def _label(members: dict, label_field: Optional[str]) -> int:
     if "cls" in members and label_field is None:
         return int(members["cls"][1].decode("ascii").strip())
     if label_field is not None:
-        for ext in ("json",):
-            if ext in members:
-                value = json.loads(members[ext][1])
-                for part in label_field.split("."):
-                    value = value[part]
-                return int(value)
-        raise ValueError(f"no .json member with the label field {label_field!r}")
+        if "json" not in members:
+            raise ValueError(f"no .json member with the label field {label_field!r}")
+        value = json.loads(members["json"][1])
+        for part in label_field.split("."):
+            value = value[part]
+        return int(value)
     raise ValueError(f"no .cls member (members: {sorted(members)}); name a JSON label field")
 
 
@@ -90,7 +80,7 @@ def scan_webdataset_shard(job: tuple) -> tuple[list[dict], list[tuple]]:
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         if ext is None:
             return bad(key, "missing_image", f"members: {sorted(members)}")
-        off, data = members[ext]
+        data = members[ext][1]
         try:
             label = _label(members, label_field)
             if label < 0:
@@ -106,20 +96,13 @@ def scan_webdataset_shard(job: tuple) -> tuple[list[dict], list[tuple]]:
         problem = _mask_problem(members, (ow, oh))
         if problem is not None:
             return bad(key, "bad_mask", problem)
-        counts = patchify(img, cfg).counts()
-        row = {"key": key, "shard": rel, "label": label, "source": f"{key}.{ext}", "orig_width": int(ow),
-               "orig_height": int(oh), "width": int(img.shape[1]), "height": int(img.shape[0])}
-        for s, t in enumerate(counts):
-            row[f"tokens_s{s}"] = int(t)
-        row["tokens"] = int(sum(counts))
+        meta = {"label": label, "source": f"{key}.{ext}", "orig_width": ow, "orig_height": oh,
+                "width": img.shape[1], "height": img.shape[0], "tokens": patchify(img, cfg).counts()}
         spans = {"jpg": members[ext], **{m: members[m] for m in MEMBERS + EXTRA_MEMBERS if m != "jpg" and m in members}}
         if label_field is not None:
             spans.pop("cls", None)  # the label is the index's; a .cls of another meaning is not checked
-        for m in MEMBERS + tuple(m for m in EXTRA_MEMBERS if m in spans):
-            o, d = spans.get(m, (-1, None))
-            c = member_column(m)
-            row[f"{c}_offset"], row[f"{c}_size"] = int(o), (len(d) if d is not None else -1)
-            row[f"{c}_{CHECKSUM}"] = int(member_checksum(d)) if d is not None else -1
+        row = index_row(key, rel, meta, {m: (o, len(d)) for m, (o, d) in spans.items()},
+                        {m: member_checksum(d) for m, (_, d) in spans.items()})
         row["image_ext"] = ext
         rows.append(row)
 
@@ -165,9 +148,8 @@ def index_webdataset(tars: Union[PathLike, Sequence[PathLike]], index_path: Path
                      cfg: Optional[APTConfig] = None, image_size: int = 224, crop: bool = True,
                      multiple: Optional[int] = None, label_field: Optional[str] = None,
                      workers: Optional[int] = None, strict: bool = False, progress: bool = False) -> IndexResult:
-    """Write ``index_path`` (``<prefix>.parquet``) for the plain webdataset shards ``tars`` (paths or
-    a brace pattern); shard names in it are relative to the index's folder. Bad samples are logged,
-    counted and left out (``strict``: raise `ShardDataError`)."""
+    """Write ``index_path`` for the webdataset shards ``tars`` (paths or a brace pattern); bad samples
+    are logged, counted and left out (``strict``: `ShardDataError`)."""
     cfg = cfg or APTConfig()
     multiple = multiple or cfg.patch_size
     index_path = Path(index_path)
@@ -221,6 +203,5 @@ def index_webdataset(tars: Union[PathLike, Sequence[PathLike]], index_path: Path
     if f"{member_column(MASK_MEMBER)}_offset" in table.column_names:
         settings["masks"] = {"member": MASK_MEMBER, "labels": {"reduce_zero_label": False, "void": []}}
     write_index(index_path, table, cfg, settings)
-    res = IndexResult(index_path, len(rows), len(jobs), stats)
-    return res
+    return IndexResult(index_path, len(rows), len(jobs), stats)
 

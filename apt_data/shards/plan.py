@@ -1,9 +1,4 @@
-"""Planning a shard build: which images (and masks) go in, in which order, under which keys.
-
-`plan_samples` picks from an ImageNet-layout folder or a file list, `plan_mask_samples` from a
-folder of images paired with segmentation masks; `make_key` names samples; `load_class_table`
-reads ImageNet class names. Used by `apt_data.shards.build`.
-"""
+"""Planning a shard build: which images (and masks) go in, in which order, under which keys."""
 from __future__ import annotations
 
 import hashlib
@@ -47,14 +42,8 @@ def load_class_table(path: Optional[PathLike]) -> dict[str, tuple[int, str]]:
 def plan_samples(src: Path, *, limit_per_class: Optional[int], skip_per_class: int, seed: int,
                  shuffle: bool, left_out: Optional[Counter] = None
                  ) -> tuple[list[tuple[Path, str, str, int, str]], dict[int, str]]:
-    """Pick and order the samples: ``[(path, source name, key, label, class)]`` and label -> class.
-
-    Per class, files are ranked by sha256(seed, name) and ``[skip : skip + limit]`` taken, so
-    disjoint splits come from the same seed with different skips, and adding files elsewhere does
-    not change a pick. Then the order is the sorted one, or a seeded hash order (``shuffle``)
-    so every shard mixes classes. Keys are unique. ``left_out``: counts a folder's non-image files
-    (`list_image_folder`).
-    """
+    """``([(path, source name, key, label, class)], label -> class)``: per class, files ranked by
+    sha256(seed, name) give ``[skip : skip + limit]`` (disjoint splits by skip, stable under added files)."""
     src = Path(src)
     entries, base = (list_image_folder(src, left_out), src) if src.is_dir() else (read_file_list(src), src.parent)
     classes: dict[int, str] = {}
@@ -68,31 +57,27 @@ def plan_samples(src: Path, *, limit_per_class: Optional[int], skip_per_class: i
         items = sorted(by_label[label], key=lambda t: digest(str(seed), t[1]))
         stop = None if limit_per_class is None else skip_per_class + limit_per_class
         picked.extend(items[skip_per_class:stop])
-    seen: dict[str, int] = {}
-    samples = []
-    for path, name, label, cls in sorted(picked, key=lambda t: (t[2], t[1])):
-        key = make_key(name)
-        n = seen.get(key, 0)
-        seen[key] = n + 1
-        samples.append((path, name, key if n == 0 else f"{key}-{n}", label, cls))
-    if shuffle:
-        samples.sort(key=lambda t: digest(str(seed), "order", t[2]))
-    return samples, classes
+    return _keyed(sorted(picked, key=lambda t: (t[2], t[1])), seed, shuffle), classes
 
 
 def plan_mask_samples(images: Path, masks: Path, *, limit: Optional[int], skip: int, seed: int,
                       shuffle: bool) -> tuple[list[tuple], dict[int, str]]:
     """`plan_samples` for a segmentation set: every image under ``images`` with its mask under
     ``masks`` (`apt_data.masks.pair_masks`), label 0; ``[(path, name, key, 0, "image", mask path)]``."""
-    picked = [(p, Path(os.path.relpath(p, images)).as_posix(), m) for p, m in pair_masks(images, masks)]
+    picked = [(p, Path(os.path.relpath(p, images)).as_posix(), 0, "image", m) for p, m in pair_masks(images, masks)]
     picked = sorted(picked, key=lambda t: digest(str(seed), t[1]))[skip:None if limit is None else skip + limit]
-    seen: dict[str, int] = {}
+    return _keyed(sorted(picked, key=lambda t: t[1]), seed, shuffle), {0: "image"}
+
+
+def _keyed(picked: list[tuple], seed: int, shuffle: bool) -> list[tuple]:
+    """``(path, name, *rest)`` as ``(path, name, unique key, *rest)`` in this order, or with ``shuffle`` in
+    a seeded hash order (so every shard mixes classes)."""
+    seen: Counter = Counter()
     samples = []
-    for path, name, mask in sorted(picked, key=lambda t: t[1]):
+    for path, name, *rest in picked:
         key = make_key(name)
-        n = seen.get(key, 0)
-        seen[key] = n + 1
-        samples.append((path, name, key if n == 0 else f"{key}-{n}", 0, "image", mask))
+        seen[key] += 1
+        samples.append((path, name, key if seen[key] == 1 else f"{key}-{seen[key] - 1}", *rest))
     if shuffle:
         samples.sort(key=lambda t: digest(str(seed), "order", t[2]))
-    return samples, {0: "image"}
+    return samples

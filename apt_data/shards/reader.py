@@ -1,10 +1,8 @@
 """The one validating shard reader: a sequential stream of a whole shard, or one sample by its index spans.
 
-Both ways parse tar headers with the same small ustar reader (it notices truncation, which
-`tarfile` passes over silently) and check every sample with `record_from_members`. Random access
-reads a sample's members with one positional read; their headers are checked in place, and only
-when one does not match (a long PAX name, or a shard changed since its index was made) is the
-span parsed as a tar stream, which accepts the first and names the second.
+Both parse tar headers with one small ustar reader (which notices truncation, unlike `tarfile`)
+and check samples with `record_from_members`. Random access reads a sample with one positional
+read and checks its headers in place, parsing the span as a tar stream only when they differ.
 """
 from __future__ import annotations
 
@@ -49,10 +47,8 @@ def _read_exact(f: BinaryIO, n: int) -> bytes:
 def scan_tar(f: BinaryIO, start: int = 0, until_eof_ok: bool = False) -> Iterator[tuple[str, int, bytes]]:
     """Yield ``(name, data_offset, data)`` for each regular file of a tar stream, in order.
 
-    Raises `TarTruncated` (with the member name, if its header was read) when the stream ends
-    before the end-of-archive blocks, `TarCorrupt` on a header with a bad checksum. PAX ``path``
-    records and GNU long names are honoured; directories and other entries are skipped.
-    ``until_eof_ok``: a clean end at a header boundary is fine (reading a span of a shard).
+    `TarTruncated` when the stream ends early (fine at a header boundary with ``until_eof_ok``),
+    `TarCorrupt` on a bad header checksum; PAX paths and GNU long names are honoured.
     """
     pos = start
     long_name: Optional[str] = None
@@ -91,12 +87,8 @@ def scan_tar(f: BinaryIO, start: int = 0, until_eof_ok: bool = False) -> Iterato
 # ------------------------------------------------------------------------------ sequential
 def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardStats] = None,
                validate: bool = False) -> Iterator[SampleRecord]:
-    """Stream the samples of one shard in order, without an index (a path or a webdataset URL).
-
-    Bad samples and a truncated or corrupt tar are logged, counted in ``stats`` and skipped
-    (``strict=False``: what comes before them is still yielded) or raise `ShardDataError`
-    naming the shard and key (``strict=True``).
-    """
+    """Stream the samples of one shard in order, without an index: bad samples and a damaged tar are
+    logged, counted and skipped, or with ``strict`` raise `ShardDataError` naming shard and key."""
     shard = os.fspath(path)
     try:
         f = open_url(path)
@@ -104,8 +96,9 @@ def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardSta
         report_bad(shard, None, "unreadable_shard", str(e), strict, stats)
         return
 
-    def record(key: str, members: dict) -> Optional[SampleRecord]:
-        return record_from_members(shard, key, members, strict=strict, stats=stats, validate=validate)
+    def records(key: str, members: dict) -> list[SampleRecord]:  # the sample's record, none when bad
+        rec = record_from_members(shard, key, members, strict=strict, stats=stats, validate=validate)
+        return [] if rec is None else [rec]
 
     key: Optional[str] = None
     members: dict[str, bytes] = {}
@@ -114,17 +107,14 @@ def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardSta
             for name, _, data in scan_tar(f):
                 k, ext = split_key(name)
                 if k != key and key is not None:
-                    rec, members = record(key, members), {}
-                    if rec is not None:
-                        yield rec
+                    yield from records(key, members)
+                    members = {}
                 key = k
                 members[ext] = data
         except TarTruncated as e:
             culprit = split_key(e.args[0])[0] if e.args[0] else key
             if key is not None and culprit != key:  # the cut is in the next sample's first member
-                rec = record(key, members)
-                if rec is not None:
-                    yield rec
+                yield from records(key, members)
             report_bad(shard, culprit, "truncated_tar",
                        "shard ends inside this sample" if e.args[0] else "shard ends after a member of this "
                        "sample without an end-of-archive marker; the sample may be incomplete", strict, stats)
@@ -136,9 +126,7 @@ def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardSta
             report_bad(shard, key, "unreadable_shard", str(e), strict, stats)
             return
     if key is not None:
-        rec = record(key, members)
-        if rec is not None:
-            yield rec
+        yield from records(key, members)
 
 
 def iter_shards(urls: Union[PathLike, Sequence[PathLike]], *, strict: bool = False,
@@ -161,10 +149,7 @@ def _header_matches(span: bytes, at: int, name: bytes, size: int) -> bool:
 
 
 def _members_at(span: bytes, start: int, key: str, spans: Spans) -> dict[str, bytes]:
-    """The members of ``key`` at the index's offsets in ``span`` (the shard's bytes from ``start``).
-
-    Raises `TarCorrupt` / `TarTruncated` when the span does not hold exactly those members there.
-    """
+    """The members of ``key`` at the index's offsets in ``span``, else `TarCorrupt` / `TarTruncated`."""
     members = {}
     for ext, (off, size) in spans.items():
         if not _header_matches(span, off - BLOCK - start, f"{key}.{ext}".encode(), size):
@@ -207,12 +192,8 @@ def read_record(fetch: Callable[[int, int], bytes], shard: str, key: str, spans:
                 need_label: bool = True, checksums: Optional[Mapping[str, int]] = None) -> Optional[SampleRecord]:
     """Read and check the members ``spans`` of sample ``key`` with one ``fetch(offset, n)`` of ``shard``.
 
-    A shard rewritten since the index was made (other names, offsets or label) is reported as
-    ``index_mismatch``, never misread. Every member is verified against its CRC32C in the index
-    (``checksums``: extension -> CRC32C, ``-1`` or absent for an older index): a mismatch is
-    ``checksum_mismatch``, naming the member.
-    Returns None for a bad sample when not ``strict``.
-    ``parse_meta`` and ``need_label``: see `record_from_members`.
+    A rewritten shard is ``index_mismatch``, a member failing its CRC32C (``checksums``) is
+    ``checksum_mismatch``; a bad sample is None unless ``strict``. See `record_from_members`.
     """
     if not spans:
         return report_bad(shard, key, "index_mismatch", "row has no member offsets", strict, stats)
@@ -257,12 +238,8 @@ def image_ext_spans(spans: dict, ext: Optional[str]) -> dict:
 
 def read_sample(row: Mapping[str, Any], root: Optional[PathLike] = None, *, strict: bool = False,
                 stats: Optional[ShardStats] = None, validate: bool = False) -> Optional[SampleRecord]:
-    """Read one sample with a single seek + read, from an index row (or any mapping with ``shard``,
-    ``key`` and ``<member>_offset`` / ``<member>_size``, and ``<member>_crc32c`` when the index has
-    them: verified); no tar scan. `read_record` of the row.
-
-    Returns None for a bad sample when ``strict=False`` (logged and counted in ``stats``).
-    """
+    """Read one sample with a single positional read from an index row (`read_record` of the row); a bad
+    sample is None when ``strict=False`` (logged and counted in ``stats``)."""
     shard = Path(os.fspath(row["shard"]))
     if root is not None and not shard.is_absolute():
         shard = Path(root) / shard

@@ -1,6 +1,7 @@
 """Writing one shard: members in a fixed order with fixed tar metadata, to ``NAME.tmp``, renamed on commit."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -18,12 +19,8 @@ __all__ = ["ShardWriter"]
 
 
 class ShardWriter:
-    """Write one shard: members go to ``NAME.tmp``; `commit` fsyncs and renames it to ``NAME``.
-
-    A crash before `commit` leaves only the ``.tmp`` file, never a partial ``NAME``. Members get
-    fixed mtime/uid/gid/mode and samples keep the order given, so equal input gives equal bytes.
-    Use as a context manager (commit on success, remove the ``.tmp`` on an exception).
-    """
+    """Write one shard to ``NAME.tmp``; `commit` fsyncs and renames it. Fixed tar metadata and order, so
+    equal input gives equal bytes. As a context manager: commit on success, remove on an exception."""
 
     def __init__(self, path: PathLike):
         self.path = Path(path)
@@ -79,10 +76,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the shard: close and remove the ``.tmp`` file."""
-        try:
+        with contextlib.suppress(Exception):
             self._tar.close()
-        except Exception:
-            pass
         self._file.close()
         self.tmp.unlink(missing_ok=True)
 

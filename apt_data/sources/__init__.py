@@ -1,12 +1,4 @@
-"""Loader sources: random-access samples with labels known up front (`Source`), and `open_source`.
-
-`FolderSource` (an ImageNet-layout folder), `IndexSource` (shards with a Parquet index, read through a
-range reader: local files, or at URLs through `open_remote`'s stack of HTTP/fsspec reading, retries,
-read-ahead and an optional local `RangeCache`), `DatasetSource` (any map-style dataset of
-``(image, label)`` items: torchvision, Hugging Face), `MaskFolderSource` (images paired with
-segmentation masks, `open_mask_folder`). `has_split` asks whether a shard folder (a path or a URL)
-holds a split's index.
-"""
+"""Loader sources: random-access samples with labels known up front (`Source`), and `open_source`."""
 from .base import ImageData, Source
 from .cache import CachedReader, RangeCache
 from .dataset import DatasetSource

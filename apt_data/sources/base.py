@@ -1,9 +1,4 @@
-"""The `Source` protocol: random-access samples the loader plans over and reads, one image at a time.
-
-A source has ``keys`` (names for messages and batches), int64 ``labels`` known up front (for
-planning) and ``read(i)``, which returns the image in any form `ImageTransform` accepts: encoded
-bytes (shards, image files), a PIL image or a uint8 HxWx3 array (in-memory datasets).
-"""
+"""The `Source` protocol: random-access samples the loader plans over and reads, one image at a time."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
@@ -23,11 +18,8 @@ __all__ = ["ImageData", "Source"]
 
 
 class Source:
-    """Random-access samples: ``keys``, int64 ``labels``, ``read(i) -> ImageData``.
-
-    Subclasses implement `read`; the other methods have defaults for sources that know nothing
-    more (no stored scores, image sizes unknown without decoding, token counts unknown).
-    """
+    """Random-access samples: ``keys``, int64 ``labels``, ``read(i) -> ImageData`` (bytes, PIL or array);
+    subclasses implement `read`, the other methods default to knowing nothing more."""
 
     keys: list[str]
     labels: np.ndarray

@@ -1,31 +1,14 @@
-"""`RangeCache`: byte ranges of remote shards kept as files in a local folder, bounded in size, and
-`CachedReader`, the range reader that serves reads from it.
+"""`RangeCache`: byte ranges of remote shards kept as files in a bounded local folder, and
+`CachedReader`, the range reader that serves reads from it (docs/scale-out.md, "Local cache").
 
-`open_remote(..., cache_dir=..., cache_size=...)` puts a `CachedReader` on top of the remote reader
-stack (`apt_data.sources.readers`): the byte span of every sample read and verified (`checked`) is
-kept, so a second epoch reads local files instead of the store; spans in the cache are not read ahead.
-
-- **Entries**: one file per range, named by a hash of ``(shard URL, start, end)`` (in 256 sub-folders),
-  holding a magic, the CRC32C of the bytes and the bytes. A read checks that CRC (a damaged entry is
-  deleted, counted as ``cache_corrupt`` and read from the store again); the source then checks the
-  bytes against the index exactly as bytes from the store.
-- **Many processes, no locks**: loader workers and ranks on one machine may share the folder. An entry is
-  written under a temporary name unique to the process and thread, then renamed into place, so a
-  reader sees a whole entry or none; two writers of one range write the same bytes. Every step
-  tolerates entries vanishing (another process evicting them).
-- **Bound**: least recently used first. A hit sets the entry's mtime to now; each process keeps a
-  running total and scans the folder (sizes, mtimes) once its own writes since its last scan reach
-  ``cache_size / 64`` or the total would pass ``cache_size``; a scan deletes the oldest entries until
-  the total plus the new entry is at most 90% of ``cache_size``. The folder thus stays within
-  ``cache_size`` while at most 7 processes write at once (each may add 1/64 unseen by the others
-  between its scans); with more, briefly within ``cache_size`` plus 1/64 of it per extra writer.
-
-Entries are written by `apt_data.io.atomic_write` with a temporary name per writer and no fsync
-(``shared=True, durable=False``): a cache needs no durability, and the CRC catches an entry torn by a
-crash.
+An entry is one file per ``(URL, start, end)`` (magic, CRC32C, bytes), written atomically without
+fsync, so processes share the folder without locks; a damaged entry is deleted and read again.
+Eviction is least recently used: each process rescans the folder after writing ``cache_size / 64``
+and evicts down to 90%, so the folder stays within ``cache_size`` for up to 7 writers at once.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -71,12 +54,8 @@ def parse_size(size: Union[int, float, str]) -> int:
 
 
 class RangeCache:
-    """Byte ranges in files under ``root``, at most about ``max_bytes`` in all (see the module doc).
-
-    ``count(name, n)``: where hits, misses, bytes served, evictions and damaged entries are counted
-    (``cache_hits``, ``cache_misses``, ``cache_bytes``, ``cache_evicted``, ``cache_corrupt``).
-    Picklable; the running total is per process.
-    """
+    """Byte ranges in files under ``root``, at most about ``max_bytes`` in all; ``count(name, n)`` counts
+    ``cache_hits``, ``cache_misses``, ``cache_bytes``, ``cache_evicted``, ``cache_corrupt``. Picklable."""
 
     def __init__(self, root: Union[str, os.PathLike], max_bytes: Union[int, float, str],
                  count: Optional[Callable[..., None]] = None):
@@ -120,10 +99,8 @@ class RangeCache:
             self.discard(url, start, end, "its CRC32C does not match")
             self._counted("cache_misses")
             return None
-        try:
+        with contextlib.suppress(OSError):
             os.utime(path)  # most recently used
-        except OSError:
-            pass
         self._counted("cache_hits")
         self._counted("cache_bytes", len(data))
         return data
@@ -134,10 +111,8 @@ class RangeCache:
         log.warning("cache entry %s for %s bytes %d-%d is damaged (%s): deleted, reading the store again",
                     path, url, start, end, why)
         self._counted("cache_corrupt")
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
 
     def __contains__(self, key: tuple[str, int, int]) -> bool:
         """Is there an entry for ``(url, start, end)`` (not checked: `get` checks)?"""
@@ -186,10 +161,8 @@ class RangeCache:
                 except OSError:  # evicted by another process meanwhile
                     continue
                 if e.name.endswith(".tmp") and now - s.st_mtime > _STALE_TMP:
-                    try:
+                    with contextlib.suppress(OSError):
                         os.unlink(e.path)
-                    except OSError:
-                        pass
                     continue
                 out.append((s.st_mtime, s.st_size, e.path))
         return out
@@ -226,9 +199,8 @@ class RangeCache:
 
 
 class CachedReader(ReaderWrapper):
-    """Serves spans from a `RangeCache` and keeps the spans the caller `checked`. Bytes from the cache
-    that fail the caller's checks (`rejected`: cached from another version of the file, or damaged
-    undetected by the entry's CRC) are deleted, and the caller reads the store's again."""
+    """Serves spans from a `RangeCache` and keeps the spans the caller `checked`; cached bytes the
+    caller `rejected` are deleted and read from the store again."""
 
     def __init__(self, inner: RangeReader, cache: RangeCache):
         super().__init__(inner)

@@ -1,12 +1,7 @@
 """`DatasetSource`: any map-style dataset of ``(image, label)`` (or ``(image, mask)``) items as a loader source.
 
-Wraps a torchvision ``ImageFolder`` (or any dataset whose items are ``(image, label)`` pairs) or a
-Hugging Face ``datasets`` split (items are dicts such as ``{"image": ..., "label": ...}``), as
-timm's NaFlex loader wraps any dataset. The image may be a PIL image, encoded bytes or a uint8
-HxWx3 array; the loader's transform decodes, resizes and augments it, then APT patchifies it.
-Give the dataset no tensor transform: the loader does the transforming. With ``masks=True`` the
-items are ``(image, mask)`` pairs, as a Hugging Face segmentation split gives them (``{"image": ...,
-"annotation": ...}``): the mask a PIL image, PNG bytes or a uint8 HxW array of class ids.
+A torchvision ``ImageFolder`` or a Hugging Face split (dict items), as timm's NaFlex loader wraps
+any dataset; images as PIL, bytes or uint8 arrays, with no tensor transform (the loader transforms).
 """
 from __future__ import annotations
 
@@ -38,15 +33,10 @@ def is_map_dataset(obj: Any) -> bool:
 class DatasetSource(Source):
     """A map-style dataset whose item ``i`` is ``(image, label)`` or a dict with an image and a label.
 
-    ``labels``: every sample's label; by default the dataset's ``targets`` (torchvision), its
-    label column (Hugging Face), else read from every item once (which loads every image).
-    ``keys``: sample names; by default the file paths of a dataset with ``samples`` (torchvision
-    folders, relative to ``root``), else the indices. ``image_key`` / ``label_key``: the fields of
-    dict items (default: the first of `IMAGE_KEYS` / `LABEL_KEYS` present).
-
-    ``masks=True``: items are ``(image, mask)`` pairs or dicts with an image and a mask field
-    (``mask_key``, default the first of `MASK_KEYS` present); ``mask_labels`` maps their ids
-    (`MaskLabels`); ``labels`` default to 0.
+    ``labels``: default the dataset's ``targets`` or label column, else read from every item;
+    ``keys``: default the file paths of ``samples``, else indices; ``image_key`` / ``label_key`` /
+    ``mask_key``: dict fields (default: the first of `IMAGE_KEYS` / `LABEL_KEYS` / `MASK_KEYS`).
+    ``masks=True``: items carry a mask instead of a label (ids mapped by ``mask_labels``).
     """
 
     def __init__(self, dataset: Any, *, labels: Optional[Sequence[int]] = None, keys: Optional[Sequence[str]] = None,
@@ -84,34 +74,24 @@ class DatasetSource(Source):
                 return [os.path.relpath(s[0], root) if root else os.fspath(s[0]) for s in samples]
         return [str(i) for i in range(n)]
 
-    def _split(self, item: Any, i: int) -> tuple[Any, int]:
-        """``(image, label)`` of one item."""
+    def _split(self, item: Any, i: int) -> tuple[Any, Any]:
+        """``(image, label)`` of one item; ``(image, mask)`` in a segmentation dataset."""
+        what, key, keys = ("mask", self.mask_key, MASK_KEYS) if self.masks else ("label", self.label_key, LABEL_KEYS)
         if isinstance(item, Mapping):
             ik = self.image_key or next((k for k in IMAGE_KEYS if k in item), None)
-            lk = self.label_key or next((k for k in LABEL_KEYS if k in item), None)
-            if ik is None or lk is None:
-                raise TypeError(f"dataset item {i} has fields {sorted(item)}; name them with image_key= and label_key=")
-            return item[ik], int(item[lk])
-        if isinstance(item, (tuple, list)) and len(item) >= 2:
-            return item[0], int(item[1])
-        raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, label) pair or a dict")
-
-    def _pair(self, item: Any, i: int) -> tuple[Any, Any]:
-        """``(image, mask)`` of one item of a segmentation dataset."""
-        if isinstance(item, Mapping):
-            ik = self.image_key or next((k for k in IMAGE_KEYS if k in item), None)
-            mk = self.mask_key or next((k for k in MASK_KEYS if k in item), None)
-            if ik is None or mk is None:
-                raise TypeError(f"dataset item {i} has fields {sorted(item)}; name them with image_key= and mask_key=")
-            return item[ik], item[mk]
-        if isinstance(item, (tuple, list)) and len(item) >= 2:
-            return item[0], item[1]
-        raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, mask) pair or a dict")
+            sk = key or next((k for k in keys if k in item), None)
+            if ik is None or sk is None:
+                raise TypeError(f"dataset item {i} has fields {sorted(item)}; name them with image_key= and {what}_key=")
+            image, second = item[ik], item[sk]
+        elif isinstance(item, (tuple, list)) and len(item) >= 2:
+            image, second = item[0], item[1]
+        else:
+            raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, {what}) pair or a dict")
+        return image, (second if self.masks else int(second))
 
     def read(self, i: int) -> ImageData:
         """The image of item ``i`` as the dataset gives it (PIL image, bytes or uint8 array)."""
-        item = self.dataset[i]
-        return _as_image(self._pair(item, i)[0] if self.masks else self._split(item, i)[0], i, "image")
+        return _as_image(self._split(self.dataset[i], i)[0], i, "image")
 
     @property
     def has_masks(self) -> bool:
@@ -125,7 +105,7 @@ class DatasetSource(Source):
         """``(image, decoded mask)`` of item ``i`` from one read of the item."""
         if not self.masks:
             return self.read(i), None
-        image, mask = self._pair(self.dataset[i], i)
+        image, mask = self._split(self.dataset[i], i)
         name = f"dataset item {self.keys[i] if hasattr(self, 'keys') else i} (mask)"
         return _as_image(image, i, "image"), decode_mask(_as_image(mask, i, "mask"), name, self.mask_labels)
 

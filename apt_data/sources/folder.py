@@ -15,17 +15,25 @@ from .base import Source
 __all__ = ["FolderSource", "MaskFolderSource", "open_mask_folder"]
 
 
-def _file_size(path: Path) -> Optional[tuple[int, int]]:
-    from PIL import Image
+class _ImageFiles(Source):
+    """Samples that are image files (``paths``): read as bytes, sized from their headers."""
 
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception:
-        return None
+    paths: list[Path]
+
+    def read(self, i: int) -> bytes:
+        return self.paths[i].read_bytes()
+
+    def image_size(self, i: int) -> Optional[tuple[int, int]]:
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[i]) as im:
+                return im.size
+        except Exception:
+            return None
 
 
-class FolderSource(Source):
+class FolderSource(_ImageFiles):
     """An ImageNet-layout folder: one sub-folder per class, classes sorted -> labels 0..C-1."""
 
     def __init__(self, root: Union[str, os.PathLike]):
@@ -36,22 +44,13 @@ class FolderSource(Source):
         self.keys = [f"{p.parent.name}/{p.name}" for p in self.paths]
         self.labels = np.asarray([label for _, label, _ in items], np.int64)
 
-    def read(self, i: int) -> bytes:
-        return self.paths[i].read_bytes()
 
-    def image_size(self, i: int) -> Optional[tuple[int, int]]:
-        return _file_size(self.paths[i])
+class MaskFolderSource(_ImageFiles):
+    """Images under ``images`` with the mask of the same relative path and stem under ``masks``
+    (`pair_masks`; `from_layout`: ADE20K's ``root/images|annotations/<split>``).
 
-
-class MaskFolderSource(Source):
-    """Images with segmentation masks: every image under ``images`` and the mask of the same relative
-    path and stem under ``masks`` (``images/x.jpg`` + ``masks/x.png``; `apt_data.masks.pair_masks`).
-
-    `from_layout` reads ADE20K's layout (``root/images/<split>`` + ``root/annotations/<split>``).
-    ``mask_labels``: how stored ids become trained ones (`MaskLabels`: ``reduce_zero_label`` for
-    ADE20K, ``void=(11,)`` for CamVid). ``labels`` are all 0 (a segmentation sample has no class).
-    An image without a mask is an error naming it; a mask not of its image's size is a ``ValueError``
-    when the sample is transformed (the loader counts and skips it).
+    ``mask_labels``: stored ids -> trained ids (`MaskLabels`). ``labels`` are all 0. A missing mask is
+    an error naming the image; a mask of the wrong size is a skipped sample.
     """
 
     def __init__(self, images: Union[str, os.PathLike], masks: Union[str, os.PathLike], *,
@@ -76,15 +75,9 @@ class MaskFolderSource(Source):
     def has_masks(self) -> bool:
         return True
 
-    def read(self, i: int) -> bytes:
-        return self.paths[i].read_bytes()
-
     def read_mask(self, i: int) -> np.ndarray:
         """The mask of sample ``i``, decoded, its ids mapped by ``mask_labels``."""
         return decode_mask(self.mask_paths[i].read_bytes(), str(self.mask_paths[i]), self.mask_labels)
-
-    def image_size(self, i: int) -> Optional[tuple[int, int]]:
-        return _file_size(self.paths[i])
 
 
 def open_mask_folder(data: Union[str, os.PathLike], masks: Optional[Union[str, os.PathLike]] = None,

@@ -1,12 +1,11 @@
 """`IndexSource`: the samples of a shard set's Parquet index, and recognising a shard address (`open_shards`).
 
-Labels, sizes and (for a matching config and transform) exact token counts come from the index
-without opening a shard; each sample is one ranged read of its members through a range reader
-(`apt_data.sources.readers`: local files, or a remote stack with read-ahead and a cache), checked
-by the shard reader (`apt_data.shards.reader.read_record`) against the index and its checksums.
+Labels, sizes and exact token counts come from the index; each sample is one ranged read through a
+range reader, checked by `read_record` against the index and its checksums.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -25,27 +24,23 @@ from .base import Source
 from .readers import FileReader, RangeReader, Span
 
 log = logging.getLogger("apt_data.sources")
-_warned: set = set()
 
 
+@functools.lru_cache(maxsize=None)
 def _warn_once(key: str, message: str) -> None:
     """Log ``message`` once per process for ``key``."""
-    if key not in _warned:
-        _warned.add(key)
-        log.warning("%s", message)
+    log.warning("%s", message)
+
 
 __all__ = ["IndexSource", "open_shards"]
 
 
 class IndexSource(Source):
-    """Samples of a Parquet index: every sample is one ranged read of its members, labels and token
-    counts known up front.
+    """Samples of a Parquet index, each one ranged read of its members.
 
-    ``reader``: what reads the shards' bytes (`apt_data.sources.readers.RangeReader`; default: local
-    files); ``base``: the folder (a path or URL) the index's shard names are relative to (default: the
-    index's folder); ``shards``: keep only the rows of these shard files (paths, or for a ``base``
-    names relative to it). Bad samples raise `ShardDataError` (a ValueError, which the loader logs,
-    counts and skips unless strict). `apt_data.sources.remote.open_remote` makes one over URLs.
+    ``reader``: the `RangeReader` (default: local files); ``base``: the folder or URL shard names are
+    relative to (default: the index's); ``shards``: keep only these shard files. Bad samples raise
+    `ShardDataError` (a ValueError: the loader skips it unless strict).
     """
 
     def __init__(self, index: ShardIndex, shards: Optional[Sequence[str]] = None,
@@ -217,10 +212,8 @@ class IndexSource(Source):
 
 
 def open_shards(source: str, split: Optional[str] = None) -> Optional[IndexSource]:
-    """An `IndexSource` for ``shards/``, ``shards/train.parquet`` or ``shards/train-{0..3}.tar``.
-
-    A folder may name its split as ``shards:val``. Returns None when ``source`` is not shards.
-    """
+    """An `IndexSource` for ``shards/``, ``shards:val``, ``shards/train.parquet`` or ``shards/train-{0..3}.tar``;
+    None when ``source`` is not shards."""
     if ":" in source and not os.path.exists(source) and "://" not in source:
         source, split = source.rsplit(":", 1)
     p = Path(source)

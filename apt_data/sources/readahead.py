@@ -1,13 +1,5 @@
-"""`ReadAhead`: reads the spans a process will need next in a small thread pool, merging neighbours.
-
-Inside an `APTLoader` worker the source knows the order in which the worker will read its samples
-(its planned bins, or its stream: `read_order`). Each read then keeps up to ``readahead`` spans (at
-most ``readahead_bytes``) read ahead of the reader, ``inflight`` requests at a time. It schedules
-them in chunks (when half the read-ahead is used up), so that spans of a chunk lying next to each
-other in one file (an unshuffled plan: evaluation) share one request (``merged`` in the counters);
-a shuffled epoch reads one request per sample. The reads run in the wrapped reader (retries and
-all), on threads made lazily in the process that reads.
-"""
+"""`ReadAhead`: reads the spans a process will need next (`read_order`) in a small thread pool, up to
+``readahead`` spans ahead, in chunks so that neighbouring spans of one file share a request."""
 from __future__ import annotations
 
 import os
@@ -24,11 +16,8 @@ __all__ = ["ReadAhead"]
 
 
 class ReadAhead(ReaderWrapper):
-    """Read ahead of the caller along `read_order` (or `prefetch`), ``inflight`` threads per process.
-
-    ``readahead``: spans kept read ahead (default ``8 * inflight``), at most ``readahead_bytes`` (bytes
-    or ``"64MB"``) of them; ``merge_gap``: spans of one file at most this far apart share a request.
-    """
+    """Read ahead along `read_order` (or `prefetch`); ``merge_gap``: spans of one file at most this far
+    apart share a request; ``readahead`` defaults to ``8 * inflight``."""
 
     def __init__(self, inner: RangeReader, inflight: int = 16, readahead: Optional[int] = None,
                  readahead_bytes: Union[int, str] = "64MB", merge_gap: int = 4 * BLOCK,

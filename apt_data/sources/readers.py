@@ -1,22 +1,15 @@
 """Byte reading as a layer: the range-reader protocol, its local and fsspec readers, counters and retries.
 
-A `RangeReader` reads bytes ``[start, end)`` of a named file (a path or a URL), fewer at its end.
-`apt_data.sources.index.IndexSource` reads every sample as one such span; what lies under it is a
-stack of small readers, each doing one thing:
-
-    IndexSource -> CachedReader (local copies, `apt_data.sources.cache`)
-                -> ReadAhead (a thread pool reading along the caller's order, `apt_data.sources.readahead`)
-                -> Retrying (backoff on transient errors, shared counters)
-                -> FileReader | FsspecReader | HTTPReader (`apt_data.sources.http`)
-
-`apt_data.sources.remote.open_remote` builds that stack for a URL; a local shard folder is read by a
-bare `FileReader`. The optional methods (`read_order`, `prefetch`, `passed`, `checked`, `rejected`,
-`stats`) are hints and feedback that a wrapper passes down and a plain reader ignores. Every reader
-is picklable and makes its process-local state (descriptors, clients, threads) lazily in the
-process that reads, so forked and spawned loader workers never share a socket.
+A `RangeReader` reads bytes ``[start, end)`` of a named file. `IndexSource` reads each sample as one
+span through a stack of small readers: `CachedReader` -> `ReadAhead` -> `Retrying` -> `FileReader`
+| `FsspecReader` | `HTTPReader` (built by `open_remote`; local folders use a bare `FileReader`).
+The optional methods (`read_order`, `prefetch`, `passed`, `checked`, `rejected`, `stats`) are hints
+a wrapper passes down. Readers are picklable and make descriptors, clients and threads lazily in
+the process that reads.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -107,9 +100,8 @@ class ReaderWrapper(RangeReader):
 
 
 class FileReader(RangeReader):
-    """Positional reads of local files through a few cached descriptors (the least recently used one
-    is closed past ``max_open``). ``pread`` keeps no file position, so forked workers can share
-    inherited descriptors; descriptors do not travel to other processes (pickles)."""
+    """Positional reads of local files through a few cached descriptors (LRU past ``max_open``); ``pread``
+    keeps no position, so forked workers can share them."""
 
     def __init__(self, max_open: int = 32):
         self.max_open = int(max_open)
@@ -139,10 +131,8 @@ class FileReader(RangeReader):
 
     def close(self) -> None:
         while getattr(self, "_fds", None):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._fds.popitem()[1])
-            except OSError:
-                pass
 
     def __del__(self):
         self.close()
@@ -260,9 +250,8 @@ def retrying(fn: Callable[[], Any], what: str, retries: int, backoff: float,
 
 
 class Retrying(ReaderWrapper):
-    """Retries transient errors (5xx, resets, timeouts, malformed answers, any OSError) ``retries``
-    times with exponential backoff from ``backoff`` seconds; a permanent one (404, 403, a missing
-    file) is raised at once. Counts requests, retries, failed reads and bytes in ``counters``."""
+    """Retries transient errors ``retries`` times with exponential backoff from ``backoff`` s; a permanent
+    one (404, 403, a missing file) is raised at once. Counts requests, retries, failures and bytes."""
 
     def __init__(self, inner: RangeReader, retries: int = 5, backoff: float = 0.05,
                  counters: Optional[IOCounters] = None):

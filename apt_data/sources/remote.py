@@ -1,33 +1,10 @@
 """Shards at URLs: `open_remote` reads a shard set's index from object storage or HTTP and gives an
-`IndexSource` over a remote range-reader stack, one ranged read per sample.
+`IndexSource` over a remote range-reader stack, one ranged read per sample (docs/scale-out.md).
 
-The Parquet index already holds every member's byte offset and size, so a sample is one ranged GET
-of its members (`apt_data.shards.reader.read_record` checks what comes back against the index and
-its checksums, exactly as for local files). No tar streaming and no shuffle buffer.
-
-- **Addresses**: ``https://host/shards`` (the folder: ``train.parquet`` in it; ``URL:val`` for another
-  split), ``https://host/shards/val.parquet``, ``https://host/shards/train-{000000..000003}.tar``
-  (the index ``train.parquet`` beside them), or any of these with ``index=`` given apart (a local
-  path or a URL). Schemes: ``http(s)://`` (urllib3: `apt_data.sources.http.HTTPReader`), ``file://``
-  and whatever fsspec back-end is installed (``s3://`` needs ``s3fs``, ``gs://`` needs ``gcsfs``).
-  `has_split` says whether a folder (local or URL) holds a split's index.
-- **The stack** (`remote_reader`, see `apt_data.sources.readers`): an optional `CachedReader` (with
-  ``cache_dir``: each sample's span, once read and verified, kept in that local folder, at most
-  ``cache_size``; bytes from the cache get the checks of bytes from the store, and fail them by
-  being deleted and read again), `ReadAhead` (``inflight`` threads per process reading ``readahead``
-  samples ahead along the loader's order, at most ``readahead_bytes``; neighbours merged), `Retrying`
-  (``retries`` with exponential backoff from ``backoff`` s on transient errors; 404/403 are permanent)
-  over the HTTP or fsspec reader. A read that still fails raises OSError, which the shard reader
-  reports as ``unreadable_shard`` (a `ShardDataError`, a ValueError): the loader logs, counts and skips
-  the sample, or raises with ``strict=True``. `IndexSource.io_stats` counts requests, retries,
-  failures, bytes, merged reads and the cache's hits over all processes.
-- **HTTP settings** (``storage_options`` or keywords): ``headers`` (sent with every request; credentials
-  dropped on redirects to another origin or to http), ``deadline`` (seconds per request, 120),
-  ``connect_timeout`` (10), ``read_timeout`` (per receive, 30). Other ``storage_options`` send http(s)
-  through fsspec (with aiohttp) instead.
-
-fsspec is the optional extra ``apt[remote]``, needed for ``file://``, ``s3://``, ``gs://``; it is imported
-only when such a source is opened. Clients and threads are made lazily in the process that reads.
+Addresses: a folder URL (``URL:split``), an index URL, or a shard URL pattern, ``index=`` apart;
+schemes ``http(s)://`` (`HTTPReader`), ``file://`` and any fsspec back-end (``apt[remote]``). The
+stack (`remote_reader`): optional `CachedReader`, `ReadAhead`, `Retrying`, then the HTTP or fsspec
+reader. A read that still fails is ``unreadable_shard``: skipped and counted, or raised if strict.
 """
 from __future__ import annotations
 
@@ -88,7 +65,7 @@ def read_remote_index(url: str, storage_options: Optional[dict] = None, retries:
     from ..shards.index import read_index
 
     if not is_remote_url(url) or url.startswith("file://"):
-        return read_index(url[len("file://"):] if url.startswith("file://") else url)
+        return read_index(url.removeprefix("file://"))
     import pyarrow.parquet as pq
 
     reader = _base_reader(url, storage_options, IOCounters())
@@ -110,19 +87,16 @@ def _split_suffix(url: str) -> tuple[str, Optional[str]]:
 def has_split(source: Union[str, os.PathLike], split: str, storage_options: Optional[dict] = None) -> bool:
     """Does the shard folder ``source`` (a local path or a URL) hold the index ``<split>.parquet``?"""
     s = os.fspath(source)
-    if not is_remote_url(s):
-        return (Path(s) / f"{split}.parquet").is_file()
-    if s.startswith("file://"):
-        return (Path(s[len("file://"):]) / f"{split}.parquet").is_file()
+    if not is_remote_url(s) or s.startswith("file://"):
+        return (Path(s.removeprefix("file://")) / f"{split}.parquet").is_file()
     url = f"{_split_suffix(s)[0].rstrip('/')}/{split}.parquet"
     return _base_reader(url, storage_options, IOCounters()).exists(url)
 
 
 def open_remote(source: str, index: Optional[str] = None, split: Optional[str] = None, *,
                 storage_options: Optional[dict] = None, deadline: Optional[float] = None, **kw) -> IndexSource:
-    """An `IndexSource` for a shard folder URL, an index URL or a shard URL pattern, read through
-    `remote_reader` (``kw``: its keywords: ``cache_dir``, ``cache_size``, ``inflight``, ``retries``, ...).
-    ``index``: the index elsewhere (a local path or URL); ``deadline``: seconds per HTTP request."""
+    """An `IndexSource` for a shard folder, index or shard-pattern URL, through `remote_reader` (``kw``:
+    ``cache_dir``, ``cache_size``, ``inflight``, ``retries``, ...; ``deadline``: seconds per request)."""
     if deadline is not None:
         storage_options = {**(storage_options or {}), "deadline": deadline}
     source, named = _split_suffix(source)
