@@ -37,7 +37,7 @@ def test_train_then_evaluate_segmentation(ade_root, tmp_path):
     out = tmp_path / "run"
     p = run_tool("train", *FLAGS, "--data", ade_root, "--steps", "3", "--output", out)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "final val: mIoU" in p.stdout, p.stdout
+    assert "final val: mIoU" in p.stderr, p.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("split") == "train"]
     val = [r for r in records if r.get("split") == "val"]

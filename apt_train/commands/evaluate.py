@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from ..checkpoint import atomic_write_text
@@ -21,6 +22,8 @@ from ..cli import add_eval_args, add_task_args, eval_setup
 from ..dist import cleanup
 from ..evaluation import evaluate_mode
 from .common import Argv, prog_name, run_command, sample_data, setup_logging
+
+log = logging.getLogger(__name__)
 
 COMMAND = "apt-eval"
 
@@ -79,14 +82,14 @@ def _evaluate_segmentation(args: argparse.Namespace) -> int:
     loader = segmentation_loader(source, cfg, model, size, train=False, max_tokens=args.max_tokens,
                                  max_images=args.max_images, workers=args.workers)
     amp = device.type == "cuda" if args.amp is None else bool(args.amp)
-    print(f"evaluate segmentation: {args.model}{' from ' + args.checkpoint if args.checkpoint else ' (random init)'} "
-          f"on {args.data} ({len(source)} images), short side {size} px, {cfg}, {task.num_classes} classes, {device}")
+    log.info(f"evaluate segmentation: {args.model}{' from ' + args.checkpoint if args.checkpoint else ' (random init)'} "
+             f"on {args.data} ({len(source)} images), short side {size} px, {cfg}, {task.num_classes} classes, {device}")
     res = evaluate_segmentation(model, mask_pairs(loader), task, device, caption="eval", amp=amp)
     out = res.metrics.as_dict(task.class_names)
     print(f"mIoU {res.metrics.miou:.2%}, pixel accuracy {res.metrics.pixel_accuracy:.2%} on {res.images} images, "
           f"{res.images_per_s:.1f} images/s")
     print("per-class IoU: " + ", ".join(f"{k} {'-' if v is None else f'{v:.2%}'}" for k, v in out["per_class_iou"].items()))
-    print(f"skipped bad samples: {dict(loader.stats.skipped) or 'none'}")
+    log.info(f"skipped bad samples: {dict(loader.stats.skipped) or 'none'}")
     if args.output:
         atomic_write_text(args.output, json.dumps({"args": {k: plain(v) for k, v in vars(args).items()},
                                                    "config": str(cfg), "results": {"segmentation": out}}, indent=1))
@@ -103,9 +106,9 @@ def _evaluate(argv: Argv) -> int:
     results, skipped = {}, {}
     try:
         if info.is_main:
-            print(f"evaluate: {args.model}{' from ' + setup.checkpoint if setup.checkpoint else ' (random init)'} on "
-                  f"{args.data} ({len(source)} images) at {kw['image_size']} px, {cfg}, <= {args.max_tokens} "
-                  f"tokens per batch, {info.device}{', bf16' if amp else ''}")
+            log.info(f"evaluate: {args.model}{' from ' + setup.checkpoint if setup.checkpoint else ' (random init)'} on "
+                     f"{args.data} ({len(source)} images) at {kw['image_size']} px, {cfg}, <= {args.max_tokens} "
+                     f"tokens per batch, {info.device}{', bf16' if amp else ''}")
             print(HEADER)
         for mode in modes:
             res, loader = evaluate_mode(model, source, cfg, mode, device=info.device, amp=amp, info=info,
@@ -117,7 +120,7 @@ def _evaluate(argv: Argv) -> int:
                       flush=True)
         if info.is_main:
             bad = {m: s for m, s in skipped.items() if s}
-            print(f"skipped bad samples: {bad if bad else 'none'}")
+            log.info(f"skipped bad samples: {bad if bad else 'none'}")
             if args.output:
                 flags = {**vars(args), "checkpoint": setup.checkpoint}  # a folder's newest checkpoint: the file read
                 atomic_write_text(args.output, json.dumps({"args": {k: plain(v) for k, v in flags.items()},
