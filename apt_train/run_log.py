@@ -1,5 +1,6 @@
-"""What rank 0 of a training run shows and records: the progress bar (or printed lines), and
-metrics.jsonl (with TensorBoard beside it when asked).
+"""What rank 0 of a training run shows and records: the progress bar (or, off a terminal, a log line
+every few steps), its log lines (logger ``apt_train``), and metrics.jsonl (with TensorBoard beside it
+when asked).
 
 Every process holds one; on the other ranks it shows and writes nothing, so the trainer calls it
 without asking which rank it is.
@@ -82,8 +83,9 @@ class RunTotals:
 
 def epoch_line(epoch: int, steps: int, images: int, fill: float, source_images: int, carried: Optional[int]) -> str:
     """``epoch 0: 8 steps, 245 images (0.61 passes over the 400 training images), mean fill 99.7%``."""
-    return (f"epoch {epoch}: {steps} step{'' if steps == 1 else 's'}, {images} images ({images / max(source_images, 1):.2g} passes over the "
-            f"{source_images} training images), mean fill {fill:.1%}"
+    passes = f"{images / max(source_images, 1):.2g}"
+    return (f"epoch {epoch}: {steps} step{'' if steps == 1 else 's'}, {images} images ({passes} "
+            f"pass{'' if passes == '1' else 'es'} over the {source_images} training images), mean fill {fill:.1%}"
             + (f"; {carried} sample visits read ahead (rank 0) carry over into the next epoch" if carried else ""))
 
 
@@ -109,12 +111,10 @@ class RunLog:
         self.bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
                         disable=self.quiet or not self.is_main or not sys.stderr.isatty())
 
-    def print(self, msg: str) -> None:
+    def info(self, msg: str) -> None:
+        """Rank 0: one line of the run's log (the commands' handler keeps a progress bar below it)."""
         if self.is_main:
-            if self.bar is not None and not self.bar.disable:
-                self.bar.write(msg)
-            else:
-                print(msg, flush=True)
+            log.info(msg)
 
     def eval_result(self, res, step: int, epoch: int, out: Path) -> None:
         """Rank 0: an evaluation's metrics record (and curves.png beside metrics.jsonl) and its line."""
@@ -128,7 +128,7 @@ class RunLog:
                 write_curves(out / "metrics.jsonl")
             except Exception as e:  # a plot is never worth the run
                 log.warning("curves.png not written: %s: %s", type(e).__name__, e)
-        self.print(f"eval step {step} epoch {epoch}: top-1 {res.top1:.2%} top-5 {res.top5:.2%} loss {res.loss:.4f} "
+        self.info(f"eval step {step} epoch {epoch}: top-1 {res.top1:.2%} top-5 {res.top5:.2%} loss {res.loss:.4f} "
                    f"on {res.images} images, {res.tokens_per_image:.1f} tokens/image ({res.token_fraction:.1%} of "
                    f"uniform), {res.images_per_s:.1f} images/s")
 
@@ -142,7 +142,7 @@ class RunLog:
         if carried is not None:
             rec["carried_over"] = int(carried)
         self.record(rec)
-        self.print(epoch_line(epoch, steps, images, fill, source_images, carried))
+        self.info(epoch_line(epoch, steps, images, fill, source_images, carried))
 
     def record(self, rec: dict) -> bool:
         """Write ``rec`` to the metrics (rank 0, inside `fit`); True when written."""
@@ -152,7 +152,7 @@ class RunLog:
         return True
 
     def step(self, rec: dict) -> None:
-        """Every step: the metrics record and the bar; without the bar, a printed line every
+        """Every step: the metrics record and the bar; without the bar, a log line every
         ``log_every`` steps (and at the first and last)."""
         if not self.is_main:
             return
@@ -165,9 +165,9 @@ class RunLog:
                             f"{rec['tokens_per_image']:.1f} tok/img")
         step = rec["step"]
         if bar.disable and not self.quiet and (every(step, max(self.log_every, 1)) or step in (1, self.total_steps)):
-            print(f"step {step}/{self.total_steps} epoch {rec['epoch']} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
+            log.info(f"step {step}/{self.total_steps} epoch {rec['epoch']} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
                   f"{rec['images_per_s']:.1f} img/s {rec['tokens_per_s']:.0f} tok/s "
-                  f"{rec['tokens_per_image']:.1f} tok/img fill {rec['fill']:.1%}", flush=True)
+                  f"{rec['tokens_per_image']:.1f} tok/img fill {rec['fill']:.1%}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -328,7 +328,7 @@ class SegmentTrainTask:
                         "pixel_accuracy": m.pixel_accuracy, "images": res.images,
                         "images_per_s": res.images_per_s, **{"per_class_iou": m.as_dict(self.seg.class_names)[
                             "per_class_iou"]}})
-        run_log.print(f"eval step {step} epoch {epoch}: {self.final_line(res)[len('final val: '):]}")
+        run_log.info(f"eval step {step} epoch {epoch}: {self.final_line(res)[len('final val: '):]}")
 
     def class_count(self, source) -> str:
         return "masks" + (f" of {self.seg.num_classes} classes, {self.seg.head} head" if self.seg is not None else "")

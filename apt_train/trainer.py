@@ -264,35 +264,35 @@ class Trainer:
 
     def _print_header(self) -> None:
         c, info = self.config.flags(), self.info  # the header speaks in flag names
-        self._log.print(
+        self._log.info(
             f"APT train: {c.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params, "
             f"{len(self.params)} trainable tensors{', APT parameters only' if c.train_new_only else ''}) "
             f"at {self.image_size} px, {self.cfg}; recipe {c.recipe}; {info.world_size} process(es) on "
             f"{self.device}{', bf16 autocast' if self.amp else ''}")
         val = self.val_loader
         count = self.task.class_count
-        self._log.print(f"train data {c.data}: {len(self.loader.source)} images, {count(self.loader.source)}; "
+        self._log.info(f"train data {c.data}: {len(self.loader.source)} images, {count(self.loader.source)}; "
                     + (f"val data {c.val_data}: {len(val.source)} images, {count(val.source)}; "
                        if val is not None else "val data: none; ")
                     + f"head: {self.model.num_classes} classes")
         if self._val_note:
-            self._log.print(self._val_note)
-        self._log.print(
+            self._log.info(self._val_note)
+        self._log.info(
             f"data {c.data}: {len(self.loader.source)} images, {self.steps_per_epoch} steps/epoch of <= "
             f"{c.max_tokens} tokens per rank ({self.loader.describe()}), {self.images_per_step:.2f} images "
             f"per global step; {self.total_steps} steps; peak lr {self.lr:.3g}"
             f"{'' if c.lr is not None else f' = {c.blr:g} x {self.images_per_step:.2f} / 256'}, "
             f"warmup {self.scheduler.warmup_steps} steps, layer decay {c.layer_decay}")
-        self._log.print(self.task.augmentation_line(c, self.loader.mix))
+        self._log.info(self.task.augmentation_line(c, self.loader.mix))
 
     def _print_start(self) -> None:
         """Rank 0: what the header does not say: settings changed to fit the data, where a resume continues."""
         for note in self._notes:
-            self._log.print(note)
+            self._log.info(note)
         if getattr(self, "_resumed_from", None) is not None:
-            self._log.print(f"resuming {self._resumed_from}: continuing after step {self.global_step} of "
-                            f"{self.total_steps} (epoch {self.epoch}, {self.step_in_epoch} steps into it), "
-                            f"lr {self.scheduler.lr:.3g}")
+            self._log.info(f"resuming {self._resumed_from}: continuing after step {self.global_step} of "
+                           f"{self.total_steps} (epoch {self.epoch}, {self.step_in_epoch} steps into it), "
+                           f"lr {self.scheduler.lr:.3g}")
 
     def fit(self) -> TrainResult:
         """Train to ``total_steps``: evaluate at each epoch end (or every ``eval_every`` steps) and at the
@@ -328,10 +328,10 @@ class Trainer:
         seconds = time.perf_counter() - t_start
         skipped = self._report_skips()
         if info.is_main:
-            self._log.print(self.totals.summary(self.global_step, c.data.max_tokens, seconds))
+            self._log.info(self.totals.summary(self.global_step, c.data.max_tokens, seconds))
             if self._final_eval is not None:
-                self._log.print(self.task.final_line(self._final_eval))
-            self._log.print(f"checkpoint: {self._last_saved}; metrics: {self.out / 'metrics.jsonl'}")
+                self._log.info(self.task.final_line(self._final_eval))
+            self._log.info(f"checkpoint: {self._last_saved}; metrics: {self.out / 'metrics.jsonl'}")
         return TrainResult(model=self.model, global_step=self.global_step, epoch=self.epoch,
                            metrics_path=self.out / "metrics.jsonl", checkpoint=self._last_saved,
                            final_eval=self._final_eval, seconds=seconds, skipped=skipped)
@@ -381,6 +381,6 @@ class Trainer:
         """The bad samples the loaders skipped, summed over ranks; rank 0 prints them."""
         loaders = {"train": self.loader, "val": self.val_loader}
         merged = sum_counts({k: dict(l.stats.skipped) for k, l in loaders.items() if l is not None}, self.info)
-        self._log.print(skip_line(merged))
+        self._log.info(skip_line(merged))
         return merged
 

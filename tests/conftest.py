@@ -1,6 +1,8 @@
-"""Shared fixtures: the real photographs shipped in tests/data/images (see ATTRIBUTION.md)."""
+"""Shared fixtures: the real photographs shipped in tests/data/images (see ATTRIBUTION.md); reading a
+command's log."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +41,12 @@ def timm_input(images: list[np.ndarray], model, device: str = "cpu"):
     std = torch.tensor(cfg.get("std", (0.5,) * 3), device=device).view(1, 3, 1, 1)
     x = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in images]).to(device).float() / 255
     return (x - mean) / std
+
+
+#: what the commands' log handler puts before a message off a terminal (apt_train.commands.common.setup_logging)
+LOG_PREFIX = r"(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [A-Z]+ [\w.]+: )?"
+
+
+def log_messages(text: str) -> str:
+    """A command's stderr with each log line's timestamp, level and logger taken off: the messages."""
+    return re.sub(rf"^{LOG_PREFIX}", "", text, flags=re.M)

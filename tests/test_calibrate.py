@@ -36,8 +36,8 @@ def test_calibrate_reaches_the_target_fraction(target, tmp_path, capsys):
     # the same thresholds on freshly decoded and scored images keep the same fraction
     assert patchify_fraction(str(ROOT / "shards"), res["thresholds"]) == pytest.approx(res["fraction"], abs=1e-9)
     assert res["thresholds"][0] / 5.5 == pytest.approx(res["thresholds"][1] / 4.0)
-    printed = capsys.readouterr().out
-    assert "use: --thresholds" in printed and "read from the shard index" in printed
+    printed, logged = capsys.readouterr()  # the thresholds on stdout, the log on stderr
+    assert "use: --thresholds" in printed and "read from the shard index" in logged
 
 
 def test_calibrate_scores_images_when_the_index_does_not_fit(tmp_path):

@@ -181,7 +181,7 @@ def test_visualize_does_not_upscale_by_default(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     with Image.open(out / "half_plain.layout.png") as im:  # the 224-px layout, its caption and legend below
         assert 224 < im.height < 2 * 224 and 224 < im.width < 2 * 224 and np.asarray(im)[6:230, 6:230].std() > 0
-    assert "224x224" in proc.stdout and "legend: 16 px untinted, 32 px blue, 64 px orange" in proc.stdout
+    assert "224x224" in proc.stderr and "legend: 16 px untinted, 32 px blue, 64 px orange" in proc.stderr
     with Image.open(mosaic) as im:
         assert im.width >= 224 and im.height > 224 + 20  # caption and legend below the layout
 

@@ -36,7 +36,7 @@ def test_evaluate_baselines_report_their_token_counts(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert load_tool("evaluate").main(["--baseline", "none", "resize", "random", "--uniform", "--workers", "1",
                                        "--output", str(out)]) == 0
-    printed = capsys.readouterr().out
+    printed, logged = capsys.readouterr()  # the table on stdout, the log on stderr
     for name in ("| APT |", "| resize |", "| random |", "| uniform |"):
         assert name in printed
     res = json.loads(out.read_text())["results"]
@@ -51,7 +51,7 @@ def test_evaluate_baselines_report_their_token_counts(tmp_path, capsys):
     assert res["uniform"]["token_fraction"] == 1.0 and 0.6 < apt["token_fraction"] < 0.95
     # FLOPs: the uniform grid costs most; dropping the detail path (resize, random) costs a little less
     assert res["uniform"]["flops"] > apt["flops"] > res["resize"]["flops"] == res["random"]["flops"]
-    assert "skipped bad samples: none" in printed
+    assert "skipped bad samples: none" in logged
 
 
 def test_random_baseline_keeps_apt_token_counts_per_image_at_base_scale():

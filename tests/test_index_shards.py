@@ -106,6 +106,6 @@ def test_index_shards_tool(tmp_path):
                         "--out", str(tmp_path / "train.parquet"), "--workers", "1", "--quiet"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "160 samples in 4 shards" in r.stdout
+    assert "160 samples in 4 shards" in r.stderr
     meta = json.loads(read_index(tmp_path / "train.parquet").table.schema.metadata[b"apt.shards"])
     assert meta["shards"] == [f"data-{k:06d}.tar" for k in range(4)]

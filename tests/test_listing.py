@@ -69,4 +69,4 @@ def test_make_shards_summary_counts_left_out_files(tmp_path):
                           "--image-size", "64", "--shard-size", "4", "--workers", "1"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "6 samples in 2 shards" in out.stdout and "4 non-image files left out (.gif 2, (none) 1, .txt 1)" in out.stdout
+    assert "6 samples in 2 shards" in out.stderr and "4 non-image files left out (.gif 2, (none) 1, .txt 1)" in out.stderr

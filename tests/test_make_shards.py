@@ -162,8 +162,8 @@ def test_killed_run_leaves_no_partial_tar_and_resumes(built, src, tmp_path):
     rerun = subprocess.run(cmd, capture_output=True, text=True)  # the CLI resumes and summarises
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     m = re.search(r"make_shards: 32 samples in 7 shards \((\d+) built, (\d+) already complete\); kept 32, skipped 0",
-                  rerun.stdout)
-    assert m, rerun.stdout
+                  rerun.stderr)
+    assert m, rerun.stderr
     built, resumed = map(int, m.groups())
     assert resumed >= 1 and built == 7 - resumed
     assert not list(out.glob("*.tmp"))
@@ -281,7 +281,7 @@ def test_cli_help_shows_defaults_and_a_part_run_summarises_once(src, tmp_path):
     run = subprocess.run([sys.executable, str(TOOL), str(src), str(tmp_path / "o"), "--shard-size", "5",
                           "--workers", "1", "--part", "1", "--num-parts", "3"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.count("samples in 2 shards") == 1 and "samples in" not in run.stderr  # summary once
+    assert run.stderr.count("samples in 2 shards") == 1 and "samples in" not in run.stdout  # summary once
     assert "img/s" not in run.stderr and "|" not in run.stderr  # no progress bar outside a terminal
     assert sorted(p.name for p in (tmp_path / "o").glob("*.tar")) == ["train-000001.tar", "train-000004.tar"]
 

@@ -136,7 +136,7 @@ def test_mixing_is_for_training_and_the_full_recipe_turns_it_on(tmp_path, capsys
 
     rc = train_main(["--mixup", "0.8", "--cutmix", "1.0", "--augment", "--max-tokens", "2048", "--output",
                      str(tmp_path), *FAST])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert rc == 0 and "Mixup 0.8 / CutMix 1.0, prob 1.0, switch 0.5, soft targets" in out
     with pytest.raises(SystemExit) as e:
         train_main(["--mixup", "-1", "--output", str(tmp_path), *FAST])

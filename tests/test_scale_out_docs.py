@@ -50,7 +50,7 @@ def bash(script: str, env: dict | None = None, timeout: int = 600) -> str:
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, **(env or {})))
     assert proc.returncode == 0, script + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return proc.stdout + proc.stderr  # what the commands print and log
 
 
 @pytest.fixture(scope="module")

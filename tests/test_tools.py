@@ -12,14 +12,15 @@ from conftest import IMAGE_PATHS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, timeout=240):
+def run(*args, timeout=240, stream="stdout"):
+    """The script's ``stream``: stdout, or for a command's log lines stderr."""
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc.stdout
+    return getattr(proc, stream)
 
 
 def test_visualize_writes_layout_pngs(tmp_path):
-    out = run(ROOT / "tools/visualize.py", IMAGE_PATHS[0], IMAGE_PATHS[5], "--out", tmp_path, "--size", "224")
+    out = run(ROOT / "tools/visualize.py", IMAGE_PATHS[0], IMAGE_PATHS[5], "--out", tmp_path, "--size", "224", stream="stderr")
     pngs = sorted(tmp_path.glob("*.layout.png"))
     assert len(pngs) == 2
     swatch = np.round(np.asarray(SCALE_COLORS[1])).astype(np.uint8)  # the 2x patches' tint, in the legend

@@ -52,7 +52,7 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
     losses = [r["loss"] for r in recs]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.4 * losses[0] and losses[-1] < min(losses[:6]), losses
-    assert "step 12/12" in proc.stdout and "skipped bad samples: none" in proc.stdout
+    assert "step 12/12" in proc.stderr and "skipped bad samples: none" in proc.stderr
     assert list_checkpoints(tmp_path)
 
 
@@ -130,7 +130,7 @@ def test_resume_from_a_folder_takes_its_newest_checkpoint(tmp_path):
     json.dumps(recs)
 
 
-def test_bad_samples_are_skipped_counted_and_reported(tmp_path, capsys):
+def test_bad_samples_are_skipped_counted_and_reported(tmp_path, caplog):
     """A corrupt JPEG in a shard: the run goes on, and the end of the run reports the skip."""
     index = read_index(ROOT / "shards", "train")
     rows = index.table.slice(0, 12)
@@ -143,10 +143,11 @@ def test_bad_samples_are_skipped_counted_and_reported(tmp_path, capsys):
     rows = rows.filter(pa.compute.equal(rows.column("shard"), "train-000000.tar"))
     rows = rows.set_column(rows.column_names.index("shard"), "shard", pa.array([str(shard)] * rows.num_rows))
     write_index(tmp_path / "bad.parquet", rows, index.config, {k: v for k, v in index.settings.items() if k != "shards"})
-    res = run(["--data", str(tmp_path / "bad.parquet"), "--no-eval", "--recipe", "short", "--max-tokens", "4096",
-               "--workers", "0", "--quiet", "--output", str(tmp_path / "o")])
+    with caplog.at_level("INFO", logger="apt_train"):
+        res = run(["--data", str(tmp_path / "bad.parquet"), "--no-eval", "--recipe", "short", "--max-tokens", "4096",
+                   "--workers", "0", "--quiet", "--output", str(tmp_path / "o")])
     assert sum(res.skipped["train"].values()) == 1
-    out = capsys.readouterr().out
+    out = "\n".join(caplog.messages)
     assert "skipped bad samples: train 1 (checksum_mismatch: 1)" in out, out  # the reader's structured reason
     recs = read_jsonl(tmp_path / "o" / "metrics.jsonl")
     assert sum(r["images"] for r in recs if r["split"] == "train") == rows.num_rows - 1

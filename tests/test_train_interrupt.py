@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from apt_train.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from conftest import LOG_PREFIX, log_messages  # noqa: E402
 from test_train import subset_index  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
@@ -50,9 +51,9 @@ def wait_for(stream, pattern: str, timeout: float = 300) -> list[str]:
     raise AssertionError(f"{pattern!r} never appeared: {seen}")
 
 
-def done_counts(stdout: str) -> tuple[int, int, int]:
-    m = re.search(r"^done: (\d+) steps \((\d+) images, (\d+) patch tokens\)", stdout, re.M)
-    assert m, stdout
+def done_counts(stderr: str) -> tuple[int, int, int]:
+    m = re.search(r"^done: (\d+) steps \((\d+) images, (\d+) patch tokens\)", log_messages(stderr), re.M)
+    assert m, stderr
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
@@ -62,7 +63,7 @@ def test_ctrl_c_checkpoints_the_step_and_the_resume_ends_with_the_uninterrupted_
 
     out = tmp_path / "b"
     proc = start(flags(tmp_path) + ["--output", str(out)])
-    wait_for(proc.stdout, r"^step 1/5 ")
+    wait_for(proc.stderr, rf"^{LOG_PREFIX}step 1/5 ")
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the main process and its loader worker
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr
@@ -78,10 +79,10 @@ def test_ctrl_c_checkpoints_the_step_and_the_resume_ends_with_the_uninterrupted_
     assert command[-2:] == ["--resume", str(out)] and command.count("--resume") == 1
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert re.search(rf"^resuming .*checkpoint-{step:07d}\.pt: continuing after step {step} of 5 ", resumed.stdout,
-                     re.M), resumed.stdout
+    assert re.search(rf"^resuming .*checkpoint-{step:07d}\.pt: continuing after step {step} of 5 ",
+                     log_messages(resumed.stderr), re.M), resumed.stderr
     # the whole run counted, as the uninterrupted run counts it
-    assert done_counts(resumed.stdout) == done_counts(ref.stdout)
+    assert done_counts(resumed.stderr) == done_counts(ref.stderr)
     a = load_checkpoint(tmp_path / "a")["model"]
     b = load_checkpoint(out)["model"]
     assert a.keys() == b.keys()
@@ -91,7 +92,7 @@ def test_ctrl_c_checkpoints_the_step_and_the_resume_ends_with_the_uninterrupted_
 
 def test_sigterm_stops_with_status_143_and_a_second_ctrl_c_aborts_at_once(tmp_path):
     proc = start(flags(tmp_path, steps=50) + ["--output", str(tmp_path / "t")])
-    wait_for(proc.stdout, r"^step 1/")
+    wait_for(proc.stderr, rf"^{LOG_PREFIX}step 1/")
     proc.send_signal(signal.SIGTERM)  # a scheduler's stop: the main process only
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143 and "Traceback" not in stderr, stderr
@@ -99,7 +100,7 @@ def test_sigterm_stops_with_status_143_and_a_second_ctrl_c_aborts_at_once(tmp_pa
 
     out = tmp_path / "c"
     proc = start(flags(tmp_path, steps=50, max_tokens=4096) + ["--output", str(out)])
-    wait_for(proc.stdout, r"^step 1/")
+    wait_for(proc.stderr, rf"^{LOG_PREFIX}step 1/")
     os.killpg(proc.pid, signal.SIGINT)
     wait_for(proc.stderr, r"SIGINT: stopping after this step")
     os.killpg(proc.pid, signal.SIGINT)  # the second: do not wait for the step

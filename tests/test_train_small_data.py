@@ -25,7 +25,7 @@ def folder(root: Path, classes: int = 2, per_class: int = 4) -> Path:
     return root / "photos" / "train"
 
 
-def test_a_folder_smaller_than_a_step(tmp_path, capsys):
+def test_a_folder_smaller_than_a_step(tmp_path, caplog):
     train = folder(tmp_path)  # 8 photos: one 2,048-token step holds them all
     base = ["--data", str(train), "--val-data", str(train), "--recipe", "full", "--mixup", "0", "--cutmix", "0",
             "--max-tokens", "2048", "--workers", "0", "--quiet", "--output", str(tmp_path / "out")]
@@ -35,9 +35,10 @@ def test_a_folder_smaller_than_a_step(tmp_path, capsys):
     assert trainer.lr == pytest.approx(1.5e-3 * 8 / 256)
     assert trainer.scheduler.warmup_steps == 3 and trainer.eval_epochs == 5
 
-    res = cli.run(base + ["--epochs", "12", "--warmup-epochs", "12"])  # a warm-up as long as the run
+    with caplog.at_level("INFO", logger="apt_train"):
+        res = cli.run(base + ["--epochs", "12", "--warmup-epochs", "12"])  # a warm-up as long as the run
     assert res.global_step == 12
-    out = capsys.readouterr().out
+    out = "\n".join(caplog.messages)  # the run's log lines
     assert "the token budget fits" in out and "but the training data has 8: the lr is scaled for 8 images" in out
     assert "warm-up: 12 epochs are 12 steps of the run's 12: capped at 6 steps (half the run)" in out
     assert "evaluates every 5 epochs (5 steps) and at the end" in out

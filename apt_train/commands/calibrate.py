@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 
@@ -21,6 +22,8 @@ from apt_data.loader import open_source
 
 from ..checkpoint import atomic_write_text
 from .common import Argv, prog_name, run_command, sample_data, setup_logging
+
+log = logging.getLogger(__name__)
 
 COMMAND = "apt-calibrate"
 
@@ -62,8 +65,8 @@ def _calibrate(argv: Argv) -> int:
     t1 = time.perf_counter()
     cal = calibrate(images, cfg, args.target_fraction, base, tol=args.tol, from_index=from_index)
     t2 = time.perf_counter()
-    print(f"calibrate: {len(images)} images of {args.data} at {args.image_size} px, {args.scorer} scores "
-          f"{'read from the shard index' if from_index else 'computed from the decoded images'} ({t1 - t0:.1f} s)")
+    log.info("calibrate: %d images of %s at %d px, %s scores %s (%.1f s)", len(images), args.data, args.image_size,
+             args.scorer, "read from the shard index" if from_index else "computed from the decoded images", t1 - t0)
     print(f"thresholds {' '.join(f'{t:.4f}' for t in cal.thresholds)} (= {cal.scale:.4f} x "
           f"{' '.join(f'{b:g}' for b in base)}) keep {cal.fraction:.2%} of the uniform tokens "
           f"(target {cal.target:.2%}; search {t2 - t1:.1f} s)")

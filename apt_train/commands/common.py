@@ -86,10 +86,20 @@ class _Plain(logging.Formatter):
 class _StderrHandler(logging.StreamHandler):
     """A handler on whatever ``sys.stderr`` is when a record is written, not when the command started:
     a command run in-process (tests, notebooks) must not keep writing to a stream that was replaced
-    and closed since."""
+    and closed since. Lines go through ``tqdm.write``, which lifts a progress bar on the same stream
+    above them and draws it again below."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
 
     @property
     def stream(self):

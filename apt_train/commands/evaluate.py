@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from ..checkpoint import atomic_write_text
@@ -25,6 +26,8 @@ from ..cli import add_eval_args, add_task_args, eval_setup
 from ..dist import cleanup
 from ..evaluation import evaluate_mode
 from .common import Argv, prog_name, run_command, sample_data, setup_logging
+
+log = logging.getLogger(__name__)
 
 COMMAND = "apt-eval"
 
@@ -125,9 +128,9 @@ def _evaluate_segmentation(args: argparse.Namespace) -> int:
                         num_scales=args.num_scales, thresholds=args.thresholds, scorer=args.scorer,
                         max_tokens=args.max_tokens, max_images=args.max_images)
     amp = device.type == "cuda" if args.amp is None else bool(args.amp)
-    print(f"evaluate segmentation: {args.model}{' from ' + args.checkpoint if args.checkpoint else ' (random init)'} "
-          f"on {args.data} ({len(source)} images), short side {size} px, {cfg}, {task.num_classes} classes, "
-          f"{task.head} head, {device}")
+    log.info(f"evaluate segmentation: {args.model}{' from ' + args.checkpoint if args.checkpoint else ' (random init)'} "
+             f"on {args.data} ({len(source)} images), short side {size} px, {cfg}, {task.num_classes} classes, "
+             f"{task.head} head, {device}")
     print(SEG_HEADER)
     results, counts, skipped, per_class = {}, {}, {}, []
     for mode in seg_modes(args):
@@ -148,7 +151,7 @@ def _evaluate_segmentation(args: argparse.Namespace) -> int:
             f"{k} {'-' if v is None else f'{v:.2%}'}" for k, v in row["per_class_iou"].items()))
     print("\n".join(per_class))
     bad = {m: s for m, s in skipped.items() if s}
-    print(f"skipped bad samples: {bad if bad else 'none'}")
+    log.info(f"skipped bad samples: {bad if bad else 'none'}")
     if args.output:
         atomic_write_text(args.output, json.dumps({"args": {k: plain(v) for k, v in vars(args).items()},
                                                    "config": str(cfg), "results": results}, indent=1))
@@ -168,9 +171,9 @@ def _evaluate(argv: Argv) -> int:
     results, skipped = {}, {}
     try:
         if info.is_main:
-            print(f"evaluate: {args.model}{' from ' + setup.checkpoint if setup.checkpoint else ' (random init)'} on "
-                  f"{args.data} ({len(source)} images) at {kw['image_size']} px, {cfg}, <= {args.max_tokens} "
-                  f"tokens per batch, {info.device}{', bf16' if amp else ''}")
+            log.info(f"evaluate: {args.model}{' from ' + setup.checkpoint if setup.checkpoint else ' (random init)'} on "
+                     f"{args.data} ({len(source)} images) at {kw['image_size']} px, {cfg}, <= {args.max_tokens} "
+                     f"tokens per batch, {info.device}{', bf16' if amp else ''}")
             print(HEADER)
         for mode in modes:
             res, loader = evaluate_mode(model, source, cfg, mode, device=info.device, amp=amp, info=info,
@@ -182,7 +185,7 @@ def _evaluate(argv: Argv) -> int:
                       flush=True)
         if info.is_main:
             bad = {m: s for m, s in skipped.items() if s}
-            print(f"skipped bad samples: {bad if bad else 'none'}")
+            log.info(f"skipped bad samples: {bad if bad else 'none'}")
             if args.output:
                 flags = {**vars(args), "checkpoint": setup.checkpoint}  # a folder's newest checkpoint: the file read
                 atomic_write_text(args.output, json.dumps({"args": {k: plain(v) for k, v in flags.items()},

@@ -15,12 +15,15 @@ docs/scale-out.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from apt_data.shards.inplace import index_webdataset
 
 from ..flags import apt_config_from_flags
 from .common import Argv, prog_name, run_command, setup_logging
+
+log = logging.getLogger(__name__)
 
 COMMAND = "apt-index-shards"
 
@@ -52,7 +55,7 @@ def _run(argv: Argv) -> int:
     cfg = apt_config_from_flags(a)
     res = index_webdataset(a.tars, a.out, cfg=cfg, image_size=a.image_size, crop=a.crop, multiple=a.multiple,
                            label_field=a.label_field, workers=a.workers, strict=a.strict, progress=not a.quiet)
-    print(f"index_shards: {res.summary()}")
+    log.info("index_shards: %s", res.summary())
     return 0
 
 

@@ -21,12 +21,15 @@ build. To index existing webdataset tars without rewriting them: ``apt-index-sha
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from apt_data.shards.build import build_shards
 
 from ..flags import apt_config_from_flags
 from .common import Argv, prog_name, run_command, setup_logging
+
+log = logging.getLogger(__name__)
 
 COMMAND = "apt-make-shards"
 
@@ -86,7 +89,7 @@ def _run(argv: Argv) -> int:
                        classes_tsv=a.classes, validate=a.validate, strict=a.strict, progress=not a.quiet,
                        keep_sidecars=a.keep_sidecars, part=a.part, num_parts=a.num_parts,
                        merge=a.merge, exif_transpose=a.exif_transpose)
-    print(f"make_shards: {res.summary()}")
+    log.info("make_shards: %s", res.summary())
     return 0 if res.num_samples else 1
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,8 @@ from ..config import SetupError
 from ..dist import cleanup
 from ..evaluation import evaluate_mode
 from .common import Argv, prog_name, run_command, sample_data, setup_logging
+
+log = logging.getLogger(__name__)
 
 COMMAND = "apt-sweep"
 
@@ -111,9 +114,9 @@ def _sweep(argv: Argv) -> int:
                  **{k: v for k, v in res.as_dict().items() if k in FIELDS}}
             rows.append(r)
             if info.is_main:
-                print(f"{r['method']:8s} thresholds {r['thresholds']:>12s}: top-1 {r['top1']:.2%} "
-                      f"{r['images_per_s']:.1f} images/s {r['tokens_per_image']:.1f} tokens/image "
-                      f"({r['token_fraction']:.1%}) {r['gflops_per_image']:.3f} GFLOPs/image", flush=True)
+                log.info(f"{r['method']:8s} thresholds {r['thresholds']:>12s}: top-1 {r['top1']:.2%} "
+                         f"{r['images_per_s']:.1f} images/s {r['tokens_per_image']:.1f} tokens/image "
+                         f"({r['token_fraction']:.1%}) {r['gflops_per_image']:.3f} GFLOPs/image")
         if info.is_main:
             out = Path(args.output)
             buf = io.StringIO()
@@ -122,7 +125,7 @@ def _sweep(argv: Argv) -> int:
             w.writerows(rows)
             atomic_write_text(out / "sweep.csv", buf.getvalue())
             plot(rows, out / "sweep.png")
-            print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
+            log.info(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
     finally:
         cleanup(info)
     return 0

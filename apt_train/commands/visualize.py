@@ -197,19 +197,19 @@ def _visualize(argv: Argv) -> int:
             out = Path(args.out) / (out_name + ".layout.png")
             save_png(mosaic(tiles[-1:], cfg, 1), out)
             where = f"  -> {out}"
-        print(f"{Path(path).name}: {img.shape[1]}x{img.shape[0]}  tokens {len(layout)} / {layout.uniform_tokens} "
-              f"({len(layout) / layout.uniform_tokens:.1%})  per scale {counts.tolist()}{where}")
+        log.info(f"{Path(path).name}: {img.shape[1]}x{img.shape[0]}  tokens {len(layout)} / {layout.uniform_tokens} "
+                 f"({len(layout) / layout.uniform_tokens:.1%})  per scale {counts.tolist()}{where}")
     if not tiles:
         raise ValueError(f"none of the {len(args.images)} images could be drawn (see the warnings above)")
     if uniform:
-        print(f"total: {total} / {uniform} tokens ({total / uniform:.1%} of the uniform grid)")
+        log.info(f"total: {total} / {uniform} tokens ({total / uniform:.1%} of the uniform grid)")
     names = [COLOR_NAMES[min(s, len(COLOR_NAMES) - 1)] for s in range(cfg.num_scales)]
-    print("legend: " + ", ".join(f"{lab} {n}" for lab, n in zip(scale_labels(cfg), names)))
+    log.info("legend: " + ", ".join(f"{lab} {n}" for lab, n in zip(scale_labels(cfg), names)))
     if args.mosaic and tiles:
         out = Path(args.mosaic)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_png(mosaic(tiles, cfg, args.cols), out, args.colors)
-        print(f"mosaic: {out} ({out.stat().st_size / 1024:.0f} KiB)")
+        log.info(f"mosaic: {out} ({out.stat().st_size / 1024:.0f} KiB)")
     return 0
 
 
