@@ -160,3 +160,27 @@ def test_index_shards_takes_mask_members(tmp_path):
     _flip(tmp_path / "a.tar", row["seg_offset"] + 40)
     with pytest.raises(ShardDataError, match="checksum mismatch"):
         src.read_with_mask(2)
+
+
+def test_make_shards_command_takes_masks(mask_shards, tmp_path):
+    """``apt-make-shards SRC OUT --masks DIR`` stores the same masks as `build_shards(masks=...)` (keeping the
+    aspect without being told), and --void maps the stored ids once, at build time."""
+    from apt_train.commands import make_shards
+
+    root, lib = mask_shards
+    src, masks = root / "images" / "train", root / "annotations" / "train"
+    flags = ["--image-size", "64", "--shard-size", "3", "--patch-size", "16", "--num-scales", "2", "--thresholds",
+             "5.5", "--workers", "1", "--quiet"]
+    assert make_shards.main([str(src), str(tmp_path / "cli"), "--masks", str(masks), *flags]) == 0
+    cli, ref = read_index(tmp_path / "cli"), read_index(lib)
+    assert not cli.settings["crop"] and cli.settings["masks"] == ref.settings["masks"]
+    assert cli.table.column("seg_crc32c").to_pylist() == ref.table.column("seg_crc32c").to_pylist()
+
+    void = int(np.unique(decode_mask(open_shards(str(lib)).read_with_mask(0)[1]))[0])
+    assert make_shards.main([str(src), str(tmp_path / "void"), "--masks", str(masks), "--void", str(void), *flags]) == 0
+    src_void = open_shards(str(tmp_path / "void"))
+    assert read_index(tmp_path / "void").settings["masks"]["labels"]["void"] == [void]
+    assert not (decode_mask(src_void.read_with_mask(0)[1]) == void).any()
+    with pytest.raises(SystemExit) as e:  # a flag error: argparse's usage and status 2
+        make_shards.main([str(src), str(tmp_path / "x"), "--void", "3", *flags])
+    assert e.value.code == 2

@@ -304,7 +304,7 @@ def _plan(src: Path, masks: Optional[PathLike], crop: bool, exif_transpose: bool
           seed: int, shuffle: bool, left_out: Optional[Counter] = None) -> tuple[list, dict[int, str]]:
     """The samples of a build (`plan_samples`, or `plan_mask_samples` with ``masks``) and its classes."""
     if masks is not None and (crop or exif_transpose):
-        raise ValueError("shards with masks keep the image's aspect and orientation: crop=False (--no-crop) "
+        raise ValueError("shards with masks keep the image's aspect and orientation: crop=False "
                          "and no exif_transpose")
     if masks is not None:
         samples, classes = plan_mask_samples(src, Path(masks), limit=limit, skip=skip, seed=seed, shuffle=shuffle)

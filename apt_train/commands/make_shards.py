@@ -4,7 +4,7 @@
         [--patch-size 16 --num-scales 3 --thresholds 5.5 4.0 --scorer entropy] [--workers N]
         [--limit-per-class K] [--skip-per-class N] [--prefix train] [--seed 0] [--no-shuffle]
         [--classes imagenet-classes.tsv] [--validate] [--strict] [--remove-sidecars]
-        [--part K --num-parts N | --merge]
+        [--part K --num-parts N | --merge] [--masks DIR [--reduce-zero-label] [--void ID ...]]
 
 SRC is an ImageNet-layout folder (one sub-folder per class) or a text/TSV list
 (``path<TAB>label[<TAB>class]``). Writes ``OUT/{prefix}-000000.tar, ...``, ``OUT/{prefix}.parquet``
@@ -17,6 +17,11 @@ any order: a Slurm array, a Kubernetes indexed job), each with the same SRC, OUT
 together afterwards) and options; each builds shards K, K+N, ... Then the same command with
 ``--merge`` checks that every shard is there and writes the index: byte-identical to one machine's
 build. To index existing webdataset tars without rewriting them: ``apt-index-shards``.
+
+Segmentation (docs/dense.md): ``--masks DIR`` pairs each image of SRC with the mask of the same
+relative path and stem in DIR and stores it as the sample's ``.seg.png`` member (keeping the image's
+aspect: ``--keep-aspect`` is the default then); ``--reduce-zero-label`` / ``--void`` map the stored ids
+once, at build time.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import argparse
 import logging
 import sys
 
+from apt_data.masks import MaskLabels
 from apt_data.shards.build import build_shards
 
 from ..flags import apt_config_from_flags
@@ -45,8 +51,10 @@ def parse_args(argv: Argv = None) -> argparse.Namespace:
     ap.add_argument("--image-size", type=int, default=224, help="stored size (crop: side; keep-aspect: short side)")
     ap.add_argument("--shard-size", type=int, default=100, help="samples per shard")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--crop", dest="crop", action="store_true", default=True, help="resize + centre-crop to a square (default)")
-    g.add_argument("--keep-aspect", dest="crop", action="store_false", help="short side = image size, sides multiples of --multiple")
+    g.add_argument("--crop", dest="crop", action="store_true", default=None,
+                   help="resize + centre-crop to a square (the default without --masks)")
+    g.add_argument("--keep-aspect", dest="crop", action="store_false",
+                   help="short side = image size, sides multiples of --multiple (the default with --masks)")
     ap.add_argument("--patch-size", type=int, default=16)
     ap.add_argument("--num-scales", type=int, default=3)
     ap.add_argument("--thresholds", type=float, nargs="*", default=None, help="default: the scorer's own (entropy: 5.5 4.0)")
@@ -70,7 +78,15 @@ def parse_args(argv: Argv = None) -> argparse.Namespace:
     ap.add_argument("--part", type=int, default=None, help="build only part K (0-based) of --num-parts: shards K, K+N, ...")
     ap.add_argument("--num-parts", type=int, default=1, help="N, the number of parts of a split build")
     ap.add_argument("--merge", action="store_true", help="after all parts: check every shard is there, write the index")
+    m = ap.add_argument_group("segmentation")
+    m.add_argument("--masks", default=None, metavar="DIR", help="the masks of SRC's images (same relative path and stem)")
+    m.add_argument("--reduce-zero-label", action="store_true", help="mask id 0 ignored, 1..K stored as 0..K-1 (ADE20K)")
+    m.add_argument("--void", type=int, nargs="+", default=None, metavar="ID", help="mask ids stored as ignored")
     a = ap.parse_args(argv)
+    if a.masks is None and (a.reduce_zero_label or a.void):
+        ap.error("--reduce-zero-label and --void need --masks DIR")
+    if a.crop is None:
+        a.crop = a.masks is None
     if a.part is None and a.num_parts != 1:
         ap.error("--num-parts needs --part K")
     if a.part is not None and not 0 <= a.part < a.num_parts:
@@ -88,7 +104,8 @@ def _run(argv: Argv) -> int:
                        prefix=a.prefix, seed=a.seed, shuffle=a.shuffle, quality=a.quality, multiple=a.multiple,
                        classes_tsv=a.classes, validate=a.validate, strict=a.strict, progress=not a.quiet,
                        keep_sidecars=a.keep_sidecars, part=a.part, num_parts=a.num_parts,
-                       merge=a.merge, exif_transpose=a.exif_transpose)
+                       merge=a.merge, exif_transpose=a.exif_transpose, masks=a.masks,
+                       mask_labels=MaskLabels(a.reduce_zero_label, tuple(a.void or ())) if a.masks else None)
     log.info("make_shards: %s", res.summary())
     return 0 if res.num_samples else 1
 
