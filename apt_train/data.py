@@ -40,22 +40,25 @@ def open_data(source: str, flag: str = "--data", remote: Optional[dict] = None):
 
 def _url_val(data: str, remote: Optional[dict]) -> Optional[str]:
     """The val split beside a training source at a URL: ``URL:val`` for a folder URL (or ``URL:train``),
-    ``.../val.parquet`` for ``.../train.parquet``, when the server has it (its index can be read)."""
+    ``.../val.parquet`` for ``.../train.parquet``, when the server has that index (one existence check)."""
     m = re.match(r"^(.*://.*?)(?::([A-Za-z_][A-Za-z0-9_-]*))?$", data)
     base, split = m.group(1), m.group(2)
     if base.endswith(".parquet"):
         if base.rsplit("/", 1)[-1] == "val.parquet":
             return None
-        candidate = base.rsplit("/", 1)[0] + "/val.parquet"
+        folder = base.rsplit("/", 1)[0]
+        candidate = folder + "/val.parquet"
     elif base.endswith(".tar") or "{" in base or "::" in base or (split or "train") == "val":
         return None
     else:
-        candidate = base.rstrip("/") + ":val"
-    try:
-        open_data(candidate, "--val-data", remote)
-    except SetupError:
+        folder, candidate = base, base.rstrip("/") + ":val"
+    from apt_data.sources import has_split
+
+    try:  # one existence check (a 1-byte read), not the whole index read twice
+        found = has_split(folder, "val", (remote or {}).get("storage_options"))
+    except (OSError, ValueError):
         return None
-    return candidate
+    return candidate if found else None
 
 
 def default_val_data(data: str, remote: Optional[dict] = None) -> tuple[Optional[str], str]:
@@ -64,6 +67,8 @@ def default_val_data(data: str, remote: Optional[dict] = None) -> tuple[Optional
     ``X/train.parquet``; a folder ``.../val`` beside an image folder ``.../train``. None when there is
     none (the run then does not evaluate). The same beside a URL (``remote``: its options), when the
     server has it."""
+    from apt_data.sources import has_split
+
     s = str(data)
     split = None
     base = s
@@ -74,9 +79,9 @@ def default_val_data(data: str, remote: Optional[dict] = None) -> tuple[Optional
     if "://" in s:  # a URL: what the server has beside it
         found = _url_val(s, remote)
     elif p.is_dir() and list(p.glob("*.parquet")):  # a shard folder
-        if (split or "train") != "val" and (p / "val.parquet").is_file():
+        if (split or "train") != "val" and has_split(p, "val"):
             found = f"{base}:val"
-    elif base.endswith(".parquet") and p.name != "val.parquet" and (p.parent / "val.parquet").is_file():
+    elif base.endswith(".parquet") and p.name != "val.parquet" and has_split(p.parent, "val"):
         found = str(p.parent / "val.parquet")
     elif p.is_dir() and p.name == "train" and (p.parent / "val").is_dir():
         found = str(p.parent / "val")
