@@ -123,9 +123,10 @@ MIN_EVAL_STEPS = 5  # epoch-end evaluations at least this many steps apart (a ti
 def plan_schedule(config, loader, world_size: int) -> SchedulePlan:
     """Steps, images per global step, peak lr, warm-up and evaluation cadence of ``config`` (a
     `TrainConfig`) on ``loader``. The epoch length is the loader's; the images per step its mean images
-    per batch times ``world_size``, capped at the training data's size (a step never holds more images
-    than there are); the lr ``blr * images_per_step / 256`` unless given. On a data set of a few steps
-    per epoch, a warm-up given in epochs is capped at half the run and epoch-end evaluations are
+    per batch times ``world_size``, capped at the training images over an epoch's steps (a step never
+    holds more: a small set's epoch is a whole pass spread over its steps); the lr
+    ``blr * images_per_step / 256`` unless given. On a data set of a few steps per epoch, a warm-up
+    given in epochs is capped at half the run and epoch-end evaluations are
     ``MIN_EVAL_STEPS`` apart, each change said in ``notes``. `SetupError` when the data gives no batch."""
     from .config import SetupError
 
@@ -135,10 +136,14 @@ def plan_schedule(config, loader, world_size: int) -> SchedulePlan:
         raise SetupError("the training data gives no batch")
     notes = []
     budget_images, n = loader.mean_images_per_batch() * world_size, len(loader.source)
-    images_per_step = min(budget_images, float(n))
-    if budget_images > images_per_step:
+    images_per_step = min(budget_images, n / spe)  # an epoch of whole passes spreads them over its steps
+    if budget_images > n:
         notes.append(f"lr rule: the token budget fits {budget_images:.2f} images per global step but the training "
-                     f"data has {n}: the lr is scaled for {n} images per step")
+                     f"data has {n}: the lr is scaled for {images_per_step:g} images per step")
+    elif budget_images > images_per_step:
+        notes.append(f"lr rule: the token budget fits {budget_images:.2f} images per global step, but an epoch "
+                     f"spreads the {n} training images over {spe} steps: the lr is scaled for "
+                     f"{images_per_step:.2f} images per step")
     total = o.epochs * spe
     if o.steps is not None:  # a cap; with overfit_batches (an "epoch" is N batches) the length
         total = o.steps if r.overfit_batches else min(total, o.steps)

@@ -20,6 +20,9 @@ from apt_data.transforms import ImageTransform
 
 SEED = 11
 MAX_TOKENS = 700
+# streams: small enough batches that 24 samples a worker stream (an epoch ends mid-pass) rather than
+# playing one whole pass per epoch (apt_data.loader.stream.MAX_CARRY)
+STREAM_MAX_TOKENS = 500
 WORKERS = 2
 AUGMENT = dict(size=224, augment=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
 
@@ -28,7 +31,8 @@ def main(source: str, out: str, epochs: int, packing: str = "plan") -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     kw = dict(transform=ImageTransform(**AUGMENT)) if packing == "stream" else {}
-    loader = APTLoader(source, APTConfig(), max_tokens=MAX_TOKENS, num_workers=WORKERS, seed=SEED, packing=packing,
+    max_tokens = STREAM_MAX_TOKENS if packing == "stream" else MAX_TOKENS
+    loader = APTLoader(source, APTConfig(), max_tokens=max_tokens, num_workers=WORKERS, seed=SEED, packing=packing,
                        pin_memory=False, **kw)
     assert loader.packing == packing
     result = {"rank": rank, "world": dist.get_world_size(), "keys": list(loader.source.keys),
@@ -38,7 +42,7 @@ def main(source: str, out: str, epochs: int, packing: str = "plan") -> None:
         expected = len(loader)
         batches, steps = [], 0
         for batch, targets in loader:
-            assert batch.num_real_tokens <= MAX_TOKENS and len(targets) == len(batch.keys)
+            assert batch.num_real_tokens <= max_tokens and len(targets) == len(batch.keys)
             batches.append(list(batch.keys))
             # a collective every step, as DDP does: unequal batch counts would hang here
             t = torch.tensor([float(len(batch.keys))])

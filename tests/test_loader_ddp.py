@@ -78,7 +78,7 @@ def test_torchrun_streamed_augmented_epochs(tmp_path):
     on two ranks or twice in an epoch; every sample once per pass; reproducible batches."""
     epochs = 3
     root = tmp_path / "folder"
-    all_keys = make_folder(root, copies=3)  # 96 photos: 24 per worker, several 700-token batches each
+    all_keys = make_folder(root, copies=3)  # 96 photos: 24 per worker, several 500-token batches each
     ranks = launch(root, tmp_path / "out", epochs, "stream", 29541)
     keys = ranks[0]["keys"]
     assert sorted(keys) == all_keys and ranks[1]["keys"] == keys

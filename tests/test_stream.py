@@ -6,8 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from apt_data.loader.stream import (Item, SampleStream, StreamPacker, WorkerState, epoch_batches, estimate_steps,
-                             partition, worker_quotas)
+from apt_data.loader.stream import (Item, SampleStream, StreamPacker, WorkerState, epoch_batches, epoch_length,
+                                    estimate_steps, partition, worker_quotas)
 
 MAX_TOKENS = 4096
 
@@ -125,3 +125,27 @@ def test_too_large_sample_is_an_error():
     packer = StreamPacker(100)
     with pytest.raises(ValueError, match="max_tokens=100"):
         packer.add(Item((0, 0), 101))
+
+
+@pytest.mark.parametrize("n", [40, 60, 80])
+def test_a_small_partition_plays_one_whole_pass_spread_evenly(n):
+    """A partition of fewer than PASS_BATCHES batches (a third of it in open batches): every epoch is one
+    whole pass, nothing carried over, and the last batches as full as the first (no nearly empty tail)."""
+    part = partition(n, 3, 0, 1, 0, 1)
+    mean = np.mean([tokens_of((0, s)) for s in part])
+    steps, whole = epoch_length([n], mean, MAX_TOKENS, None, 1)
+    assert whole and steps >= 2
+    assert not epoch_length([500], mean, MAX_TOKENS, None, 1)[1]  # a larger one streams
+    state = WorkerState()
+    for epoch in range(3):
+        stream, packer = SampleStream(part, 3, 0, state=state), StreamPacker(MAX_TOKENS)
+        out = list(epoch_batches(stream, packer, steps, process, spread=True))
+        batches = [[it.ref for it in b] for b, _ in out]
+        assert sorted(s for b in batches for _, s in b) == sorted(part.tolist())  # every sample, once
+        state = out[-1][1]
+        assert not state.pending() and not state.deferred  # nothing carries over
+        sizes = [len(b) for b in batches]
+        assert len(batches) == steps and max(sizes) - min(sizes) <= 2, sizes  # spread evenly
+        fills = [sum(tokens_of(r) for r in b) / MAX_TOKENS for b in batches]
+        assert min(fills) > 0.6 and max(fills) <= 1.0, fills
+        state = state.next_epoch()

@@ -52,3 +52,26 @@ def test_a_folder_smaller_than_a_step(tmp_path, caplog):
     assert sum(r["images"] for r in epochs) == sum(r["images"] for r in recs if r["split"] == "train")
     first = next(line for line in out.splitlines() if line.startswith("epoch 0: "))
     assert first.startswith(f"epoch 0: 1 step, {epochs[0]['images']} images (") and "over the 8 training images" in first
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_own_data_command_sees_every_photo_in_every_epoch(tmp_path, workers):
+    """docs/own-data.md's training command on its 120-photo folder at 224 px (the page's size), one
+    worker or two: every epoch is one whole pass, spread evenly over its steps, nothing carried over."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_own_data import photos
+    photos(tmp_path)
+    trainer = cli.make_trainer(["--data", str(tmp_path / "photos" / "train"), "--num-classes", "3", "--recipe",
+                                "full", "--epochs", "30", "--warmup-epochs", "3", "--workers", str(workers),
+                                "--no-eval", "--quiet", "--output", str(tmp_path / "out")])
+    loader, keys = trainer.loader, set(trainer.loader.source.keys)
+    assert len(keys) == 120 and trainer.steps_per_epoch == len(loader) >= 3
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = [list(batch.keys) for batch, _ in loader]
+        seen = [k for b in batches for k in b]
+        assert len(batches) == trainer.steps_per_epoch and sorted(seen) == sorted(keys)  # each photo once
+        assert max(map(len, batches)) - min(map(len, batches)) <= 3, [len(b) for b in batches]  # spread evenly
+        assert loader.stats.carried_over[epoch] == 0
+    assert trainer.images_per_step == pytest.approx(120 / trainer.steps_per_epoch)  # the lr's batch size
+    loader.close()

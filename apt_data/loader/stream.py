@@ -13,9 +13,10 @@ import numpy as np
 
 from ..binpack import FirstFit
 
-#: a worker's partition that leaves fewer full batches than this under one pass is streamed a whole
-#: pass per epoch (`estimate_steps`): small sources see every sample in every epoch
-PASS_BATCHES = 3
+#: a worker's partition that holds fewer batches than this plays one whole pass per epoch, its samples
+#: spread evenly over its batches (`epoch_length`): a streamed epoch would carry a third of it over
+#: (its open batches): small sources see every sample in every epoch
+PASS_BATCHES = 5
 
 Ref = tuple[int, int]  # (pass, sample index): a sample's identity in the stream (its augmentation seed)
 
@@ -28,21 +29,28 @@ def partition(num_samples: int, seed: int, rank: int, world_size: int, worker: i
     return order[rank::world_size][worker::num_workers].astype(np.int64)
 
 
-def estimate_steps(partition_sizes: list[int], mean_tokens: float, max_tokens: int, max_images: Optional[int],
-                   num_workers: int, open_bins: int = 2, margin: float = 0.03, fill: float = 0.99) -> int:
-    """Batches per rank and epoch, the same on every rank (details: docs/loader.md, "Small sources").
+def epoch_length(partition_sizes: list[int], mean_tokens: float, max_tokens: int, max_images: Optional[int],
+                 num_workers: int, open_bins: int = 2, margin: float = 0.03, fill: float = 0.99) -> tuple[int, bool]:
+    """``(batches per rank and epoch, whole pass)``, the same on every rank (docs/loader.md, "Small sources").
 
-    Each worker fills its share from under one pass of its partition, ``margin`` below it, less what
-    its open batches hold at the end; below `PASS_BATCHES` batches an epoch is one whole pass.
+    Streamed: each worker fills its share from under one pass of its partition, ``margin`` below it, less
+    what its open batches hold at the end (carried over). A partition of fewer than `PASS_BATCHES`
+    batches plays one whole pass per epoch instead: enough batches at 90% of the estimated fill.
     """
     per_batch = max_tokens * fill / max(float(mean_tokens), 1.0)
     if max_images:
         per_batch = min(per_batch, float(max_images))
     size, w = min(partition_sizes), max(1, num_workers)
-    per_worker = (size * (1.0 - margin) - (open_bins - 0.5) * per_batch) / per_batch
-    if per_worker >= PASS_BATCHES:
-        return w * int(per_worker)
-    return w * max(1, min(size, int(np.ceil(size / (0.9 * per_batch)))))
+    if size >= PASS_BATCHES * per_batch:
+        return w * int((size * (1.0 - margin) - (open_bins - 0.5) * per_batch) / per_batch), False
+    return w * max(1, min(size, int(np.ceil(size / (0.9 * per_batch))))), True
+
+
+def estimate_steps(partition_sizes: list[int], mean_tokens: float, max_tokens: int, max_images: Optional[int],
+                   num_workers: int, open_bins: int = 2, margin: float = 0.03, fill: float = 0.99) -> int:
+    """Batches per rank and epoch (`epoch_length`'s first half)."""
+    return epoch_length(partition_sizes, mean_tokens, max_tokens, max_images, num_workers, open_bins, margin,
+                        fill)[0]
 
 
 def worker_quotas(steps: int, num_workers: int) -> list[int]:
@@ -189,7 +197,10 @@ class StreamPacker(FirstFit):
     """`FirstFit` over ``open_bins`` open batches of processed samples (`Item`); left batches wait in
     ``ready`` until taken with `pop`."""
 
-    def add(self, item: Item, tokens: Optional[int] = None, leave: bool = True) -> None:
+    def add(self, item: Item, tokens: Optional[int] = None, leave: bool = True, cap: Optional[int] = None) -> None:
+        """``cap``: at most this many images in a batch (a whole-pass epoch spreading its samples evenly)."""
+        most = self.budget.max_images
+        self.max_images = most if cap is None else min(cap, most or cap)
         super().add(item, item.tokens if tokens is None else tokens, leave)
 
     def pop(self) -> Optional[list[Item]]:
@@ -200,7 +211,7 @@ class StreamPacker(FirstFit):
         """Let ``count`` open batches leave now (all when None), repacked first-fit decreasing; for more
         batches than that, the fullest-in-images are halved (fewer when items run out)."""
         items = sorted((it for b in self.bins for it in b), key=lambda it: -it.tokens)
-        self.bins, self.used = [], []
+        self.bins, self.used, self.max_images = [], [], self.budget.max_images
         for it in items:
             self.add(it, leave=False)
         while count is not None and len(self.bins) < count:
@@ -231,12 +242,14 @@ class NothingReadable(Exception):
 
 
 def epoch_batches(stream: SampleStream, packer: StreamPacker, quota: Optional[int], process,
-                  emitted: int = 0, on_reset=None):
+                  emitted: int = 0, on_reset=None, spread: bool = False):
     """Yield ``(batch items, state after it)`` for one worker's share of an epoch.
 
     ``process(ref) -> Item | None`` (None: skipped as bad). ``quota``: batches this epoch; None: one
-    pass, then all open batches leave (evaluation). A drawn-out partition flushes its open batches,
-    then `reset`s (``on_reset`` is told); one with no usable sample raises `NothingReadable`.
+    pass, then all open batches leave (evaluation). ``spread`` (a whole-pass epoch): no batch holds
+    more than its share of the samples still to come, so the last batches are as full as the first.
+    A drawn-out partition flushes its open batches, then `reset`s (``on_reset`` is told); one with no
+    usable sample raises `NothingReadable`.
     """
     usable = bool(packer.bins or packer.ready)
     while quota is None or emitted < quota:
@@ -262,7 +275,11 @@ def epoch_batches(stream: SampleStream, packer: StreamPacker, quota: Optional[in
         item = process(ref)
         if item is not None:
             usable = True
-            packer.add(item)
+            cap = None
+            if spread and quota is not None:  # the samples not yet emitted over the batches still to come
+                left = len(stream) - len(stream.seen) + 1 + sum(len(b) for b in packer.bins)
+                cap = -(-left // max(1, quota - emitted - len(packer.ready)))
+            packer.add(item, cap=cap)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from ..pipeline import SamplePipeline, SkipLimit, SkipLog
 from ..transport import WireBatch, forks, worker_id
 from .probe import ProbeBoard, probe_ids
 from .stream import (Item, NothingReadable, RankStream, SampleStream, StreamPacker, WorkerState, epoch_batches,
-                     estimate_steps, partition, worker_quotas)
+                     epoch_length, partition, worker_quotas)
 
 if TYPE_CHECKING:
     from ..transport import SlotPool
@@ -68,13 +68,15 @@ class StreamEpoch(IterableDataset):
 
     ``starts``/``progress``: each role's state at the epoch's start and after its last consumed batch.
     Worker ``id`` plays role ``(id + offset) % num_workers`` (a resumed run continues the round-robin).
-    ``quotas[role]``: batches per epoch (None: one pass; with a ``board``, probed first).
+    ``quotas[role]``: batches per epoch (None: one pass; with a ``board``, probed first); ``spread``:
+    each is a whole pass, its samples spread evenly over its batches.
     """
 
     def __init__(self, pipeline: SamplePipeline, setup: StreamSetup, exact: Optional[np.ndarray], epoch: int,
                  starts: list[WorkerState], progress: list[Optional[WorkerState]], offset: int,
-                 quotas: Optional[list[int]], pool: Optional["SlotPool"] = None, board: Optional[ProbeBoard] = None):
-        self.pipeline, self.setup, self.exact, self.epoch = pipeline, setup, exact, epoch
+                 quotas: Optional[list[int]], pool: Optional["SlotPool"] = None, board: Optional[ProbeBoard] = None,
+                 spread: bool = False):
+        self.pipeline, self.setup, self.exact, self.epoch, self.spread = pipeline, setup, exact, epoch, spread
         self.starts, self.progress, self.offset, self.quotas, self.pool = starts, progress, offset, quotas, pool
         self.board = board
         self.kept: Optional[_Kept] = None
@@ -95,7 +97,8 @@ class StreamEpoch(IterableDataset):
         n, b = len(self.pipeline.source), self.pipeline.budget
         sizes = [len(partition(n, su.seed, 0, 1, w, nw, su.shuffle)) for w in range(nw)]
         mean = board.mean(self.pipeline.source.keys[int(board.ids[0][0])] if len(board.ids[0]) else "")
-        return worker_quotas(estimate_steps(sizes, mean, b.max_tokens, b.max_images, nw, su.open_bins), nw)
+        steps, self.spread = epoch_length(sizes, mean, b.max_tokens, b.max_images, nw, su.open_bins)
+        return worker_quotas(steps, nw)
 
     def _process(self, ref) -> Optional[Item]:
         """One sample through the pipeline: an `Item`, or None when it is skipped as bad."""
@@ -163,7 +166,7 @@ class StreamEpoch(IterableDataset):
                         "again in this epoch (many skipped samples, or steps_per_epoch set too high)", epoch, where,
                         len(stream), missing)
 
-        batches = epoch_batches(stream, packer, quota, self._process, emitted, on_reset)
+        batches = epoch_batches(stream, packer, quota, self._process, emitted, on_reset, self.spread)
         try:
             for items, state in batches:
                 self.kept = _Kept(role, stream, packer, epoch, state)
@@ -189,6 +192,7 @@ class StreamedPacking:
     def __init__(self, loader: "APTLoader", start_step: int = 0, steps: Optional[int] = None):
         """``start_step`` has no meaning here: a stream resumes from its state (`resume_from`)."""
         self.loader, self.steps = loader, None if steps is None else int(steps)
+        self.whole_pass = False  # each worker's epoch one whole pass (`stream.epoch_length`), once steps are known
         self.mean: Optional[float] = None  # mean tokens per sample (prefix included), once known
         self.board: Optional[ProbeBoard] = None
         self.roles = max(1, loader.num_workers)  # worker roles of a stream (the in-process loader plays one)
@@ -197,6 +201,7 @@ class StreamedPacking:
 
     def clone(self, loader: "APTLoader") -> "StreamedPacking":
         other = StreamedPacking(loader, steps=self.steps)
+        other.whole_pass = self.whole_pass
         other.mean = self.mean_tokens() if self.board is not None else self.mean
         other.stream = RankStream.from_dict(self.stream.as_dict())
         return other
@@ -236,8 +241,8 @@ class StreamedPacking:
             return sum(int(np.ceil(n / self.per_batch())) for n in self.partition_sizes(ld.rank))
         if self.steps is None:
             b = ld.budget
-            self.steps = estimate_steps(self.partition_sizes(), self.mean_tokens(), b.max_tokens, b.max_images,
-                                        self.roles, ld.open_bins)
+            self.steps, self.whole_pass = epoch_length(self.partition_sizes(), self.mean_tokens(), b.max_tokens,
+                                                       b.max_images, self.roles, ld.open_bins)
         return self.steps
 
     def remaining(self) -> int:
@@ -253,7 +258,8 @@ class StreamedPacking:
         ld = self.loader
         how = ("the index's mean tokens per image" if ld.index_counts is not None else
                f"the mean tokens of {min(len(ld.source), ld.probe_samples)} probed samples")
-        return f"streamed packing, {self.per_batch():.1f} images per batch (99% of the budget at {how})"
+        whole = "; an epoch is one whole pass, spread evenly over its batches" if self.whole_pass else ""
+        return f"streamed packing, {self.per_batch():.1f} images per batch (99% of the budget at {how}){whole}"
 
     def set_epoch(self, epoch: int, changed: bool) -> None:
         """A streamed epoch follows on from the one before it (its carried-over samples); an epoch
@@ -267,14 +273,14 @@ class StreamedPacking:
 
     def resume_from(self, epoch: int, step: int, state: Optional[dict]) -> None:
         if state is not None:
-            self.steps = state["steps_per_epoch"]
+            self.steps, self.whole_pass = state["steps_per_epoch"], bool(state.get("whole_pass", False))
             self.stream = RankStream.from_dict(state)
         elif (epoch, step) != (self.stream.epoch, self.stream.consumed):
             raise ValueError("a streamed loader resumes from its state_dict(), not from (epoch, step): its "
                              "workers' streams depend on the batches before")
 
     def state(self) -> dict:
-        return dict(steps_per_epoch=self.steps, **self.stream.as_dict())
+        return dict(steps_per_epoch=self.steps, whole_pass=self.whole_pass, **self.stream.as_dict())
 
     def quotas(self) -> Optional[list[int]]:
         return worker_quotas(self.steps_per_epoch(), self.roles) if self.loader.train else None
@@ -303,7 +309,8 @@ class StreamedPacking:
         setup = StreamSetup(ld.seed, ld.rank, ld.world_size, ld.shuffle, ld.open_bins, ld.max_skip_fraction)
         self.board = ProbeBoard(self.probe_ids()) if self.probe_in_workers() else None
         return StreamEpoch(ld.pipeline, setup, ld.index_counts, ld.epoch, st.starts, st.progress,
-                           st.consumed % self.roles, None if self.board else self.quotas(), pool, self.board)
+                           st.consumed % self.roles, None if self.board else self.quotas(), pool, self.board,
+                           self.whole_pass)
 
     def batch_bytes(self) -> Optional[int]:
         ld = self.loader
