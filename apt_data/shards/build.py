@@ -154,12 +154,11 @@ def part_tasks(num_tasks: int, part: int, num_parts: int) -> list[int]:
 def _write_classes(out: Path, classes: dict[int, str], table: dict[str, tuple[int, str]]) -> list[dict]:
     """``OUT/classes.tsv`` (label, class, name, imagenet_index); must agree with an existing one."""
     info = []
-    for label in sorted(classes):
-        idx, name = table.get(classes[label], (None, ""))
-        info.append({"label": label, "class": classes[label], "name": name, "imagenet_index": idx})
+    for label, cls in sorted(classes.items()):
+        idx, name = table.get(cls, (None, ""))
+        info.append({"label": label, "class": cls, "name": name, "imagenet_index": idx})
     text = "label\tclass\tname\timagenet_index\n" + "".join(
-        f"{c['label']}\t{c['class']}\t{c['name']}\t{'' if c['imagenet_index'] is None else c['imagenet_index']}\n"
-        for c in info)
+        "\t".join("" if v is None else str(v) for v in c.values()) + "\n" for c in info)
     path = out / "classes.tsv"
     if path.exists() and path.read_text() != text:
         raise ValueError(f"{path} exists with different classes; write this source into another OUT")

@@ -183,17 +183,6 @@ def row_checksums(row: Mapping[str, Any]) -> dict[str, int]:
     return image_ext_spans({m: int(v) for m, v in crc.items() if v is not None}, row.get("image_ext"))
 
 
-def _check_members(members: Mapping[str, bytes], checksums: Mapping[str, int]) -> Optional[str]:
-    """What is wrong with ``members`` by their ``checksums`` (``-1``: not known), or None."""
-    for ext, want in checksums.items():
-        data = members.get(ext)
-        if data is not None and want >= 0:
-            got = member_checksum(data)
-            if got != want:
-                return f"checksum mismatch in the .{ext} member: the index has {CHECKSUM} {want:08x}, read {got:08x}"
-    return None
-
-
 def read_record(fetch: Callable[[int, int], bytes], shard: str, key: str, spans: Spans, *,
                 strict: bool = False, stats: Optional[ShardStats] = None, validate: bool = False,
                 expect_label: Optional[int] = None, parse_meta: bool = True,
@@ -220,10 +209,11 @@ def read_record(fetch: Callable[[int, int], bytes], shard: str, key: str, spans:
         members = _members_at(span, start, key, spans)
     except (TarCorrupt, TarTruncated) as e:
         return report_bad(shard, key, "index_mismatch", f"the shard does not match the index: {e}", strict, stats)
-    if checksums:
-        wrong = _check_members(members, checksums)
-        if wrong is not None:
-            return report_bad(shard, key, "checksum_mismatch", wrong, strict, stats)
+    for ext, want in (checksums or {}).items():
+        got = member_checksum(members[ext]) if ext in members and want >= 0 else want
+        if got != want:
+            return report_bad(shard, key, "checksum_mismatch", f"checksum mismatch in the .{ext} member: the index "
+                              f"has {CHECKSUM} {want:08x}, read {got:08x}", strict, stats)
     return record_from_members(shard, key, members, strict=strict, stats=stats, validate=validate,
                                expect_label=expect_label, parse_meta=parse_meta, need_label=need_label)
 
