@@ -7,6 +7,7 @@ see docs/shards.md.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -70,9 +71,7 @@ def scan_webdataset_shard(job: tuple) -> tuple[list[dict], ShardStats]:
     transform = ImageTransform(size=image_size, keep_aspect=not crop, multiple=multiple)
     rows: list[dict] = []
     stats = ShardStats()
-
-    def bad(key: Optional[str], reason: str, detail: str) -> None:
-        report_bad(path, key, reason, detail, strict, stats)
+    bad = functools.partial(report_bad, path, strict=strict, stats=stats)  # bad(key, reason, detail)
 
     def finish(key: str, members: dict) -> None:
         ext = next((e for e in IMAGE_EXTS if e in members), None)
