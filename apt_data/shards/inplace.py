@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import logging
 import os
 import sys
 from collections import Counter
@@ -27,7 +26,6 @@ from .reader import TarCorrupt, TarTruncated, scan_samples
 from .urls import expand_urls
 
 PathLike = Union[str, os.PathLike]
-log = logging.getLogger("apt_data.shards.inplace")
 
 __all__ = ["IndexResult", "index_webdataset", "scan_webdataset_shard"]
 
