@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 
 from apt_data import APTConfig, patchify
 from apt_data.loader import APTLoader
-from apt_data.shards import read_index
+from apt_data.shards import iter_shard, read_index
 from apt_data.shards.inplace import index_webdataset
 from apt_data.sources import open_source
 from apt_data.transforms import ImageTransform
@@ -109,3 +110,21 @@ def test_index_shards_tool(tmp_path):
     assert "160 samples in 4 shards" in r.stderr
     meta = json.loads(read_index(tmp_path / "train.parquet").table.schema.metadata[b"apt.shards"])
     assert meta["shards"] == [f"data-{k:06d}.tar" for k in range(4)]
+
+
+def test_a_tar_cut_inside_a_sample_keeps_the_samples_before_it(tmp_path):
+    """A tar cut inside a sample's first member: the complete samples before it are indexed (as `iter_shard`
+    streams them), the cut one is counted as corrupt_tar."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, path in enumerate(IMAGE_PATHS[:3]):
+            for ext, data in (("cls", f"{i}      ".encode()), ("jpg", path.read_bytes())):
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    (tmp_path / "cut.tar").write_bytes(raw[:raw.index(b"s2.cls") + 512 + 3])  # 3 bytes into s2's .cls data
+    res = index_webdataset(tmp_path / "cut.tar", tmp_path / "cut.parquet", workers=1)
+    assert read_index(tmp_path / "cut.parquet").column("key").tolist() == ["s0", "s1"]
+    assert [(e.key, e.reason) for e in res.stats.events] == [("s2", "corrupt_tar")]
+    assert [r.key for r in iter_shard(tmp_path / "cut.tar")] == ["s0", "s1"]

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 from ..config import APTConfig
 from ..io import atomic_write_bytes
@@ -36,7 +36,7 @@ PathLike = Union[str, os.PathLike]
 SIDECAR = ".idx.json"
 
 __all__ = ["BuildResult", "SIDECAR", "ShardTask", "build_shard", "build_shards", "load_class_table", "make_key",
-           "part_tasks", "plan_mask_samples", "plan_samples"]
+           "part_tasks", "plan_mask_samples", "plan_samples", "pool_map"]
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,9 @@ class ShardTask:
     fingerprint: str
     samples: tuple  # of (source path, source name, key, label, extra meta dict[, mask path])
     cfg: APTConfig
-    image_size: int
-    crop: bool
-    multiple: int
-    quality: int
+    settings: dict  # the index's: image_size, crop, multiple, jpeg_quality[, exif_transpose][, masks]
     strict: bool
     validate: bool
-    exif_transpose: bool = False
-    mask_labels: Optional[MaskLabels] = None  # a segmentation set: how its masks' ids are stored
 
 
 @dataclass
@@ -99,23 +94,24 @@ def _load_done(task: ShardTask) -> Optional[dict]:
 
 def build_shard(task: ShardTask) -> int:
     """Write one shard and then its sidecar; returns the task's index. Runs in a worker."""
-    path = Path(task.path)
+    path, s = Path(task.path), task.settings
+    mask_labels = MaskLabels(**s["masks"]["labels"]) if "masks" in s else None
     rows, skipped = [], []
     writer = ShardWriter(path)
     try:
         for src_path, name, key, label, extra, *mask_path in task.samples:
             try:
-                enc = encode_sample(src_path, task.cfg, task.image_size, crop=task.crop,
-                                    multiple=task.multiple, quality=task.quality, name=name,
-                                    exif_transpose=task.exif_transpose)
-                mask = encode_sample_mask(mask_path[0], enc, task.mask_labels) if mask_path else None
+                enc = encode_sample(src_path, task.cfg, s["image_size"], crop=s["crop"], multiple=s["multiple"],
+                                    quality=s["jpeg_quality"], name=name,
+                                    exif_transpose=s.get("exif_transpose", False))
+                mask = encode_sample_mask(mask_path[0], enc, mask_labels) if mask_path else None
             except SourceError as e:
                 if task.strict:
                     raise ShardDataError(name, key, e.reason, e.detail) from None
                 skipped.append({"source": name, "key": key, "reason": e.reason, "detail": e.detail[:300]})
                 continue
-            meta = sample_meta(key, enc, task.cfg, label=label, source=name, crop=task.crop,
-                               quality=task.quality, extra=extra)
+            meta = sample_meta(key, enc, task.cfg, label=label, source=name, crop=s["crop"],
+                               quality=s["jpeg_quality"], extra=extra)
             offsets = writer.write_sample(key, enc.jpeg, label, meta, enc.scores, mask)
             rows.append(index_row(key, path.name, meta, offsets, writer.checksums[key]))
         size = writer.commit()
@@ -158,12 +154,11 @@ def part_tasks(num_tasks: int, part: int, num_parts: int) -> list[int]:
 def _write_classes(out: Path, classes: dict[int, str], table: dict[str, tuple[int, str]]) -> list[dict]:
     """``OUT/classes.tsv`` (label, class, name, imagenet_index); must agree with an existing one."""
     info = []
-    for label in sorted(classes):
-        idx, name = table.get(classes[label], (None, ""))
-        info.append({"label": label, "class": classes[label], "name": name, "imagenet_index": idx})
+    for label, cls in sorted(classes.items()):
+        idx, name = table.get(cls, (None, ""))
+        info.append({"label": label, "class": cls, "name": name, "imagenet_index": idx})
     text = "label\tclass\tname\timagenet_index\n" + "".join(
-        f"{c['label']}\t{c['class']}\t{c['name']}\t{'' if c['imagenet_index'] is None else c['imagenet_index']}\n"
-        for c in info)
+        "\t".join("" if v is None else str(v) for v in c.values()) + "\n" for c in info)
     path = out / "classes.tsv"
     if path.exists() and path.read_text() != text:
         raise ValueError(f"{path} exists with different classes; write this source into another OUT")
@@ -189,40 +184,34 @@ def _plan_tasks(samples: list, class_info: list[dict], out: Path, prefix: str, c
         sizes = [str(os.path.getsize(p)) if os.path.exists(p) else "-" for p, *_ in chunk]
         fp = digest(plan_head, json.dumps(chunk, sort_keys=True), *sizes)
         tasks.append(ShardTask(len(tasks), str(out / f"{prefix}-{len(tasks):06d}.tar"), fp, chunk, cfg,
-                               settings["image_size"], settings["crop"], settings["multiple"],
-                               settings["jpeg_quality"], strict, validate,
-                               bool(settings.get("exif_transpose", False)),
-                               MaskLabels(**settings["masks"]["labels"]) if "masks" in settings else None))
+                               dict(settings), strict, validate))
     return tasks
 
 
-def _run_tasks(tasks: list[ShardTask], pending: list[ShardTask], done: set, workers: int, progress: bool,
-               label: str, scope: Optional[set] = None) -> None:
-    """Build ``pending`` (in a fork pool when ``workers > 1``), adding each finished index to ``done``.
-    ``scope``: the task numbers this run is for (a part of a split build; default all)."""
-    from tqdm import tqdm
-
+def pool_map(fn: Callable, jobs: Sequence, workers: Optional[int], ordered: bool = True) -> Iterator:
+    """``fn`` over ``jobs``, here (one worker) or in a fork pool of ``workers`` (default: one per CPU, at
+    most one per job) that inherits the compiled kernels (`warmup`); ``ordered=False``: as they finish."""
+    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(jobs)))
+    if workers == 1:
+        yield from map(fn, jobs)
+        return
     from ..scoring.warmup import warmup
 
-    scope = set(range(len(tasks))) if scope is None else scope
-    bar = tqdm(total=sum(len(tasks[i].samples) for i in scope), initial=sum(len(tasks[i].samples) for i in done & scope),
-               unit="img", desc=label, disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
-    pool = None
-    try:
-        if workers == 1:
-            results = (build_shard(t) for t in pending)
-        else:
-            warmup()  # compiled kernels loaded once, inherited by the forked workers
-            pool = mp.get_context("fork").Pool(workers)
-            results = pool.imap_unordered(build_shard, pending, chunksize=1)
-        for i in results:
-            done.add(i)
+    warmup()
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from (pool.imap if ordered else pool.imap_unordered)(fn, jobs, chunksize=1)
+
+
+def _run_tasks(tasks: list[ShardTask], pending: list[ShardTask], mine: set, workers: Optional[int], progress: bool,
+               label: str) -> None:
+    """Build ``pending``, with a progress bar over the samples of this run's shards ``mine``."""
+    from tqdm import tqdm
+
+    total = sum(len(tasks[i].samples) for i in mine)
+    with tqdm(total=total, initial=total - sum(len(t.samples) for t in pending), unit="img", desc=label,
+              disable=not (progress and sys.stderr.isatty()), file=sys.stderr) as bar:
+        for i in pool_map(build_shard, pending, workers, ordered=False):
             bar.update(len(tasks[i].samples))
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        bar.close()
 
 
 def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_size: int = 100,
@@ -277,8 +266,7 @@ def build_shards(src: PathLike, out: PathLike, *, image_size: int = 224, shard_s
         resumed = len(done & mine)
         if resumed:
             log.info("%d of %d shards already complete; building %d", resumed, len(mine), len(pending))
-        workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(pending) or 1))
-        _run_tasks(tasks, pending, done, workers, progress, f"make_shards {prefix}", mine)
+        _run_tasks(tasks, pending, mine, workers, progress, f"make_shards {prefix}")
         if part is None:
             table, stats = _collect(tasks, range(len(tasks)), cfg.num_scales)
             settings.update(prefix=prefix, shards=[Path(t.path).name for t in tasks], num_samples=table.num_rows,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -57,14 +58,10 @@ def encode_sample(source: Union[PathLike, bytes], cfg: APTConfig, image_size: Op
 
     label = name or (os.fspath(source) if not isinstance(source, (bytes, bytearray)) else f"<{len(source)} bytes>")
     multiple = multiple or cfg.patch_size
-    if isinstance(source, (bytes, bytearray)):
-        raw = bytes(source)
-    else:
-        try:
-            with open(source, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            raise SourceError(label, "unreadable_file", str(e)) from None
+    try:
+        raw = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+    except OSError as e:
+        raise SourceError(label, "unreadable_file", str(e)) from None
     if not raw:
         raise SourceError(label, "empty_file", "0 bytes")
     try:

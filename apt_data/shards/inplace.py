@@ -7,26 +7,25 @@ see docs/shards.md.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
-import logging
-import multiprocessing as mp
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from ..config import APTConfig
+from .build import pool_map
 from .errors import ShardStats, report_bad
-from .format import (EXTRA_MEMBERS, IMAGE_EXTS, INPLACE_FORMAT, MASK_MEMBER, MEMBERS, member_checksum, member_column,
-                     split_key)
+from .format import (EXTRA_MEMBERS, IMAGE_EXTS, INPLACE_FORMAT, MASK_MEMBER, MEMBERS, member_checksum, member_column)
 from .index import index_row, index_table, write_index
-from .reader import scan_tar, TarCorrupt, TarTruncated
+from .reader import TarCorrupt, TarTruncated, scan_samples
 from .urls import expand_urls
 
 PathLike = Union[str, os.PathLike]
-log = logging.getLogger("apt_data.shards.inplace")
 
 __all__ = ["IndexResult", "index_webdataset", "scan_webdataset_shard"]
 
@@ -59,8 +58,8 @@ def _label(members: dict, label_field: Optional[str]) -> int:
     raise ValueError(f"no .cls member (members: {sorted(members)}); name a JSON label field")
 
 
-def scan_webdataset_shard(job: tuple) -> tuple[list[dict], list[tuple]]:
-    """One shard (run in a worker): ``(index rows, [(key, reason, detail) skipped])``."""
+def scan_webdataset_shard(job: tuple) -> tuple[list[dict], ShardStats]:
+    """One shard (run in a worker): ``(index rows, stats of the samples left out)``."""
     path, rel, cfg, image_size, crop, multiple, label_field, strict = job
     from PIL import Image
 
@@ -69,12 +68,8 @@ def scan_webdataset_shard(job: tuple) -> tuple[list[dict], list[tuple]]:
 
     transform = ImageTransform(size=image_size, keep_aspect=not crop, multiple=multiple)
     rows: list[dict] = []
-    skipped: list[tuple] = []
     stats = ShardStats()
-
-    def bad(key: Optional[str], reason: str, detail: str) -> None:
-        report_bad(path, key, reason, detail, strict, stats)
-        skipped.append((key, reason, detail))
+    bad = functools.partial(report_bad, path, strict=strict, stats=stats)  # bad(key, reason, detail)
 
     def finish(key: str, members: dict) -> None:
         ext = next((e for e in IMAGE_EXTS if e in members), None)
@@ -106,23 +101,13 @@ def scan_webdataset_shard(job: tuple) -> tuple[list[dict], list[tuple]]:
         row["image_ext"] = ext
         rows.append(row)
 
-    key: Optional[str] = None
-    members: dict = {}
     try:
         with open(path, "rb") as f:
-            for name, off, data in scan_tar(f):
-                k, ext = split_key(name)
-                if k != key and key is not None:
-                    finish(key, members)
-                    members = {}
-                key = k
-                members[ext] = (off, data)
+            for key, members in scan_samples(f):
+                finish(key, members)
     except (TarCorrupt, TarTruncated, OSError) as e:
-        bad(key, "corrupt_tar", f"{type(e).__name__}: {e}; the rest of the shard is skipped")
-        return rows, skipped
-    if key is not None:
-        finish(key, members)
-    return rows, skipped
+        bad(getattr(e, "key", None), "corrupt_tar", f"{type(e).__name__}: {e}; the rest of the shard is skipped")
+    return rows, stats
 
 
 def _mask_problem(members: dict, size: tuple[int, int]) -> Optional[str]:
@@ -159,36 +144,18 @@ def index_webdataset(tars: Union[PathLike, Sequence[PathLike]], index_path: Path
     root = index_path.parent.resolve()
     jobs = [(str(p), os.path.relpath(p.resolve(), root), cfg, image_size, crop, multiple, label_field, strict)
             for p in paths]
-    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(jobs)))
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), unit="shard", desc="index_shards", file=sys.stderr,
-               disable=not (progress and sys.stderr.isatty()))
-    results: list[Any] = [None] * len(jobs)
-    if workers == 1:
-        for k, job in enumerate(jobs):
-            results[k] = scan_webdataset_shard(job)
-            bar.update()
-    else:
-        from ..scoring.warmup import warmup
-
-        warmup()
-        with mp.get_context("fork").Pool(workers) as pool:
-            for k, res in enumerate(pool.imap(scan_webdataset_shard, jobs, chunksize=1)):
-                results[k] = res
-                bar.update()
-    bar.close()
-    stats = ShardStats()
-    rows = []
-    for (path, *_), (r, skipped) in zip(jobs, results):
-        rows += r
-        for key, reason, detail in skipped:
-            stats.skip(path, key, reason, detail)
+    results = list(tqdm(pool_map(scan_webdataset_shard, jobs, workers), total=len(jobs), unit="shard",
+                        desc="index_shards", file=sys.stderr, disable=not (progress and sys.stderr.isatty())))
+    rows = [row for r, _ in results for row in r]
+    stats = ShardStats(skipped=sum((s.skipped for _, s in results), Counter()),
+                       events=[e for _, s in results for e in s.events])
     if not rows:
         raise ValueError(f"{tars}: no readable samples ({stats.summary()})")
     keys = [r["key"] for r in rows]
     if len(set(keys)) != len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        dup = sorted(k for k, n in Counter(keys).items() if n > 1)[:5]
         raise ValueError(f"sample keys repeat across the shards (e.g. {dup}); the index needs unique keys")
     stats.samples = len(rows)
     import pyarrow as pa

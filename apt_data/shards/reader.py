@@ -84,6 +84,31 @@ def scan_tar(f: BinaryIO, start: int = 0, until_eof_ok: bool = False) -> Iterato
         pos += padded
 
 
+def scan_samples(f: BinaryIO) -> Iterator[tuple[str, dict[str, tuple[int, bytes]]]]:
+    """Yield ``(key, {extension: (data offset, data)})`` for each sample of a tar stream (`scan_tar`).
+
+    A damaged tar raises its error (`TarTruncated`, `TarCorrupt`, `OSError`) with ``.key``, the sample it
+    hit; a sample complete before a cut in the next one's first member is yielded first.
+    """
+    key: Optional[str] = None
+    members: dict[str, tuple[int, bytes]] = {}
+    try:
+        for name, off, data in scan_tar(f):
+            k, ext = split_key(name)
+            if k != key and key is not None:
+                yield key, members
+                members = {}
+            key = k
+            members[ext] = (off, data)
+    except (TarTruncated, TarCorrupt, OSError) as e:
+        e.key = split_key(e.args[0])[0] if isinstance(e, TarTruncated) and e.args[0] else key
+        if key is not None and e.key != key:
+            yield key, members
+        raise
+    if key is not None:
+        yield key, members
+
+
 # ------------------------------------------------------------------------------ sequential
 def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardStats] = None,
                validate: bool = False) -> Iterator[SampleRecord]:
@@ -95,38 +120,21 @@ def iter_shard(path: PathLike, *, strict: bool = False, stats: Optional[ShardSta
     except OSError as e:
         report_bad(shard, None, "unreadable_shard", str(e), strict, stats)
         return
-
-    def records(key: str, members: dict) -> list[SampleRecord]:  # the sample's record, none when bad
-        rec = record_from_members(shard, key, members, strict=strict, stats=stats, validate=validate)
-        return [] if rec is None else [rec]
-
-    key: Optional[str] = None
-    members: dict[str, bytes] = {}
     with f:
         try:
-            for name, _, data in scan_tar(f):
-                k, ext = split_key(name)
-                if k != key and key is not None:
-                    yield from records(key, members)
-                    members = {}
-                key = k
-                members[ext] = data
+            for key, members in scan_samples(f):
+                rec = record_from_members(shard, key, {ext: data for ext, (_, data) in members.items()},
+                                          strict=strict, stats=stats, validate=validate)
+                if rec is not None:
+                    yield rec
         except TarTruncated as e:
-            culprit = split_key(e.args[0])[0] if e.args[0] else key
-            if key is not None and culprit != key:  # the cut is in the next sample's first member
-                yield from records(key, members)
-            report_bad(shard, culprit, "truncated_tar",
+            report_bad(shard, e.key, "truncated_tar",
                        "shard ends inside this sample" if e.args[0] else "shard ends after a member of this "
                        "sample without an end-of-archive marker; the sample may be incomplete", strict, stats)
-            return
         except TarCorrupt as e:
-            report_bad(shard, key, "corrupt_tar", f"{e}; the rest of the shard is skipped", strict, stats)
-            return
+            report_bad(shard, e.key, "corrupt_tar", f"{e}; the rest of the shard is skipped", strict, stats)
         except OSError as e:
-            report_bad(shard, key, "unreadable_shard", str(e), strict, stats)
-            return
-    if key is not None:
-        yield from records(key, members)
+            report_bad(shard, getattr(e, "key", None), "unreadable_shard", str(e), strict, stats)
 
 
 def iter_shards(urls: Union[PathLike, Sequence[PathLike]], *, strict: bool = False,
@@ -175,17 +183,6 @@ def row_checksums(row: Mapping[str, Any]) -> dict[str, int]:
     return image_ext_spans({m: int(v) for m, v in crc.items() if v is not None}, row.get("image_ext"))
 
 
-def _check_members(members: Mapping[str, bytes], checksums: Mapping[str, int]) -> Optional[str]:
-    """What is wrong with ``members`` by their ``checksums`` (``-1``: not known), or None."""
-    for ext, want in checksums.items():
-        data = members.get(ext)
-        if data is not None and want >= 0:
-            got = member_checksum(data)
-            if got != want:
-                return f"checksum mismatch in the .{ext} member: the index has {CHECKSUM} {want:08x}, read {got:08x}"
-    return None
-
-
 def read_record(fetch: Callable[[int, int], bytes], shard: str, key: str, spans: Spans, *,
                 strict: bool = False, stats: Optional[ShardStats] = None, validate: bool = False,
                 expect_label: Optional[int] = None, parse_meta: bool = True,
@@ -212,10 +209,11 @@ def read_record(fetch: Callable[[int, int], bytes], shard: str, key: str, spans:
         members = _members_at(span, start, key, spans)
     except (TarCorrupt, TarTruncated) as e:
         return report_bad(shard, key, "index_mismatch", f"the shard does not match the index: {e}", strict, stats)
-    if checksums:
-        wrong = _check_members(members, checksums)
-        if wrong is not None:
-            return report_bad(shard, key, "checksum_mismatch", wrong, strict, stats)
+    for ext, want in (checksums or {}).items():
+        got = member_checksum(members[ext]) if ext in members and want >= 0 else want
+        if got != want:
+            return report_bad(shard, key, "checksum_mismatch", f"checksum mismatch in the .{ext} member: the index "
+                              f"has {CHECKSUM} {want:08x}, read {got:08x}", strict, stats)
     return record_from_members(shard, key, members, strict=strict, stats=stats, validate=validate,
                                expect_label=expect_label, parse_meta=parse_meta, need_label=need_label)
 

@@ -27,7 +27,6 @@ class ShardWriter:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self._file = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
-        self.keys: list[str] = []
         #: key -> {extension: CRC32C of the member's bytes}, for the index (`index_row`)
         self.checksums: dict[str, dict[str, int]] = {}
 
@@ -47,7 +46,6 @@ class ShardWriter:
             self._tar.addfile(info, io.BytesIO(data))
             assert self._tar.offset == start + BLOCK + -(-len(data) // BLOCK) * BLOCK
             offsets[ext] = (start + BLOCK, len(data))
-        self.keys.append(key)
         self.checksums[key] = checksums
         return offsets
 
