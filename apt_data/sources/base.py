@@ -31,18 +31,16 @@ class Source:
         """The image of sample ``i`` as the transform accepts it (bytes, PIL image or uint8 array)."""
         raise NotImplementedError
 
-    @property
-    def has_masks(self) -> bool:
-        """True when every sample has a segmentation mask (`read_mask`)."""
-        return False
+    #: True when every sample has a segmentation mask (`read_mask`)
+    has_masks: bool = False
 
     def read_mask(self, i: int) -> Optional[Any]:
         """The segmentation mask of sample ``i`` as `apt_data.masks.decode_mask` takes it (None: no masks)."""
-        return None
+        return self.read_with_mask(i)[1]
 
     def read_with_mask(self, i: int) -> tuple[ImageData, Optional[Any]]:
         """``(image, mask or None)`` of sample ``i`` (a shard source reads both in one read)."""
-        return self.read(i), self.read_mask(i)
+        return self.read(i), None
 
     def read_record(self, i: int) -> tuple[ImageData, Optional[Any]]:
         """``(image, record or None)``; a record (`apt_data.shards.SampleRecord`) may carry score maps."""

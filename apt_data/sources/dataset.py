@@ -44,9 +44,9 @@ class DatasetSource(Source):
                  mask_key: Optional[str] = None, mask_labels: Optional[MaskLabels] = None):
         self.dataset = dataset
         self.image_key, self.label_key = image_key, label_key
-        self.masks, self.mask_key, self.mask_labels = bool(masks), mask_key, mask_labels or MaskLabels()
+        self.has_masks, self.mask_key, self.mask_labels = bool(masks), mask_key, mask_labels or MaskLabels()
         n = len(dataset)
-        if self.masks and labels is None:
+        if self.has_masks and labels is None:
             labels = np.zeros(n, np.int64)
         self.labels = np.asarray(labels if labels is not None else self._all_labels(n), np.int64).reshape(-1)
         self.keys = [str(k) for k in keys] if keys is not None else self._default_keys(n)
@@ -76,7 +76,7 @@ class DatasetSource(Source):
 
     def _split(self, item: Any, i: int) -> tuple[Any, Any]:
         """``(image, label)`` of one item; ``(image, mask)`` in a segmentation dataset."""
-        what, key, keys = ("mask", self.mask_key, MASK_KEYS) if self.masks else ("label", self.label_key, LABEL_KEYS)
+        what, key, keys = ("mask", self.mask_key, MASK_KEYS) if self.has_masks else ("label", self.label_key, LABEL_KEYS)
         if isinstance(item, Mapping):
             ik = self.image_key or next((k for k in IMAGE_KEYS if k in item), None)
             sk = key or next((k for k in keys if k in item), None)
@@ -87,23 +87,15 @@ class DatasetSource(Source):
             image, second = item[0], item[1]
         else:
             raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, {what}) pair or a dict")
-        return image, (second if self.masks else int(second))
+        return image, (second if self.has_masks else int(second))
 
     def read(self, i: int) -> ImageData:
         """The image of item ``i`` as the dataset gives it (PIL image, bytes or uint8 array)."""
         return _as_image(self._split(self.dataset[i], i)[0], i, "image")
 
-    @property
-    def has_masks(self) -> bool:
-        return self.masks
-
-    def read_mask(self, i: int) -> Optional[np.ndarray]:
-        """The mask of item ``i``, decoded, its ids mapped by ``mask_labels`` (None without ``masks``)."""
-        return self.read_with_mask(i)[1]
-
     def read_with_mask(self, i: int) -> tuple[ImageData, Optional[np.ndarray]]:
         """``(image, decoded mask)`` of item ``i`` from one read of the item."""
-        if not self.masks:
+        if not self.has_masks:
             return self.read(i), None
         image, mask = self._split(self.dataset[i], i)
         name = f"dataset item {self.keys[i] if hasattr(self, 'keys') else i} (mask)"

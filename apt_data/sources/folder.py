@@ -71,13 +71,14 @@ class MaskFolderSource(_ImageFiles):
             raise ValueError(f"{root}: no images/{split} and annotations/{split} folders (ADE20K's layout)")
         return cls(*found, **kw)
 
-    @property
-    def has_masks(self) -> bool:
-        return True
+    has_masks = True
 
     def read_mask(self, i: int) -> np.ndarray:
         """The mask of sample ``i``, decoded, its ids mapped by ``mask_labels``."""
         return decode_mask(self.mask_paths[i].read_bytes(), str(self.mask_paths[i]), self.mask_labels)
+
+    def read_with_mask(self, i: int) -> tuple[bytes, np.ndarray]:
+        return self.read(i), self.read_mask(i)
 
 
 def open_mask_folder(data: Union[str, os.PathLike], masks: Optional[Union[str, os.PathLike]] = None,

@@ -76,7 +76,7 @@ class IndexSource(Source):
                               "samples are read without checksum verification; rebuild the index "
                               "(tools/make_shards.py, or tools/index_shards.py for plain webdataset tars) to verify them")
         self._wh = (table.column("width").to_numpy(), table.column("height").to_numpy())
-        self._has_masks = MASK_MEMBER in self._spans and bool((self._spans[MASK_MEMBER][0] >= 0).all())
+        self.has_masks = MASK_MEMBER in self._spans and bool((self._spans[MASK_MEMBER][0] >= 0).all())
         # an index of plain webdataset shards (`apt_data.shards.inplace`): images other than .jpg, and
         # labels from a JSON field (no .cls member: the index's label is the label)
         self._image_ext = (table.column("image_ext").to_pylist() if "image_ext" in table.column_names else None)
@@ -159,15 +159,6 @@ class IndexSource(Source):
     def read(self, i: int) -> bytes:
         """The JPEG bytes of sample ``i``: one read of that member and its tar header."""
         return self._read(i, ("jpg",)).jpeg
-
-    @property
-    def has_masks(self) -> bool:
-        """True when every sample of the index has a mask member (a segmentation shard set)."""
-        return self._has_masks
-
-    def read_mask(self, i: int) -> Optional[bytes]:
-        """The mask member (PNG bytes) of sample ``i``, None in a set without masks."""
-        return self.read_with_mask(i)[1]
 
     def read_with_mask(self, i: int) -> tuple[bytes, Optional[bytes]]:
         """``(jpeg, mask PNG bytes)`` of sample ``i``: one read of both members, each verified."""
