@@ -14,7 +14,18 @@ if TYPE_CHECKING:
 #: What `Source.read` returns and `ImageTransform` accepts.
 ImageData = Union[bytes, "Image", np.ndarray]
 
-__all__ = ["ImageData", "Source"]
+__all__ = ["ImageData", "Source", "header_size"]
+
+
+def header_size(file: Any) -> Optional[tuple[int, int]]:
+    """(width, height) from an image's header (a path or a binary file object); None when unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            return im.size
+    except Exception:
+        return None
 
 
 class Source:

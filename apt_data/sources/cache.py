@@ -20,7 +20,7 @@ from typing import Callable, Optional, Union
 
 from ..io import atomic_write_bytes
 from ..shards.format import member_checksum
-from .readers import RangeReader, ReaderWrapper, Span
+from .readers import PerProcess, RangeReader, ReaderWrapper, Span
 
 log = logging.getLogger("apt_data.sources")
 
@@ -53,7 +53,7 @@ def parse_size(size: Union[int, float, str]) -> int:
     return n
 
 
-class RangeCache:
+class RangeCache(PerProcess):
     """Byte ranges in files under ``root``, at most about ``max_bytes`` in all; ``count(name, n)`` counts
     ``cache_hits``, ``cache_misses``, ``cache_bytes``, ``cache_evicted``, ``cache_corrupt``. Picklable."""
 
@@ -64,16 +64,9 @@ class RangeCache:
         self.max_bytes = parse_size(max_bytes)
         self.slack = max(1, self.max_bytes // 64)
         self._count = count
-        self._local: Optional[dict] = None
 
-    def __getstate__(self):
-        return {**self.__dict__, "_local": None}
-
-    def _state(self) -> dict:
-        st = self._local
-        if st is None or st["pid"] != os.getpid():
-            st = self._local = {"pid": os.getpid(), "total": None, "since": 0, "lock": threading.Lock()}
-        return st
+    def _new_state(self) -> dict:
+        return {"total": None, "since": 0, "lock": threading.Lock()}  # (bytes in the folder, written since a scan)
 
     def _counted(self, name: str, n: int = 1) -> None:
         if self._count is not None:

@@ -5,6 +5,7 @@ any dataset; images as PIL, bytes or uint8 arrays, with no tensor transform (the
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..masks import MaskLabels, decode_mask
-from .base import ImageData, Source
+from .base import ImageData, Source, header_size
 
 log = logging.getLogger("apt_data.sources")
 
@@ -106,17 +107,7 @@ class DatasetSource(Source):
         image = self.read(i)
         if isinstance(image, np.ndarray):
             return int(image.shape[1]), int(image.shape[0])
-        if isinstance(image, bytes):
-            import io
-
-            from PIL import Image
-
-            try:
-                with Image.open(io.BytesIO(image)) as im:
-                    return im.size
-            except Exception:
-                return None
-        return image.size
+        return header_size(io.BytesIO(image)) if isinstance(image, bytes) else image.size
 
 
 def _as_image(image: Any, i: int, what: str) -> Any:

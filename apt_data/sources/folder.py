@@ -10,7 +10,7 @@ import numpy as np
 
 from ..listing import list_image_folder
 from ..masks import MaskLabels, decode_mask, find_mask_layout, pair_masks
-from .base import Source
+from .base import Source, header_size
 
 __all__ = ["FolderSource", "MaskFolderSource", "open_mask_folder"]
 
@@ -24,13 +24,7 @@ class _ImageFiles(Source):
         return self.paths[i].read_bytes()
 
     def image_size(self, i: int) -> Optional[tuple[int, int]]:
-        from PIL import Image
-
-        try:
-            with Image.open(self.paths[i]) as im:
-                return im.size
-        except Exception:
-            return None
+        return header_size(self.paths[i])
 
 
 class FolderSource(_ImageFiles):

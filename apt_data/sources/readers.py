@@ -64,6 +64,29 @@ class RangeReader:
         """Release this process's descriptors, connections and threads."""
 
 
+class PerProcess:
+    """State made lazily in the process that uses it (threads, locks, sockets): never pickled, and made
+    afresh in a forked child (its parent's is not its own). Subclasses make it in `_new_state`."""
+
+    _local: Optional[tuple[int, Any]] = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_local": None}
+
+    def _new_state(self) -> Any:
+        raise NotImplementedError
+
+    def _state(self) -> Any:
+        """This process's state, made now if there is none."""
+        if self._local is None or self._local[0] != os.getpid():
+            self._local = (os.getpid(), self._new_state())
+        return self._local[1]
+
+    def _made_here(self) -> Optional[Any]:
+        """This process's state if it was made, else None."""
+        return self._local[1] if self._local is not None and self._local[0] == os.getpid() else None
+
+
 class ReaderWrapper(RangeReader):
     """A reader over another (``inner``): every method passes through unless overridden."""
 
@@ -138,36 +161,23 @@ class FileReader(RangeReader):
         self.close()
 
 
-def _fsspec():
-    try:
-        import fsspec
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading shards from this URL needs fsspec: pip install 'apt[remote]' (plus s3fs for "
-                          "s3://, gcsfs for gs://; http(s):// needs neither)") from e
-    return fsspec
-
-
-def fsspec_filesystem(url: str, storage_options: Optional[dict] = None):
-    """A fresh fsspec filesystem for ``url`` (not the instance cache: one per process)."""
-    fs, _ = _fsspec().core.url_to_fs(url, skip_instance_cache=True, **(storage_options or {}))
-    return fs
-
-
-class FsspecReader(RangeReader):
+class FsspecReader(PerProcess, RangeReader):
     """Ranged reads of any fsspec URL (``file://``, ``s3://``, ``gs://``, ...): one filesystem per process,
     shared by its threads. A back-end that ignores the range and returns the whole object is sliced."""
 
     def __init__(self, url: str, storage_options: Optional[dict] = None):
         self.url, self.storage_options = url, dict(storage_options or {})
-        self._fs: Optional[tuple[int, Any]] = None
 
-    def __getstate__(self):
-        return {**self.__dict__, "_fs": None}
+    def _new_state(self):
+        """This process's filesystem (a fresh one, not fsspec's instance cache)."""
+        try:
+            import fsspec
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("reading shards from this URL needs fsspec: pip install 'apt[remote]' (plus s3fs "
+                              "for s3://, gcsfs for gs://; http(s):// needs neither)") from e
+        return fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)[0]
 
-    def fs(self):
-        if self._fs is None or self._fs[0] != os.getpid():
-            self._fs = (os.getpid(), fsspec_filesystem(self.url, self.storage_options))
-        return self._fs[1]
+    fs = PerProcess._state
 
     def read(self, name: str, start: int, end: int) -> bytes:
         data = self.fs().cat_file(name, start=start, end=end)
