@@ -20,7 +20,7 @@ from typing import Callable, Optional, Union
 
 from ..io import atomic_write_bytes
 from ..shards.format import member_checksum
-from .readers import PerProcess, RangeReader, ReaderWrapper, Span
+from .readers import PerProcess, RangeReader, Span
 
 log = logging.getLogger("apt_data.sources")
 
@@ -191,22 +191,18 @@ class RangeCache(PerProcess):
         st["total"], st["since"] = total, 0
 
 
-class CachedReader(ReaderWrapper):
+class CachedReader(RangeReader):
     """Serves spans from a `RangeCache` and keeps the spans the caller `checked`; cached bytes the
     caller `rejected` are deleted and read from the store again."""
 
     def __init__(self, inner: RangeReader, cache: RangeCache):
-        super().__init__(inner)
-        self.cache = cache
-
-    def _cached(self, span: Span) -> bool:
-        return span in self.cache
+        self.inner, self.cache = inner, cache
 
     def read_order(self, spans, skip=None) -> None:
-        self.inner.read_order(spans, self._cached)
+        self.inner.read_order(spans, self.cache.__contains__)
 
     def prefetch(self, spans, skip=None) -> None:
-        self.inner.prefetch(spans, self._cached)
+        self.inner.prefetch(spans, self.cache.__contains__)
 
     def read(self, name: str, start: int, end: int) -> bytes:
         data = self.cache.get(name, start, end)

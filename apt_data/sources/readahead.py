@@ -9,19 +9,19 @@ import numpy as np
 
 from ..shards.reader import BLOCK
 from .cache import parse_size
-from .readers import IOCounters, PerProcess, RangeReader, ReaderWrapper, Span
+from .readers import IOCounters, PerProcess, RangeReader, Span
 
 __all__ = ["ReadAhead"]
 
 
-class ReadAhead(PerProcess, ReaderWrapper):
+class ReadAhead(PerProcess, RangeReader):
     """Read ahead along `read_order` (or `prefetch`); ``merge_gap``: spans of one file at most this far
     apart share a request; ``readahead`` defaults to ``8 * inflight``."""
 
     def __init__(self, inner: RangeReader, inflight: int = 16, readahead: Optional[int] = None,
                  readahead_bytes: Union[int, str] = "64MB", merge_gap: int = 4 * BLOCK,
                  counters: Optional[IOCounters] = None):
-        super().__init__(inner)
+        self.inner = inner
         self.inflight = max(0, int(inflight))
         self.readahead = 8 * self.inflight if readahead is None else int(readahead)
         self.readahead_bytes = parse_size(readahead_bytes)
@@ -29,7 +29,7 @@ class ReadAhead(PerProcess, ReaderWrapper):
         self.counters = counters if counters is not None else getattr(inner, "counters", None)
 
     @property
-    def reads_ahead(self) -> bool:  # type: ignore[override]
+    def reads_ahead(self) -> bool:
         return self.inflight > 0 and self.readahead > 0
 
     def _new_state(self) -> dict:

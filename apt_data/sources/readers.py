@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 log = logging.getLogger("apt_data.sources")
 
-__all__ = ["COUNTERS", "FileReader", "FsspecReader", "IOCounters", "RangeReader", "ReaderWrapper", "Retrying",
+__all__ = ["COUNTERS", "FileReader", "FsspecReader", "IOCounters", "PerProcess", "RangeReader", "Retrying",
            "Span", "is_permanent"]
 
 #: ``(name, start, end)``: bytes ``[start, end)`` of the file ``name``
@@ -30,10 +30,15 @@ COUNTERS = ("requests", "retries", "failed", "bytes", "merged", "cache_hits", "c
 
 
 class RangeReader:
-    """Reads bytes ``[start, end)`` of named files; the other methods are optional hints and feedback."""
+    """Reads bytes ``[start, end)`` of named files. A reader over another (``inner``: a cache, a read-ahead,
+    retries) passes the optional hints and feedback below down to it unless it overrides them."""
 
-    #: True when `read_order` is worth calling (the reader reads ahead along it)
-    reads_ahead = False
+    inner: Optional[RangeReader] = None
+
+    @property
+    def reads_ahead(self) -> bool:
+        """True when `read_order` is worth calling (a reader of the stack reads ahead along it)."""
+        return self.inner is not None and self.inner.reads_ahead
 
     def read(self, name: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``name`` (fewer at its end). Raises OSError when unreadable."""
@@ -41,27 +46,37 @@ class RangeReader:
 
     def read_order(self, spans: Sequence[Span], skip: Optional[Callable[[Span], bool]] = None) -> None:
         """A hint: the spans this process will read next, in order (``skip``: spans not to read ahead)."""
+        if self.inner is not None:
+            self.inner.read_order(spans, skip)
 
     def prefetch(self, spans: Sequence[Span], skip: Optional[Callable[[Span], bool]] = None) -> None:
         """A hint: start reading these spans now."""
+        if self.inner is not None:
+            self.inner.prefetch(spans, skip)
 
     def passed(self, span: Span) -> None:
         """The caller got ``span`` elsewhere (a cache): a read-ahead moves past it without reading it."""
+        if self.inner is not None:
+            self.inner.passed(span)
 
     def checked(self, span: Span, data: bytes) -> None:
         """``data``, read for ``span``, passed the caller's checks (a cache keeps it)."""
+        if self.inner is not None:
+            self.inner.checked(span, data)
 
     def rejected(self, span: Span, why: str) -> bool:
         """The bytes read for ``span`` failed the caller's checks; True: they came from a copy that is
         now dropped, so reading again gives the store's bytes."""
-        return False
+        return self.inner is not None and self.inner.rejected(span, why)
 
     def stats(self) -> dict:
         """Counters (`COUNTERS`) over all processes; empty for a reader that counts nothing."""
-        return {}
+        return self.inner.stats() if self.inner is not None else {}
 
     def close(self) -> None:
         """Release this process's descriptors, connections and threads."""
+        if self.inner is not None:
+            self.inner.close()
 
 
 class PerProcess:
@@ -85,41 +100,6 @@ class PerProcess:
     def _made_here(self) -> Optional[Any]:
         """This process's state if it was made, else None."""
         return self._local[1] if self._local is not None and self._local[0] == os.getpid() else None
-
-
-class ReaderWrapper(RangeReader):
-    """A reader over another (``inner``): every method passes through unless overridden."""
-
-    def __init__(self, inner: RangeReader):
-        self.inner = inner
-
-    @property
-    def reads_ahead(self) -> bool:  # type: ignore[override]
-        return self.inner.reads_ahead
-
-    def read(self, name: str, start: int, end: int) -> bytes:
-        return self.inner.read(name, start, end)
-
-    def read_order(self, spans, skip=None) -> None:
-        self.inner.read_order(spans, skip)
-
-    def prefetch(self, spans, skip=None) -> None:
-        self.inner.prefetch(spans, skip)
-
-    def passed(self, span: Span) -> None:
-        self.inner.passed(span)
-
-    def checked(self, span: Span, data: bytes) -> None:
-        self.inner.checked(span, data)
-
-    def rejected(self, span: Span, why: str) -> bool:
-        return self.inner.rejected(span, why)
-
-    def stats(self) -> dict:
-        return self.inner.stats()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class FileReader(RangeReader):
@@ -259,14 +239,13 @@ def retrying(fn: Callable[[], Any], what: str, retries: int, backoff: float,
     raise AssertionError("unreachable")
 
 
-class Retrying(ReaderWrapper):
+class Retrying(RangeReader):
     """Retries transient errors ``retries`` times with exponential backoff from ``backoff`` s; a permanent
     one (404, 403, a missing file) is raised at once. Counts requests, retries, failures and bytes."""
 
     def __init__(self, inner: RangeReader, retries: int = 5, backoff: float = 0.05,
                  counters: Optional[IOCounters] = None):
-        super().__init__(inner)
-        self.retries, self.backoff = int(retries), float(backoff)
+        self.inner, self.retries, self.backoff = inner, int(retries), float(backoff)
         self.counters = counters if counters is not None else IOCounters()
 
     def read(self, name: str, start: int, end: int) -> bytes:
