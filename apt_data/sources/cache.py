@@ -53,6 +53,14 @@ def parse_size(size: Union[int, float, str]) -> int:
     return n
 
 
+def _entries(folder: Union[str, os.PathLike]) -> list[os.DirEntry]:
+    """The entries of ``folder``; none when it cannot be read (removed meanwhile)."""
+    try:
+        return list(os.scandir(folder))
+    except OSError:
+        return []
+
+
 class RangeCache(PerProcess):
     """Byte ranges in files under ``root``, at most about ``max_bytes`` in all; ``count(name, n)`` counts
     ``cache_hits``, ``cache_misses``, ``cache_bytes``, ``cache_evicted``, ``cache_corrupt``. Picklable."""
@@ -135,28 +143,17 @@ class RangeCache(PerProcess):
     def scan(self) -> list[tuple[float, int, str]]:
         """``(mtime, size, path)`` of every entry now in the folder (temporary files included; stale
         ones from a killed writer deleted). Other files in the folder are left alone."""
-        out = []
-        now = time.time()
-        try:
-            subs = [e.path for e in os.scandir(self.root) if _SUB.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
-        except OSError:
-            return out
-        for sub in subs:
+        out, now = [], time.time()
+        subs = [e.path for e in _entries(self.root) if _SUB.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+        for e in (e for sub in subs for e in _entries(sub) if _ENTRY.fullmatch(e.name)):  # (no other file)
             try:
-                entries = list(os.scandir(sub))
-            except OSError:
+                s = e.stat(follow_symlinks=False)
+            except OSError:  # evicted by another process meanwhile
                 continue
-            for e in entries:
-                if not _ENTRY.fullmatch(e.name):  # not ours: never counted, never deleted
-                    continue
-                try:
-                    s = e.stat(follow_symlinks=False)
-                except OSError:  # evicted by another process meanwhile
-                    continue
-                if e.name.endswith(".tmp") and now - s.st_mtime > _STALE_TMP:
-                    with contextlib.suppress(OSError):
-                        os.unlink(e.path)
-                    continue
+            if e.name.endswith(".tmp") and now - s.st_mtime > _STALE_TMP:
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+            else:
                 out.append((s.st_mtime, s.st_size, e.path))
         return out
 

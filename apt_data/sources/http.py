@@ -1,28 +1,13 @@
 """`HTTPReader`: ranged GETs through urllib3's connection pool, with a deadline and caps on what a server sends.
 
-The range reader (`apt_data.sources.readers.RangeReader`) for ``http://`` and ``https://`` shards.
-urllib3's pools (keep-alive connections shared by the read-ahead threads, TLS) and http.client, through
-which urllib3 speaks HTTP/1.1 (requests, answers, chunked bodies), do the protocol (`_GetOnly`);
-this module adds what a loader needs from a server it does not control:
-
-- **A deadline per request** (``deadline`` seconds, 120 by default, redirects included; ``connect_timeout``
-  for each connection, ``read_timeout`` for each receive): every receive of an answer, its status line
-  and headers included, waits at most the time left, so a body sent at 1 byte/s or header lines that
-  never end fail at the deadline, naming the URL.
-- **Caps**: the status line and headers at `HEADER_BYTES` in all (and http.client's 100 header
-  lines); the body at the range requested (a larger ``Content-Length``, a negative or malformed one,
-  or more bytes than asked are errors, never read: at most the range plus a small constant is
-  buffered); a whole-object GET (an index) at ``max_object``. A 206 must carry the Content-Range
-  asked for (RFC 9110) and hold the bytes it announces.
-- **Redirects** (at most 5) are followed here, not by urllib3: ``Authorization``, ``Cookie`` and
-  ``Proxy-Authorization`` are dropped on a hop to another origin (host or port, urllib3's list of
-  headers) or from https to http.
-- **A server that ignores Range** (answers 200 with the whole file, as Python's ``http.server`` does) is
-  logged once (over all processes that share the counters): each read then downloads the file from
-  its first byte up to the end of the span asked, on a fresh connection. The bytes returned are right.
-
-Why urllib3 (well-kept libraries for a protocol hostile servers bend) and what it costs per request:
-docs/benchmarks.md, "Shards over HTTP vs local disk".
+The range reader for ``http://`` and ``https://`` shards. urllib3's pools (keep-alive connections shared
+by the read-ahead threads, TLS) and http.client (HTTP/1.1, chunked bodies) do the protocol (`_GetOnly`);
+this module adds what a loader needs from a server it does not control (docs/scale-out.md, "What a server
+can cost"): a deadline per request that every receive keeps to (`_GuardedIO`), caps on the headers
+(`HEADER_BYTES`) and the body (the range asked; ``max_object`` for a whole object), a 206's Content-Range
+checked, redirects followed here with credentials dropped on a hop elsewhere (`redirect_headers`), and a
+server that ignores Range logged once and still read right (`HTTPReader._from_whole_file`). Why urllib3
+and its cost per request: docs/benchmarks.md, "Shards over HTTP vs local disk".
 
 Errors, as `apt_data.sources.readers.retrying` expects them: 404/410 raise `FileNotFoundError`,
 401/403 `PermissionError` (permanent: not retried); other statuses `HTTPStatusError` (an OSError

@@ -100,14 +100,9 @@ class IndexSource(Source):
         return self._shard_paths[int(self._shard_of[i])], int(self._span_start[i]), int(self._span_end[i])
 
     def _read(self, i: int, members: Sequence[str] = MEMBERS, parse_meta: bool = True) -> SampleRecord:
-        spans: dict[str, tuple[int, int]] = {}
-        for m in members:
-            if m not in self._spans or self._spans[m][0][i] < 0:
-                # not there: read every member there is, and the check names what is missing
-                spans = {m: (int(o[i]), int(n[i])) for m, (o, n) in self._spans.items() if o[i] >= 0}
-                break
-            offsets, sizes = self._spans[m]
-            spans[m] = (int(offsets[i]), int(sizes[i]))
+        spans = {m: (int(o[i]), int(n[i])) for m, (o, n) in self._spans.items() if o[i] >= 0}
+        if set(members) <= spans.keys():  # (else every member there is is read: the check names what is missing)
+            spans = {m: spans[m] for m in members}
         checksums = {m: int(self._crc[m][i]) for m in spans if m in self._crc}
         need_label = "cls" in members and ("cls" in spans or not self._labels_in_index)
         if self._image_ext is not None:  # shards indexed in place: .jpeg, .png, .webp images

@@ -46,9 +46,7 @@ class ReadAhead(PerProcess, RangeReader):
     # -------------------------------------------------------------- scheduling
     def read_order(self, spans: Sequence[Span], skip: Optional[Callable[[Span], bool]] = None) -> None:
         st = self._state()
-        where: dict = {}
-        for k, s in enumerate(spans):
-            where.setdefault(s, k)
+        where = {s: k for k, s in reversed(list(enumerate(spans)))}  # (a span's first place)
         for s in [s for s in st["pending"] if s not in where]:  # a new epoch's order: drop the rest
             self._drop(st, s)
         st["order"] = (list(spans), where, [0], skip)
