@@ -67,12 +67,11 @@ class DatasetSource(Source):
         return [self._split(self.dataset[i], i)[1] for i in range(n)]
 
     def _default_keys(self, n: int) -> list[str]:
-        samples = getattr(self.dataset, "samples", None)
-        root = getattr(self.dataset, "root", None)
-        if isinstance(samples, list) and len(samples) == n and all(isinstance(s, tuple) and s for s in samples[:1]):
-            first = samples[0][0]
-            if isinstance(first, (str, os.PathLike)):
-                return [os.path.relpath(s[0], root) if root else os.fspath(s[0]) for s in samples]
+        samples = getattr(self.dataset, "samples", None)  # (torchvision's ImageFolder: (path, label) pairs)
+        first = samples[0] if isinstance(samples, list) and len(samples) == n > 0 else None
+        if isinstance(first, tuple) and first and isinstance(first[0], (str, os.PathLike)):
+            root = getattr(self.dataset, "root", None)
+            return [os.path.relpath(s[0], root) if root else os.fspath(s[0]) for s in samples]
         return [str(i) for i in range(n)]
 
     def _split(self, item: Any, i: int) -> tuple[Any, Any]:

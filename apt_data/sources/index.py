@@ -61,10 +61,8 @@ class IndexSource(Source):
         self.reader: RangeReader = reader if reader is not None else FileReader()
         self.keys = [str(k) for k in table.column("key").to_pylist()]
         self.labels = table.column("label").to_numpy().astype(np.int64)
-        shard_names = table.column("shard").to_pylist()
-        self._shard_names = list(dict.fromkeys(shard_names))
-        number = {n: k for k, n in enumerate(self._shard_names)}
-        self._shard_of = np.array([number[n] for n in shard_names], np.int64)
+        shard = table.column("shard").dictionary_encode().combine_chunks()  # (names in order of appearance)
+        self._shard_names, self._shard_of = shard.dictionary.to_pylist(), shard.indices.to_numpy().astype(np.int64)
         cols = {m: member_column(m) for m in MEMBERS + EXTRA_MEMBERS}  # (a mask member in segmentation sets)
         self._spans = {m: (table.column(f"{c}_offset").to_numpy(), table.column(f"{c}_size").to_numpy())
                        for m, c in cols.items() if f"{c}_offset" in table.column_names}
