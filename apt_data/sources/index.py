@@ -16,7 +16,7 @@ import numpy as np
 from ..config import APTConfig
 from ..shards.errors import ShardDataError
 from ..shards.format import CHECKSUM, EXTRA_MEMBERS, INPLACE_FORMAT, MASK_MEMBER, MEMBERS, SampleRecord, member_column
-from ..shards.index import ShardIndex, find_index, read_index
+from ..shards.index import ShardIndex, read_index
 from ..shards.reader import BLOCK, image_ext_spans, read_record
 from ..shards.urls import expand_urls
 from ..transforms import ImageTransform
@@ -201,18 +201,14 @@ def open_shards(source: str, split: Optional[str] = None) -> Optional[IndexSourc
     if ":" in source and not os.path.exists(source) and "://" not in source:
         source, split = source.rsplit(":", 1)
     p = Path(source)
-    if source.endswith(".parquet"):
-        return IndexSource(read_index(p))
-    if p.is_dir() and list(p.glob("*.parquet")):
-        return IndexSource(read_index(find_index(p, split or "train")))
+    if source.endswith(".parquet") or (p.is_dir() and any(p.glob("*.parquet"))):
+        return IndexSource(read_index(p, split or "train"))
     if source.endswith(".tar") or "{" in source or "::" in source:
         urls = expand_urls(source)
-        first = Path(urls[0])
-        for idx in sorted(first.parent.glob("*.parquet")):
+        for idx in sorted(Path(urls[0]).parent.glob("*.parquet")):
             index = read_index(idx)
-            have = set(index.table.column("shard").to_pylist())
             want = {os.path.relpath(os.path.abspath(u), idx.parent.resolve()) for u in urls}
-            if want <= have:
+            if want <= set(index.table.column("shard").to_pylist()):
                 return IndexSource(index, shards=urls)
         raise ValueError(f"{source}: no Parquet index beside these shards covers them; "
                          "write one with tools/make_shards.py (it plans batches and seeks samples)")

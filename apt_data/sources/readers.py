@@ -110,11 +110,8 @@ class FileReader(RangeReader):
         self.max_open = int(max_open)
         self._fds: OrderedDict = OrderedDict()
 
-    def __getstate__(self):
-        return {"max_open": self.max_open}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
+    def __reduce__(self):
+        return FileReader, (self.max_open,)  # (no descriptors)
 
     def read(self, name: str, start: int, end: int) -> bytes:
         fd = self._fds.pop(name, None)
@@ -215,7 +212,7 @@ def is_permanent(e: BaseException) -> bool:
 
 
 def retrying(fn: Callable[[], Any], what: str, retries: int, backoff: float,
-             count: Optional[Callable[[str], Any]] = None) -> Any:
+             count: Callable[[str], Any] = lambda name: None) -> Any:
     """``fn()``, retried ``retries`` times with exponential backoff on transient errors; a permanent
     one, or the last, is logged and raised as an OSError (``count``: "retries" / "failed" counters)."""
     delay = backoff
@@ -225,15 +222,13 @@ def retrying(fn: Callable[[], Any], what: str, retries: int, backoff: float,
         except Exception as e:  # noqa: BLE001 - every back-end has its own error types
             permanent = is_permanent(e)
             if permanent or attempt == retries:
-                if count is not None:
-                    count("failed")
+                count("failed")
                 why = f"{type(e).__name__}: {e}" + ("" if permanent else f" (failed after {retries} retries)")
                 log.warning("%s: %s", what, why)
                 if isinstance(e, OSError):
                     raise
                 raise OSError(f"{what}: {why}") from e
-            if count is not None:
-                count("retries")
+            count("retries")
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     raise AssertionError("unreachable")
