@@ -44,6 +44,8 @@ class Source:
 
     #: True when every sample has a segmentation mask (`read_mask`)
     has_masks: bool = False
+    #: the image size the samples were stored at, when the source knows one (shards do)
+    image_size_setting: Optional[int] = None
 
     def read_mask(self, i: int) -> Optional[Any]:
         """The segmentation mask of sample ``i`` as `apt_data.masks.decode_mask` takes it (None: no masks)."""
@@ -68,11 +70,6 @@ class Source:
 
     def image_size(self, i: int) -> Optional[tuple[int, int]]:
         """(width, height) of the stored image when known without decoding, else None."""
-        return None
-
-    @property
-    def image_size_setting(self) -> Optional[int]:
-        """The image size the samples were stored at, when the source knows one (shards do)."""
         return None
 
     def stored_scores_usable(self, cfg: APTConfig, transform: ImageTransform) -> bool:

@@ -1,10 +1,7 @@
-"""`RangeCache`: byte ranges of remote shards kept as files in a bounded local folder, and
-`CachedReader`, the range reader that serves reads from it (docs/scale-out.md, "Local cache").
-
-An entry is one file per ``(URL, start, end)`` (magic, CRC32C, bytes), written atomically without
-fsync, so processes share the folder without locks; a damaged entry is deleted and read again.
-Eviction is least recently used: each process rescans the folder after writing ``cache_size / 64``
-and evicts down to 90%, so the folder stays within ``cache_size`` for up to 7 writers at once.
+"""`RangeCache`: byte ranges of remote shards kept as files in a bounded local folder, and `CachedReader`,
+the range reader that serves reads from it. One file per ``(URL, start, end)`` (magic, CRC32C, bytes),
+written atomically without fsync and evicted least recently used, so processes share the folder without
+locks: docs/scale-out.md, "A local cache for later epochs", gives the bounds.
 """
 from __future__ import annotations
 

@@ -73,6 +73,7 @@ class IndexSource(Source):
             _warn_once(where, f"{where}: the index has no {CHECKSUM} columns (an index from an older build): "
                               "samples are read without checksum verification; rebuild the index "
                               "(tools/make_shards.py, or tools/index_shards.py for plain webdataset tars) to verify them")
+        self.image_size_setting = int(index.settings["image_size"]) if index.settings.get("image_size") else None
         self._wh = (table.column("width").to_numpy(), table.column("height").to_numpy())
         self.has_masks = MASK_MEMBER in self._spans and bool((self._spans[MASK_MEMBER][0] >= 0).all())
         # an index of plain webdataset shards (`apt_data.shards.inplace`): images other than .jpg, and
@@ -172,12 +173,6 @@ class IndexSource(Source):
 
     def image_size(self, i: int) -> Optional[tuple[int, int]]:
         return int(self._wh[0][i]), int(self._wh[1][i])
-
-    @property
-    def image_size_setting(self) -> Optional[int]:
-        """The image size the shards were written at (their index's settings)."""
-        size = self.index.settings.get("image_size")
-        return int(size) if size else None
 
     def stored_scores_usable(self, cfg: APTConfig, transform: ImageTransform) -> bool:
         """True when ``transform`` outputs the stored image unchanged and the stored score maps are

@@ -1,10 +1,7 @@
 """Shards at URLs: `open_remote` reads a shard set's index from object storage or HTTP and gives an
-`IndexSource` over a remote range-reader stack, one ranged read per sample (docs/scale-out.md).
-
-Addresses: a folder URL (``URL:split``), an index URL, or a shard URL pattern, ``index=`` apart;
-schemes ``http(s)://`` (`HTTPReader`), ``file://`` and any fsspec back-end (``apt[remote]``). The
-reader stack: optional `CachedReader`, `ReadAhead`, `Retrying`, then the HTTP or fsspec
-reader. A read that still fails is ``unreadable_shard``: skipped and counted, or raised if strict.
+`IndexSource` over the remote reader stack of `apt_data.sources.readers`, one ranged read per sample.
+Addresses: a folder URL (``URL:split``), an index URL, or a shard URL pattern, ``index=`` apart; schemes
+``http(s)://`` (`HTTPReader`), ``file://`` and any fsspec back-end (``apt[remote]``): docs/scale-out.md.
 """
 from __future__ import annotations
 
