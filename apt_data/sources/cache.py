@@ -164,24 +164,22 @@ class RangeCache(PerProcess):
         entries = self.scan()
         total = sum(size for _, size, _ in entries)
         target = int(self.max_bytes * 0.9) - incoming
-        if total > target:
-            entries.sort()
-            evicted = 0
-            for _, size, path in entries:
-                if total <= target:
-                    break
-                if path.endswith(".tmp"):  # another process is writing it
-                    continue
-                try:
-                    os.unlink(path)
-                    evicted += 1
-                except FileNotFoundError:  # evicted by another process: gone all the same
-                    pass
-                except OSError:
-                    continue
-                total -= size
-            if evicted:
-                self._counted("cache_evicted", evicted)
+        evicted = 0
+        for _, size, path in sorted(entries):  # oldest first
+            if total <= target:
+                break
+            if path.endswith(".tmp"):  # another process is writing it
+                continue
+            try:
+                os.unlink(path)
+                evicted += 1
+            except FileNotFoundError:  # evicted by another process: gone all the same
+                pass
+            except OSError:
+                continue
+            total -= size
+        if evicted:
+            self._counted("cache_evicted", evicted)
         st["total"], st["since"] = total, 0
 
 

@@ -76,7 +76,8 @@ class DatasetSource(Source):
 
     def _split(self, item: Any, i: int) -> tuple[Any, Any]:
         """``(image, label)`` of one item; ``(image, mask)`` in a segmentation dataset."""
-        what, key, keys = ("mask", self.mask_key, MASK_KEYS) if self.has_masks else ("label", self.label_key, LABEL_KEYS)
+        masks = self.has_masks
+        what, key, keys = ("mask", self.mask_key, MASK_KEYS) if masks else ("label", self.label_key, LABEL_KEYS)
         if isinstance(item, Mapping):
             ik = self.image_key or next((k for k in IMAGE_KEYS if k in item), None)
             sk = key or next((k for k in keys if k in item), None)
@@ -87,7 +88,7 @@ class DatasetSource(Source):
             image, second = item[0], item[1]
         else:
             raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, {what}) pair or a dict")
-        return image, (second if self.has_masks else int(second))
+        return image, (second if masks else int(second))
 
     def read(self, i: int) -> ImageData:
         """The image of item ``i`` as the dataset gives it (PIL image, bytes or uint8 array)."""
