@@ -66,9 +66,7 @@ def read_file_list(path: PathLike) -> list[tuple[Path, int, str]]:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        parts = line.rstrip("\n").split("\t")
-        if len(parts) < 2:
-            parts = line.split()
+        parts = line.split("\t") if "\t" in line else line.split()
         try:
             label = int(parts[1])
             if label < 0:

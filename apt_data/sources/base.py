@@ -14,7 +14,18 @@ if TYPE_CHECKING:
 #: What `Source.read` returns and `ImageTransform` accepts.
 ImageData = Union[bytes, "Image", np.ndarray]
 
-__all__ = ["ImageData", "Source"]
+__all__ = ["ImageData", "Source", "header_size"]
+
+
+def header_size(file: Any) -> Optional[tuple[int, int]]:
+    """(width, height) from an image's header (a path or a binary file object); None when unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            return im.size
+    except Exception:
+        return None
 
 
 class Source:
@@ -31,18 +42,18 @@ class Source:
         """The image of sample ``i`` as the transform accepts it (bytes, PIL image or uint8 array)."""
         raise NotImplementedError
 
-    @property
-    def has_masks(self) -> bool:
-        """True when every sample has a segmentation mask (`read_mask`)."""
-        return False
+    #: True when every sample has a segmentation mask (`read_mask`)
+    has_masks: bool = False
+    #: the image size the samples were stored at, when the source knows one (shards do)
+    image_size_setting: Optional[int] = None
 
     def read_mask(self, i: int) -> Optional[Any]:
         """The segmentation mask of sample ``i`` as `apt_data.masks.decode_mask` takes it (None: no masks)."""
-        return None
+        return self.read_with_mask(i)[1]
 
     def read_with_mask(self, i: int) -> tuple[ImageData, Optional[Any]]:
         """``(image, mask or None)`` of sample ``i`` (a shard source reads both in one read)."""
-        return self.read(i), self.read_mask(i)
+        return self.read(i), None
 
     def read_record(self, i: int) -> tuple[ImageData, Optional[Any]]:
         """``(image, record or None)``; a record (`apt_data.shards.SampleRecord`) may carry score maps."""
@@ -59,11 +70,6 @@ class Source:
 
     def image_size(self, i: int) -> Optional[tuple[int, int]]:
         """(width, height) of the stored image when known without decoding, else None."""
-        return None
-
-    @property
-    def image_size_setting(self) -> Optional[int]:
-        """The image size the samples were stored at, when the source knows one (shards do)."""
         return None
 
     def stored_scores_usable(self, cfg: APTConfig, transform: ImageTransform) -> bool:

@@ -1,10 +1,7 @@
-"""`RangeCache`: byte ranges of remote shards kept as files in a bounded local folder, and
-`CachedReader`, the range reader that serves reads from it (docs/scale-out.md, "Local cache").
-
-An entry is one file per ``(URL, start, end)`` (magic, CRC32C, bytes), written atomically without
-fsync, so processes share the folder without locks; a damaged entry is deleted and read again.
-Eviction is least recently used: each process rescans the folder after writing ``cache_size / 64``
-and evicts down to 90%, so the folder stays within ``cache_size`` for up to 7 writers at once.
+"""`RangeCache`: byte ranges of remote shards kept as files in a bounded local folder, and `CachedReader`,
+the range reader that serves reads from it. One file per ``(URL, start, end)`` (magic, CRC32C, bytes),
+written atomically without fsync and evicted least recently used, so processes share the folder without
+locks: docs/scale-out.md, "A local cache for later epochs", gives the bounds.
 """
 from __future__ import annotations
 
@@ -20,7 +17,7 @@ from typing import Callable, Optional, Union
 
 from ..io import atomic_write_bytes
 from ..shards.format import member_checksum
-from .readers import RangeReader, ReaderWrapper, Span
+from .readers import PerProcess, RangeReader, Span
 
 log = logging.getLogger("apt_data.sources")
 
@@ -53,7 +50,15 @@ def parse_size(size: Union[int, float, str]) -> int:
     return n
 
 
-class RangeCache:
+def _entries(folder: Union[str, os.PathLike]) -> list[os.DirEntry]:
+    """The entries of ``folder``; none when it cannot be read (removed meanwhile)."""
+    try:
+        return list(os.scandir(folder))
+    except OSError:
+        return []
+
+
+class RangeCache(PerProcess):
     """Byte ranges in files under ``root``, at most about ``max_bytes`` in all; ``count(name, n)`` counts
     ``cache_hits``, ``cache_misses``, ``cache_bytes``, ``cache_evicted``, ``cache_corrupt``. Picklable."""
 
@@ -64,16 +69,9 @@ class RangeCache:
         self.max_bytes = parse_size(max_bytes)
         self.slack = max(1, self.max_bytes // 64)
         self._count = count
-        self._local: Optional[dict] = None
 
-    def __getstate__(self):
-        return {**self.__dict__, "_local": None}
-
-    def _state(self) -> dict:
-        st = self._local
-        if st is None or st["pid"] != os.getpid():
-            st = self._local = {"pid": os.getpid(), "total": None, "since": 0, "lock": threading.Lock()}
-        return st
+    def _new_state(self) -> dict:
+        return {"total": None, "since": 0, "lock": threading.Lock()}  # (bytes in the folder, written since a scan)
 
     def _counted(self, name: str, n: int = 1) -> None:
         if self._count is not None:
@@ -142,28 +140,17 @@ class RangeCache:
     def scan(self) -> list[tuple[float, int, str]]:
         """``(mtime, size, path)`` of every entry now in the folder (temporary files included; stale
         ones from a killed writer deleted). Other files in the folder are left alone."""
-        out = []
-        now = time.time()
-        try:
-            subs = [e.path for e in os.scandir(self.root) if _SUB.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
-        except OSError:
-            return out
-        for sub in subs:
+        out, now = [], time.time()
+        subs = [e.path for e in _entries(self.root) if _SUB.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+        for e in (e for sub in subs for e in _entries(sub) if _ENTRY.fullmatch(e.name)):  # (no other file)
             try:
-                entries = list(os.scandir(sub))
-            except OSError:
+                s = e.stat(follow_symlinks=False)
+            except OSError:  # evicted by another process meanwhile
                 continue
-            for e in entries:
-                if not _ENTRY.fullmatch(e.name):  # not ours: never counted, never deleted
-                    continue
-                try:
-                    s = e.stat(follow_symlinks=False)
-                except OSError:  # evicted by another process meanwhile
-                    continue
-                if e.name.endswith(".tmp") and now - s.st_mtime > _STALE_TMP:
-                    with contextlib.suppress(OSError):
-                        os.unlink(e.path)
-                    continue
+            if e.name.endswith(".tmp") and now - s.st_mtime > _STALE_TMP:
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+            else:
                 out.append((s.st_mtime, s.st_size, e.path))
         return out
 
@@ -177,43 +164,37 @@ class RangeCache:
         entries = self.scan()
         total = sum(size for _, size, _ in entries)
         target = int(self.max_bytes * 0.9) - incoming
-        if total > target:
-            entries.sort()
-            evicted = 0
-            for _, size, path in entries:
-                if total <= target:
-                    break
-                if path.endswith(".tmp"):  # another process is writing it
-                    continue
-                try:
-                    os.unlink(path)
-                    evicted += 1
-                except FileNotFoundError:  # evicted by another process: gone all the same
-                    pass
-                except OSError:
-                    continue
-                total -= size
-            if evicted:
-                self._counted("cache_evicted", evicted)
+        evicted = 0
+        for _, size, path in sorted(entries):  # oldest first
+            if total <= target:
+                break
+            if path.endswith(".tmp"):  # another process is writing it
+                continue
+            try:
+                os.unlink(path)
+                evicted += 1
+            except FileNotFoundError:  # evicted by another process: gone all the same
+                pass
+            except OSError:
+                continue
+            total -= size
+        if evicted:
+            self._counted("cache_evicted", evicted)
         st["total"], st["since"] = total, 0
 
 
-class CachedReader(ReaderWrapper):
+class CachedReader(RangeReader):
     """Serves spans from a `RangeCache` and keeps the spans the caller `checked`; cached bytes the
     caller `rejected` are deleted and read from the store again."""
 
     def __init__(self, inner: RangeReader, cache: RangeCache):
-        super().__init__(inner)
-        self.cache = cache
-
-    def _cached(self, span: Span) -> bool:
-        return span in self.cache
+        self.inner, self.cache = inner, cache
 
     def read_order(self, spans, skip=None) -> None:
-        self.inner.read_order(spans, self._cached)
+        self.inner.read_order(spans, self.cache.__contains__)
 
     def prefetch(self, spans, skip=None) -> None:
-        self.inner.prefetch(spans, self._cached)
+        self.inner.prefetch(spans, self.cache.__contains__)
 
     def read(self, name: str, start: int, end: int) -> bytes:
         data = self.cache.get(name, start, end)

@@ -5,6 +5,7 @@ any dataset; images as PIL, bytes or uint8 arrays, with no tensor transform (the
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..masks import MaskLabels, decode_mask
-from .base import ImageData, Source
+from .base import ImageData, Source, header_size
 
 log = logging.getLogger("apt_data.sources")
 
@@ -44,9 +45,9 @@ class DatasetSource(Source):
                  mask_key: Optional[str] = None, mask_labels: Optional[MaskLabels] = None):
         self.dataset = dataset
         self.image_key, self.label_key = image_key, label_key
-        self.masks, self.mask_key, self.mask_labels = bool(masks), mask_key, mask_labels or MaskLabels()
+        self.has_masks, self.mask_key, self.mask_labels = bool(masks), mask_key, mask_labels or MaskLabels()
         n = len(dataset)
-        if self.masks and labels is None:
+        if self.has_masks and labels is None:
             labels = np.zeros(n, np.int64)
         self.labels = np.asarray(labels if labels is not None else self._all_labels(n), np.int64).reshape(-1)
         self.keys = [str(k) for k in keys] if keys is not None else self._default_keys(n)
@@ -66,17 +67,17 @@ class DatasetSource(Source):
         return [self._split(self.dataset[i], i)[1] for i in range(n)]
 
     def _default_keys(self, n: int) -> list[str]:
-        samples = getattr(self.dataset, "samples", None)
-        root = getattr(self.dataset, "root", None)
-        if isinstance(samples, list) and len(samples) == n and all(isinstance(s, tuple) and s for s in samples[:1]):
-            first = samples[0][0]
-            if isinstance(first, (str, os.PathLike)):
-                return [os.path.relpath(s[0], root) if root else os.fspath(s[0]) for s in samples]
+        samples = getattr(self.dataset, "samples", None)  # (torchvision's ImageFolder: (path, label) pairs)
+        first = samples[0] if isinstance(samples, list) and len(samples) == n > 0 else None
+        if isinstance(first, tuple) and first and isinstance(first[0], (str, os.PathLike)):
+            root = getattr(self.dataset, "root", None)
+            return [os.path.relpath(s[0], root) if root else os.fspath(s[0]) for s in samples]
         return [str(i) for i in range(n)]
 
     def _split(self, item: Any, i: int) -> tuple[Any, Any]:
         """``(image, label)`` of one item; ``(image, mask)`` in a segmentation dataset."""
-        what, key, keys = ("mask", self.mask_key, MASK_KEYS) if self.masks else ("label", self.label_key, LABEL_KEYS)
+        masks = self.has_masks
+        what, key, keys = ("mask", self.mask_key, MASK_KEYS) if masks else ("label", self.label_key, LABEL_KEYS)
         if isinstance(item, Mapping):
             ik = self.image_key or next((k for k in IMAGE_KEYS if k in item), None)
             sk = key or next((k for k in keys if k in item), None)
@@ -87,23 +88,15 @@ class DatasetSource(Source):
             image, second = item[0], item[1]
         else:
             raise TypeError(f"dataset item {i} is a {type(item).__name__}, not an (image, {what}) pair or a dict")
-        return image, (second if self.masks else int(second))
+        return image, (second if masks else int(second))
 
     def read(self, i: int) -> ImageData:
         """The image of item ``i`` as the dataset gives it (PIL image, bytes or uint8 array)."""
         return _as_image(self._split(self.dataset[i], i)[0], i, "image")
 
-    @property
-    def has_masks(self) -> bool:
-        return self.masks
-
-    def read_mask(self, i: int) -> Optional[np.ndarray]:
-        """The mask of item ``i``, decoded, its ids mapped by ``mask_labels`` (None without ``masks``)."""
-        return self.read_with_mask(i)[1]
-
     def read_with_mask(self, i: int) -> tuple[ImageData, Optional[np.ndarray]]:
         """``(image, decoded mask)`` of item ``i`` from one read of the item."""
-        if not self.masks:
+        if not self.has_masks:
             return self.read(i), None
         image, mask = self._split(self.dataset[i], i)
         name = f"dataset item {self.keys[i] if hasattr(self, 'keys') else i} (mask)"
@@ -114,17 +107,7 @@ class DatasetSource(Source):
         image = self.read(i)
         if isinstance(image, np.ndarray):
             return int(image.shape[1]), int(image.shape[0])
-        if isinstance(image, bytes):
-            import io
-
-            from PIL import Image
-
-            try:
-                with Image.open(io.BytesIO(image)) as im:
-                    return im.size
-            except Exception:
-                return None
-        return image.size
+        return header_size(io.BytesIO(image)) if isinstance(image, bytes) else image.size
 
 
 def _as_image(image: Any, i: int, what: str) -> Any:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..listing import list_image_folder
 from ..masks import MaskLabels, decode_mask, find_mask_layout, pair_masks
-from .base import Source
+from .base import Source, header_size
 
 __all__ = ["FolderSource", "MaskFolderSource", "open_mask_folder"]
 
@@ -24,13 +24,7 @@ class _ImageFiles(Source):
         return self.paths[i].read_bytes()
 
     def image_size(self, i: int) -> Optional[tuple[int, int]]:
-        from PIL import Image
-
-        try:
-            with Image.open(self.paths[i]) as im:
-                return im.size
-        except Exception:
-            return None
+        return header_size(self.paths[i])
 
 
 class FolderSource(_ImageFiles):
@@ -71,13 +65,14 @@ class MaskFolderSource(_ImageFiles):
             raise ValueError(f"{root}: no images/{split} and annotations/{split} folders (ADE20K's layout)")
         return cls(*found, **kw)
 
-    @property
-    def has_masks(self) -> bool:
-        return True
+    has_masks = True
 
     def read_mask(self, i: int) -> np.ndarray:
         """The mask of sample ``i``, decoded, its ids mapped by ``mask_labels``."""
         return decode_mask(self.mask_paths[i].read_bytes(), str(self.mask_paths[i]), self.mask_labels)
+
+    def read_with_mask(self, i: int) -> tuple[bytes, np.ndarray]:
+        return self.read(i), self.read_mask(i)
 
 
 def open_mask_folder(data: Union[str, os.PathLike], masks: Optional[Union[str, os.PathLike]] = None,

@@ -1,30 +1,13 @@
 """`HTTPReader`: ranged GETs through urllib3's connection pool, with a deadline and caps on what a server sends.
 
-The range reader (`apt_data.sources.readers.RangeReader`) for ``http://`` and ``https://`` shards.
-urllib3's pools (keep-alive connections shared by the read-ahead threads, TLS) and http.client, through
-which urllib3 speaks HTTP/1.1 (requests, answers, chunked bodies), do the protocol (`_GetOnly`);
-this module adds what a loader needs from a server it does not control:
-
-- **A deadline per request** (``deadline`` seconds, 120 by default, redirects included; ``connect_timeout``
-  for each connection, ``read_timeout`` for each receive): every receive of an answer, its status line
-  and headers included, waits at most the time left, so a body sent at 1 byte/s or header lines that
-  never end fail at the deadline, naming the URL.
-- **Caps**: the status line and headers at `HEADER_BYTES` in all (and http.client's 100 header
-  lines); the body at the range requested (a larger ``Content-Length``, a negative or malformed one,
-  or more bytes than asked are errors, never read: at most the range plus a small constant is
-  buffered); a whole-object GET (an index) at ``max_object``. A 206 must carry the Content-Range
-  asked for (RFC 9110) and hold the bytes it announces.
-- **Redirects** (at most 5) are followed here, not by urllib3: ``Authorization``, ``Cookie`` and
-  ``Proxy-Authorization`` are dropped on a hop to another origin (host or port, urllib3's list of
-  headers) or from https to http.
-- **A server that ignores Range** (answers 200 with the whole file, as Python's ``http.server`` does) is
-  logged once (over all processes that share the counters): each read then downloads the file from
-  its first byte up to the end of the span asked, on a fresh connection. The bytes returned are right.
-
-Why urllib3 and not a protocol parser of our own: well-kept libraries for a protocol that hostile
-servers can bend. Requests skip `urlopen` and urllib3's response wrapper, which halves the client's
-CPU per request; what it costs more than the hand-written client it replaced is mostly http.client's
-e-mail header parser: docs/benchmarks.md, "Shards over HTTP vs local disk".
+The range reader for ``http://`` and ``https://`` shards. urllib3's pools (keep-alive connections shared
+by the read-ahead threads, TLS) and http.client (HTTP/1.1, chunked bodies) do the protocol (`_GetOnly`);
+this module adds what a loader needs from a server it does not control (docs/scale-out.md, "What a server
+can cost"): a deadline per request that every receive keeps to (`_GuardedIO`), caps on the headers
+(`HEADER_BYTES`) and the body (the range asked; ``max_object`` for a whole object), a 206's Content-Range
+checked, redirects followed here with credentials dropped on a hop elsewhere (`redirect_headers`), and a
+server that ignores Range logged once and still read right (`HTTPReader._from_whole_file`). Why urllib3
+and its cost per request: docs/benchmarks.md, "Shards over HTTP vs local disk".
 
 Errors, as `apt_data.sources.readers.retrying` expects them: 404/410 raise `FileNotFoundError`,
 401/403 `PermissionError` (permanent: not retried); other statuses `HTTPStatusError` (an OSError
@@ -36,17 +19,17 @@ from __future__ import annotations
 import http.client
 import io
 import logging
-import os
 import re
 import socket
 import time
+from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.util import Retry, parse_url
 
-from .readers import IOCounters, RangeReader
+from .readers import IOCounters, PerProcess, RangeReader
 
 log = logging.getLogger("apt_data.sources")
 
@@ -60,6 +43,8 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _DEFAULT_HEADERS = {"Accept-Encoding": "identity", "User-Agent": f"python-urllib3/{urllib3.__version__}"}
 #: headers never sent to another origin or from https to http (urllib3's list for cross-host redirects)
 _PRIVATE = frozenset(h.lower() for h in Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT) | {"cookie", "authorization"}
+#: statuses raised as the errors a missing or forbidden local file raises (permanent: not retried)
+_PERMANENT = {404: FileNotFoundError, 410: FileNotFoundError, 401: PermissionError, 403: PermissionError}
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", re.I)
 
 
@@ -75,13 +60,13 @@ class HTTPReadError(OSError):
     """No usable answer: a broken connection, a timeout, the deadline, a cap or a malformed answer."""
 
 
+@dataclass(slots=True)
 class _Limits:
     """What the answer to one request may still cost: seconds (``deadline``, monotonic) and bytes."""
 
-    __slots__ = ("deadline", "budget", "read_timeout")
-
-    def __init__(self, deadline: float, budget: int, read_timeout: float):
-        self.deadline, self.budget, self.read_timeout = deadline, budget, read_timeout
+    deadline: float
+    budget: int
+    read_timeout: float
 
 
 class _GuardedIO(io.RawIOBase):
@@ -121,11 +106,9 @@ class _GuardedIO(io.RawIOBase):
 
 
 class _GetOnly:
-    """A connection pool's plain GET: a connection from urllib3's pool (a dropped keep-alive one replaced,
-    as in `urlopen`), connected by urllib3 (TLS, certificates), and the request and its answer through
-    http.client's own `request` and `getresponse`, which urllib3's connection wraps. Skipped: `urlopen`'s
-    retries, redirects, proxies and bodies and urllib3's response wrapper (header copies, decoding): the
-    reader does what it needs of those itself. That halves the client's CPU per request."""
+    """A connection pool's plain GET: urllib3's pooled connection (TLS, certificates), the request and its
+    answer through http.client's own `request` and `getresponse`. Skipped: `urlopen`'s retries, redirects,
+    proxies and response wrapper (the reader does what it needs itself): half the CPU per request."""
 
     def get(self, target: str, headers: dict, limits: _Limits, connect_timeout: float):
         """(http.client's answer to ``GET target``, read within ``limits``, its body unread; the connection
@@ -223,7 +206,7 @@ def _read_body(resp, n: int, url: str) -> bytes:
     return b"".join(parts)
 
 
-class HTTPReader(RangeReader):
+class HTTPReader(PerProcess, RangeReader):
     """``read(url, start, end)``: bytes ``[start, end)`` of ``url`` (fewer at its end) over urllib3's
     pools, one pool manager per process (never inherited through a fork). ``headers``: sent with every
     request (e.g. an ``Authorization``; dropped on redirects elsewhere). ``counters``: where a server
@@ -240,49 +223,37 @@ class HTTPReader(RangeReader):
         if min(self.deadline, self.connect_timeout, self.read_timeout) <= 0:
             raise ValueError("HTTPReader: deadline, connect_timeout and read_timeout must be positive seconds")
         self.counters = counters if counters is not None else IOCounters()
-        self._pm: Optional[tuple[int, urllib3.PoolManager]] = None
-        self._routes: dict = {}  # URL -> (its origin's connection pool, the request target), in the process of ``_pm``
 
-    def __getstate__(self):
-        return {**self.__dict__, "_pm": None, "_routes": {}}
+    def _new_state(self) -> tuple[urllib3.PoolManager, dict]:
+        """(this process's pool manager, URL -> (its origin's connection pool, the request target))."""
+        pm = urllib3.PoolManager(num_pools=16, maxsize=self.pool_size, block=False, retries=False)
+        pm.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        return pm, {}
 
     def _pool(self) -> urllib3.PoolManager:
-        if self._pm is None or self._pm[0] != os.getpid():  # a forked child: its parent's sockets are not its own
-            pm = urllib3.PoolManager(num_pools=16, maxsize=self.pool_size, block=False, retries=False)
-            pm.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-            self._pm, self._routes = (os.getpid(), pm), {}
-        return self._pm[1]
+        return self._state()[0]
 
     def close(self) -> None:
-        if self._pm is not None and self._pm[0] == os.getpid():
-            self._pm[1].clear()
-            self._routes = {}
+        st = self._made_here()
+        if st is not None:
+            st[0].clear()
+            st[1].clear()
 
     def _route(self, url: str) -> tuple:
         """(the connection pool of ``url``'s scheme, host and port; the request target, percent-encoded):
         parsed once per URL (a shard is read many times), not per request."""
-        pm = self._pool()
-        route = self._routes.get(url)
+        pm, routes = self._state()
+        route = routes.get(url)
         if route is None or route[0].pool is None:  # (or a pool the manager closed: over 16 origins in use)
             p = parse_url(url)
             if p.scheme not in ("http", "https"):
                 raise ValueError(f"{url}: HTTPReader reads http:// and https:// URLs, not {p.scheme}://")
-            if len(self._routes) >= 4096:  # (then all are dropped and parsed again)
-                self._routes.clear()
-            route = self._routes[url] = (pm.connection_from_host(p.host, p.port, p.scheme), p.request_uri)
+            if len(routes) >= 4096:  # (then all are dropped and parsed again)
+                routes.clear()
+            route = routes[url] = (pm.connection_from_host(p.host, p.port, p.scheme), p.request_uri)
         return route
 
     # -------------------------------------------------------------- requests
-    def _open(self, url: str, headers: dict, limits: _Limits) -> tuple:
-        """(the answer to one GET of ``url``, its body unread and read within ``limits``; its pool; its
-        connection, until the pool's ``done``)."""
-        pool, target = self._route(url)
-        left = limits.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the request's deadline passed")
-        resp, conn = pool.get(target, headers, limits, min(self.connect_timeout, left))
-        return resp, pool, conn
-
     def _get(self, url: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
         """Bytes ``[start, end)`` of ``url`` (the whole object when ``start`` is None), redirects followed."""
         headers = self._headers if start is None else {**self._headers, "Range": f"bytes={start}-{end - 1}"}
@@ -291,7 +262,11 @@ class HTTPReader(RangeReader):
         for _ in range(6):
             resp, limits = None, _Limits(deadline, HEADER_BYTES, self.read_timeout)
             try:
-                resp, pool, conn = self._open(where, headers, limits)
+                pool, target = self._route(where)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the request's deadline passed")
+                resp, conn = pool.get(target, headers, limits, min(self.connect_timeout, left))
                 if resp.status in _REDIRECTS and resp.headers.get("location"):
                     nxt = urljoin(where, resp.headers["location"])
                     headers, where = redirect_headers(headers, where, nxt), nxt
@@ -325,11 +300,7 @@ class HTTPReader(RangeReader):
             return b""
         if status not in (200, 206):
             error = HTTPStatusError(where if where == url else f"{url} (redirected to {where})", status, resp.reason)
-            if status in (404, 410):
-                raise FileNotFoundError(str(error))
-            if status in (401, 403):
-                raise PermissionError(str(error))
-            raise error
+            raise _PERMANENT[status](str(error)) if status in _PERMANENT else error
         if start is None:  # the whole object
             size = _content_length(resp, url, self.max_object)
             limits.budget += self.max_object + HEADER_BYTES

@@ -16,7 +16,7 @@ import numpy as np
 from ..config import APTConfig
 from ..shards.errors import ShardDataError
 from ..shards.format import CHECKSUM, EXTRA_MEMBERS, INPLACE_FORMAT, MASK_MEMBER, MEMBERS, SampleRecord, member_column
-from ..shards.index import ShardIndex, find_index, read_index
+from ..shards.index import ShardIndex, read_index
 from ..shards.reader import BLOCK, image_ext_spans, read_record
 from ..shards.urls import expand_urls
 from ..transforms import ImageTransform
@@ -61,10 +61,8 @@ class IndexSource(Source):
         self.reader: RangeReader = reader if reader is not None else FileReader()
         self.keys = [str(k) for k in table.column("key").to_pylist()]
         self.labels = table.column("label").to_numpy().astype(np.int64)
-        shard_names = table.column("shard").to_pylist()
-        self._shard_names = list(dict.fromkeys(shard_names))
-        number = {n: k for k, n in enumerate(self._shard_names)}
-        self._shard_of = np.array([number[n] for n in shard_names], np.int64)
+        shard = table.column("shard").dictionary_encode().combine_chunks()  # (names in order of appearance)
+        self._shard_names, self._shard_of = shard.dictionary.to_pylist(), shard.indices.to_numpy().astype(np.int64)
         cols = {m: member_column(m) for m in MEMBERS + EXTRA_MEMBERS}  # (a mask member in segmentation sets)
         self._spans = {m: (table.column(f"{c}_offset").to_numpy(), table.column(f"{c}_size").to_numpy())
                        for m, c in cols.items() if f"{c}_offset" in table.column_names}
@@ -75,8 +73,9 @@ class IndexSource(Source):
             _warn_once(where, f"{where}: the index has no {CHECKSUM} columns (an index from an older build): "
                               "samples are read without checksum verification; rebuild the index "
                               "(tools/make_shards.py, or tools/index_shards.py for plain webdataset tars) to verify them")
+        self.image_size_setting = int(index.settings["image_size"]) if index.settings.get("image_size") else None
         self._wh = (table.column("width").to_numpy(), table.column("height").to_numpy())
-        self._has_masks = MASK_MEMBER in self._spans and bool((self._spans[MASK_MEMBER][0] >= 0).all())
+        self.has_masks = MASK_MEMBER in self._spans and bool((self._spans[MASK_MEMBER][0] >= 0).all())
         # an index of plain webdataset shards (`apt_data.shards.inplace`): images other than .jpg, and
         # labels from a JSON field (no .cls member: the index's label is the label)
         self._image_ext = (table.column("image_ext").to_pylist() if "image_ext" in table.column_names else None)
@@ -100,14 +99,9 @@ class IndexSource(Source):
         return self._shard_paths[int(self._shard_of[i])], int(self._span_start[i]), int(self._span_end[i])
 
     def _read(self, i: int, members: Sequence[str] = MEMBERS, parse_meta: bool = True) -> SampleRecord:
-        spans: dict[str, tuple[int, int]] = {}
-        for m in members:
-            if m not in self._spans or self._spans[m][0][i] < 0:
-                # not there: read every member there is, and the check names what is missing
-                spans = {m: (int(o[i]), int(n[i])) for m, (o, n) in self._spans.items() if o[i] >= 0}
-                break
-            offsets, sizes = self._spans[m]
-            spans[m] = (int(offsets[i]), int(sizes[i]))
+        spans = {m: (int(o[i]), int(n[i])) for m, (o, n) in self._spans.items() if o[i] >= 0}
+        if set(members) <= spans.keys():  # (else every member there is is read: the check names what is missing)
+            spans = {m: spans[m] for m in members}
         checksums = {m: int(self._crc[m][i]) for m in spans if m in self._crc}
         need_label = "cls" in members and ("cls" in spans or not self._labels_in_index)
         if self._image_ext is not None:  # shards indexed in place: .jpeg, .png, .webp images
@@ -160,15 +154,6 @@ class IndexSource(Source):
         """The JPEG bytes of sample ``i``: one read of that member and its tar header."""
         return self._read(i, ("jpg",)).jpeg
 
-    @property
-    def has_masks(self) -> bool:
-        """True when every sample of the index has a mask member (a segmentation shard set)."""
-        return self._has_masks
-
-    def read_mask(self, i: int) -> Optional[bytes]:
-        """The mask member (PNG bytes) of sample ``i``, None in a set without masks."""
-        return self.read_with_mask(i)[1]
-
     def read_with_mask(self, i: int) -> tuple[bytes, Optional[bytes]]:
         """``(jpeg, mask PNG bytes)`` of sample ``i``: one read of both members, each verified."""
         if not self.has_masks:
@@ -188,12 +173,6 @@ class IndexSource(Source):
 
     def image_size(self, i: int) -> Optional[tuple[int, int]]:
         return int(self._wh[0][i]), int(self._wh[1][i])
-
-    @property
-    def image_size_setting(self) -> Optional[int]:
-        """The image size the shards were written at (their index's settings)."""
-        size = self.index.settings.get("image_size")
-        return int(size) if size else None
 
     def stored_scores_usable(self, cfg: APTConfig, transform: ImageTransform) -> bool:
         """True when ``transform`` outputs the stored image unchanged and the stored score maps are
@@ -217,18 +196,14 @@ def open_shards(source: str, split: Optional[str] = None) -> Optional[IndexSourc
     if ":" in source and not os.path.exists(source) and "://" not in source:
         source, split = source.rsplit(":", 1)
     p = Path(source)
-    if source.endswith(".parquet"):
-        return IndexSource(read_index(p))
-    if p.is_dir() and list(p.glob("*.parquet")):
-        return IndexSource(read_index(find_index(p, split or "train")))
+    if source.endswith(".parquet") or (p.is_dir() and any(p.glob("*.parquet"))):
+        return IndexSource(read_index(p, split or "train"))
     if source.endswith(".tar") or "{" in source or "::" in source:
         urls = expand_urls(source)
-        first = Path(urls[0])
-        for idx in sorted(first.parent.glob("*.parquet")):
+        for idx in sorted(Path(urls[0]).parent.glob("*.parquet")):
             index = read_index(idx)
-            have = set(index.table.column("shard").to_pylist())
             want = {os.path.relpath(os.path.abspath(u), idx.parent.resolve()) for u in urls}
-            if want <= have:
+            if want <= set(index.table.column("shard").to_pylist()):
                 return IndexSource(index, shards=urls)
         raise ValueError(f"{source}: no Parquet index beside these shards covers them; "
                          "write one with tools/make_shards.py (it plans batches and seeks samples)")

@@ -2,7 +2,6 @@
 ``readahead`` spans ahead, in chunks so that neighbouring spans of one file share a request."""
 from __future__ import annotations
 
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional, Sequence, Union
 
@@ -10,43 +9,36 @@ import numpy as np
 
 from ..shards.reader import BLOCK
 from .cache import parse_size
-from .readers import IOCounters, RangeReader, ReaderWrapper, Span
+from .readers import IOCounters, PerProcess, RangeReader, Span
 
 __all__ = ["ReadAhead"]
 
 
-class ReadAhead(ReaderWrapper):
+class ReadAhead(PerProcess, RangeReader):
     """Read ahead along `read_order` (or `prefetch`); ``merge_gap``: spans of one file at most this far
     apart share a request; ``readahead`` defaults to ``8 * inflight``."""
 
     def __init__(self, inner: RangeReader, inflight: int = 16, readahead: Optional[int] = None,
                  readahead_bytes: Union[int, str] = "64MB", merge_gap: int = 4 * BLOCK,
                  counters: Optional[IOCounters] = None):
-        super().__init__(inner)
+        self.inner = inner
         self.inflight = max(0, int(inflight))
         self.readahead = 8 * self.inflight if readahead is None else int(readahead)
         self.readahead_bytes = parse_size(readahead_bytes)
         self.merge_gap = int(merge_gap)
         self.counters = counters if counters is not None else getattr(inner, "counters", None)
-        self._local: Optional[dict] = None
 
     @property
-    def reads_ahead(self) -> bool:  # type: ignore[override]
+    def reads_ahead(self) -> bool:
         return self.inflight > 0 and self.readahead > 0
 
-    def __getstate__(self):
-        return {**self.__dict__, "_local": None}
-
-    def _state(self) -> dict:
-        st = self._local
-        if st is None or st["pid"] != os.getpid():
-            # pending: span -> (merged span, future); order: (spans, {span: position}, [read ahead up to], skip)
-            st = self._local = {"pid": os.getpid(), "pool": None, "pending": {}, "order": None}
-        return st
+    def _new_state(self) -> dict:
+        # pending: span -> (merged span, future); order: (spans, {span: position}, [read ahead up to], skip)
+        return {"pool": None, "pending": {}, "order": None}
 
     def close(self) -> None:
-        st = self._local
-        if st is not None and st["pid"] == os.getpid() and st["pool"] is not None:
+        st = self._made_here()
+        if st is not None and st["pool"] is not None:
             st["pool"].shutdown(wait=False, cancel_futures=True)
             st["pool"] = None
         self.inner.close()
@@ -54,9 +46,7 @@ class ReadAhead(ReaderWrapper):
     # -------------------------------------------------------------- scheduling
     def read_order(self, spans: Sequence[Span], skip: Optional[Callable[[Span], bool]] = None) -> None:
         st = self._state()
-        where: dict = {}
-        for k, s in enumerate(spans):
-            where.setdefault(s, k)
+        where = {s: k for k, s in reversed(list(enumerate(spans)))}  # (a span's first place)
         for s in [s for s in st["pending"] if s not in where]:  # a new epoch's order: drop the rest
             self._drop(st, s)
         st["order"] = (list(spans), where, [0], skip)

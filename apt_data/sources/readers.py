@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 log = logging.getLogger("apt_data.sources")
 
-__all__ = ["COUNTERS", "FileReader", "FsspecReader", "IOCounters", "RangeReader", "ReaderWrapper", "Retrying",
+__all__ = ["COUNTERS", "FileReader", "FsspecReader", "IOCounters", "PerProcess", "RangeReader", "Retrying",
            "Span", "is_permanent"]
 
 #: ``(name, start, end)``: bytes ``[start, end)`` of the file ``name``
@@ -30,10 +30,15 @@ COUNTERS = ("requests", "retries", "failed", "bytes", "merged", "cache_hits", "c
 
 
 class RangeReader:
-    """Reads bytes ``[start, end)`` of named files; the other methods are optional hints and feedback."""
+    """Reads bytes ``[start, end)`` of named files. A reader over another (``inner``: a cache, a read-ahead,
+    retries) passes the optional hints and feedback below down to it unless it overrides them."""
 
-    #: True when `read_order` is worth calling (the reader reads ahead along it)
-    reads_ahead = False
+    inner: Optional[RangeReader] = None
+
+    @property
+    def reads_ahead(self) -> bool:
+        """True when `read_order` is worth calling (a reader of the stack reads ahead along it)."""
+        return self.inner is not None and self.inner.reads_ahead
 
     def read(self, name: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of ``name`` (fewer at its end). Raises OSError when unreadable."""
@@ -41,62 +46,60 @@ class RangeReader:
 
     def read_order(self, spans: Sequence[Span], skip: Optional[Callable[[Span], bool]] = None) -> None:
         """A hint: the spans this process will read next, in order (``skip``: spans not to read ahead)."""
+        if self.inner is not None:
+            self.inner.read_order(spans, skip)
 
     def prefetch(self, spans: Sequence[Span], skip: Optional[Callable[[Span], bool]] = None) -> None:
         """A hint: start reading these spans now."""
+        if self.inner is not None:
+            self.inner.prefetch(spans, skip)
 
     def passed(self, span: Span) -> None:
         """The caller got ``span`` elsewhere (a cache): a read-ahead moves past it without reading it."""
+        if self.inner is not None:
+            self.inner.passed(span)
 
     def checked(self, span: Span, data: bytes) -> None:
         """``data``, read for ``span``, passed the caller's checks (a cache keeps it)."""
+        if self.inner is not None:
+            self.inner.checked(span, data)
 
     def rejected(self, span: Span, why: str) -> bool:
         """The bytes read for ``span`` failed the caller's checks; True: they came from a copy that is
         now dropped, so reading again gives the store's bytes."""
-        return False
+        return self.inner is not None and self.inner.rejected(span, why)
 
     def stats(self) -> dict:
         """Counters (`COUNTERS`) over all processes; empty for a reader that counts nothing."""
-        return {}
+        return self.inner.stats() if self.inner is not None else {}
 
     def close(self) -> None:
         """Release this process's descriptors, connections and threads."""
+        if self.inner is not None:
+            self.inner.close()
 
 
-class ReaderWrapper(RangeReader):
-    """A reader over another (``inner``): every method passes through unless overridden."""
+class PerProcess:
+    """State made lazily in the process that uses it (threads, locks, sockets): never pickled, and made
+    afresh in a forked child (its parent's is not its own). Subclasses make it in `_new_state`."""
 
-    def __init__(self, inner: RangeReader):
-        self.inner = inner
+    _local: Optional[tuple[int, Any]] = None
 
-    @property
-    def reads_ahead(self) -> bool:  # type: ignore[override]
-        return self.inner.reads_ahead
+    def __getstate__(self):
+        return {**self.__dict__, "_local": None}
 
-    def read(self, name: str, start: int, end: int) -> bytes:
-        return self.inner.read(name, start, end)
+    def _new_state(self) -> Any:
+        raise NotImplementedError
 
-    def read_order(self, spans, skip=None) -> None:
-        self.inner.read_order(spans, skip)
+    def _state(self) -> Any:
+        """This process's state, made now if there is none."""
+        if self._local is None or self._local[0] != os.getpid():
+            self._local = (os.getpid(), self._new_state())
+        return self._local[1]
 
-    def prefetch(self, spans, skip=None) -> None:
-        self.inner.prefetch(spans, skip)
-
-    def passed(self, span: Span) -> None:
-        self.inner.passed(span)
-
-    def checked(self, span: Span, data: bytes) -> None:
-        self.inner.checked(span, data)
-
-    def rejected(self, span: Span, why: str) -> bool:
-        return self.inner.rejected(span, why)
-
-    def stats(self) -> dict:
-        return self.inner.stats()
-
-    def close(self) -> None:
-        self.inner.close()
+    def _made_here(self) -> Optional[Any]:
+        """This process's state if it was made, else None."""
+        return self._local[1] if self._local is not None and self._local[0] == os.getpid() else None
 
 
 class FileReader(RangeReader):
@@ -107,11 +110,8 @@ class FileReader(RangeReader):
         self.max_open = int(max_open)
         self._fds: OrderedDict = OrderedDict()
 
-    def __getstate__(self):
-        return {"max_open": self.max_open}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
+    def __reduce__(self):
+        return FileReader, (self.max_open,)  # (no descriptors)
 
     def read(self, name: str, start: int, end: int) -> bytes:
         fd = self._fds.pop(name, None)
@@ -138,36 +138,23 @@ class FileReader(RangeReader):
         self.close()
 
 
-def _fsspec():
-    try:
-        import fsspec
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading shards from this URL needs fsspec: pip install 'apt[remote]' (plus s3fs for "
-                          "s3://, gcsfs for gs://; http(s):// needs neither)") from e
-    return fsspec
-
-
-def fsspec_filesystem(url: str, storage_options: Optional[dict] = None):
-    """A fresh fsspec filesystem for ``url`` (not the instance cache: one per process)."""
-    fs, _ = _fsspec().core.url_to_fs(url, skip_instance_cache=True, **(storage_options or {}))
-    return fs
-
-
-class FsspecReader(RangeReader):
+class FsspecReader(PerProcess, RangeReader):
     """Ranged reads of any fsspec URL (``file://``, ``s3://``, ``gs://``, ...): one filesystem per process,
     shared by its threads. A back-end that ignores the range and returns the whole object is sliced."""
 
     def __init__(self, url: str, storage_options: Optional[dict] = None):
         self.url, self.storage_options = url, dict(storage_options or {})
-        self._fs: Optional[tuple[int, Any]] = None
 
-    def __getstate__(self):
-        return {**self.__dict__, "_fs": None}
+    def _new_state(self):
+        """This process's filesystem (a fresh one, not fsspec's instance cache)."""
+        try:
+            import fsspec
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("reading shards from this URL needs fsspec: pip install 'apt[remote]' (plus s3fs "
+                              "for s3://, gcsfs for gs://; http(s):// needs neither)") from e
+        return fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)[0]
 
-    def fs(self):
-        if self._fs is None or self._fs[0] != os.getpid():
-            self._fs = (os.getpid(), fsspec_filesystem(self.url, self.storage_options))
-        return self._fs[1]
+    fs = PerProcess._state
 
     def read(self, name: str, start: int, end: int) -> bytes:
         data = self.fs().cat_file(name, start=start, end=end)
@@ -225,7 +212,7 @@ def is_permanent(e: BaseException) -> bool:
 
 
 def retrying(fn: Callable[[], Any], what: str, retries: int, backoff: float,
-             count: Optional[Callable[[str], Any]] = None) -> Any:
+             count: Callable[[str], Any] = lambda name: None) -> Any:
     """``fn()``, retried ``retries`` times with exponential backoff on transient errors; a permanent
     one, or the last, is logged and raised as an OSError (``count``: "retries" / "failed" counters)."""
     delay = backoff
@@ -235,28 +222,25 @@ def retrying(fn: Callable[[], Any], what: str, retries: int, backoff: float,
         except Exception as e:  # noqa: BLE001 - every back-end has its own error types
             permanent = is_permanent(e)
             if permanent or attempt == retries:
-                if count is not None:
-                    count("failed")
+                count("failed")
                 why = f"{type(e).__name__}: {e}" + ("" if permanent else f" (failed after {retries} retries)")
                 log.warning("%s: %s", what, why)
                 if isinstance(e, OSError):
                     raise
                 raise OSError(f"{what}: {why}") from e
-            if count is not None:
-                count("retries")
+            count("retries")
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     raise AssertionError("unreachable")
 
 
-class Retrying(ReaderWrapper):
+class Retrying(RangeReader):
     """Retries transient errors ``retries`` times with exponential backoff from ``backoff`` s; a permanent
     one (404, 403, a missing file) is raised at once. Counts requests, retries, failures and bytes."""
 
     def __init__(self, inner: RangeReader, retries: int = 5, backoff: float = 0.05,
                  counters: Optional[IOCounters] = None):
-        super().__init__(inner)
-        self.retries, self.backoff = int(retries), float(backoff)
+        self.inner, self.retries, self.backoff = inner, int(retries), float(backoff)
         self.counters = counters if counters is not None else IOCounters()
 
     def read(self, name: str, start: int, end: int) -> bytes:

@@ -1,10 +1,7 @@
 """Shards at URLs: `open_remote` reads a shard set's index from object storage or HTTP and gives an
-`IndexSource` over a remote range-reader stack, one ranged read per sample (docs/scale-out.md).
-
-Addresses: a folder URL (``URL:split``), an index URL, or a shard URL pattern, ``index=`` apart;
-schemes ``http(s)://`` (`HTTPReader`), ``file://`` and any fsspec back-end (``apt[remote]``). The
-stack (`remote_reader`): optional `CachedReader`, `ReadAhead`, `Retrying`, then the HTTP or fsspec
-reader. A read that still fails is ``unreadable_shard``: skipped and counted, or raised if strict.
+`IndexSource` over the remote reader stack of `apt_data.sources.readers`, one ranged read per sample.
+Addresses: a folder URL (``URL:split``), an index URL, or a shard URL pattern, ``index=`` apart; schemes
+``http(s)://`` (`HTTPReader`), ``file://`` and any fsspec back-end (``apt[remote]``): docs/scale-out.md.
 """
 from __future__ import annotations
 
@@ -21,7 +18,7 @@ from .index import IndexSource
 from .readahead import ReadAhead
 from .readers import FsspecReader, IOCounters, RangeReader, Retrying, retrying
 
-__all__ = ["has_split", "is_remote_url", "open_remote", "read_remote_index", "remote_reader"]
+__all__ = ["has_split", "is_remote_url", "open_remote", "read_remote_index"]
 
 #: URL schemes handled here (anything with ``scheme://``, except plain local paths)
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -43,19 +40,6 @@ def _base_reader(url: str, storage_options: Optional[dict], counters: IOCounters
 
         return HTTPReader(opts.pop("headers", None), counters=counters, **opts)
     return FsspecReader(url, {k: v for k, v in opts.items() if k not in _HTTP_OPTIONS[1:]})
-
-
-def remote_reader(url: str, storage_options: Optional[dict] = None, *, retries: int = 5, backoff: float = 0.05,
-                  inflight: int = 16, readahead: Optional[int] = None, readahead_bytes: Union[int, str] = "64MB",
-                  cache_dir: Optional[Union[str, os.PathLike]] = None,
-                  cache_size: Union[int, str] = "10GB") -> RangeReader:
-    """The reader stack for files at URLs like ``url`` (see the module doc)."""
-    counters = IOCounters()
-    reader: RangeReader = Retrying(_base_reader(url, storage_options, counters), retries, backoff, counters)
-    reader = ReadAhead(reader, inflight, readahead, readahead_bytes, counters=counters)
-    if cache_dir is not None:
-        reader = CachedReader(reader, RangeCache(cache_dir, cache_size, count=counters.add))
-    return reader
 
 
 def read_remote_index(url: str, storage_options: Optional[dict] = None, retries: int = 5,
@@ -94,9 +78,12 @@ def has_split(source: Union[str, os.PathLike], split: str, storage_options: Opti
 
 
 def open_remote(source: str, index: Optional[str] = None, split: Optional[str] = None, *,
-                storage_options: Optional[dict] = None, deadline: Optional[float] = None, **kw) -> IndexSource:
-    """An `IndexSource` for a shard folder, index or shard-pattern URL, through `remote_reader` (``kw``:
-    ``cache_dir``, ``cache_size``, ``inflight``, ``retries``, ...; ``deadline``: seconds per request)."""
+                storage_options: Optional[dict] = None, deadline: Optional[float] = None, retries: int = 5,
+                backoff: float = 0.05, inflight: int = 16, readahead: Optional[int] = None,
+                readahead_bytes: Union[int, str] = "64MB", cache_dir: Optional[Union[str, os.PathLike]] = None,
+                cache_size: Union[int, str] = "10GB") -> IndexSource:
+    """An `IndexSource` for a shard folder, index or shard-pattern URL over the reader stack of the module
+    doc (``deadline``: seconds per request; the others: `Retrying`, `ReadAhead` and `RangeCache`'s)."""
     if deadline is not None:
         storage_options = {**(storage_options or {}), "deadline": deadline}
     source, named = _split_suffix(source)
@@ -115,5 +102,9 @@ def open_remote(source: str, index: Optional[str] = None, split: Optional[str] =
         base = source.rstrip("/")
         index_url = index or f"{base}/{split}.parquet"
     idx = read_remote_index(index_url, storage_options)
-    reader = remote_reader(base, storage_options, **kw)
+    counters = IOCounters()
+    reader: RangeReader = Retrying(_base_reader(base, storage_options, counters), retries, backoff, counters)
+    reader = ReadAhead(reader, inflight, readahead, readahead_bytes, counters=counters)
+    if cache_dir is not None:
+        reader = CachedReader(reader, RangeCache(cache_dir, cache_size, count=counters.add))
     return IndexSource(idx, shards, reader=reader, base=base, name=source)
