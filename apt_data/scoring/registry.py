@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from types import MappingProxyType
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -56,6 +57,7 @@ class Scorer:
 
 
 _REGISTRY: dict[str, Scorer] = {}
+_REFERENCES: dict[str, ReferenceScorer] = {}  # name -> reference, kept beside _REGISTRY
 
 
 def _check_thresholds(name: str, table: Mapping[int, Sequence[float]]) -> dict[int, tuple[float, ...]]:
@@ -96,7 +98,7 @@ def register_scorer(name: str, pyramid: PyramidKernel, reference: ReferenceScore
     scorer = Scorer(name=name, pyramid=pyramid, reference=reference,
                     default_thresholds=_check_thresholds(name, default_thresholds), layout_kernel=layout_kernel,
                     units=units, description=description, builtin=builtin)
-    _REGISTRY[name] = scorer
+    _REGISTRY[name], _REFERENCES[name] = scorer, reference
     return scorer
 
 
@@ -105,6 +107,7 @@ def unregister_scorer(name: str) -> Scorer:
     scorer = get_scorer(name)
     if scorer.builtin:
         raise ValueError(f"scorer {name!r} is built in and cannot be unregistered")
+    del _REFERENCES[name]
     return _REGISTRY.pop(name)
 
 
@@ -142,26 +145,10 @@ class _ScorerNames(Sequence):
         return repr(scorer_names())
 
 
-class _References(Mapping):
-    """Live, read-only ``{name: reference}`` view (the old ``REFERENCE_SCORERS`` dict)."""
-
-    def __getitem__(self, name: str) -> ReferenceScorer:
-        return _REGISTRY[name].reference
-
-    def __len__(self) -> int:
-        return len(_REGISTRY)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(scorer_names())
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
-
-
 #: Live view of the registered names (kept for ``from apt_data import SCORER_NAMES``).
 SCORER_NAMES: Sequence[str] = _ScorerNames()
 #: Live ``{name: NumPy reference}`` view (tests).
-REFERENCE_SCORERS: Mapping[str, ReferenceScorer] = _References()
+REFERENCE_SCORERS: Mapping[str, ReferenceScorer] = MappingProxyType(_REFERENCES)
 
 __all__ = ["Scorer", "register_scorer", "unregister_scorer", "get_scorer", "scorer_names", "SCORER_NAMES",
            "REFERENCE_SCORERS", "PyramidKernel", "ReferenceScorer", "LayoutKernel"]
