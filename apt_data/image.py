@@ -22,7 +22,7 @@ def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
-        raise ValueError(f"{name}: expected shape HxW or HxWx3, got {image.shape}"
+        raise ValueError(f"{name}: expected shape HxWx3, HxW or HxWx1, got {image.shape}"
                          + (" (RGBA: convert with apt_data.to_rgb_uint8)" if image.ndim == 3 and image.shape[2] == 4 else ""))
     if image.dtype != np.uint8:
         raise ValueError(f"{name}: expected dtype uint8, got {image.dtype} "
