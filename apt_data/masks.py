@@ -49,10 +49,6 @@ class MaskLabels:
         if any(not 0 <= int(v) <= 255 for v in self.void):
             raise ValueError(f"void ids must lie in 0..255, got {self.void}")
 
-    @property
-    def identity(self) -> bool:
-        return not self.reduce_zero_label and not self.void
-
     def lut(self) -> np.ndarray:
         """The uint8 lookup table ``stored id -> trained id``."""
         lut = np.arange(256, dtype=np.int16)
@@ -66,7 +62,7 @@ class MaskLabels:
 
     def apply(self, mask: np.ndarray) -> np.ndarray:
         """``mask`` (uint8) with the stored ids mapped (a new array unless the mapping is the identity)."""
-        return mask if self.identity else self.lut()[mask]
+        return self.lut()[mask] if self.reduce_zero_label or self.void else mask
 
 
 def _from_pil(im: Any, label: str) -> np.ndarray:

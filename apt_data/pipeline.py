@@ -44,12 +44,6 @@ class TooManySkipped(ValueError):
     """More samples of an epoch were bad than the loader's ``max_skip_fraction`` allows, or a worker's
     whole share was unreadable."""
 
-    @classmethod
-    def of(cls, count: int, epoch: int, where: str, why: str, detail: str) -> "TooManySkipped":
-        """The one text of this error: ``where`` (a rank, or a rank's worker) skipped ``count`` samples."""
-        return cls(f"{count} bad samples skipped in epoch {epoch} of {where}: {why} ({detail}); fix the data, or "
-                   "raise max_skip_fraction")
-
 
 @dataclass
 class SkipLimit:
@@ -63,11 +57,13 @@ class SkipLimit:
 
     def check(self, count: int, detail: str) -> None:
         if count >= self.share > 0:
-            raise TooManySkipped.of(count, self.epoch, self.where, f"none of its {self.share} samples is readable",
-                                    detail)
-        if count > max(10.0, self.max_fraction * self.share):
-            raise TooManySkipped.of(count, self.epoch, self.where, f"more than {self.max_fraction:.1%} of its "
-                                    f"{self.share} samples", detail)
+            why = f"none of its {self.share} samples is readable"
+        elif count > max(10.0, self.max_fraction * self.share):
+            why = f"more than {self.max_fraction:.1%} of its {self.share} samples"
+        else:
+            return
+        raise TooManySkipped(f"{count} bad samples skipped in epoch {self.epoch} of {self.where}: {why} ({detail}); "
+                             "fix the data, or raise max_skip_fraction")
 
 
 class SkipLog:
@@ -193,10 +189,9 @@ class SamplePipeline:
         return img, mask, patchify(img, self.cfg), target
 
     def _transformed(self, data, key: str, epoch: int, i: int, mask=None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        seed = sample_seed(self.seed, epoch, i) if self.transform.augment else 0
-        if mask is None:
-            return self.transform(data, name=key, seed=seed), None
-        return self.transform(data, name=key, seed=seed, mask=mask)
+        out = self.transform(data, name=key, seed=sample_seed(self.seed, epoch, i) if self.transform.augment else 0,
+                             mask=mask)
+        return (out, None) if mask is None else out
 
     def _mixed(self, img: np.ndarray, i: int, epoch: int,
                mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, MixTarget, Optional[np.ndarray]]:

@@ -49,13 +49,9 @@ def mask_scores_for_windows(maps: Sequence[np.ndarray], window: int) -> list[np.
         return out
     for s in range(1, len(out)):
         f = 1 << s
-        if window % f == 0:
-            continue
         h, w = out[s].shape
-        bad_y = straddling(np.arange(h) * f, np.zeros(h, np.int64), f, window)
-        bad_x = straddling(np.zeros(w, np.int64), np.arange(w) * f, f, window)
-        out[s][bad_y, :] = np.inf
-        out[s][:, bad_x] = np.inf
+        out[s][straddling(np.arange(h) * f, 0, f, window), :] = np.inf
+        out[s][:, straddling(0, np.arange(w) * f, f, window)] = np.inf
     return out
 
 

@@ -60,18 +60,26 @@ _REGISTRY: dict[str, Scorer] = {}
 _REFERENCES: dict[str, ReferenceScorer] = {}  # name -> reference, kept beside _REGISTRY
 
 
+def as_numbers(value) -> Optional[tuple[float, ...]]:
+    """``value`` as a tuple of floats; None for a string, a scalar or a sequence holding a non-number
+    (strings too: ``float("5.5")`` would take one)."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        items = tuple(value)
+        return None if any(isinstance(v, (str, bytes)) for v in items) else tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        return None
+
+
 def _check_thresholds(name: str, table: Mapping[int, Sequence[float]]) -> dict[int, tuple[float, ...]]:
     out = {}
     for n, t in dict(table).items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"scorer {name!r}: default thresholds are keyed by num_scales >= 2, got {n!r}")
-        try:
-            if isinstance(t, (str, bytes)):  # a string is a sequence of characters
-                raise TypeError
-            vals = tuple(float(v) for v in t)
-        except (TypeError, ValueError):
-            raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} must be numbers, "
-                             f"got {t!r}") from None
+        vals = as_numbers(t)
+        if vals is None:
+            raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} must be numbers, got {t!r}")
         if len(vals) != n - 1 or any(math.isnan(v) for v in vals):
             raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} need {n - 1} numbers, got {t!r}")
         out[n] = vals
