@@ -106,6 +106,8 @@ class SkipLog:
 class ScoresMismatch(ValueError):
     """A sample's stored score maps are unusable (not finite, or not the index's token count)."""
 
+    reason = "bad score maps"
+
 
 class SkippedOnly:
     """What a planned bin whose samples were all bad yields instead of an empty batch: its skips."""
@@ -119,8 +121,6 @@ class SkippedOnly:
 def skip_reason(e: Exception) -> str:
     """A short reason under which a skipped sample is counted: the error's own structured ``reason``
     (the shard reader's `ShardDataError` has one), else the kind of decoding failure."""
-    if isinstance(e, ScoresMismatch):
-        return "bad score maps"
     if isinstance(getattr(e, "reason", None), str):
         return e.reason
     msg = str(e)
@@ -238,22 +238,17 @@ class SamplePipeline:
     def build(self, sample_ids: np.ndarray, epoch: int, skips: SkipLog, exact: Optional[np.ndarray] = None,
               pool: Optional[SlotPool] = None):
         """Load and pack one planned bin (``exact``: the index's counts, checked)."""
-        images, layouts, labels, keys, mixes, masks = [], [], [], [], [], []
+        ids, loaded = [], []
         for i in sample_ids.tolist():
-            loaded = self.try_load(i, epoch, skips, exact)
-            if loaded is None:
-                continue
-            img, mask, layout, mixed = loaded
-            images.append(img)
-            masks.append(mask)  # None without masks; else it travels beside its image
-            layouts.append(layout)
-            labels.append(int(self.source.labels[i]))
-            keys.append(self.source.keys[i])
-            mixes.append(mixed)
-        if not images:  # never an empty batch: the skips alone travel to the main process
+            sample = self.try_load(i, epoch, skips, exact)
+            if sample is not None:
+                ids.append(i)
+                loaded.append(sample)
+        if not loaded:  # never an empty batch: the skips alone travel to the main process
             return SkippedOnly(skips.take())
-        return self.ship(images, layouts, labels, keys, skips.take(), pool, mixes,
-                         masks if self.source.has_masks else None)
+        images, masks, layouts, mixes = (list(v) for v in zip(*loaded))  # masks: None without them
+        return self.ship(images, layouts, [int(self.source.labels[i]) for i in ids], [self.source.keys[i] for i in ids],
+                         skips.take(), pool, mixes, masks if self.source.has_masks else None)
 
     def ship(self, images: list, layouts: list, labels: list, keys: list, skipped: list,
              pool: Optional[SlotPool] = None, mixes: Optional[list] = None, masks: Optional[list] = None):

@@ -162,18 +162,20 @@ class ImageTransform:
         f = min(max(self.resize_scale) * r / max(w, h), min(self.resize_scale) * r / min(w, h))
         nw, nh = max(1, int(w * f + 0.5)), max(1, int(h * f + 0.5))
         ch, cw = min(self.size, nh), min(self.size, nw)
-        top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
         sx, sy = w / nw, h / nh
-        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-        if mask is not None and self.cat_max_ratio < 1.0:
-            for _ in range(10):  # the crop's own mask, as it will be cut (nearest: no second resampling)
-                counts = np.bincount(resample_pair(mask, None, box, (cw, ch), False, nearest=True)[0].ravel(),
-                                     minlength=256)
-                counts[self.ignore_index] = 0
-                if np.count_nonzero(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum():
-                    break
-                top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
-                box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+
+        def crop_box() -> tuple[float, float, float, float]:  # a random crop of the resized image, in source pixels
+            top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
+            return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
+
+        box = crop_box()
+        for _ in range(10 if mask is not None and self.cat_max_ratio < 1.0 else 0):
+            # the crop's own mask, as it will be cut (nearest: no second resampling)
+            counts = np.bincount(resample_pair(mask, None, box, (cw, ch), False, nearest=True)[0].ravel(), minlength=256)
+            counts[self.ignore_index] = 0
+            if np.count_nonzero(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum():
+                break
+            box = crop_box()
         img, mask = resample_pair(pixels, mask, box, (cw, ch), rng.random() < self.hflip)
         if (ch, cw) != (self.size, self.size):  # mmseg pads after normalising, with 0: the mean colour here
             img = _pad(img, self.size, np.asarray(self.fill, np.uint8))
@@ -317,10 +319,9 @@ def _fix_ops(ops: list) -> list:
 
 
 def segmentation_transform(size: int = 512, augment: bool = True, multiple: int = 16,
-                           fill: tuple[int, int, int] = (128, 128, 128), long_side: Optional[int] = None,
-                           keep_mask_size: bool = False) -> ImageTransform:
-    """mmseg's ADE20K recipe at crop ``size``, resize scale (``long_side``, default ``4 * size``, ``size``)."""
-    scale = (int(long_side or 4 * size), int(size))
+                           fill: tuple[int, int, int] = (128, 128, 128), keep_mask_size: bool = False) -> ImageTransform:
+    """mmseg's ADE20K recipe at crop ``size``, resize scale ``(4 * size, size)``."""
+    scale = (4 * int(size), int(size))
     if augment:
         return ImageTransform(size=size, multiple=multiple, augment=True, resize_scale=scale, cat_max_ratio=0.75,
                               photometric=True, fill=fill)
