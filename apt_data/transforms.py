@@ -92,7 +92,7 @@ class ImageTransform:
             return decode_image(_encoded(data, name), self.size, crop=not self.keep_aspect, multiple=self.multiple,
                                 name=name or None, crop_pct=self.crop_pct, exif_transpose=self.exif_transpose)
         if mask is None and self.augment and self.resize_scale is None and isinstance(data, _ENCODED):
-            pixels, full_size, scale = decode_reduced(data, self.decode_scale, name=name or None,  # ValueError: bad data
+            pixels, full_size, scale = decode_reduced(data, self.decode_scale, name=name or None,  # bad: ValueError
                                                       exif_transpose=self.exif_transpose, max_pixels=self.max_pixels)
         else:
             pixels = _decoded(data, name, self.exif_transpose)
@@ -171,7 +171,8 @@ class ImageTransform:
         box = crop_box()
         for _ in range(10 if mask is not None and self.cat_max_ratio < 1.0 else 0):
             # the crop's own mask, as it will be cut (nearest: no second resampling)
-            counts = np.bincount(resample_pair(mask, None, box, (cw, ch), False, nearest=True)[0].ravel(), minlength=256)
+            cut = resample_pair(mask, None, box, (cw, ch), False, nearest=True)[0]
+            counts = np.bincount(cut.ravel(), minlength=256)
             counts[self.ignore_index] = 0
             if np.count_nonzero(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum():
                 break
@@ -319,7 +320,8 @@ def _fix_ops(ops: list) -> list:
 
 
 def segmentation_transform(size: int = 512, augment: bool = True, multiple: int = 16,
-                           fill: tuple[int, int, int] = (128, 128, 128), keep_mask_size: bool = False) -> ImageTransform:
+                           fill: tuple[int, int, int] = (128, 128, 128),
+                           keep_mask_size: bool = False) -> ImageTransform:
     """mmseg's ADE20K recipe at crop ``size``, resize scale ``(4 * size, size)``."""
     scale = (4 * int(size), int(size))
     if augment:
