@@ -1,5 +1,6 @@
 """Grayscale shared by all scorers: ``0.2989 R + 0.5870 G + 0.1140 B`` in float32 as torch evaluates
-it; kernels read images as a contiguous 2-D uint8 view ``(H, W * C)``."""
+it; kernels read images as a contiguous 2-D uint8 view ``(H, W * C)`` (`rows_pyramid` hands it over);
+`patch_means` is the per-patch mean of the references."""
 from __future__ import annotations
 
 import numpy as np
