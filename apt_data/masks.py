@@ -66,10 +66,8 @@ class MaskLabels:
 
 
 def _from_pil(im: Any, label: str) -> np.ndarray:
-    if im.mode in ("L", "P", "1"):
-        return np.asarray(im, dtype=np.uint8)
-    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
-        return _from_array(np.asarray(im), label)
+    if im.mode in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L"):
+        return _from_array(np.asarray(im), label)  # ids above 255 (16-bit, 32-bit) are errors there
     raise MaskError(f"{label}: a mode {im.mode} mask; expected one class id per pixel (a single-channel 'L' or "
                      "palette 'P' PNG): convert colour-coded masks to class ids first")
 
