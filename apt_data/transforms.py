@@ -323,11 +323,8 @@ def segmentation_transform(size: int = 512, augment: bool = True, multiple: int 
                            fill: tuple[int, int, int] = (128, 128, 128),
                            keep_mask_size: bool = False) -> ImageTransform:
     """mmseg's ADE20K recipe at crop ``size``, resize scale ``(4 * size, size)``."""
-    scale = (4 * int(size), int(size))
-    if augment:
-        return ImageTransform(size=size, multiple=multiple, augment=True, resize_scale=scale, cat_max_ratio=0.75,
-                              photometric=True, fill=fill)
-    return ImageTransform(size=size, multiple=multiple, resize_scale=scale, fill=fill, keep_mask_size=keep_mask_size)
+    mode = dict(augment=True, cat_max_ratio=0.75, photometric=True) if augment else dict(keep_mask_size=keep_mask_size)
+    return ImageTransform(size=size, multiple=multiple, resize_scale=(4 * int(size), int(size)), fill=fill, **mode)
 
 
 def transform_from_data_config(data_config: dict, augment: bool = False, multiple: int = 16, **kw) -> ImageTransform:
