@@ -6,6 +6,8 @@ buffer, `BatchSpec.to_batch` wraps one.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -15,6 +17,7 @@ from torch.utils.data import get_worker_info
 
 from .batch import PackedBatch
 from .config import APTConfig
+from .image import check_image
 from .layout import PatchLayout, patchify
 
 
@@ -86,32 +89,30 @@ def buffer_layout(per_scale: Sequence[int], num_images: int, patch_size: int, wi
     return fields, max(off, _ALIGN)
 
 
+@dataclass(frozen=True)
 class BatchSpec:
     """A packed batch without its bytes (buffer layout + metadata): picklable, what a worker sends beside
-    the buffer it filled; `to_batch` wraps the buffer without copying."""
+    the buffer it filled; `to_batch` wraps the buffer without copying. ``mix_labels`` / ``mix_lam``: the
+    mixed targets, a few Python numbers per image carried beside the buffer."""
 
-    __slots__ = ("per_scale", "num_images", "patch_size", "num_scales", "with_labels", "seqlens",
-                 "image_sizes", "num_prefix_tokens", "num_padding", "keys", "skipped", "skip_reasons", "nbytes",
-                 "mix_labels", "mix_lam")
+    per_scale: tuple[int, ...]
+    num_images: int
+    patch_size: int
+    num_scales: int
+    with_labels: bool
+    seqlens: tuple[int, ...]
+    image_sizes: tuple[tuple[int, int], ...]
+    num_prefix_tokens: int
+    num_padding: int
+    keys: tuple = ()
+    skipped: tuple = ()
+    skip_reasons: tuple = ()
+    mix_labels: Optional[tuple[int, ...]] = None
+    mix_lam: Optional[tuple[float, ...]] = None
 
-    def __init__(self, per_scale, num_images, patch_size, num_scales, with_labels, seqlens, image_sizes,
-                 num_prefix_tokens, num_padding, keys=(), skipped=(), skip_reasons=(), mix=None):
-        self.per_scale = tuple(int(n) for n in per_scale)
-        self.num_images, self.patch_size, self.num_scales = int(num_images), int(patch_size), int(num_scales)
-        self.with_labels, self.seqlens, self.image_sizes = bool(with_labels), tuple(seqlens), tuple(image_sizes)
-        self.num_prefix_tokens, self.num_padding = int(num_prefix_tokens), int(num_padding)
-        self.keys, self.skipped, self.skip_reasons = tuple(keys), tuple(skipped), tuple(skip_reasons)
-        self.nbytes = buffer_layout(self.per_scale, self.num_images, self.patch_size, self.with_labels)[1]
-        # mixed targets: a few numbers per image, carried as Python values beside the buffer
-        self.mix_labels = None if mix is None else tuple(int(v) for v in mix[0])
-        self.mix_lam = None if mix is None else tuple(float(v) for v in mix[1])
-
-    def __getstate__(self):
-        return tuple(getattr(self, k) for k in self.__slots__)
-
-    def __setstate__(self, state):
-        for k, v in zip(self.__slots__, state):
-            setattr(self, k, v)
+    @functools.cached_property
+    def nbytes(self) -> int:
+        return buffer_layout(self.per_scale, self.num_images, self.patch_size, self.with_labels)[1]
 
     def arrays(self, buf: np.ndarray) -> list[np.ndarray]:
         """NumPy views of every array in ``buf`` (uint8, at least ``nbytes``), in `buffer_layout` order."""
@@ -150,22 +151,12 @@ def new_buffer(nbytes: int, shared: bool):
 
 
 def _as_rgb(image: np.ndarray, i: int) -> np.ndarray:
-    """Image ``i`` as a C-contiguous uint8 HxWx3 array; gray HxW / HxWx1 repeated to 3 channels."""
+    """Image ``i`` as a C-contiguous uint8 HxWx3 array (`check_image`); gray repeated to 3 channels."""
     if not isinstance(image, np.ndarray):
         raise ValueError(f"image {i}: expected a numpy array, got {type(image).__name__} "
                          "(decode files with apt_data.load_image)")
-    if image.dtype != np.uint8:
-        raise ValueError(f"image {i}: expected dtype uint8, got {image.dtype} (convert with apt_data.to_rgb_uint8)")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 2:  # gray: documented conversion, the channel repeated 3 times
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image {i}: expected shape HxWx3, HxW or HxWx1, got {image.shape}"
-                         + (" (RGBA: convert with apt_data.to_rgb_uint8)" if image.ndim == 3 and image.shape[2] == 4 else ""))
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"image {i}: empty image of shape {image.shape}")
-    return np.ascontiguousarray(image)
+    image = check_image(image, f"image {i}")
+    return np.ascontiguousarray(np.repeat(image[:, :, None], 3, axis=2)) if image.ndim == 2 else image
 
 
 def layouts_of(images: Sequence[np.ndarray], layout: Callable[[np.ndarray], PatchLayout]) -> list[PatchLayout]:
@@ -226,9 +217,11 @@ def prepare_batch(images, cfg=None, labels=None, num_prefix_tokens=1, layouts=No
     for lay in layouts:  # tokens of an unknown scale are not counted here: extraction reports them
         per_scale += np.bincount(lay.scale.astype(np.int64), minlength=S)[:S] if lay.scale.min() >= 0 else 0
     seqlens = [len(lay) + int(num_prefix_tokens) for lay in layouts]
-    spec = BatchSpec(per_scale, len(images), cfg.patch_size, S, labels is not None, seqlens,
-                     [(int(im.shape[0]), int(im.shape[1])) for im in images], num_prefix_tokens, num_padding,
-                     keys, skipped, skip_reasons, mix)
+    spec = BatchSpec(tuple(int(n) for n in per_scale), len(images), cfg.patch_size, S, labels is not None,
+                     tuple(seqlens), tuple((int(im.shape[0]), int(im.shape[1])) for im in images),
+                     int(num_prefix_tokens), int(num_padding), tuple(keys), tuple(skipped), tuple(skip_reasons),
+                     None if mix is None else tuple(int(v) for v in mix[0]),
+                     None if mix is None else tuple(float(v) for v in mix[1]))
     return spec, images, layouts, labels
 
 

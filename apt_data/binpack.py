@@ -102,15 +102,10 @@ class FirstFit:
             raise SettingError(f"open_bins must be >= 1, got {open_bins}", "open_bins")
         self.budget = TokenBudget(max_tokens, max_images)
         self.max_tokens, self.max_images, self.open_bins = self.budget.max_tokens, self.budget.max_images, int(open_bins)
+        self._cap = self.max_images or np.iinfo(np.int64).max  # images a bin may hold
         self.bins: list[list] = []
         self.used: list[int] = []
         self.ready: list[list] = []
-
-    def _fits(self, k: int, tokens: int) -> bool:
-        return self.used[k] + tokens <= self.max_tokens and (self.max_images is None or len(self.bins[k]) < self.max_images)
-
-    def _full(self, k: int) -> bool:
-        return self.used[k] == self.max_tokens or (self.max_images is not None and len(self.bins[k]) >= self.max_images)
 
     def _close(self, k: int) -> None:
         self.ready.append(self.bins.pop(k))
@@ -119,7 +114,8 @@ class FirstFit:
     def add(self, item, tokens: int, leave: bool = True) -> None:
         """Place ``item`` of ``tokens`` tokens; ``leave=False``: no bin leaves (any number stay open)."""
         self.budget.check(tokens, item)
-        slot = next((k for k in range(len(self.bins)) if self._fits(k, tokens)), -1)
+        fits = (k for k, b in enumerate(self.bins) if self.used[k] + tokens <= self.max_tokens and len(b) < self._cap)
+        slot = next(fits, -1)
         if slot < 0:
             if leave and len(self.bins) >= self.open_bins:
                 self._close(self.used.index(max(self.used)))  # the first of the fullest
@@ -128,7 +124,7 @@ class FirstFit:
             slot = len(self.bins) - 1
         self.bins[slot].append(item)
         self.used[slot] += int(tokens)
-        if leave and self._full(slot):
+        if leave and (self.used[slot] == self.max_tokens or len(self.bins[slot]) >= self._cap):
             self._close(slot)
 
 

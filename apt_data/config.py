@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from .scoring.registry import SCORER_NAMES, get_scorer, scorer_names
+from .scoring.registry import SCORER_NAMES, as_numbers, get_scorer, scorer_names
 
 __all__ = ["APTConfig", "OverBudget", "SCORER_NAMES", "SettingError", "TokenBudget", "scorer_names"]
 
@@ -68,7 +68,9 @@ class APTConfig:
             except ValueError as e:
                 raise SettingError(f"APTConfig.thresholds: {e}", "thresholds") from None
         else:
-            thresholds = _as_thresholds(self.thresholds)
+            thresholds = as_numbers(self.thresholds)
+            _require(thresholds is not None, "thresholds",
+                     f"APTConfig.thresholds must be a sequence of numbers, got {self.thresholds!r}")
         _require(len(thresholds) == n - 1, "thresholds",
                  f"APTConfig.thresholds needs one value per scale above the base (num_scales - 1 = {n - 1}), "
                  f"got {len(thresholds)}: {self.thresholds!r}")
@@ -125,23 +127,3 @@ class TokenBudget:
         _require(self.max_tokens >= need, "max_tokens",
                  f"max_tokens={self.max_tokens} cannot hold a single image ({self.num_prefix_tokens} prefix + "
                  f"at least {max(1, smallest_patch_tokens)} patch tokens)")
-
-
-def _as_thresholds(value) -> tuple[float, ...]:
-    """Explicit thresholds as a tuple of floats; a clear ValueError for strings, scalars and non-numbers."""
-    if isinstance(value, (str, bytes)):
-        raise SettingError(f"APTConfig.thresholds must be a sequence of numbers, not a string: {value!r}", "thresholds")
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise SettingError(f"APTConfig.thresholds must be a sequence of numbers, got {value!r}", "thresholds") from None
-    out = []
-    for t in items:
-        try:
-            if isinstance(t, (str, bytes)):  # float("5.5") would pass
-                raise TypeError
-            out.append(float(t))
-        except (TypeError, ValueError):
-            raise SettingError(f"APTConfig.thresholds must contain numbers, got {t!r} in {value!r}",
-                               "thresholds") from None
-    return tuple(out)

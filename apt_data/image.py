@@ -22,7 +22,7 @@ def check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
-        raise ValueError(f"{name}: expected shape HxW or HxWx3, got {image.shape}"
+        raise ValueError(f"{name}: expected shape HxWx3, HxW or HxWx1, got {image.shape}"
                          + (" (RGBA: convert with apt_data.to_rgb_uint8)" if image.ndim == 3 and image.shape[2] == 4 else ""))
     if image.dtype != np.uint8:
         raise ValueError(f"{name}: expected dtype uint8, got {image.dtype} "
@@ -105,37 +105,34 @@ def _label(source: Union[PathLike, bytes], name: Optional[str]) -> str:
 
 
 @contextmanager
-def _decode_errors(label: str) -> Iterator[None]:
-    """Re-raise whatever decoding ``label`` raises as a ``ValueError`` naming the file and what is wrong."""
+def decode_errors(label: str, what: str = "image", error: type = ValueError) -> Iterator[None]:
+    """Re-raise whatever decoding ``label`` raises as ``error`` (a ValueError) naming the file and what is wrong."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         yield
     except UnidentifiedImageError:
-        raise ValueError(f"{label}: not an image PIL can decode") from None
+        raise error(f"{label}: not an image PIL can decode") from None
     except ValueError as e:  # ours, labelled already, or PIL's own (e.g. "Truncated IHDR chunk")
         if str(e).startswith(f"{label}: "):
-            raise
-        raise ValueError(f"{label}: cannot decode image (ValueError: {e})") from None
+            raise e if isinstance(e, error) else error(str(e)) from None
+        raise error(f"{label}: cannot decode {what} (ValueError: {e})") from None
     except Image.DecompressionBombError as e:
-        raise ValueError(f"{label}: cannot decode image (decompression bomb: {e})") from None
+        raise error(f"{label}: cannot decode {what} (decompression bomb: {e})") from None
     except MemoryError:
-        raise ValueError(f"{label}: cannot decode image (out of memory: image too large)") from None
+        raise error(f"{label}: cannot decode {what} (out of memory: image too large)") from None
     except (OSError,) + _PIL_DATA_ERRORS as e:
-        raise ValueError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from None
+        raise error(f"{label}: cannot decode {what} ({type(e).__name__}: {e})") from None
 
 
-def _open(source: Union[PathLike, bytes], label: str):
+def open_image(source: Union[PathLike, bytes], label: str, what: str = "file"):
     """``PIL.Image.open`` of a path or encoded bytes (reads the header only); an empty file is a ValueError."""
     from PIL import Image
 
-    if isinstance(source, (bytes, bytearray)):
-        if len(source) == 0:
-            raise ValueError(f"{label}: empty file (0 bytes)")
-        return Image.open(io.BytesIO(source))
-    if os.path.getsize(source) == 0:
-        raise ValueError(f"{label}: empty file (0 bytes)")
-    return Image.open(source)
+    is_bytes = isinstance(source, (bytes, bytearray))
+    if (len(source) if is_bytes else os.path.getsize(source)) == 0:
+        raise ValueError(f"{label}: empty {what} (0 bytes)")
+    return Image.open(io.BytesIO(source) if is_bytes else source)
 
 
 def to_rgb_pil(im):
@@ -175,7 +172,7 @@ def decode_image(source: Union[PathLike, bytes], size: Optional[int] = None, *, 
         raise ValueError(f"{label}: crop_pct must be in (0, 1], got {crop_pct}")
     if size is not None and (size <= 0 or (crop and size % multiple)):
         raise ValueError(f"{label}: size {size} must be positive" + (f" and a multiple of {multiple}" if crop else ""))
-    with _decode_errors(label), _open(source, label) as im:
+    with decode_errors(label), open_image(source, label) as im:
         if size is not None and im.format == "JPEG":
             w, h = im.size
             scale = size / crop_pct / min(w, h)
@@ -209,7 +206,7 @@ def decode_reduced(source: Union[PathLike, bytes], scale_for: Callable[[int, int
     from PIL import ImageOps
 
     label = _label(source, name)
-    with _decode_errors(label), _open(source, label) as im:
+    with decode_errors(label), open_image(source, label) as im:
         full_w, full_h = im.size
         scale = min(1.0, float(scale_for(full_w, full_h)))
         draft = 1  # libjpeg's scaling denominator
@@ -227,13 +224,9 @@ def decode_reduced(source: Union[PathLike, bytes], scale_for: Callable[[int, int
         if orientation != 1:
             out.info["exif"] = im.getexif().tobytes()
             out = ImageOps.exif_transpose(out)
-            if out.size != _reduced_size(im.size, k):  # rotated a quarter turn
+            if out.size != (im.size[0] // k, im.size[1] // k):  # rotated a quarter turn
                 full_w, full_h = full_h, full_w
         return Decoded(np.ascontiguousarray(np.asarray(out)), (full_h, full_w), 1.0 / (draft * k))
-
-
-def _reduced_size(size: tuple[int, int], k: int) -> tuple[int, int]:
-    return size[0] // k, size[1] // k
 
 
 def _reduced_rgb(im, k: int):
@@ -242,7 +235,7 @@ def _reduced_rgb(im, k: int):
 
     if k == 1 and im.mode == "RGB":
         return im
-    w, h = _reduced_size(im.size, k)
+    w, h = im.size[0] // k, im.size[1] // k
     out = Image.new("RGB", (w, h))
     rows = max(1, (1 << 22) // (w * k * k))  # output rows a band
     for top in range(0, h, rows):

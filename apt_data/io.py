@@ -1,6 +1,7 @@
 """The project's one atomic writer: readers see the old file or the complete new one, never a part."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -13,16 +14,12 @@ __all__ = ["atomic_write", "atomic_write_bytes", "fsync_dir"]
 
 def fsync_dir(path: PathLike) -> None:
     """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: PathLike, write: Callable[[Path], object], *, shared: bool = False,

@@ -199,8 +199,7 @@ def _grid_constants(H: int, W: int, cfg: APTConfig):
     shapes = map_shapes(H, W, cfg.patch_size, cfg.num_scales)
     hs = np.array([h for h, _ in shapes], dtype=np.int64)
     ws = np.array([w for _, w in shapes], dtype=np.int64)
-    offsets = np.zeros(cfg.num_scales + 1, np.int64)
-    np.cumsum(hs * ws, out=offsets[1:])
+    offsets = np.cumsum(np.concatenate([[0], hs * ws]), dtype=np.int64)
     thr = np.asarray(cfg.thresholds, dtype=np.float64).reshape(-1)
     return hs, ws, offsets, (thr if thr.size else np.zeros(1, np.float64))  # num_scales == 1: never read
 

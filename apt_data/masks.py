@@ -7,12 +7,15 @@ stored as a single-channel (L or P) PNG. `MaskLabels` maps stored ids to trained
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+
+from .image import decode_errors, open_image
 
 #: The mask value of pixels no loss or metric counts (mmseg's and torch's usual ``ignore_index``).
 IGNORE_INDEX = 255
@@ -46,10 +49,6 @@ class MaskLabels:
         if any(not 0 <= int(v) <= 255 for v in self.void):
             raise ValueError(f"void ids must lie in 0..255, got {self.void}")
 
-    @property
-    def identity(self) -> bool:
-        return not self.reduce_zero_label and not self.void
-
     def lut(self) -> np.ndarray:
         """The uint8 lookup table ``stored id -> trained id``."""
         lut = np.arange(256, dtype=np.int16)
@@ -63,14 +62,12 @@ class MaskLabels:
 
     def apply(self, mask: np.ndarray) -> np.ndarray:
         """``mask`` (uint8) with the stored ids mapped (a new array unless the mapping is the identity)."""
-        return mask if self.identity else self.lut()[mask]
+        return self.lut()[mask] if self.reduce_zero_label or self.void else mask
 
 
 def _from_pil(im: Any, label: str) -> np.ndarray:
-    if im.mode in ("L", "P", "1"):
-        return np.asarray(im, dtype=np.uint8)
-    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
-        return _from_array(np.asarray(im), label)
+    if im.mode in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L"):
+        return _from_array(np.asarray(im), label)  # ids above 255 (16-bit, 32-bit) are errors there
     raise MaskError(f"{label}: a mode {im.mode} mask; expected one class id per pixel (a single-channel 'L' or "
                      "palette 'P' PNG): convert colour-coded masks to class ids first")
 
@@ -108,26 +105,9 @@ def decode_mask(data: MaskData, name: str = "", labels: Optional[MaskLabels] = N
 
 
 def _decode_file(data: Union[bytes, bytearray, str, os.PathLike], label: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        if isinstance(data, (bytes, bytearray)):
-            if not data:
-                raise MaskError(f"{label}: empty mask file (0 bytes)")
-            fp: Any = io.BytesIO(data)
-        else:
-            if os.path.getsize(data) == 0:
-                raise MaskError(f"{label}: empty mask file (0 bytes)")
-            fp = data
-        with Image.open(fp) as im:
-            im.load()
-            return _from_pil(im, label)
-    except UnidentifiedImageError:
-        raise MaskError(f"{label}: not an image PIL can decode") from None
-    except MaskError:
-        raise
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError) as e:
-        raise MaskError(f"{label}: cannot decode mask ({type(e).__name__}: {e})") from None
+    with decode_errors(label, "mask", MaskError), open_image(data, label, "mask file") as im:
+        im.load()
+        return _from_pil(im, label)
 
 
 def check_mask(mask: np.ndarray, image_shape: Sequence[int], name: str = "") -> np.ndarray:
@@ -153,11 +133,8 @@ def pack_masks(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, tup
     """The masks of a batch as one flat uint8 array: ``(flat, offsets, sizes)``, where mask ``b``
     is ``flat[offsets[b]:offsets[b + 1]].reshape(sizes[b])`` (offsets: int64 ``[B + 1]``)."""
     sizes = tuple((int(m.shape[0]), int(m.shape[1])) for m in masks)
-    offsets = np.zeros(len(masks) + 1, np.int64)
-    np.cumsum([h * w for h, w in sizes], out=offsets[1:])
-    flat = np.empty(int(offsets[-1]), np.uint8)
-    for m, a, b in zip(masks, offsets[:-1], offsets[1:]):
-        flat[a:b] = np.asarray(m, np.uint8).reshape(-1)
+    offsets = np.array([0, *itertools.accumulate(h * w for h, w in sizes)], np.int64)
+    flat = np.concatenate([np.asarray(m, np.uint8).reshape(-1) for m in masks] or [np.empty(0, np.uint8)])
     return flat, offsets, sizes
 
 
@@ -175,11 +152,8 @@ def batch_masks(masks: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, in
 
 def unpack_masks(flat: Any, sizes: Sequence[tuple[int, int]]) -> list:
     """The per-image masks (views) of a flat array packed by `pack_masks` (NumPy array or tensor)."""
-    out, start = [], 0
-    for h, w in sizes:
-        out.append(flat[start:start + h * w].reshape(h, w))
-        start += h * w
-    return out
+    starts = itertools.accumulate((h * w for h, w in sizes), initial=0)
+    return [flat[start:start + h * w].reshape(h, w) for start, (h, w) in zip(starts, sizes)]
 
 
 def pair_masks(images: Union[str, os.PathLike], masks: Union[str, os.PathLike]) -> list[tuple[Any, Any]]:

@@ -6,8 +6,6 @@ from the sample's generator; masks never pass through here.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 from numba import njit
 
@@ -90,8 +88,7 @@ def _adjust_hsv(r, g, b, sat, hue_deg):
     return c, z, x
 
 
-def photometric_reference(img: np.ndarray, pre: np.ndarray, post: np.ndarray, sat: float,
-                          hue_deg: float, out: Optional[np.ndarray] = None) -> np.ndarray:
+def photometric_reference(img: np.ndarray, pre: np.ndarray, post: np.ndarray, sat: float, hue_deg: float) -> np.ndarray:
     """Plain NumPy `photometric_kernel` (for tests)."""
     x = pre[img].astype(np.float64)
     if sat != 1.0 or hue_deg != 0.0:
@@ -112,8 +109,4 @@ def photometric_reference(img: np.ndarray, pre: np.ndarray, post: np.ndarray, sa
         table = [(c, xx, zero), (xx, c, zero), (zero, c, xx), (zero, xx, c), (xx, zero, c), (c, zero, xx)]
         rgb = [np.select([k == n for n in range(6)], [t[ch] for t in table]) for ch in range(3)]
         x = np.floor(np.stack(rgb, -1) + (v - c)[..., None] + 0.5)
-    res = post[x.astype(np.uint8)]
-    if out is not None:
-        out[...] = res
-        return out
-    return res
+    return post[x.astype(np.uint8)]

@@ -44,12 +44,6 @@ class TooManySkipped(ValueError):
     """More samples of an epoch were bad than the loader's ``max_skip_fraction`` allows, or a worker's
     whole share was unreadable."""
 
-    @classmethod
-    def of(cls, count: int, epoch: int, where: str, why: str, detail: str) -> "TooManySkipped":
-        """The one text of this error: ``where`` (a rank, or a rank's worker) skipped ``count`` samples."""
-        return cls(f"{count} bad samples skipped in epoch {epoch} of {where}: {why} ({detail}); fix the data, or "
-                   "raise max_skip_fraction")
-
 
 @dataclass
 class SkipLimit:
@@ -63,11 +57,13 @@ class SkipLimit:
 
     def check(self, count: int, detail: str) -> None:
         if count >= self.share > 0:
-            raise TooManySkipped.of(count, self.epoch, self.where, f"none of its {self.share} samples is readable",
-                                    detail)
-        if count > max(10.0, self.max_fraction * self.share):
-            raise TooManySkipped.of(count, self.epoch, self.where, f"more than {self.max_fraction:.1%} of its "
-                                    f"{self.share} samples", detail)
+            why = f"none of its {self.share} samples is readable"
+        elif count > max(10.0, self.max_fraction * self.share):
+            why = f"more than {self.max_fraction:.1%} of its {self.share} samples"
+        else:
+            return
+        raise TooManySkipped(f"{count} bad samples skipped in epoch {self.epoch} of {self.where}: {why} ({detail}); "
+                             "fix the data, or raise max_skip_fraction")
 
 
 class SkipLog:
@@ -110,6 +106,8 @@ class SkipLog:
 class ScoresMismatch(ValueError):
     """A sample's stored score maps are unusable (not finite, or not the index's token count)."""
 
+    reason = "bad score maps"
+
 
 class SkippedOnly:
     """What a planned bin whose samples were all bad yields instead of an empty batch: its skips."""
@@ -123,8 +121,6 @@ class SkippedOnly:
 def skip_reason(e: Exception) -> str:
     """A short reason under which a skipped sample is counted: the error's own structured ``reason``
     (the shard reader's `ShardDataError` has one), else the kind of decoding failure."""
-    if isinstance(e, ScoresMismatch):
-        return "bad score maps"
     if isinstance(getattr(e, "reason", None), str):
         return e.reason
     msg = str(e)
@@ -193,10 +189,9 @@ class SamplePipeline:
         return img, mask, patchify(img, self.cfg), target
 
     def _transformed(self, data, key: str, epoch: int, i: int, mask=None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        seed = sample_seed(self.seed, epoch, i) if self.transform.augment else 0
-        if mask is None:
-            return self.transform(data, name=key, seed=seed), None
-        return self.transform(data, name=key, seed=seed, mask=mask)
+        out = self.transform(data, name=key, seed=sample_seed(self.seed, epoch, i) if self.transform.augment else 0,
+                             mask=mask)
+        return (out, None) if mask is None else out
 
     def _mixed(self, img: np.ndarray, i: int, epoch: int,
                mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, MixTarget, Optional[np.ndarray]]:
@@ -243,22 +238,17 @@ class SamplePipeline:
     def build(self, sample_ids: np.ndarray, epoch: int, skips: SkipLog, exact: Optional[np.ndarray] = None,
               pool: Optional[SlotPool] = None):
         """Load and pack one planned bin (``exact``: the index's counts, checked)."""
-        images, layouts, labels, keys, mixes, masks = [], [], [], [], [], []
+        ids, loaded = [], []
         for i in sample_ids.tolist():
-            loaded = self.try_load(i, epoch, skips, exact)
-            if loaded is None:
-                continue
-            img, mask, layout, mixed = loaded
-            images.append(img)
-            masks.append(mask)  # None without masks; else it travels beside its image
-            layouts.append(layout)
-            labels.append(int(self.source.labels[i]))
-            keys.append(self.source.keys[i])
-            mixes.append(mixed)
-        if not images:  # never an empty batch: the skips alone travel to the main process
+            sample = self.try_load(i, epoch, skips, exact)
+            if sample is not None:
+                ids.append(i)
+                loaded.append(sample)
+        if not loaded:  # never an empty batch: the skips alone travel to the main process
             return SkippedOnly(skips.take())
-        return self.ship(images, layouts, labels, keys, skips.take(), pool, mixes,
-                         masks if self.source.has_masks else None)
+        images, masks, layouts, mixes = (list(v) for v in zip(*loaded))  # masks: None without them
+        return self.ship(images, layouts, [int(self.source.labels[i]) for i in ids], [self.source.keys[i] for i in ids],
+                         skips.take(), pool, mixes, masks if self.source.has_masks else None)
 
     def ship(self, images: list, layouts: list, labels: list, keys: list, skipped: list,
              pool: Optional[SlotPool] = None, mixes: Optional[list] = None, masks: Optional[list] = None):

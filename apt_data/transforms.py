@@ -18,6 +18,8 @@ from .image import MAX_DECODE_PIXELS, decode_image, decode_reduced, rounded_size
 from .masks import IGNORE_INDEX, MaskData, check_mask, decode_mask
 from .photometric import photo_metric_distortion
 
+_ENCODED = (bytes, bytearray, str, os.PathLike)  # what is decoded, not taken as pixels
+
 
 @dataclass(frozen=True)
 class ImageTransform:
@@ -89,8 +91,9 @@ class ImageTransform:
         if mask is None and not self.augment and self.resize_scale is None:
             return decode_image(_encoded(data, name), self.size, crop=not self.keep_aspect, multiple=self.multiple,
                                 name=name or None, crop_pct=self.crop_pct, exif_transpose=self.exif_transpose)
-        if mask is None and self.augment and self.resize_scale is None:
-            pixels, full_size, scale = self._decode(data, name)  # ValueError: bad data
+        if mask is None and self.augment and self.resize_scale is None and isinstance(data, _ENCODED):
+            pixels, full_size, scale = decode_reduced(data, self.decode_scale, name=name or None,  # bad: ValueError
+                                                      exif_transpose=self.exif_transpose, max_pixels=self.max_pixels)
         else:
             pixels = _decoded(data, name, self.exif_transpose)
             full_size, scale = pixels.shape[:2], 1.0
@@ -128,14 +131,6 @@ class ImageTransform:
         smallest = min(width, height, math.sqrt(width * height * self.scale[0] * min(self.ratio[0], 1 / self.ratio[1])))
         return min(1.0, 2 * self.size / max(1.0, smallest))
 
-    def _decode(self, data: Any, name: str) -> tuple[np.ndarray, tuple[int, int], float]:
-        """``(pixels, full (H, W), reduction)`` to augment: encoded data decoded reduced, arrays as they are."""
-        if isinstance(data, (bytes, bytearray, str, os.PathLike)):
-            return decode_reduced(data, self.decode_scale, name=name or None, exif_transpose=self.exif_transpose,
-                                  max_pixels=self.max_pixels)
-        pixels = _decoded(data, name, self.exif_transpose)
-        return pixels, pixels.shape[:2], 1.0
-
     def _augment(self, pixels: np.ndarray, seed: int, mask: Optional[np.ndarray] = None,
                  full_size: Optional[tuple[int, int]] = None, scale: float = 1.0):
         """``pixels`` (and ``mask``) augmented; the crop is drawn at ``full_size``, mapped by ``scale``."""
@@ -167,18 +162,21 @@ class ImageTransform:
         f = min(max(self.resize_scale) * r / max(w, h), min(self.resize_scale) * r / min(w, h))
         nw, nh = max(1, int(w * f + 0.5)), max(1, int(h * f + 0.5))
         ch, cw = min(self.size, nh), min(self.size, nw)
-        top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
         sx, sy = w / nw, h / nh
-        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-        if mask is not None and self.cat_max_ratio < 1.0:
-            for _ in range(10):  # the crop's own mask, as it will be cut (nearest: no second resampling)
-                counts = np.bincount(resample_pair(mask, None, box, (cw, ch), False, nearest=True)[0].ravel(),
-                                     minlength=256)
-                counts[self.ignore_index] = 0
-                if np.count_nonzero(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum():
-                    break
-                top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
-                box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+
+        def crop_box() -> tuple[float, float, float, float]:  # a random crop of the resized image, in source pixels
+            top, left = int(rng.integers(nh - ch + 1)), int(rng.integers(nw - cw + 1))
+            return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
+
+        box = crop_box()
+        for _ in range(10 if mask is not None and self.cat_max_ratio < 1.0 else 0):
+            # the crop's own mask, as it will be cut (nearest: no second resampling)
+            cut = resample_pair(mask, None, box, (cw, ch), False, nearest=True)[0]
+            counts = np.bincount(cut.ravel(), minlength=256)
+            counts[self.ignore_index] = 0
+            if np.count_nonzero(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum():
+                break
+            box = crop_box()
         img, mask = resample_pair(pixels, mask, box, (cw, ch), rng.random() < self.hflip)
         if (ch, cw) != (self.size, self.size):  # mmseg pads after normalising, with 0: the mean colour here
             img = _pad(img, self.size, np.asarray(self.fill, np.uint8))
@@ -190,10 +188,7 @@ class ImageTransform:
         area = height * width
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
-            target = area * rng.uniform(*self.scale)
-            aspect = math.exp(rng.uniform(*log_ratio))
-            w = int(round(math.sqrt(target * aspect)))
-            h = int(round(math.sqrt(target / aspect)))
+            w, h = _random_box(rng, area, self.scale, log_ratio)
             if 0 < w <= width and 0 < h <= height:
                 return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
         in_ratio = width / height
@@ -210,15 +205,20 @@ class ImageTransform:
         h_img, w_img = img.shape[:2]
         area = h_img * w_img
         for _ in range(10):
-            target = area * rng.uniform(0.02, 1 / 3)
-            aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
-            h = int(round(math.sqrt(target * aspect)))
-            w = int(round(math.sqrt(target / aspect)))
+            h, w = _random_box(rng, area, (0.02, 1 / 3), (math.log(0.3), math.log(1 / 0.3)))
             if w < w_img and h < h_img:
                 top = int(rng.integers(0, h_img - h + 1))
                 left = int(rng.integers(0, w_img - w + 1))
                 img[top:top + h, left:left + w] = self.fill
                 return
+
+
+def _random_box(rng: np.random.Generator, area: int, scale: tuple, log_ratio: tuple) -> tuple[int, int]:
+    """One try of torchvision's random box: ``area * U(scale)`` pixels at an aspect ``exp(U(log_ratio))``;
+    its sides ``(round(sqrt(target * aspect)), round(sqrt(target / aspect)))``."""
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    return int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
 
 
 class AugmentationError(RuntimeError):
@@ -253,7 +253,7 @@ def _pad(a: np.ndarray, size: int, value) -> np.ndarray:
 
 def _decoded(data: Any, name: str = "", exif_transpose: bool = False) -> np.ndarray:
     """``data`` as a uint8 HxWx3 RGB array at its own size."""
-    if isinstance(data, (bytes, bytearray, str, os.PathLike)):
+    if isinstance(data, _ENCODED):
         return decode_image(data, name=name or None, exif_transpose=exif_transpose)
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8:
@@ -268,7 +268,7 @@ def _decoded(data: Any, name: str = "", exif_transpose: bool = False) -> np.ndar
 
 def _encoded(data: Any, name: str = "") -> Union[bytes, str, os.PathLike]:
     """``data`` as `decode_image` takes it: decoded pixels become lossless PPM bytes (one resize path)."""
-    if isinstance(data, (bytes, bytearray, str, os.PathLike)):
+    if isinstance(data, _ENCODED):
         return data
     from PIL import Image
 
@@ -320,14 +320,11 @@ def _fix_ops(ops: list) -> list:
 
 
 def segmentation_transform(size: int = 512, augment: bool = True, multiple: int = 16,
-                           fill: tuple[int, int, int] = (128, 128, 128), long_side: Optional[int] = None,
+                           fill: tuple[int, int, int] = (128, 128, 128),
                            keep_mask_size: bool = False) -> ImageTransform:
-    """mmseg's ADE20K recipe at crop ``size``, resize scale (``long_side``, default ``4 * size``, ``size``)."""
-    scale = (int(long_side or 4 * size), int(size))
-    if augment:
-        return ImageTransform(size=size, multiple=multiple, augment=True, resize_scale=scale, cat_max_ratio=0.75,
-                              photometric=True, fill=fill)
-    return ImageTransform(size=size, multiple=multiple, resize_scale=scale, fill=fill, keep_mask_size=keep_mask_size)
+    """mmseg's ADE20K recipe at crop ``size``, resize scale ``(4 * size, size)``."""
+    mode = dict(augment=True, cat_max_ratio=0.75, photometric=True) if augment else dict(keep_mask_size=keep_mask_size)
+    return ImageTransform(size=size, multiple=multiple, resize_scale=(4 * int(size), int(size)), fill=fill, **mode)
 
 
 def transform_from_data_config(data_config: dict, augment: bool = False, multiple: int = 16, **kw) -> ImageTransform:

@@ -40,29 +40,18 @@ def count_straddling(layout: PatchLayout, window: int) -> int:
     return int(straddling(layout.y // p, layout.x // p, 1 << layout.scale.astype(np.int64), window).sum())
 
 
-def mask_scores_for_windows(maps: Sequence[np.ndarray], window: int) -> list[np.ndarray]:
-    """Copies of per-scale score maps (`score_maps` order, finest first) with every scale-s cell
-    (s >= 1) that would straddle a window border set to +inf, so selection never keeps it."""
-    window = _check_window(window)
-    out = [np.array(m, np.float32, copy=True) for m in maps]
-    if window == 0:
-        return out
-    for s in range(1, len(out)):
-        f = 1 << s
-        if window % f == 0:
-            continue
-        h, w = out[s].shape
-        bad_y = straddling(np.arange(h) * f, np.zeros(h, np.int64), f, window)
-        bad_x = straddling(np.zeros(w, np.int64), np.arange(w) * f, f, window)
-        out[s][bad_y, :] = np.inf
-        out[s][:, bad_x] = np.inf
-    return out
-
-
 def layout_from_scores_windowed(maps: Sequence[np.ndarray], image_size: tuple[int, int], cfg: APTConfig,
                                 window: int) -> PatchLayout:
-    """`layout_from_scores` with straddling cells made ineligible (see the module docstring)."""
-    return layout_from_scores(mask_scores_for_windows(maps, window), image_size, cfg)
+    """`layout_from_scores` with every scale-s cell (s >= 1) that would straddle a window border scored
+    +inf (on copies of ``maps``), so the selection never keeps it."""
+    window = _check_window(window)
+    maps = [np.array(m, np.float32, copy=True) for m in maps]
+    for s in range(1, len(maps) if window else 0):
+        f = 1 << s
+        h, w = maps[s].shape
+        maps[s][straddling(np.arange(h) * f, 0, f, window), :] = np.inf
+        maps[s][:, straddling(0, np.arange(w) * f, f, window)] = np.inf
+    return layout_from_scores(maps, image_size, cfg)
 
 
 def patchify_windowed(image: np.ndarray, cfg: Optional[APTConfig] = None, window: int = 14) -> PatchLayout:
@@ -116,5 +105,5 @@ def pack_windowed(images: Sequence[np.ndarray], cfg: Optional[APTConfig] = None,
                        num_padding=num_padding)
 
 
-__all__ = ["count_straddling", "layout_from_scores_windowed", "mask_scores_for_windows", "pack_windowed",
-           "patchify_windowed", "split_for_windows", "straddling"]
+__all__ = ["count_straddling", "layout_from_scores_windowed", "pack_windowed", "patchify_windowed", "split_for_windows",
+           "straddling"]

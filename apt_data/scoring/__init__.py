@@ -24,15 +24,10 @@ def score_flat(image: np.ndarray, patch_size: int, num_scales: int, scorer: str 
     ``need_base=False`` may leave scale 0 undefined."""
     kernel = get_scorer(scorer).pyramid
     shapes = map_shapes(image.shape[0], image.shape[1], patch_size, num_scales)
-    sizes = np.array([h * w for h, w in shapes], dtype=np.int64)
-    offsets = np.zeros(num_scales + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
+    offsets = np.cumsum([0] + [h * w for h, w in shapes], dtype=np.int64)
     flat = np.empty(int(offsets[-1]), dtype=np.float32)
-    if shapes[0][0] == 0 or shapes[0][1] == 0:
-        return flat, offsets, shapes
-    if not need_base and num_scales == 1:
-        return flat, offsets, shapes  # nothing to decide
-    kernel(image, patch_size, num_scales, 0 if need_base else 1, flat, offsets)
+    if shapes[0][0] and shapes[0][1] and (need_base or num_scales > 1):  # else nothing to score or to decide
+        kernel(image, patch_size, num_scales, 0 if need_base else 1, flat, offsets)
     return flat, offsets, shapes
 
 

@@ -1,5 +1,6 @@
 """Grayscale shared by all scorers: ``0.2989 R + 0.5870 G + 0.1140 B`` in float32 as torch evaluates
-it; kernels read images as a contiguous 2-D uint8 view ``(H, W * C)``."""
+it; kernels read images as a contiguous 2-D uint8 view ``(H, W * C)`` (`rows_pyramid` hands it over);
+`patch_means` is the per-patch mean of the references."""
 from __future__ import annotations
 
 import numpy as np
@@ -43,3 +44,25 @@ def gray_plane_reference(image: np.ndarray) -> np.ndarray:
         return image.astype(np.float32)
     f = image.astype(np.float32)
     return ((WR * f[..., 0]) + (WG * f[..., 1])) + (WB * f[..., 2])
+
+
+def patch_means(plane: np.ndarray, patch_size: int, num_scales: int) -> list[np.ndarray]:
+    """float32 mean of ``plane`` over every whole patch of every scale (the references' last step)."""
+    maps = []
+    for s in range(num_scales):
+        size = patch_size * 2**s
+        h, w = plane.shape[0] // size, plane.shape[1] // size
+        maps.append(plane[:h * size, :w * size].reshape(h, size, w, size).mean(axis=(1, 3)).astype(np.float32))
+    return maps
+
+
+def rows_pyramid(kernel):
+    """The registry's pyramid kernel for a Numba ``kernel(rows, channels, p, num_scales, flat, offsets)``
+    that writes every scale from the ``(H, W*C)`` view of the image."""
+
+    def pyramid(image: np.ndarray, p: int, num_scales: int, first: int, flat: np.ndarray,
+                offsets: np.ndarray) -> None:
+        rows, channels = as_rows(image)
+        kernel(rows, channels, p, num_scales, flat, offsets)
+
+    return pyramid

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._gray import as_rows, gray_plane, gray_plane_reference
+from ._gray import gray_plane, gray_plane_reference, patch_means, rows_pyramid
 from .registry import register_scorer
 
 #: Defaults for 3 scales, chosen to keep about the token fraction of entropy's (5.5, 4.0): on the
@@ -70,21 +70,8 @@ def laplacian_maps_reference(image: np.ndarray, patch_size: int, num_scales: int
     g = gray_plane_reference(image).astype(np.float64)
     pad = np.pad(g, 1, mode="edge")
     lap = np.abs(4 * g - pad[:-2, 1:-1] - pad[2:, 1:-1] - pad[1:-1, :-2] - pad[1:-1, 2:])
-    maps = []
-    for s in range(num_scales):
-        size = patch_size * 2**s
-        h, w = image.shape[0] // size, image.shape[1] // size
-        crop = lap[:h * size, :w * size]
-        maps.append(crop.reshape(h, size, w, size).mean(axis=(1, 3)).astype(np.float32))
-    return maps
+    return patch_means(lap, patch_size, num_scales)
 
 
-def laplacian_scores(image: np.ndarray, p: int, num_scales: int, first: int, flat: np.ndarray,
-                     offsets: np.ndarray) -> None:
-    """The registry's pyramid kernel: `laplacian_pyramid` on a checked image (writes every scale)."""
-    rows, channels = as_rows(image)
-    laplacian_pyramid(rows, channels, p, num_scales, flat, offsets)
-
-
-register_scorer("laplacian", laplacian_scores, laplacian_maps_reference, DEFAULT_THRESHOLDS, units="gray levels",
-                description="mean absolute discrete Laplacian of the gray image", builtin=True)
+register_scorer("laplacian", rows_pyramid(laplacian_pyramid), laplacian_maps_reference, DEFAULT_THRESHOLDS,
+                units="gray levels", description="mean absolute discrete Laplacian of the gray image", builtin=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from types import MappingProxyType
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -56,6 +57,19 @@ class Scorer:
 
 
 _REGISTRY: dict[str, Scorer] = {}
+_REFERENCES: dict[str, ReferenceScorer] = {}  # name -> reference, kept beside _REGISTRY
+
+
+def as_numbers(value) -> Optional[tuple[float, ...]]:
+    """``value`` as a tuple of floats; None for a string, a scalar or a sequence holding a non-number
+    (strings too: ``float("5.5")`` would take one)."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        items = tuple(value)
+        return None if any(isinstance(v, (str, bytes)) for v in items) else tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        return None
 
 
 def _check_thresholds(name: str, table: Mapping[int, Sequence[float]]) -> dict[int, tuple[float, ...]]:
@@ -63,13 +77,9 @@ def _check_thresholds(name: str, table: Mapping[int, Sequence[float]]) -> dict[i
     for n, t in dict(table).items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"scorer {name!r}: default thresholds are keyed by num_scales >= 2, got {n!r}")
-        try:
-            if isinstance(t, (str, bytes)):  # a string is a sequence of characters
-                raise TypeError
-            vals = tuple(float(v) for v in t)
-        except (TypeError, ValueError):
-            raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} must be numbers, "
-                             f"got {t!r}") from None
+        vals = as_numbers(t)
+        if vals is None:
+            raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} must be numbers, got {t!r}")
         if len(vals) != n - 1 or any(math.isnan(v) for v in vals):
             raise ValueError(f"scorer {name!r}: default thresholds for num_scales={n} need {n - 1} numbers, got {t!r}")
         out[n] = vals
@@ -96,7 +106,7 @@ def register_scorer(name: str, pyramid: PyramidKernel, reference: ReferenceScore
     scorer = Scorer(name=name, pyramid=pyramid, reference=reference,
                     default_thresholds=_check_thresholds(name, default_thresholds), layout_kernel=layout_kernel,
                     units=units, description=description, builtin=builtin)
-    _REGISTRY[name] = scorer
+    _REGISTRY[name], _REFERENCES[name] = scorer, reference
     return scorer
 
 
@@ -105,6 +115,7 @@ def unregister_scorer(name: str) -> Scorer:
     scorer = get_scorer(name)
     if scorer.builtin:
         raise ValueError(f"scorer {name!r} is built in and cannot be unregistered")
+    del _REFERENCES[name]
     return _REGISTRY.pop(name)
 
 
@@ -142,26 +153,10 @@ class _ScorerNames(Sequence):
         return repr(scorer_names())
 
 
-class _References(Mapping):
-    """Live, read-only ``{name: reference}`` view (the old ``REFERENCE_SCORERS`` dict)."""
-
-    def __getitem__(self, name: str) -> ReferenceScorer:
-        return _REGISTRY[name].reference
-
-    def __len__(self) -> int:
-        return len(_REGISTRY)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(scorer_names())
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
-
-
 #: Live view of the registered names (kept for ``from apt_data import SCORER_NAMES``).
 SCORER_NAMES: Sequence[str] = _ScorerNames()
 #: Live ``{name: NumPy reference}`` view (tests).
-REFERENCE_SCORERS: Mapping[str, ReferenceScorer] = _References()
+REFERENCE_SCORERS: Mapping[str, ReferenceScorer] = MappingProxyType(_REFERENCES)
 
 __all__ = ["Scorer", "register_scorer", "unregister_scorer", "get_scorer", "scorer_names", "SCORER_NAMES",
            "REFERENCE_SCORERS", "PyramidKernel", "ReferenceScorer", "LayoutKernel"]

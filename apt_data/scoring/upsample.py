@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._gray import as_rows, gray_plane, gray_plane_reference
+from ._gray import gray_plane, gray_plane_reference, patch_means, rows_pyramid
 from .registry import register_scorer
 
 #: Defaults for 3 scales, chosen to keep about the token fraction of entropy's (5.5, 4.0): on the
@@ -75,23 +75,14 @@ def upsample_maps_reference(image: np.ndarray, patch_size: int, num_scales: int)
     g = gray_plane_reference(image).astype(np.float64)
     maps = []
     for s in range(num_scales):
-        size = patch_size * 2**s
         f = 2**s
-        h, w = image.shape[0] // size, image.shape[1] // size
-        crop = g[:h * size, :w * size]
-        down = crop.reshape(h * size // f, f, w * size // f, f).mean(axis=(1, 3))
-        up = np.repeat(np.repeat(down, f, axis=0), f, axis=1)
-        err = (crop - up) ** 2
-        maps.append(err.reshape(h, size, w, size).mean(axis=(1, 3)).astype(np.float32))
+        h, w = g.shape[0] // f * f, g.shape[1] // f * f
+        down = g[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+        err = (g[:h, :w] - np.repeat(np.repeat(down, f, axis=0), f, axis=1)) ** 2
+        maps.append(patch_means(err, patch_size * f, 1)[0])
     return maps
 
 
-def upsample_scores(image: np.ndarray, p: int, num_scales: int, first: int, flat: np.ndarray,
-                    offsets: np.ndarray) -> None:
-    """The registry's pyramid kernel: `upsample_pyramid` on a checked image (writes every scale)."""
-    rows, channels = as_rows(image)
-    upsample_pyramid(rows, channels, p, num_scales, flat, offsets)
-
-
-register_scorer("upsample", upsample_scores, upsample_maps_reference, DEFAULT_THRESHOLDS, units="squared gray levels",
+register_scorer("upsample", rows_pyramid(upsample_pyramid), upsample_maps_reference, DEFAULT_THRESHOLDS,
+                units="squared gray levels",
                 description="MSE of the gray patch against its 2^s area-down, nearest-up version", builtin=True)
