@@ -90,6 +90,9 @@ def pack_greedy(token_counts: Sequence[int], max_tokens: int, max_images: Option
     return [order[bounds[b]:bounds[b + 1]] for b in range(n_bins)]
 
 
+_NO_CAP = np.iinfo(np.int64).max
+
+
 class FirstFit:
     """Online first fit over ``open_bins`` open bins, step by step: the one packing rule.
 
@@ -102,7 +105,6 @@ class FirstFit:
             raise SettingError(f"open_bins must be >= 1, got {open_bins}", "open_bins")
         self.budget = TokenBudget(max_tokens, max_images)
         self.max_tokens, self.max_images, self.open_bins = self.budget.max_tokens, self.budget.max_images, int(open_bins)
-        self._cap = self.max_images or np.iinfo(np.int64).max  # images a bin may hold
         self.bins: list[list] = []
         self.used: list[int] = []
         self.ready: list[list] = []
@@ -114,7 +116,8 @@ class FirstFit:
     def add(self, item, tokens: int, leave: bool = True) -> None:
         """Place ``item`` of ``tokens`` tokens; ``leave=False``: no bin leaves (any number stay open)."""
         self.budget.check(tokens, item)
-        fits = (k for k, b in enumerate(self.bins) if self.used[k] + tokens <= self.max_tokens and len(b) < self._cap)
+        cap = self.max_images or _NO_CAP  # (read per item: a whole-pass stream lowers it as its epoch goes)
+        fits = (k for k, b in enumerate(self.bins) if self.used[k] + tokens <= self.max_tokens and len(b) < cap)
         slot = next(fits, -1)
         if slot < 0:
             if leave and len(self.bins) >= self.open_bins:
@@ -124,7 +127,7 @@ class FirstFit:
             slot = len(self.bins) - 1
         self.bins[slot].append(item)
         self.used[slot] += int(tokens)
-        if leave and (self.used[slot] == self.max_tokens or len(self.bins[slot]) >= self._cap):
+        if leave and (self.used[slot] == self.max_tokens or len(self.bins[slot]) >= cap):
             self._close(slot)
 
 
