@@ -113,10 +113,11 @@ class FirstFit:
         self.ready.append(self.bins.pop(k))
         self.used.pop(k)
 
-    def add(self, item, tokens: int, leave: bool = True) -> None:
-        """Place ``item`` of ``tokens`` tokens; ``leave=False``: no bin leaves (any number stay open)."""
+    def add(self, item, tokens: int, leave: bool = True, cap: Optional[int] = None) -> None:
+        """Place ``item`` of ``tokens`` tokens; ``leave=False``: no bin leaves (any number stay open);
+        ``cap``: at most this many items in a bin for this placement, below ``max_images``."""
         self.budget.check(tokens, item)
-        cap = self.max_images or _NO_CAP  # (read per item: a whole-pass stream lowers it as its epoch goes)
+        cap = min(cap or _NO_CAP, self.max_images or _NO_CAP)
         fits = (k for k, b in enumerate(self.bins) if self.used[k] + tokens <= self.max_tokens and len(b) < cap)
         slot = next(fits, -1)
         if slot < 0:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from apt_data.loader.stream import (Item, SampleStream, StreamPacker, WorkerState, epoch_batches, epoch_length,
-                                    estimate_steps, partition, worker_quotas)
+                                    partition, worker_quotas)
 
 MAX_TOKENS = 4096
 
@@ -25,7 +25,7 @@ def run(n=500, world=2, workers=2, epochs=4, steps=None, seed=0, open_bins=2):
     """Every rank's and worker's emitted batches per epoch, continuing state from epoch to epoch."""
     mean = np.mean([tokens_of((0, s)) for s in range(n)])
     sizes = [len(partition(n, seed, r, world, w, workers)) for r in range(world) for w in range(workers)]
-    steps = steps or estimate_steps(sizes, mean, MAX_TOKENS, None, workers, open_bins)
+    steps = steps or epoch_length(sizes, mean, MAX_TOKENS, None, workers, open_bins)[0]
     out = []  # out[epoch] = list of batches (lists of refs) over all ranks/workers
     states = {}
     for e in range(epochs):

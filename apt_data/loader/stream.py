@@ -46,13 +46,6 @@ def epoch_length(partition_sizes: list[int], mean_tokens: float, max_tokens: int
     return w * max(1, min(size, int(np.ceil(size / (0.9 * per_batch))))), True
 
 
-def estimate_steps(partition_sizes: list[int], mean_tokens: float, max_tokens: int, max_images: Optional[int],
-                   num_workers: int, open_bins: int = 2, margin: float = 0.03, fill: float = 0.99) -> int:
-    """Batches per rank and epoch (`epoch_length`'s first half)."""
-    return epoch_length(partition_sizes, mean_tokens, max_tokens, max_images, num_workers, open_bins, margin,
-                        fill)[0]
-
-
 def worker_quotas(steps: int, num_workers: int) -> list[int]:
     """Batches each worker emits when the DataLoader reads batch ``k`` from worker ``k % num_workers``."""
     w = max(1, num_workers)
@@ -199,9 +192,7 @@ class StreamPacker(FirstFit):
 
     def add(self, item: Item, tokens: Optional[int] = None, leave: bool = True, cap: Optional[int] = None) -> None:
         """``cap``: at most this many images in a batch (a whole-pass epoch spreading its samples evenly)."""
-        most = self.budget.max_images
-        self.max_images = most if cap is None else min(cap, most or cap)
-        super().add(item, item.tokens if tokens is None else tokens, leave)
+        super().add(item, item.tokens if tokens is None else tokens, leave, cap)
 
     def pop(self) -> Optional[list[Item]]:
         """The oldest batch that left, or None."""
@@ -211,7 +202,7 @@ class StreamPacker(FirstFit):
         """Let ``count`` open batches leave now (all when None), repacked first-fit decreasing; for more
         batches than that, the fullest-in-images are halved (fewer when items run out)."""
         items = sorted((it for b in self.bins for it in b), key=lambda it: -it.tokens)
-        self.bins, self.used, self.max_images = [], [], self.budget.max_images
+        self.bins, self.used = [], []
         for it in items:
             self.add(it, leave=False)
         while count is not None and len(self.bins) < count:
