@@ -488,3 +488,29 @@ def test_keep_aspect_planning_skips_an_unreadable_file(folder, tmp_path):
         keys = [k for b in keys_of_epoch(loader) for k in b]
         assert sorted(keys) == sorted(k for k in loader.source.keys if "broken" not in k)
         assert loader.stats.skipped_keys == ["class2/broken.jpg"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_whole_pass_epoch_resumes_mid_epoch_and_skips_a_bad_file(folder, tmp_path, workers):
+    """A source small enough for whole-pass epochs (docs/loader.md, "Small sources"): a run stopped
+    after one batch of epoch 1 and resumed from its state_dict gives the uninterrupted batches, and a
+    corrupt photo is one counted, named skip while every other photo comes once in every epoch."""
+    root = tmp_path / "small"
+    shutil.copytree(folder, root)
+    (root / "class0" / "zz_corrupt.JPEG").write_bytes(b"\xff\xd8 not a jpeg")
+    want = stream_loader(root, workers)
+    assert want.strategy.steps_per_epoch() and want.strategy.whole_pass
+    want_batches = [epoch_batches(want, e) for e in range(2)]
+    good = set(want.source.keys) - {"class0/zz_corrupt.JPEG"}
+    for e, batches in enumerate(want_batches):
+        keys = [k for b, _ in batches for k in b]
+        assert sorted(keys) == sorted(good) and want.stats.carried_over[e] == 0
+    assert want.stats.num_skipped == 1 and want.stats.skipped_keys == ["class0/zz_corrupt.JPEG"]  # counted once
+    run = stream_loader(root, workers)
+    assert epoch_batches(run, 0) == want_batches[0]
+    assert epoch_batches(run, 1, limit=1) == want_batches[1][:1]  # stopped after one batch of epoch 1
+    state = run.state_dict()
+    assert state["whole_pass"] is True
+    resumed = stream_loader(root, workers)
+    resumed.load_state_dict(state)
+    assert epoch_batches(resumed, 1) == want_batches[1][1:]
